@@ -1,0 +1,74 @@
+"""``geta_fx.transform``: capture + pass pipeline -> GetaModule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from geta_fx.capture import capture
+from geta_fx.errors import InputError
+from geta_fx.module import GetaModule
+from geta_fx.pipeline import GraphPass, Pipeline
+
+QuantizeMode = Literal["weight", "weight_act"] | None
+
+
+def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> list[GraphPass]:
+    """shape_prop -> normalize -> dependency_groups [-> insert_quantizers -> fold_quant]."""
+    from geta_fx import passes
+
+    pipeline: list[GraphPass] = [passes.ShapeProp(), passes.Normalize(),
+                                 passes.DependencyGroups()]
+    if quantize is not None:
+        insert = getattr(passes, "InsertQuantizers", None)
+        fold = getattr(passes, "FoldQuant", None)
+        if insert is None or fold is None:
+            raise InputError("quantize= needs the insert_quantizers/fold_quant passes, "
+                             "which this build does not have yet")
+        pipeline += [insert(mode=quantize, **quant_options), fold()]
+    return pipeline
+
+
+def _own_weights(gm: torch.fx.GraphModule) -> None:
+    """Give the graph its own parameter/buffer tensors so training never touches the user's."""
+    for module in gm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(p.detach().clone(),
+                                                        requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.detach().clone()
+
+
+def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode = None,
+              pipeline: Sequence[GraphPass] | None = None, capture_method: str = "export",
+              strict: bool = False, example_kwargs: dict | None = None,
+              copy_weights: bool = True, observers: Sequence[Any] = (),
+              **quant_options: Any) -> GetaModule:
+    """Capture ``model`` and run the pass pipeline; returns a trainable GetaModule.
+
+    Args:
+        model: any nn.Module; it is not modified (weights are copied unless
+            ``copy_weights=False``, train/eval flags untouched).
+        example_inputs: a tensor or tuple of positional inputs.
+        quantize: None, "weight" or "weight_act".
+        pipeline: explicit list of passes (replaces the default pipeline).
+        capture_method: "export" (default) or "symbolic_trace".
+    """
+    if quantize not in (None, "weight", "weight_act"):
+        raise InputError(f"quantize must be None, 'weight' or 'weight_act', got {quantize!r}")
+    passes_ = list(pipeline) if pipeline is not None else default_pipeline(quantize,
+                                                                           **quant_options)
+    Pipeline(passes_).validate(frozenset({"graph"}))  # order errors before any work
+    cap = capture(model, example_inputs, example_kwargs=example_kwargs,
+                  method=capture_method, strict=strict)  # type: ignore[arg-type]
+    gm = cap.graph_module
+    if copy_weights:
+        _own_weights(gm)
+    result = Pipeline(passes_, observers=observers)(gm)
+    return GetaModule(result.graph_module, training=cap.training, flat_io=cap.flat_io,
+                      in_spec=cap.in_spec, out_spec=cap.out_spec)

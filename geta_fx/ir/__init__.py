@@ -1,0 +1,1 @@
+"""IR helpers: metadata schema, queries, union-find, channel labels."""

@@ -1,0 +1,27 @@
+"""The one place where ``geta`` op schemas are defined.
+
+Every implementation (pure-PyTorch reference, fake/meta, autograd, C++/CUDA
+kernels in ``kernels/``) registers *for* these schemas; none defines its own.
+
+Ops
+---
+``geta::quantize(Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed) -> Tensor``
+    GETA_SPEC §A.2 forward.  ``d``, ``q_m``, ``t`` are float32 tensors with one
+    element (shape ``[]`` or ``[1]``).  Output has the dtype and shape of ``x``.
+``geta::quantize_backward(Tensor grad_y, Tensor x, Tensor d, Tensor q_m, Tensor t,
+bool signed) -> (Tensor grad_x, Tensor grad_d, Tensor grad_q_m, Tensor grad_t)``
+    grad_x has the dtype/shape of ``x``; the three reductions have the shape of
+    ``d``/``q_m``/``t`` and dtype float32 (accumulated in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+lib = torch.library.Library("geta", "FRAGMENT")
+
+lib.define("quantize(Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed) -> Tensor")
+lib.define(
+    "quantize_backward(Tensor grad_y, Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed)"
+    " -> (Tensor, Tensor, Tensor, Tensor)"
+)

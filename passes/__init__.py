@@ -1,0 +1,8 @@
+"""geta_fx passes: one pass per module (see README.md for each pass's invariants)."""
+
+from geta_fx.passes.dependency_groups import DependencyGroups
+from geta_fx.passes.normalize import Normalize
+from geta_fx.passes.physical_prune import PhysicalPrune
+from geta_fx.passes.shape_prop import ShapeProp
+
+__all__ = ["DependencyGroups", "Normalize", "PhysicalPrune", "ShapeProp"]

@@ -1,0 +1,403 @@
+"""dependency_groups: the QADG of GETA as an abstract interpretation over ATen ops.
+
+Why: structured pruning must remove, together, every parameter slice that
+touches one channel (conv rows, BN entries, consumer columns, attention heads,
+concat offsets, flatten blocks...).  This pass finds those sets for any graph.
+
+How: every stem output channel is an *atom* (``geta_fx.ir.channels``); the rule
+table (``geta_fx.ir.ops_table``) says, per ATen OpOverload, how a tensor's channel
+label flows and which atoms must be pruned together (union-find).  Units are the
+connected components; a group is a set of units born from stems that got tied
+together.  A group is prunable only if it is *zero-invariant*: zeroing the
+"out" parameter slices of a unit makes every tensor entry carrying it exactly
+zero, and every consumer tolerates its removal.  Anything the table does not
+know pins the channels it touches (unprunable, with the reason).
+
+Invariants after the pass:
+* ``gm.meta["geta.groups"]``: tuple[PruneGroup], ids in graph order.
+* ``gm.meta["geta.channels"]``: ChannelAnalysis for physical_prune.
+* ``node.meta["geta.group"]``: tuple[GroupMember] on channel-carrying nodes.
+* The graph is not modified (``modified=False``).
+* Quantizer call_module nodes are transparent: groups are identical with and
+  without them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.fx
+
+from geta_fx.errors import NodeError
+from geta_fx.ir import meta
+from geta_fx.ir.channels import Label, UnionFind, concrete, size_expr
+from geta_fx.ir.ops_table import IGNORED, RULES
+from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.pipeline import PassResult
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+#: Ops a weight may flow through between its get_attr and the layer using it.
+_WEIGHT_TRANSPARENT = {
+    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
+    aten.contiguous.default, aten.detach.default, aten.alias.default, aten.to.device,
+    aten.lift_fresh_copy.default,
+}
+
+
+def _is_quantizer_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    if node.op != "call_module":
+        return False
+    return bool(getattr(gm.get_submodule(str(node.target)), "is_geta_quantizer", False))
+
+
+class _Analyzer:
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm = gm
+        self.uf = UnionFind()
+        self.labels: dict[torch.fx.Node, Any] = {}
+        self.params: dict[tuple[str, int], np.ndarray] = {}
+        self.roles: dict[tuple[str, int], str] = {}
+        self.trainable: dict[str, bool] = {}
+        self.spaces: list[tuple[int, int, str]] = []  # (first atom, count, node name)
+        self.pins: list[tuple[np.ndarray, str, str]] = []
+        self.externals: list[tuple[str, int, int, str]] = []
+        self.node: torch.fx.Node | None = None
+
+    # ------------------------------------------------------------- rule API
+    def label(self, x: Any) -> Label | None:
+        if not isinstance(x, torch.fx.Node):
+            return None
+        lab = self.labels.get(x)
+        return lab if isinstance(lab, Label) else None
+
+    def shape(self, x: Any) -> list | None:
+        val = tensor_val(x)
+        if val is None:
+            return None
+        return [size_expr(s) for s in val.shape]
+
+    def shape_of_val(self, val: torch.Tensor) -> list:
+        return [size_expr(s) for s in val.shape]
+
+    def fresh(self, n: int | None, node: torch.fx.Node) -> np.ndarray:
+        if n is None:
+            raise NodeError(node, "channel count is not static")
+        atoms = self.uf.new(n)
+        self.spaces.append((int(atoms[0]) if n else self.uf.n, n, node.name))
+        return atoms
+
+    def unify(self, a: np.ndarray, b: np.ndarray) -> None:
+        self.uf.union(a, b)
+
+    def pin(self, lab: Label | np.ndarray, node: torch.fx.Node, reason: str) -> None:
+        atoms = lab.atoms if isinstance(lab, Label) else np.asarray(lab)
+        self.pins.append((atoms.ravel().copy(), reason, node.name))
+
+    def pin_inputs(self, node: torch.fx.Node, reason: str) -> None:
+        for inp in node.all_input_nodes:
+            lab = self.labels.get(inp)
+            for part in lab if isinstance(lab, list) else [lab]:
+                if isinstance(part, Label):
+                    self.pin(part, node, reason)
+        return None
+
+    def param(self, x: Any) -> tuple[str, tuple[int, ...], bool] | None:
+        """Resolve ``x`` to (attribute fqn, node-dim -> attribute-dim map, trainable)."""
+        perm: list[int] | None = None
+        while isinstance(x, torch.fx.Node):
+            if x.op == "get_attr":
+                t = get_attr_tensor(self.gm, str(x.target))
+                if not isinstance(t, torch.Tensor):
+                    return None
+                nd = t.dim()
+                p = tuple(perm) if perm is not None else tuple(range(nd))
+                trainable = isinstance(t, torch.nn.Parameter) and t.requires_grad
+                self.trainable[str(x.target)] = trainable
+                return str(x.target), p, trainable
+            val = tensor_val(x)
+            nd = val.dim() if val is not None else 0
+            cur = perm if perm is not None else list(range(nd))
+            if _is_quantizer_module(self.gm, x) or x.target in _WEIGHT_TRANSPARENT:
+                x = x.args[0]
+                perm = cur
+            elif x.target in (aten.t.default, aten.transpose.int, aten.permute.default):
+                if x.target is aten.t.default:
+                    order = [1, 0]
+                elif x.target is aten.transpose.int:
+                    order = list(range(nd))
+                    d0, d1 = (d % nd for d in x.args[1:3])
+                    order[d0], order[d1] = order[d1], order[d0]
+                else:
+                    order = [d % nd for d in x.args[1]]
+                # node dim i == input dim order[i]; compose with the outer map
+                perm = [order[i] for i in cur] if perm is not None else order
+                x = x.args[0]
+            else:
+                return None
+        return None
+
+    def param_atoms(self, fqn: str, dim: int) -> np.ndarray | None:
+        return self.params.get((fqn, dim))
+
+    def label_param(self, fqn: str, dim: int, atoms: np.ndarray, role: str) -> None:
+        key = (fqn, dim)
+        t = get_attr_tensor(self.gm, fqn)
+        if t.dim() <= dim or t.shape[dim] != len(atoms):
+            assert self.node is not None
+            self.pin(atoms, self.node, f"parameter {fqn} dim {dim} does not match channels")
+            return
+        if key in self.params:
+            self.uf.union(self.params[key], atoms)
+            if role == "out":
+                self.roles[key] = "out"
+        else:
+            self.params[key] = np.asarray(atoms).copy()
+            self.roles[key] = role
+        if not self.trainable.get(fqn, isinstance(t, torch.nn.Parameter)):
+            self.roles[key] = "in"
+
+    def external(self, node: torch.fx.Node, arg_index: int, dim: int,
+                 source: torch.fx.Node | None = None) -> None:
+        """Operand ``arg_index`` of ``node`` is a computed tensor whose ``dim`` runs along
+        the channels labelled on ``source`` (default: the node's own output)."""
+        self.externals.append((node.name, arg_index, dim, (source or node).name))
+
+    def external_bias(self, node: torch.fx.Node) -> None:
+        lab = self.label(node)
+        if lab is not None:
+            assert self.node is not None
+            self.pin(lab, self.node, "computed bias")
+
+    def from_grid(self, grid: np.ndarray, dims: list[int], ok: bool) -> Label:
+        """Label for a grid of atoms over output ``dims``: make inner dims whole."""
+        roots = self.uf.find(grid)
+        varying = [k for k in range(grid.ndim)
+                   if grid.shape[k] > 1 and not (roots == roots.take([0], axis=k)).all()]
+        if len(varying) >= 2:
+            outer = varying[0]
+            idx = [slice(None)] * grid.ndim
+            for k in range(grid.ndim):
+                if k != outer:
+                    idx[k] = slice(0, 1)
+            self.uf.union(grid, grid[tuple(idx)])
+            varying = [outer]
+        keep = varying[0] if varying else next(
+            (k for k in range(grid.ndim) if grid.shape[k] > 1), 0)
+        idx = [0] * grid.ndim
+        idx[keep] = slice(None)  # type: ignore[call-overload]
+        return Label(dims[keep], np.ascontiguousarray(grid[tuple(idx)]), ok)
+
+    # ------------------------------------------------------------- driver
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.node = node
+            if node.op in ("placeholder", "get_attr"):
+                continue
+            if node.op == "output":
+                for inp in node.all_input_nodes:
+                    lab = self.labels.get(inp)
+                    for part in lab if isinstance(lab, list) else [lab]:
+                        if isinstance(part, Label):
+                            self.pin(part, node, "reaches a graph output")
+                continue
+            if node.op == "call_module" and _is_quantizer_module(self.gm, node):
+                self.labels[node] = self.label(node.args[0])
+                continue
+            if node.op == "call_function" and node.target in IGNORED:
+                continue
+            rule = RULES.get(node.target) if node.op == "call_function" else None
+            if rule is None:
+                if any(isinstance(self.labels.get(i), (Label, list)) for i in node.all_input_nodes):
+                    self.pin_inputs(node, f"unsupported op {_op_name(node)}")
+                continue
+            try:
+                out = rule(self, node)
+            except NodeError:
+                raise
+            except Exception as e:  # noqa: BLE001 - an op rule must never crash the pass
+                logger.debug("rule for %s failed: %s", node.target, e)
+                self.pin_inputs(node, f"{_op_name(node)}: could not analyse ({type(e).__name__}:"
+                                      f" {e})")
+                out = None
+            if out is not None:
+                self.labels[node] = out
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    t = node.target
+    return str(getattr(t, "__name__", t)) if node.op == "call_function" else f"{node.op} {t}"
+
+
+@dataclass(frozen=True)
+class DependencyGroups:
+    """Find zero-invariant prune groups (GETA's QADG) and annotate the graph."""
+
+    name: ClassVar[str] = "dependency_groups"
+    requires: ClassVar[frozenset[str]] = frozenset({"val"})
+    provides: ClassVar[frozenset[str]] = frozenset({"geta.group"})
+    invalidates: ClassVar[frozenset[str]] = frozenset()
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        an = _Analyzer(gm)
+        an.run()
+        groups, analysis, node_groups = _build_groups(an)
+        gm.meta[meta.GROUPS] = groups
+        gm.meta[meta.CHANNELS] = analysis
+        for node in gm.graph.nodes:
+            node.meta.pop(meta.GROUP, None)
+            if node.name in node_groups:
+                node.meta[meta.GROUP] = node_groups[node.name]
+        return PassResult(gm, False)
+
+
+def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.ChannelAnalysis,
+                                          dict[str, tuple[meta.GroupMember, ...]]]:
+    uf = an.uf
+    n = uf.n
+    roots = uf.roots()
+    space_of = np.full(n, -1, dtype=np.int64)
+    for s, (first, count, _) in enumerate(an.spaces):
+        space_of[first: first + count] = s
+    # Spaces sharing a (non-untracked) root form one group.
+    parent = list(range(len(an.spaces)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    atoms = np.arange(1, n)
+    valid = roots[atoms] != 0
+    order = atoms[valid][np.argsort(roots[atoms[valid]], kind="stable")]
+    if len(order) > 1:
+        same = roots[order[1:]] == roots[order[:-1]]
+        pairs = np.stack([space_of[order[:-1]][same], space_of[order[1:]][same]], 1)
+        pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+        for a, b in np.unique(pairs, axis=0) if len(pairs) else []:
+            ra, rb = find(int(a)), find(int(b))
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    comp = [find(i) for i in range(len(an.spaces))]
+    comp_ids = sorted(set(comp))  # spaces are created in graph order -> deterministic ids
+    gid_of_comp = {c: g for g, c in enumerate(comp_ids)}
+    group_of_space = np.array([gid_of_comp[c] for c in comp], dtype=np.int64)
+    group_of_atom = np.full(n, -1, dtype=np.int64)
+    group_of_atom[1:] = np.where(space_of[1:] >= 0,
+                                 group_of_space[np.maximum(space_of[1:], 0)], -1)
+
+    # Units: distinct roots per group, ordered by their smallest atom.
+    unit_of_atom = np.full(n, -1, dtype=np.int64)
+    num_groups = len(comp_ids)
+    first_atom_of_root = np.full(n, n, dtype=np.int64)
+    np.minimum.at(first_atom_of_root, roots[1:], np.arange(1, n))
+    group_units: list[np.ndarray] = []
+    offset = 0
+    offsets = []
+    root_group = np.full(n, -1, dtype=np.int64)
+    root_group[roots[1:]] = group_of_atom[1:]
+    for g in range(num_groups):
+        rs = np.unique(roots[1:][(group_of_atom[1:] == g) & (roots[1:] != 0)])
+        rs = rs[np.argsort(first_atom_of_root[rs], kind="stable")]
+        group_units.append(rs)
+        offsets.append(offset)
+        offset += len(rs)
+    unit_of_root = np.full(n, -1, dtype=np.int64)
+    for g, rs in enumerate(group_units):
+        unit_of_root[rs] = offsets[g] + np.arange(len(rs))
+    unit_of_atom[1:] = unit_of_root[roots[1:]]
+    unit_of_atom[roots == 0] = -1
+
+    # Prunability: pinned atoms, untracked atoms, units without an "out" slice.
+    reasons: dict[int, str] = {}
+    for atoms_, reason, where in an.pins:
+        if len(atoms_) == 0:
+            continue
+        r = roots[atoms_]
+        gs = set(root_group[r[r != 0]].tolist()) | set(group_of_atom[atoms_[r == 0]].tolist())
+        for g in gs:
+            if g >= 0 and g not in reasons:
+                reasons[g] = f"{reason} (at {where})"
+    for g in range(num_groups):
+        if g in reasons:
+            continue
+        sp_atoms = np.nonzero(group_of_atom == g)[0]
+        if (roots[sp_atoms] == 0).any():
+            reasons[g] = "concatenated with channels no layer produces"
+    covered = np.zeros(offset, dtype=bool)
+    for key, atoms_ in an.params.items():
+        if an.roles[key] == "out":
+            u = unit_of_atom[atoms_]
+            covered[u[u >= 0]] = True
+    for g in range(num_groups):
+        if g not in reasons and len(group_units[g]) and not covered[
+                offsets[g]: offsets[g] + len(group_units[g])].all():
+            reasons[g] = "no trainable parameter produces these channels"
+        if g not in reasons and len(group_units[g]) == 0:
+            reasons[g] = "empty"
+
+    # Members (parameter slices) per group.
+    members: dict[int, list[meta.ParamSlice]] = {g: [] for g in range(num_groups)}
+    for (fqn, dim), atoms_ in sorted(an.params.items()):
+        u = unit_of_atom[atoms_]
+        g_of = group_of_atom[atoms_]
+        is_param = an.trainable.get(fqn, False) or isinstance(
+            get_attr_tensor(an.gm, fqn), torch.nn.Parameter)
+        for g in np.unique(g_of[u >= 0]):
+            sel = np.nonzero((g_of == g) & (u >= 0))[0]
+            members[int(g)].append(meta.ParamSlice(
+                fqn=fqn, dim=dim, indices=torch.from_numpy(sel.astype(np.int64)),
+                units=torch.from_numpy((u[sel] - offsets[int(g)]).astype(np.int64)),
+                role=an.roles[(fqn, dim)], is_param=is_param))
+
+    node_groups: dict[str, tuple[meta.GroupMember, ...]] = {}
+    node_labels: dict[str, Any] = {}
+    group_nodes: dict[int, list[str]] = {g: [] for g in range(num_groups)}
+    first_space_node = {int(group_of_space[s]): an.spaces[s][2] for s in
+                        reversed(range(len(an.spaces)))}
+    for node, lab in an.labels.items():
+        parts = lab if isinstance(lab, list) else [lab]
+        node_labels[node.name] = [(p.dim, p.atoms) if isinstance(p, Label) else None
+                                  for p in parts] if isinstance(lab, list) else \
+            (lab.dim, lab.atoms)
+        gm_: list[meta.GroupMember] = []
+        for p in parts:
+            if not isinstance(p, Label):
+                continue
+            for g in np.unique(group_of_atom[p.atoms]):
+                if g < 0:
+                    continue
+                role = "root" if first_space_node.get(int(g)) == node.name else "member"
+                gm_.append(meta.GroupMember(int(g), (p.dim,), role))
+                group_nodes[int(g)].append(node.name)
+        if gm_:
+            node_groups[node.name] = tuple(dict.fromkeys(gm_))
+
+    groups = []
+    for g in range(num_groups):
+        spaces = [s for s in range(len(an.spaces)) if group_of_space[s] == g]
+        first, count, _ = an.spaces[spaces[0]]
+        nunits = len(group_units[g])
+        first_units = np.unique(unit_of_atom[first: first + count])
+        unit_size = count // max(1, len(first_units[first_units >= 0])) if nunits else count
+        groups.append(meta.PruneGroup(
+            id=g, num_units=nunits if nunits else count, prunable=g not in reasons,
+            reason=reasons.get(g), members=tuple(members[g]),
+            nodes=tuple(dict.fromkeys(group_nodes[g])), unit_size=max(1, unit_size),
+            unit_offset=offsets[g]))
+    analysis = meta.ChannelAnalysis(
+        unit_of_atom=unit_of_atom, node_labels=node_labels,
+        param_labels={k: v.copy() for k, v in an.params.items()}, param_roles=dict(an.roles),
+        externals=list(an.externals), num_units=offset)
+    prunable_units = np.zeros(offset, dtype=bool)
+    for g in groups:
+        if g.prunable:
+            prunable_units[g.unit_offset: g.unit_offset + g.num_units] = True
+    analysis.prunable_units = prunable_units  # type: ignore[attr-defined]
+    return tuple(groups), analysis, node_groups

@@ -1,0 +1,282 @@
+"""physical_prune: drop every all-zero unit and rewrite the graph to the slim shapes.
+
+Why: a zeroed channel still costs memory and MACs; this pass removes it for real
+(GETA_SPEC §D).  Which units go is decided by zero-ness of their "out"
+parameter slices (§D.1), or passed explicitly.
+
+What it rewrites, from dependency_groups' ChannelAnalysis:
+* parameter and buffer slices (rows, consumer columns, running stats);
+* shape constants: view/reshape/expand/unflatten sizes, split sizes (chunk becomes
+  split_with_sizes), slice/narrow bounds, select indices, group_norm's group
+  count, grouped convolutions' ``groups``;
+* computed operands broadcast against pruned channels get an ``index_select``.
+
+Invariants: the slim graph computes exactly what the zeroed graph computes
+(every rule in the table is zero-invariant); ``meta["val"]`` is refreshed by fake
+propagation; metadata facts derived from channels (``geta.group``) are invalid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.fx
+
+from geta_fx.errors import NodeError
+from geta_fx.ir import meta
+from geta_fx.ir.query import get_attr_tensor, set_attr_tensor, tensor_val
+from geta_fx.ir.units import zero_mask
+from geta_fx.pipeline import PassResult
+
+logger = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+_RESHAPES = {aten.view.default, aten._unsafe_view.default, aten.reshape.default,
+             aten.expand.default, aten.view_copy.default, aten.expand_copy.default}
+_SPLITS = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+           aten.unsafe_split.Tensor, aten.split_with_sizes_copy.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding}
+
+
+def removed_units_from_zeros(gm: torch.fx.GraphModule) -> np.ndarray:
+    """Global bool mask of units to remove: all-zero units of prunable groups."""
+    analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
+    removed = np.zeros(analysis.num_units, dtype=bool)
+    for g in gm.meta[meta.GROUPS]:
+        if g.prunable and g.num_units:
+            mask = zero_mask(gm, g).cpu().numpy()
+            removed[g.unit_offset: g.unit_offset + g.num_units] = mask
+    return removed
+
+
+@dataclass(frozen=True)
+class PhysicalPrune:
+    """Remove units (default: the all-zero units of prunable groups) in place."""
+
+    name: ClassVar[str] = "physical_prune"
+    requires: ClassVar[frozenset[str]] = frozenset({"geta.group"})
+    provides: ClassVar[frozenset[str]] = frozenset({"slim"})
+    invalidates: ClassVar[frozenset[str]] = frozenset({"geta.group"})
+    removed_units: Any = None
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
+        removed = (np.asarray(self.removed_units, dtype=bool) if self.removed_units is not None
+                   else removed_units_from_zeros(gm))
+        prunable = getattr(analysis, "prunable_units", np.ones(analysis.num_units, bool))
+        removed = removed & prunable
+        if not removed.any():
+            return PassResult(gm, False)
+        u = analysis.unit_of_atom
+        removed_atom = np.zeros(len(u), dtype=bool)
+        removed_atom[u >= 0] = removed[u[u >= 0]]
+        keep = _Keep(removed_atom, analysis.node_labels)
+        _slice_params(gm, analysis, removed_atom)
+        for node in list(gm.graph.nodes):
+            try:
+                _rewrite_node(gm, node, keep)
+            except NodeError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise NodeError(node, f"physical_prune could not rewrite: {e}") from e
+        _insert_index_selects(gm, analysis, keep)
+        gm.graph.lint()
+        gm.recompile()
+        _refresh_vals(gm)
+        for node in gm.graph.nodes:
+            node.meta.pop(meta.GROUP, None)
+        gm.meta.pop(meta.GROUPS, None)
+        gm.meta.pop(meta.CHANNELS, None)
+        return PassResult(gm, True)
+
+
+class _Keep:
+    def __init__(self, removed_atom: np.ndarray, labels: dict[str, Any]) -> None:
+        self.removed_atom = removed_atom
+        self.labels = labels
+
+    def of(self, node: Any, index: int | None = None) -> tuple[int, np.ndarray] | None:
+        """(dim, kept indices) of a node's label, or None if it carries no channels."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        lab = self.labels.get(node.name)
+        if isinstance(lab, list):
+            lab = lab[index] if index is not None and index < len(lab) else None
+        if lab is None:
+            return None
+        dim, atoms = lab
+        return dim, np.nonzero(~self.removed_atom[atoms])[0]
+
+    def changed(self, node: Any, index: int | None = None) -> tuple[int, np.ndarray, int] | None:
+        k = self.of(node, index)
+        if k is None:
+            return None
+        lab = self.labels[node.name]
+        n = len((lab[index] if isinstance(lab, list) else lab)[1])
+        return (k[0], k[1], n) if len(k[1]) != n else None
+
+
+def _slice_params(gm: torch.fx.GraphModule, analysis: meta.ChannelAnalysis,
+                  removed_atom: np.ndarray) -> None:
+    for (fqn, dim), atoms in sorted(analysis.param_labels.items()):
+        kept = np.nonzero(~removed_atom[atoms])[0]
+        if len(kept) == len(atoms):
+            continue
+        t = get_attr_tensor(gm, fqn)
+        idx = torch.from_numpy(kept).to(t.device)
+        with torch.no_grad():
+            new = t.detach().index_select(dim, idx).clone()
+        set_attr_tensor(gm, fqn, new)
+
+
+def _with_arg(node: torch.fx.Node, i: int, name: str, value: Any) -> None:
+    if len(node.args) > i:
+        args = list(node.args)
+        args[i] = value
+        node.args = tuple(args)
+    else:
+        node.kwargs = {**node.kwargs, name: value}
+
+
+def _rewrite_node(gm: torch.fx.GraphModule, node: torch.fx.Node, keep: _Keep) -> None:
+    if node.op != "call_function":
+        return
+    t = node.target
+    if t in _RESHAPES:
+        out = keep.changed(node)
+        if out is not None:
+            dim, kept, _ = out
+            sizes = list(node.args[1])
+            sizes[dim] = len(kept)
+            _with_arg(node, 1, "size", sizes)
+        return
+    if t is aten.unflatten.int:
+        out = keep.changed(node)
+        if out is not None:
+            dim, kept, _ = out
+            start = node.args[1] % len(tensor_val(node.args[0]).shape)
+            sizes = list(node.args[2])
+            if start <= dim < start + len(sizes):
+                sizes[dim - start] = len(kept)
+                _with_arg(node, 2, "sizes", sizes)
+        return
+    if t in _SPLITS:
+        inp = keep.changed(node.args[0])
+        labels = keep.labels.get(node.name)
+        if inp is None or not isinstance(labels, list):
+            return
+        nd = len(tensor_val(node.args[0]).shape)
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % nd
+        if dim != inp[0]:
+            return
+        sizes = [len(keep.of(node, i)[1]) for i in range(len(labels))]
+        node.target = aten.split_with_sizes.default
+        node.args = (node.args[0], sizes, dim)
+        node.kwargs = {}
+        return
+    if t in (aten.slice.Tensor, aten.narrow.default, aten.select.int):
+        inp = keep.changed(node.args[0])
+        if inp is None:
+            return
+        in_dim, kept, n = inp
+        nd = len(tensor_val(node.args[0]).shape)
+        dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % nd
+        if dim != in_dim:
+            return
+        if t is aten.select.int:
+            idx = node.args[2] % n
+            pos = np.searchsorted(kept, idx)
+            if pos >= len(kept) or kept[pos] != idx:
+                raise NodeError(node, "selects a channel that was pruned")
+            _with_arg(node, 2, "index", int(pos))
+            return
+        if t is aten.narrow.default:
+            start, length = node.args[2] % n, node.args[3]
+            new_start = int(np.searchsorted(kept, start))
+            new_end = int(np.searchsorted(kept, start + length))
+            node.args = (node.args[0], dim, new_start, new_end - new_start)
+            return
+        sl = range(n)[slice(*(min(v, n) if isinstance(v, int) and v > n else v for v in (
+            node.args[2] if len(node.args) > 2 else None,
+            node.args[3] if len(node.args) > 3 else None)))]
+        new_start = int(np.searchsorted(kept, sl.start))
+        new_end = int(np.searchsorted(kept, sl.stop))
+        node.args = (node.args[0], dim, new_start, new_end, *node.args[4:])
+        return
+    if t is aten.group_norm.default:
+        inp = keep.changed(node.args[0])
+        if inp is not None:
+            _, kept, n = inp
+            groups = node.args[1]
+            _with_arg(node, 1, "num_groups", groups * len(kept) // n)
+        return
+    if t in _CONVS or t is aten.convolution.default:
+        gi = 8 if t is aten.convolution.default else 6
+        groups = node.args[gi] if len(node.args) > gi else node.kwargs.get("groups", 1)
+        if groups == 1:
+            return
+        inp = keep.changed(node.args[0])
+        if inp is not None:
+            _, kept, n = inp
+            new_groups = groups * len(kept) // n
+            if len(node.args) <= gi:  # fill defaults so groups can be positional
+                defaults = {aten.conv1d.default: [None, [1], [0], [1]],
+                            aten.conv2d.default: [None, [1, 1], [0, 0], [1, 1]],
+                            aten.conv3d.default: [None, [1, 1, 1], [0, 0, 0], [1, 1, 1]]}
+                args = list(node.args) + defaults.get(t, [])[len(node.args) - 2:]
+                node.args = tuple(args[:gi])
+                node.kwargs = {k: v for k, v in node.kwargs.items() if k != "groups"}
+                if len(node.args) < gi:
+                    raise NodeError(node, "cannot rewrite groups of this convolution")
+                node.args = (*node.args, new_groups)
+            else:
+                _with_arg(node, gi, "groups", new_groups)
+
+
+def _insert_index_selects(gm: torch.fx.GraphModule, analysis: meta.ChannelAnalysis,
+                          keep: _Keep) -> None:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for k, (name, arg_index, dim, source) in enumerate(analysis.externals):
+        node = by_name.get(name)
+        src = by_name.get(source)
+        if node is None or src is None:
+            continue
+        out = keep.changed(src)
+        if out is None:  # no channel along this operand was removed
+            continue
+        _, kept, _ = out
+        operand = node.args[arg_index]
+        buf_name = f"_geta_keep_{k}"
+        gm.register_buffer(buf_name, torch.from_numpy(kept.astype(np.int64)))
+        with gm.graph.inserting_before(node):
+            idx = gm.graph.get_attr(buf_name)
+            sel = gm.graph.call_function(aten.index_select.default, (operand, dim, idx))
+        args = list(node.args)
+        args[arg_index] = sel
+        node.args = tuple(args)
+
+
+def _refresh_vals(gm: torch.fx.GraphModule) -> None:
+    """Re-run fake propagation so meta['val'] matches the slim shapes."""
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    mode = detect_fake_mode(vals)
+    if mode is None or any(v is None for v in vals):
+        return
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True
+    try:
+        with mode:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+    except Exception as e:  # noqa: BLE001 - vals are a convenience; the graph still runs
+        logger.debug("could not refresh vals of the slim graph: %s", e)
+    finally:
+        mode.allow_non_fake_inputs = allow
