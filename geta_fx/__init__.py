@@ -1,5 +1,10 @@
 """geta_fx: GETA joint structured pruning + mixed-precision QAT as an FX pass pipeline."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from geta_fx.api import default_pipeline, transform
 from geta_fx.capture import Captured, capture
 from geta_fx.errors import (CaptureError, GetaFxError, InputError, NodeError, PassError,
@@ -8,8 +13,28 @@ from geta_fx.ir.meta import ParamSlice, PruneGroup
 from geta_fx.module import GetaModule
 from geta_fx.pipeline import GraphPass, PassResult, Pipeline
 
+# Heavier parts load on first use (``geta_fx.QASSO`` imports geta_fx.optim.qasso, ...).
+_LAZY = {
+    "quantize": "geta_fx.ops",
+    "Quantizer": "geta_fx.quantizer",
+    "calibrate": "geta_fx.quantizer",
+    "QASSO": "geta_fx.optim.qasso",
+    "report": "geta_fx.report",
+    "Report": "geta_fx.report",
+    "draw": "geta_fx.viz",
+    "to_dot": "geta_fx.viz",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'geta_fx' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
 __all__ = [
     "CaptureError", "Captured", "GetaFxError", "GetaModule", "GraphPass", "InputError",
     "NodeError", "ParamSlice", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
-    "PruneGroup", "QuantizerError", "capture", "default_pipeline", "transform",
+    "PruneGroup", "QuantizerError", "capture", "default_pipeline", "transform", *_LAZY,
 ]
