@@ -1,0 +1,369 @@
+"""The GETA per-tensor quantizer as an ``nn.Module``, and activation calibration.
+
+A :class:`Quantizer` owns three learnable shape-``[1]`` float32 parameters and calls the
+``geta::quantize`` op (contract in :mod:`geta_fx.ops.reference`):
+
+* ``log_d``: the step size is ``d = exp(log_d)``, so ``d > 0`` by construction (GETA_SPEC G.2 #5:
+  the reference lets ``d`` go negative) and additive updates of ``log_d`` are relative updates of
+  ``d``.
+* ``q_m``: the clipping range.  The op needs ``q_m > 0``; the forward uses the *effective* range
+  ``max(|q_m|, Q_M_MIN)`` (GETA_SPEC §A.3's ``max(|q_m|, 1e-10)``), so an optimizer step that
+  overshoots below zero cannot break the forward, and the gradient flows through ``abs`` (it only
+  vanishes in the ``Q_M_MIN`` clamp, i.e. for a degenerate range).  ``validate()`` still reports a
+  raw ``q_m <= 0`` as an error, because the optimizer is expected to keep it positive.
+* ``t``: the exponent of the nonlinear quantizer (``t == 1``: linear).
+
+Bit width (GETA_SPEC §A.3), continuous, with ``q = max(|q_m|, Q_M_MIN)``::
+
+    signed:    b = log2(q^t / d + 1) + 1      (q^t/d positive levels, plus a sign bit)
+    unsigned:  b = log2(q^t / d + 1)          (q^t/d positive levels and 0, no sign bit)
+
+and its inverse ``d = q^t / (2^(b-1) - 1)`` (signed) or ``q^t / (2^b - 1)`` (unsigned), see
+:func:`d_for_bits`.  Both are vectorised module-level functions as well, so an optimizer can
+apply them to stacked parameters of many quantizers at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from geta_fx import ops
+from geta_fx.errors import InputError, QuantizerError
+
+__all__ = ["Q_M_MIN", "Quantizer", "QuantizerError", "bit_width", "calibrate", "d_for_bits"]
+
+logger = logging.getLogger(__name__)
+
+#: Lower clamp of the effective range ``max(|q_m|, Q_M_MIN)`` (GETA_SPEC §A.3 uses 1e-10).
+Q_M_MIN = 1e-10
+
+QuantKind = Literal["weight", "act"]
+
+
+def _effective_q_m(q_m: Tensor) -> Tensor:
+    return q_m.abs().clamp_min(Q_M_MIN)
+
+
+def _levels(bits: Tensor, signed: bool | Tensor) -> Tensor:
+    """Number of positive levels for a bit width: 2^(b-1) - 1 signed, 2^b - 1 unsigned."""
+    if isinstance(signed, Tensor):
+        return torch.where(signed, torch.exp2(bits - 1) - 1, torch.exp2(bits) - 1)
+    return torch.exp2(bits - 1) - 1 if signed else torch.exp2(bits) - 1
+
+
+def d_for_bits(
+    bits: Tensor | float, q_m: Tensor | float, t: Tensor | float, signed: bool | Tensor = True
+) -> Tensor:
+    """Step size giving ``bits`` bits: ``max(|q_m|, Q_M_MIN)^t / levels(bits)``.
+
+    ``levels = 2^(bits-1) - 1`` when signed, ``2^bits - 1`` when unsigned.  Elementwise and
+    broadcasting over tensors (``signed`` may be a bool tensor), differentiable; no checks
+    (``bits`` must be ``> 1`` signed, ``> 0`` unsigned, or ``d`` is infinite/negative).
+    """
+    b, q, tt = (torch.as_tensor(v) for v in (bits, q_m, t))
+    return torch.pow(_effective_q_m(q), tt) / _levels(b, signed)
+
+
+def bit_width(
+    d: Tensor | float, q_m: Tensor | float, t: Tensor | float, signed: bool | Tensor = True
+) -> Tensor:
+    """Continuous bit width ``log2(max(|q_m|, Q_M_MIN)^t / d + 1)`` (+ 1 sign bit if signed).
+
+    The inverse of :func:`d_for_bits`; elementwise, broadcasting, differentiable.
+    """
+    dd, q, tt = (torch.as_tensor(v) for v in (d, q_m, t))
+    b = torch.log2(torch.pow(_effective_q_m(q), tt) / dd + 1)
+    if isinstance(signed, Tensor):
+        return b + signed.to(b.dtype)
+    return b + 1 if signed else b
+
+
+def _check_bits(bits: float, signed: bool, who: str) -> None:
+    lowest = 1.0 if signed else 0.0
+    if not math.isfinite(bits) or bits <= lowest:
+        kind = "signed" if signed else "unsigned"
+        raise QuantizerError(f"{who}: a {kind} quantizer needs a finite bit width > {lowest:g}, "
+                             f"got {bits}")
+
+
+class Quantizer(nn.Module):
+    """Per-tensor GETA quantizer (GETA_SPEC §A) with learnable ``log_d``, ``q_m``, ``t``.
+
+    ``forward(x) = geta_fx.ops.quantize(x, d, max(|q_m|, Q_M_MIN), t, signed=signed)``; see the
+    module docstring for the parameterisation and the bit-width formulas.
+
+    Args:
+        kind: ``"weight"`` or ``"act"`` (activation, i.e. the input of a quantized layer).
+        signed: symmetric signed quantizer; ``False`` for non-negative inputs (one more bit of
+            resolution; negative inputs are mapped to 0).
+        bits: initial bit width; ``d`` is set from it, ``q_m`` and ``t``.
+        q_m: initial clipping range (``> 0``).
+        t: initial exponent.
+        name: identifies the quantizer in error messages.
+    """
+
+    #: Duck-typed marker: ``GetaModule.quantizers`` collects modules that set it.
+    is_geta_quantizer: ClassVar[bool] = True
+
+    log_d: nn.Parameter
+    q_m: nn.Parameter
+    t: nn.Parameter
+
+    def __init__(self, kind: QuantKind, *, signed: bool = True, bits: float = 16.0,
+                 q_m: float = 1.0, t: float = 1.0, name: str = "") -> None:
+        super().__init__()
+        if kind not in ("weight", "act"):
+            raise InputError(f"quantizer {name!r}: kind must be 'weight' or 'act', got {kind!r}")
+        self.kind: QuantKind = kind
+        self.signed: bool = bool(signed)
+        self.name: str = name
+        if not (math.isfinite(q_m) and q_m > 0):
+            raise QuantizerError(f"{self._who()}: q_m must be finite and > 0, got {q_m}")
+        if not math.isfinite(t):
+            raise QuantizerError(f"{self._who()}: t must be finite, got {t}")
+        self.q_m = nn.Parameter(torch.tensor([q_m], dtype=torch.float32))
+        self.t = nn.Parameter(torch.tensor([t], dtype=torch.float32))
+        self.log_d = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.set_bit_width(bits)
+
+    # -- derived quantities ------------------------------------------------------------------
+    @property
+    def d(self) -> Tensor:
+        """Step size ``exp(log_d)`` (shape ``[1]``, differentiable w.r.t. ``log_d``)."""
+        return self.log_d.exp()
+
+    def effective_q_m(self) -> Tensor:
+        """The range the op sees: ``max(|q_m|, Q_M_MIN)`` (shape ``[1]``, differentiable)."""
+        return _effective_q_m(self.q_m)
+
+    def bit_width(self) -> Tensor:
+        """Continuous bit width, float32 shape ``[1]``, differentiable (detach before ``float()``).
+
+        Signed: ``log2(q_m^t / d + 1) + 1``; unsigned: ``log2(q_m^t / d + 1)`` (no sign bit).
+        """
+        return bit_width(self.d, self.q_m, self.t, self.signed)
+
+    def d_for_bits(self, bits: Tensor | float) -> Tensor:
+        """The ``d`` that gives ``bits`` bits with the current ``q_m``, ``t`` and ``signed``."""
+        return d_for_bits(bits, self.q_m, self.t, self.signed)
+
+    # -- setters (no autograd) ---------------------------------------------------------------
+    def set_d(self, d: Tensor | float) -> None:
+        """Set the step size (``log_d = log(d)``); ``d`` must be finite and positive."""
+        value = torch.as_tensor(d).detach().to(torch.float64).reshape(-1)
+        if value.numel() != 1 or not (math.isfinite(float(value)) and float(value) > 0):
+            raise QuantizerError(f"{self._who()}: d must be one finite positive value, got {d}")
+        with torch.no_grad():
+            self.log_d.copy_(value.log().to(self.log_d))
+
+    def set_bit_width(self, bits: Tensor | float) -> None:
+        """Set ``d`` so that :meth:`bit_width` equals ``bits`` (``q_m``, ``t`` unchanged).
+
+        Computed in float64 and stored as float32 ``log_d``; round trip error ~1e-6 bits.
+        """
+        b = float(torch.as_tensor(bits).detach())
+        _check_bits(b, self.signed, self._who())
+        with torch.no_grad():
+            d = d_for_bits(torch.tensor(b, dtype=torch.float64), self.q_m.detach().double(),
+                           self.t.detach().double(), self.signed)
+        self.set_d(d)
+
+    def init_from_tensor(self, w: Tensor, bits: float) -> Quantizer:
+        """GETA_SPEC §A.5 init: ``q_m = max|w|``, ``t = 1``, ``d`` for ``bits`` bits.
+
+        An all-zero or empty ``w`` keeps ``q_m = 1`` (every value quantizes to 0 anyway); a
+        non-finite ``w`` raises :class:`QuantizerError`.  Returns ``self``.
+        """
+        with torch.no_grad():
+            peak = float(w.detach().abs().max()) if w.numel() else 0.0
+            if not math.isfinite(peak):
+                raise QuantizerError(f"{self._who()}: cannot initialise from a tensor with "
+                                     f"non-finite values (max |w| = {peak})")
+            self.q_m.fill_(peak if peak > 0 else 1.0)
+            self.t.fill_(1.0)
+        self.set_bit_width(bits)
+        return self
+
+    # -- checks ------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`QuantizerError` naming this quantizer if a parameter is invalid.
+
+        Invalid: NaN/inf in ``log_d``, ``d``, ``q_m`` or ``t``; ``d <= 0`` (``log_d``
+        underflow); raw ``q_m <= 0``.  Reads parameter values (host sync): not for hot loops.
+        """
+        values = {"log_d": self.log_d, "d": self.d, "q_m": self.q_m, "t": self.t}
+        for pname, p in values.items():
+            v = float(p.detach())
+            if not math.isfinite(v):
+                raise QuantizerError(f"{self._who()}: {pname} is {v}")
+        d = float(self.d.detach())
+        if d <= 0:
+            raise QuantizerError(f"{self._who()}: d = {d} is not positive (log_d underflow)")
+        q = float(self.q_m.detach())
+        if q <= 0:
+            raise QuantizerError(f"{self._who()}: q_m = {q} is not positive")
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.quantize(x, self.d, self.effective_q_m(), self.t, signed=self.signed)
+
+    # -- serialisation -----------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """Keep ``signed`` in ``state_dict`` (``calibrate`` may change it; ``d`` relies on it)."""
+        return {"signed": self.signed}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.signed = bool(state["signed"])
+
+    def extra_repr(self) -> str:
+        with torch.no_grad():
+            b = float(self.bit_width())
+        return f"kind={self.kind!r}, signed={self.signed}, name={self.name!r}, bits={b:.3f}"
+
+    def _who(self) -> str:
+        return f"{self.kind} quantizer {self.name!r}" if self.name else f"{self.kind} quantizer"
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------------
+class _ActObserver:
+    """Accumulates max |x| (or a per-batch percentile of |x|) and whether any x < 0 was seen.
+
+    Statistics stay on the device until :meth:`result`: one host sync per quantizer, not per
+    batch (the percentile's finite-value filter syncs per batch; calibration only).
+    """
+
+    def __init__(self, percentile: float | None) -> None:
+        self.percentile = percentile
+        self.peak: Tensor | None = None  # running max, or running sum of percentiles
+        self.batches = 0
+        self.negative: Tensor | None = None
+
+    def observe(self, x: Tensor) -> None:
+        if x.numel() == 0:
+            return
+        xf = x.detach().float()
+        a = xf.abs()
+        a = torch.where(torch.isfinite(a), a, 0.0)  # inf/NaN carry no range information
+        if self.percentile is None:
+            stat = a.amax()
+            self.peak = stat if self.peak is None else torch.maximum(self.peak, stat)
+        else:
+            flat = a.flatten()
+            k = min(max(math.ceil(self.percentile / 100.0 * flat.numel()), 1), flat.numel())
+            stat = flat.kthvalue(k).values  # nearest-rank percentile
+            self.peak = stat if self.peak is None else self.peak + stat
+        neg = (xf < 0).any()
+        self.negative = neg if self.negative is None else self.negative | neg
+        self.batches += 1
+
+    def result(self) -> tuple[float, bool] | None:
+        if self.peak is None or self.negative is None:
+            return None
+        peak = float(self.peak) if self.percentile is None else float(self.peak) / self.batches
+        return peak, bool(self.negative)
+
+
+def _run_batch(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def calibrate(model: nn.Module, batches: Iterable[Any], *,
+              percentile: float | None = None) -> dict[str, tuple[float, bool]]:
+    """Calibrate every activation quantizer (``kind == "act"``) of ``model`` from data.
+
+    Runs ``model`` over ``batches`` (a tensor is passed as ``model(batch)``, a tuple/list as
+    ``model(*batch)``, a mapping as ``model(**batch)``) in eval mode under ``torch.no_grad()``;
+    the train/eval flag of every submodule is restored afterwards, and the hooks removed, even on
+    error.  While calibrating, activation quantizers pass their input through unchanged, so every
+    quantizer observes float activations (not ones clipped by a not-yet-calibrated upstream
+    quantizer); weight quantizers stay active.
+
+    For each activation quantizer that saw data:
+
+    * ``q_m`` := max |x| over all batches, or with ``percentile=p`` (0 < p <= 100) the mean over
+      batches of the per-batch nearest-rank p-th percentile of |x|.  Non-finite values are
+      ignored; if the statistic is 0 (all-zero input), ``q_m`` is kept.
+    * ``signed`` := whether any ``x < 0`` was seen (``False`` after ReLU, sigmoid, softmax, ...).
+    * The bit width is kept: ``d`` is recomputed so that :meth:`Quantizer.bit_width` (under the
+      new signedness: b bits unsigned means 2^b - 1 positive levels) equals its value before.
+    * ``t`` is unchanged.
+
+    Quantizers that no batch reached are left unchanged and logged as a warning.
+
+    Returns:
+        ``{module_fqn: (q_m, signed)}`` for every calibrated quantizer, keyed by its qualified
+        name in ``model.named_modules()`` (unique, unlike ``Quantizer.name``).
+
+    Raises:
+        InputError: ``percentile`` out of range, or ``batches`` is empty while ``model`` has
+            activation quantizers.
+        QuantizerError: an activation quantizer has invalid parameters before calibration.
+    """
+    if percentile is not None and not (0.0 < percentile <= 100.0):
+        raise InputError(f"calibrate: percentile must be in (0, 100], got {percentile}")
+    targets = {fqn: m for fqn, m in model.named_modules()
+               if isinstance(m, Quantizer) and m.kind == "act"}
+    if not targets:
+        return {}
+    for q in targets.values():
+        q.validate()
+    observers = {fqn: _ActObserver(percentile) for fqn in targets}
+
+    def make_hook(obs: _ActObserver) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            x: Tensor = args[0]
+            obs.observe(x)
+            return x  # pass through: observe float activations
+
+        return hook
+
+    modes = [(m, m.training) for m in model.modules()]
+    handles = [q.register_forward_hook(make_hook(observers[fqn])) for fqn, q in targets.items()]
+    n_batches = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                _run_batch(model, batch)
+                n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        # Root first through train() (a wrapper may override it to rewrite graph flags), then
+        # any submodule whose own flag differed from the root's.
+        model.train(modes[0][1])
+        for m, training in modes:
+            if m.training != training:
+                m.training = training
+    if n_batches == 0:
+        raise InputError("calibrate: no batches were given")
+
+    out: dict[str, tuple[float, bool]] = {}
+    for fqn, q in targets.items():
+        res = observers[fqn].result()
+        if res is None:
+            logger.warning("calibrate: activation quantizer %r (%s) saw no data; unchanged",
+                           fqn, q.name)
+            continue
+        peak, negative = res
+        with torch.no_grad():
+            bits = float(q.bit_width())
+            if peak > 0:
+                q.q_m.fill_(peak)
+            q.signed = negative
+        q.set_bit_width(bits)
+        out[fqn] = (float(q.q_m.detach()), q.signed)
+    return out
