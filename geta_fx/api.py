@@ -17,18 +17,21 @@ QuantizeMode = Literal["weight", "weight_act"] | None
 
 
 def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> list[GraphPass]:
-    """shape_prop -> normalize -> dependency_groups [-> insert_quantizers -> fold_quant]."""
+    """shape_prop -> normalize [-> insert_quantizers -> fold_quant] -> dependency_groups.
+
+    NOTE: dependency_groups runs last so its channel labels cover the quantizer and
+    view nodes fold_quant creates; the groups themselves are identical with and
+    without quantizers (tested), which is the invariant DESIGN §1 names.
+    """
     from geta_fx import passes
 
-    pipeline: list[GraphPass] = [passes.ShapeProp(), passes.Normalize(),
-                                 passes.DependencyGroups()]
+    pipeline: list[GraphPass] = [passes.ShapeProp(), passes.Normalize()]
     if quantize is not None:
-        insert = getattr(passes, "InsertQuantizers", None)
-        fold = getattr(passes, "FoldQuant", None)
-        if insert is None or fold is None:
-            raise InputError("quantize= needs the insert_quantizers/fold_quant passes, "
-                             "which this build does not have yet")
-        pipeline += [insert(mode=quantize, **quant_options), fold()]
+        policy = quant_options.pop("policy", None) or passes.QuantPolicy(**quant_options)
+        pipeline += [passes.InsertQuantizers(mode=quantize, policy=policy), passes.FoldQuant()]
+    elif quant_options:
+        raise InputError(f"quantization options {sorted(quant_options)} need quantize=")
+    pipeline.append(passes.DependencyGroups())
     return pipeline
 
 
@@ -47,7 +50,7 @@ def _own_weights(gm: torch.fx.GraphModule) -> None:
 def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode = None,
               pipeline: Sequence[GraphPass] | None = None, capture_method: str = "export",
               strict: bool = False, example_kwargs: dict | None = None,
-              copy_weights: bool = True, observers: Sequence[Any] = (),
+              copy_weights: bool = True, observers: Sequence[Any] = (), calibrate: bool = True,
               **quant_options: Any) -> GetaModule:
     """Capture ``model`` and run the pass pipeline; returns a trainable GetaModule.
 
@@ -58,6 +61,9 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
         quantize: None, "weight" or "weight_act".
         pipeline: explicit list of passes (replaces the default pipeline).
         capture_method: "export" (default) or "symbolic_trace".
+        calibrate: with activation quantizers, set their ranges (and signedness) from
+            ``example_inputs`` (call ``geta_fx.calibrate`` with real batches for better ones).
+        quant_options: ``policy=QuantPolicy(...)`` or its fields (``bits``, ``skip``, ...).
     """
     if quantize not in (None, "weight", "weight_act"):
         raise InputError(f"quantize must be None, 'weight' or 'weight_act', got {quantize!r}")
@@ -70,5 +76,11 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
     if copy_weights:
         _own_weights(gm)
     result = Pipeline(passes_, observers=observers)(gm)
-    return GetaModule(result.graph_module, training=cap.training, flat_io=cap.flat_io,
-                      in_spec=cap.in_spec, out_spec=cap.out_spec)
+    module = GetaModule(result.graph_module, training=cap.training, flat_io=cap.flat_io,
+                        in_spec=cap.in_spec, out_spec=cap.out_spec)
+    if calibrate and any(q.kind == "act" for q in module.quantizers.values()):
+        from geta_fx.quantizer import calibrate as _calibrate
+
+        args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        _calibrate(module, [tuple(args)])
+    return module

@@ -1,8 +1,11 @@
 """geta_fx passes: one pass per module (see README.md for each pass's invariants)."""
 
 from geta_fx.passes.dependency_groups import DependencyGroups
+from geta_fx.passes.fold_quant import FoldQuant
+from geta_fx.passes.insert_quantizers import InsertQuantizers, QuantPolicy
 from geta_fx.passes.normalize import Normalize
 from geta_fx.passes.physical_prune import PhysicalPrune
 from geta_fx.passes.shape_prop import ShapeProp
 
-__all__ = ["DependencyGroups", "Normalize", "PhysicalPrune", "ShapeProp"]
+__all__ = ["DependencyGroups", "FoldQuant", "InsertQuantizers", "Normalize", "PhysicalPrune",
+           "QuantPolicy", "ShapeProp"]

@@ -207,7 +207,9 @@ class _Analyzer:
                             self.pin(part, node, "reaches a graph output")
                 continue
             if node.op == "call_module" and _is_quantizer_module(self.gm, node):
-                self.labels[node] = self.label(node.args[0])
+                lab = self.label(node.args[0])  # Q(0) = 0: transparent pass-through
+                if lab is not None:
+                    self.labels[node] = lab
                 continue
             if node.op == "call_function" and node.target in IGNORED:
                 continue

@@ -1,0 +1,204 @@
+"""insert_quantizers: weight (and activation) quantizers as ``call_module`` nodes.
+
+Why: GETA learns a bit width per layer (GETA_SPEC §A).  Each quantized layer's
+weight gets a per-tensor :class:`~geta_fx.quantizer.Quantizer` (initialised at
+``policy.bits`` from the weight's max, §A.5); with ``mode="weight_act"`` its
+data input gets one too (unsigned where the producer is provably non-negative,
+§G.2 #3).  Quantizers live on the GraphModule under ``geta_quant.*``; a
+quantizer node is a leaf ``call_module`` that re-exports as ``geta::quantize``.
+
+Invariants: a weight parameter has one quantizer even when shared by several
+layers; new nodes carry ``val`` (same as their input), ``nn_module_stack`` of the
+layer and ``geta.quantizer``; dependency grouping is unchanged (quantizers are
+transparent, Q(0) = 0).  ``modified`` is True iff a quantizer was inserted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx
+from torch import nn
+
+from geta_fx.errors import InputError
+from geta_fx.ir import meta
+from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.pipeline import PassResult
+from geta_fx.quantizer import Quantizer
+
+aten = torch.ops.aten
+
+#: layer op -> index of its weight argument.
+QUANT_LAYERS: dict[Any, int] = {
+    aten.conv1d.default: 1, aten.conv2d.default: 1, aten.conv3d.default: 1,
+    aten.conv1d.padding: 1, aten.conv2d.padding: 1, aten.conv3d.padding: 1,
+    aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 1,
+    aten.conv_transpose3d.input: 1, aten.convolution.default: 1,
+    aten.linear.default: 1, aten.matmul.default: 1, aten.mm.default: 1,
+    aten.addmm.default: 2, aten.embedding.default: 0,
+}
+#: index of the data (activation) argument of each layer op.
+DATA_ARG = {op: (1 if op is aten.addmm.default else 0) for op in QUANT_LAYERS}
+
+#: producers whose output is never negative (for unsigned activation quantizers).
+_NON_NEGATIVE = {aten.relu.default, aten.relu_.default, aten.relu6.default,
+                 aten.sigmoid.default, aten.softmax.int, aten._softmax.default,
+                 aten.hardsigmoid.default, aten.abs.default, aten.exp.default}
+_KEEPS_SIGN = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
+               aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
+               aten.view.default, aten.reshape.default, aten.flatten.using_ints,
+               aten.dropout.default, aten.permute.default, aten.transpose.int,
+               aten.contiguous.default, aten.clone.default, aten.mean.dim,
+               aten.hardtanh.default, aten.upsample_nearest2d.vec}
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """Which layers get quantizers.
+
+    Args:
+        bits: initial bit width of every quantizer (GETA starts at 16, §A.5).
+        skip: fnmatch patterns on weight names (``"fc.*"``, ``"*lm_head*"``) to leave float.
+        skip_ops: ATen op names to leave float (``"conv2d"``, ``"linear"``, ``"embedding"``).
+        quantize_first / quantize_last: quantize the first / last quantizable layer.
+        embedding: also quantize embedding tables (weights only).
+    """
+
+    bits: float = 16.0
+    skip: tuple[str, ...] = ()
+    skip_ops: tuple[str, ...] = ()
+    quantize_first: bool = True
+    quantize_last: bool = True
+    embedding: bool = False
+
+    def __post_init__(self) -> None:
+        if not 2 <= float(self.bits) <= 32:
+            raise InputError(f"QuantPolicy.bits must lie in [2, 32], got {self.bits}")
+
+    def wants(self, op_name: str, fqn: str) -> bool:
+        if op_name in self.skip_ops or op_name.split(".")[0] in self.skip_ops:
+            return False
+        if op_name.startswith("embedding") and not self.embedding:
+            return False
+        return not any(fnmatch.fnmatchcase(fqn, pat) for pat in self.skip)
+
+
+def _op_name(target: Any) -> str:
+    return str(getattr(target, "__name__", target))
+
+
+def _weight_attr(gm: torch.fx.GraphModule, node: Any) -> torch.fx.Node | None:
+    if isinstance(node, torch.fx.Node) and node.op == "get_attr":
+        t = get_attr_tensor(gm, str(node.target))
+        if isinstance(t, nn.Parameter) and t.is_floating_point():
+            return node
+    return None
+
+
+def non_negative(node: Any, depth: int = 0) -> bool:
+    """Whether ``node``'s value is provably >= 0 (walks through sign-keeping ops)."""
+    if not isinstance(node, torch.fx.Node) or depth > 8 or node.op != "call_function":
+        return False
+    if node.target in _NON_NEGATIVE:
+        return True
+    if node.target is aten.hardtanh.default:
+        lo = node.args[1] if len(node.args) > 1 else -1.0
+        return lo >= 0
+    if node.target in _KEEPS_SIGN:
+        return non_negative(node.args[0], depth + 1)
+    if node.target is aten.cat.default:
+        return all(non_negative(a, depth + 1) for a in node.args[0])
+    return False
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^0-9a-zA-Z_]", "_", name)
+
+
+def new_quant_node(gm: torch.fx.GraphModule, anchor: torch.fx.Node, source: torch.fx.Node,
+                   q: Quantizer, qid: str, target: Literal["weight", "act"],
+                   param_fqn: str | None) -> torch.fx.Node:
+    """Register ``q`` as ``geta_quant.<qid>`` and create its node right after ``source``."""
+    base, k = qid, 1
+    while hasattr(gm, "geta_quant") and hasattr(gm.geta_quant, qid):
+        k += 1
+        qid = f"{base}_{k}"
+    path = f"geta_quant.{qid}"
+    gm.add_submodule(path, q)
+    with gm.graph.inserting_after(source):
+        node = gm.graph.call_module(path, (source,))
+    val = source.meta.get("val")
+    if val is not None:
+        node.meta["val"] = val
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in anchor.meta:
+            node.meta[key] = anchor.meta[key]
+    node.meta[meta.QUANTIZER] = meta.QuantizerInfo(qid=qid, target=target, param_fqn=param_fqn)
+    node.meta[meta.ORIGIN] = (anchor.name,)
+    return node
+
+
+@dataclass(frozen=True)
+class InsertQuantizers:
+    name: ClassVar[str] = "insert_quantizers"
+    requires: ClassVar[frozenset[str]] = frozenset({"val"})
+    provides: ClassVar[frozenset[str]] = frozenset({"geta.quantizer"})
+    invalidates: ClassVar[frozenset[str]] = frozenset({"geta.group"})
+    mode: Literal["weight", "weight_act"] = "weight"
+    policy: QuantPolicy = field(default_factory=QuantPolicy)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("weight", "weight_act"):
+            raise InputError(f"InsertQuantizers.mode must be 'weight' or 'weight_act', "
+                             f"got {self.mode!r}")
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        layers = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in QUANT_LAYERS:
+                continue
+            w = node.args[QUANT_LAYERS[node.target]] if len(node.args) > QUANT_LAYERS[
+                node.target] else None
+            attr = _weight_attr(gm, w)
+            if attr is None:
+                continue
+            if self.policy.wants(_op_name(node.target), str(attr.target)):
+                layers.append((node, attr))
+        if not self.policy.quantize_first and layers:
+            layers = layers[1:]
+        if not self.policy.quantize_last and layers:
+            layers = layers[:-1]
+        weight_q: dict[str, torch.fx.Node] = {}
+        for node, attr in layers:
+            fqn = str(attr.target)
+            qnode = weight_q.get(fqn)
+            if qnode is None:
+                w = get_attr_tensor(gm, fqn)
+                qid = _safe(fqn)
+                q = Quantizer("weight", bits=self.policy.bits, name=fqn).init_from_tensor(
+                    w.detach(), self.policy.bits)
+                q.to(w.device)
+                q.param_fqn = fqn  # type: ignore[attr-defined]
+                qnode = new_quant_node(gm, node, attr, q, qid, "weight", fqn)
+                weight_q[fqn] = qnode
+            node.replace_input_with(attr, qnode)
+            if self.mode == "weight_act" and not node.target is aten.embedding.default:
+                self._quantize_input(gm, node, fqn)
+        return PassResult(gm, bool(layers))
+
+    def _quantize_input(self, gm: torch.fx.GraphModule, node: torch.fx.Node, fqn: str) -> None:
+        x = node.args[DATA_ARG[node.target]]
+        val = tensor_val(x)
+        if not isinstance(x, torch.fx.Node) or val is None or not val.is_floating_point():
+            return
+        qid = _safe(fqn.rsplit(".", 1)[0] or fqn) + "_input"
+        q = Quantizer("act", signed=not non_negative(x), bits=self.policy.bits,
+                      name=f"input of {fqn.rsplit('.', 1)[0]}")
+        if val.device.type != "meta":
+            q.to(val.device)
+        qnode = new_quant_node(gm, node, x, q, qid, "act", None)
+        node.replace_input_with(x, qnode)
