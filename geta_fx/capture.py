@@ -115,15 +115,15 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool,
     except Exception as e:  # noqa: BLE001 - classified and re-raised below
         msg = str(e).strip()
         first = msg.splitlines()[0] if msg else type(e).__name__
+        where = _user_frame(e)
         construct = next((c for key, c in _HINTS if key.lower() in msg.lower()), None)
-        if isinstance(e, (RuntimeError, ValueError, TypeError)) and (
-                "size" in msg or "shape" in msg or "expected" in msg.lower()) and not construct:
-            raise InputError(f"the example inputs do not fit {type(model).__name__}: "
+        if construct is None and isinstance(e, (RuntimeError, ValueError, TypeError, IndexError)):
+            raise InputError(f"the example inputs do not fit {type(model).__name__}{where}: "
                              f"{type(e).__name__}: {first}") from e
         what = construct or "a construct torch.export could not capture"
         raise CaptureError(
-            f"torch.export could not capture {type(model).__name__}: {what} "
-            f"({type(e).__name__}: {first}). Try capture='symbolic_trace'"
+            f"torch.export could not capture {type(model).__name__}{where}: {what} "
+            f"({type(e).__name__}: {first}). Try capture_method='symbolic_trace'"
             f"{'' if strict else ', or strict=True'}, or make the construct traceable "
             "(torch.cond, torch._check).") from e
     gm = ep.module()
@@ -132,6 +132,23 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool,
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     return gm
+
+
+def _user_frame(e: BaseException) -> str:
+    """' at file:line (code)' of the innermost traceback frame outside torch, if any."""
+    import traceback
+
+    frames = []
+    cur: BaseException | None = e
+    while cur is not None:
+        frames += traceback.extract_tb(cur.__traceback__)
+        cur = cur.__cause__ or cur.__context__
+    user = [f for f in frames if "/torch/" not in f.filename and "geta_fx" not in f.filename
+            and "/transformers/utils" not in f.filename]
+    if not user:
+        return ""
+    f = user[-1]
+    return f" at {f.filename}:{f.lineno} ({(f.line or '').strip()})"
 
 
 def _arg_names(model: nn.Module, n: int) -> list[str]:
