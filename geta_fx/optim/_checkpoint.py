@@ -1,0 +1,90 @@
+"""Crash-safe checkpoints of a GETA run: the GetaModule, the QASSO state, and how to rebuild.
+
+A GetaModule cannot be pickled as an object today: the unlifted ``torch.export`` graph module
+carries lambda hooks and a guards function, and ``torch.fx`` unpickling re-traces the code,
+which would drop the node metadata (groups, shapes) that QASSO and ``compress`` need.  So a
+checkpoint holds the module's complete *state* (``state_dict``: weights, buffers, quantizer
+scalars and their ``signed`` flags) together with a :class:`Recipe` -- the source
+``nn.Module``, its example inputs and the ``transform`` options -- from which
+:func:`load_checkpoint` rebuilds an identical GetaModule in a fresh process.  ``transform`` is
+deterministic, and the optimizer state records the layout signature (groups, parameters,
+quantizers), so a mismatch is an error rather than a silent mix-up.
+
+Files are written to ``path + ".tmp"`` and renamed, so a crash while saving leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from geta_fx.errors import InputError
+
+_FORMAT = "geta_fx.qasso.checkpoint/1"
+
+
+@dataclass
+class Recipe:
+    """How to rebuild the GetaModule: ``geta_fx.transform(model, example_inputs, **options)``."""
+
+    model: nn.Module
+    example_inputs: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        import geta_fx
+
+        return geta_fx.transform(self.model, self.example_inputs, **self.options)
+
+
+@dataclass
+class Checkpoint:
+    module: nn.Module          # the GetaModule, with the saved state loaded
+    optimizer: Any             # a QASSO with the saved state loaded
+    extra: dict[str, Any]
+
+
+def save_checkpoint(path: str | os.PathLike[str], gm: nn.Module, optimizer: Any, *,
+                    recipe: Recipe | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Atomically write the module state, the optimizer state, the recipe and ``extra``."""
+    payload = {
+        "format": _FORMAT,
+        "module_state": gm.state_dict(),
+        "training": gm.training,
+        "optimizer": optimizer.state_dict(),
+        "recipe": recipe,
+        "extra": dict(extra or {}),
+    }
+    tmp = f"{os.fspath(path)}.tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike[str], gm: nn.Module | None = None, *,
+                    map_location: Any = None) -> Checkpoint:
+    """Restore a run: the GetaModule (rebuilt from the recipe unless ``gm`` is given) and a
+    QASSO optimizer for it, both in exactly the saved state.
+
+    The file holds pickled Python objects (the recipe's model): load only files you wrote.
+    """
+    from geta_fx.optim.qasso import QASSO
+
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise InputError(f"{os.fspath(path)!r} is not a geta_fx QASSO checkpoint")
+    if gm is None:
+        recipe = payload["recipe"]
+        if recipe is None:
+            raise InputError("checkpoint has no recipe; pass the rebuilt GetaModule as gm=")
+        gm = recipe.build()
+    gm.load_state_dict(payload["module_state"])
+    gm.train(payload["training"])
+    opt_state = payload["optimizer"]
+    opt = QASSO(gm, **opt_state["qasso"]["config"])
+    opt.load_state_dict(opt_state)
+    return Checkpoint(module=gm, optimizer=opt, extra=payload["extra"])

@@ -1,0 +1,164 @@
+"""QASSO's stage timeline as pure functions of the step counter (GETA_SPEC §C.2, §C.3).
+
+Everything here is host-side integer arithmetic on the 1-based step ``k`` (incremented at the
+start of ``QASSO.step``), so the optimizer never has to ask the device which stage it is in.
+
+Timeline (``s_b`` = start_projection_step, ``K_b`` = projection_steps, ``B`` =
+projection_periods, ``s_p`` = start_pruning_step, ``K_p`` = pruning_steps, ``P`` =
+pruning_periods, ``T = K_p // P``)::
+
+    k <= s_b                 warmup      plain step, bit widths free
+    s_b < k <= s_p           projection  plain step, weight d projected into [b_l, b_u(k)]
+    s_p < k <= s_p + K_p     pruning     as projection, plus P periods of T steps:
+                                           t = 1          score, select this period's units
+                                           t = 1..T-1     joint update of the selected units
+                                           t = max(T-1,1) commit (hard zero from then on)
+    k > s_p + K_p            cooldown    bits frozen at their rounded values
+
+Departure from the reference (GETA_SPEC G.2 #13): the reference shrinks ``b_u`` only ``B - 1``
+times, can push it below ``b_l``, and divides by zero when ``K_b < B``.  Here the projection
+window ``(s_b, s_b + K_b]`` is cut into ``B`` equal sub-periods and ``b_u`` drops by
+``bit_reduction`` at the start of each, so it shrinks exactly ``B`` times and reaches
+``final_b_u = max(b_l, b_u0 - B * bit_reduction)`` in the last sub-period; with ``K_b < B``
+several reductions share a step, with ``K_b == 0`` the first projected step already uses the
+final range.  Nothing divides by ``K_b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from geta_fx.errors import InputError
+
+Stage = Literal["warmup", "projection", "pruning", "cooldown"]
+STAGES: tuple[Stage, ...] = ("warmup", "projection", "pruning", "cooldown")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step-indexed schedule of QASSO; all arguments are in optimizer steps."""
+
+    start_projection_step: int = 0
+    projection_steps: int = 1
+    projection_periods: int = 1
+    start_pruning_step: int = 1
+    pruning_steps: int = 1
+    pruning_periods: int = 1
+    bit_range: tuple[float, float] = (4.0, 16.0)
+    bit_reduction: float = 2.0
+
+    def __post_init__(self) -> None:
+        ints = {"start_projection_step": self.start_projection_step,
+                "projection_steps": self.projection_steps,
+                "start_pruning_step": self.start_pruning_step,
+                "pruning_steps": self.pruning_steps}
+        for name, v in ints.items():
+            if not isinstance(v, int) or v < 0:
+                raise InputError(f"QASSO: {name} must be an int >= 0, got {v!r}")
+        for name, v in (("projection_periods", self.projection_periods),
+                        ("pruning_periods", self.pruning_periods)):
+            if not isinstance(v, int) or v < 1:
+                raise InputError(f"QASSO: {name} must be an int >= 1, got {v!r}")
+        if self.start_pruning_step < self.start_projection_step:
+            raise InputError(
+                f"QASSO: start_pruning_step ({self.start_pruning_step}) must be >= "
+                f"start_projection_step ({self.start_projection_step}): pruning runs with "
+                "projected bit widths (GETA_SPEC C.3)")
+        if self.pruning_steps < self.pruning_periods:
+            raise InputError(
+                f"QASSO: pruning_steps ({self.pruning_steps}) must be >= pruning_periods "
+                f"({self.pruning_periods}); each period needs at least one step")
+        b_l, b_u = (float(b) for b in self.bit_range)
+        if not 1.0 < b_l <= b_u:
+            raise InputError(f"QASSO: bit_range must satisfy 1 < b_l <= b_u, got {self.bit_range}")
+        if self.bit_reduction < 0:
+            raise InputError(f"QASSO: bit_reduction must be >= 0, got {self.bit_reduction}")
+
+    # ------------------------------------------------------------------ derived constants
+    @property
+    def b_l(self) -> float:
+        return float(self.bit_range[0])
+
+    @property
+    def b_u0(self) -> float:
+        return float(self.bit_range[1])
+
+    @property
+    def final_b_u(self) -> float:
+        return max(self.b_l, self.b_u0 - self.projection_periods * float(self.bit_reduction))
+
+    @property
+    def period_steps(self) -> int:
+        """``T``: steps per pruning period (the last ``K_p mod P`` steps are plain steps)."""
+        return self.pruning_steps // self.pruning_periods
+
+    @property
+    def pruning_end(self) -> int:
+        """Last step of the pruning stage (``s_p + K_p``)."""
+        return self.start_pruning_step + self.pruning_steps
+
+    @property
+    def cooldown_start(self) -> int:
+        return self.pruning_end + 1
+
+    # ------------------------------------------------------------------ per step
+    def stage(self, k: int) -> Stage:
+        if k <= self.start_projection_step:
+            return "warmup"
+        if k <= self.start_pruning_step:
+            return "projection"
+        if k <= self.pruning_end:
+            return "pruning"
+        return "cooldown"
+
+    def reductions(self, k: int) -> int:
+        """How many times ``b_u`` has been reduced by step ``k`` (0 .. B)."""
+        s_b, k_b, b = self.start_projection_step, self.projection_steps, self.projection_periods
+        if k <= s_b:
+            return 0
+        if k_b == 0:
+            return b
+        return min(b, (k - s_b - 1) * b // k_b + 1)
+
+    def b_u(self, k: int) -> float:
+        """Upper bit bound in force at step ``k`` (never below ``b_l``)."""
+        return max(self.b_l, self.b_u0 - self.reductions(k) * float(self.bit_reduction))
+
+    def pruning_position(self, k: int) -> tuple[int, int] | None:
+        """``(period, t)`` with ``t`` in ``1..T`` if step ``k`` lies in a pruning period."""
+        first = self.start_pruning_step + 1
+        n = self.period_steps
+        if k < first or k > self.start_pruning_step + n * self.pruning_periods:
+            return None
+        return (k - first) // n, (k - first) % n + 1
+
+    def is_selection_step(self, k: int) -> bool:
+        pos = self.pruning_position(k)
+        return pos is not None and pos[1] == 1
+
+    def is_joint_step(self, k: int) -> bool:
+        pos = self.pruning_position(k)
+        return pos is not None and pos[1] <= self.period_steps - 1
+
+    def is_commit_step(self, k: int) -> bool:
+        pos = self.pruning_position(k)
+        return pos is not None and pos[1] == max(self.period_steps - 1, 1)
+
+    def forget_rate(self, k: int) -> float:
+        """``1 / (T - t)``: the forget rate of a positively aligned group (GETA_SPEC C.6)."""
+        pos = self.pruning_position(k)
+        if pos is None or pos[1] >= self.period_steps:
+            return 0.0
+        return 1.0 / (self.period_steps - pos[1])
+
+    def cumulative_target(self, period: int, k_total: int) -> int:
+        """Units that should be pruned once period ``period`` commits.
+
+        ``n_p = K // P`` per period and the remainder in the last one (GETA_SPEC C.6).  A
+        period that could not prune its share (the divisibility refinement) leaves the rest to
+        the next period, so only the last period's shortfall is final.
+        """
+        if period >= self.pruning_periods - 1:
+            return k_total
+        return (period + 1) * (k_total // self.pruning_periods)

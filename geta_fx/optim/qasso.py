@@ -1,0 +1,600 @@
+"""QASSO: the quantization-aware structured sparse optimizer of GETA (GETA_SPEC §C).
+
+``QASSO(gm, ...)`` trains a :class:`~geta_fx.GetaModule` so that, when the pruning stage ends,
+exactly ``K = floor(target_sparsity * U)`` of the ``U`` units of its prunable groups are zero,
+and every weight quantizer's bit width lies in ``[b_l, b_u]`` at every step after projection
+starts.  Stages (timeline in :mod:`geta_fx.optim._schedule`)::
+
+    warmup      plain step: weights with lr, quantizer scalars with lr_quant
+    projection  plain step, then log d of every weight quantizer clamped to [b_l, b_u(k)];
+                b_u shrinks by bit_reduction, B times, to max(b_l, b_u0 - B*bit_reduction)
+    pruning     P periods: score every unit (5 saliency criteria), select the period's share
+                of K globally, run the joint update (forget rate gamma per group, step size d*
+                per quantized layer; _joint.py) on them, commit = hard-zero from then on
+    cooldown    bits frozen at round(b): d pinned to d(b; q_m, t) after every step
+
+Structure of one ``step()`` (no Python loop over units or groups, no host sync except once
+per pruning period when units are selected and committed)::
+
+    directions  g^ for all weights (foreach SGD/Adam) and for the stacked quantizer scalars
+    select      (first step of a period) unit statistics with one index_add_, scores, the
+                global selection, the period's JointPlan
+    quantizers  plain step on the stacked [log_d | q_m | t] vector, projection, joint d*,
+                written back with one _foreach_copy_
+    weights     (adamw decay), p -= lr * g^, minus the forget term on the redundant elements
+    commit      (last joint step of a period) pruned |= redundant
+    hard zero   index_fill_ 0 into every committed element
+
+Departures from the reference implementation (GETA_SPEC G.2), each also noted where it is
+implemented:
+
+* #5  ``d = exp(log_d)`` (``geta_fx.quantizer``), so d > 0 always and every update of it is
+  relative; "projecting d" means ``log_d <- clamp(log_d, log d(b_u), log d(b_l))``.
+* #6  (not required, fixed anyway) activation-quantizer scalars always use ``lr_quant``, are
+  not frozen in the joint stage, and their bit width is projected too (``act_bit_range``).
+  No weight decay on any quantizer scalar.
+* #8, #9, #10  see :mod:`geta_fx.optim._joint`.
+* #11 see :mod:`geta_fx.optim._saliency` (exclude pruned units, then take the lowest scores;
+  one unit per group is protected up front).
+* #13 see :mod:`geta_fx.optim._schedule` (B reductions, never below b_l, no division).
+* #14 Adam moments start at zero and are bias-corrected (the reference starts them at g, g^2).
+* Decoupled (adamw) weight decay applies to every weight, also inside the joint update (the
+  reference skips it there); a period that could not prune its share (``group_divisible``)
+  passes the rest to the next period instead of dropping it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from geta_fx.errors import InputError
+from geta_fx.optim import _joint, _saliency
+from geta_fx.optim._layout import Layout, build_layout
+from geta_fx.optim._schedule import Schedule, Stage
+from geta_fx.quantizer import Q_M_MIN, bit_width, d_for_bits
+
+__all__ = ["QASSO"]
+
+Variant = Literal["sgd", "adam", "adamw"]
+
+#: per-variant defaults (GETA_SPEC C.8): momentum/betas, dampening, weight decay.
+_VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0},
+    "adam": {"betas": (0.9, 0.999), "weight_decay": 0.0},
+    "adamw": {"betas": (0.9, 0.999), "weight_decay": 1e-2},
+}
+_STATE_VERSION = 1
+
+
+class QASSO(torch.optim.Optimizer):
+    """GETA's joint structured-pruning + quantization-aware optimizer.
+
+    Args:
+        gm: the :class:`~geta_fx.GetaModule` to train (pass the module itself, not a DDP
+            wrapper; the optimizer reads its groups and quantizers and never edits the graph).
+        variant: ``"sgd"`` (heavy ball), ``"adam"`` (L2 weight decay) or ``"adamw"``
+            (decoupled weight decay).
+        lr: learning rate of the weights (``param_groups[0]["lr"]``; LR schedulers change it).
+        lr_quant: learning rate of every quantizer scalar (``log_d``, ``q_m``, ``t``; weight
+            and activation quantizers).  Kept in ``param_groups[1]["lr_quant"]`` and never
+            scheduled (GETA_SPEC C.2); schedulers only touch the ``"lr"`` keys.
+        weight_decay: default per variant (sgd 0, adam 0, adamw 1e-2); never applied to
+            quantizer scalars.
+        momentum, dampening: SGD heavy ball (default 0, 0).
+        betas, eps: Adam moments (default (0.9, 0.999), 1e-8).
+        target_sparsity: fraction of prunable units to zero, in ``[0, 1)``.
+        bit_range: ``(b_l, b_u)``, initial bit range of weight quantizers.
+        bit_reduction: how much ``b_u`` drops per projection period.
+        act_bit_range: fixed bit range of activation quantizers; ``None``: they follow the
+            weights' shrinking range.
+        start_projection_step, projection_steps, projection_periods: ``s_b``, ``K_b``, ``B``.
+        start_pruning_step, pruning_steps, pruning_periods: ``s_p``, ``K_p``, ``P``.
+        importance: saliency criterion -> weight (default: the five criteria at 0.2 each).
+        group_divisible: units kept per group must be a multiple of this.
+        process_group: DDP group whose rank 0 broadcasts selections and frozen bit widths
+            (default: the default group when ``torch.distributed`` is initialised).
+    """
+
+    def __init__(self, gm: nn.Module, *, variant: Variant = "sgd", lr: float = 0.1,
+                 lr_quant: float = 1e-3, weight_decay: float | None = None,
+                 momentum: float | None = None, dampening: float | None = None,
+                 betas: tuple[float, float] | None = None, eps: float = 1e-8,
+                 target_sparsity: float = 0.5, bit_range: tuple[float, float] = (4, 16),
+                 bit_reduction: float = 2, act_bit_range: tuple[float, float] | None = None,
+                 start_projection_step: int = 0, projection_steps: int = 1,
+                 projection_periods: int = 1, start_pruning_step: int = 1,
+                 pruning_steps: int = 1, pruning_periods: int = 1,
+                 importance: Mapping[str, float] | None = None, group_divisible: int = 1,
+                 process_group: Any = None) -> None:
+        if variant not in _VARIANT_DEFAULTS:
+            raise InputError(f"QASSO: variant must be 'sgd', 'adam' or 'adamw', got {variant!r}")
+        for name in ("groups", "graph_module", "quantizers"):
+            if not hasattr(gm, name):
+                raise InputError(f"QASSO needs a GetaModule (from geta_fx.transform), got "
+                                 f"{type(gm).__name__} without .{name}")
+        if not 0.0 <= float(target_sparsity) < 1.0:
+            raise InputError(f"QASSO: target_sparsity must be in [0, 1), got {target_sparsity}")
+        if not isinstance(group_divisible, int) or group_divisible < 1:
+            raise InputError(f"QASSO: group_divisible must be an int >= 1, got {group_divisible}")
+        if lr < 0 or lr_quant < 0:
+            raise InputError(f"QASSO: learning rates must be >= 0, got {lr}, {lr_quant}")
+        vd = _VARIANT_DEFAULTS[variant]
+        wd = vd["weight_decay"] if weight_decay is None else float(weight_decay)
+        mom = vd.get("momentum", 0.0) if momentum is None else float(momentum)
+        damp = vd.get("dampening", 0.0) if dampening is None else float(dampening)
+        b1, b2 = vd.get("betas", (0.9, 0.999)) if betas is None else betas
+        self.schedule = Schedule(
+            start_projection_step=start_projection_step, projection_steps=projection_steps,
+            projection_periods=projection_periods, start_pruning_step=start_pruning_step,
+            pruning_steps=pruning_steps, pruning_periods=pruning_periods,
+            bit_range=(float(bit_range[0]), float(bit_range[1])),
+            bit_reduction=float(bit_reduction))
+        if act_bit_range is not None and not 0.0 < act_bit_range[0] <= act_bit_range[1]:
+            raise InputError(f"QASSO: act_bit_range must satisfy 0 < lo <= hi, "
+                             f"got {act_bit_range}")
+        self.variant: Variant = variant
+        self.importance = _saliency.check_importance(importance)
+        self.target_sparsity = float(target_sparsity)
+        self.group_divisible = group_divisible
+        self.act_bit_range = None if act_bit_range is None else (
+            float(act_bit_range[0]), float(act_bit_range[1]))
+        self.process_group = process_group
+        self._config = {
+            "variant": variant, "lr": lr, "lr_quant": lr_quant, "weight_decay": wd,
+            "momentum": mom, "dampening": damp, "betas": (b1, b2), "eps": eps,
+            "target_sparsity": self.target_sparsity, "bit_range": tuple(bit_range),
+            "bit_reduction": bit_reduction, "act_bit_range": act_bit_range,
+            "start_projection_step": start_projection_step,
+            "projection_steps": projection_steps, "projection_periods": projection_periods,
+            "start_pruning_step": start_pruning_step, "pruning_steps": pruning_steps,
+            "pruning_periods": pruning_periods, "importance": dict(self.importance),
+            "group_divisible": group_divisible}
+
+        # ---- parameters: quantizer scalars vs everything else
+        self._quant_names = list(gm.quantizers)
+        quants = [gm.quantizers[n] for n in self._quant_names]
+        qids = {id(p) for q in quants for p in (q.log_d, q.q_m, q.t)}
+        self._qparams: list[nn.Parameter] = ([q.log_d for q in quants] +
+                                             [q.q_m for q in quants] + [q.t for q in quants])
+        weights: list[nn.Parameter] = []
+        seen: set[int] = set()
+        for p in gm.parameters():
+            if p.requires_grad and id(p) not in qids and id(p) not in seen:
+                seen.add(id(p))
+                weights.append(p)
+        if not weights:
+            raise InputError("QASSO: the module has no trainable parameters")
+        groups: list[dict[str, Any]] = [
+            {"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"}]
+        if quants:
+            groups.append({"params": self._qparams, "lr": lr_quant, "lr_quant": lr_quant,
+                           "weight_decay": 0.0, "name": "quantizers"})
+        defaults = {"lr": lr, "weight_decay": wd, "momentum": mom, "dampening": damp,
+                    "betas": (b1, b2), "eps": eps}
+        super().__init__(groups, defaults)
+
+        device = weights[0].device
+        self._device = device
+        self._num_layers = len(quants)
+        self._is_weight_q = torch.tensor([q.kind == "weight" for q in quants] + [True],
+                                         dtype=torch.bool, device=device)
+        self._signed = torch.tensor([bool(q.signed) for q in quants] + [True],
+                                    dtype=torch.bool, device=device)
+        weight_layer: dict[int, int] = {}
+        for i, q in enumerate(quants):
+            fqn = getattr(q, "param_fqn", None)
+            if q.kind == "weight" and fqn:
+                from geta_fx.ir.query import get_attr_tensor
+
+                weight_layer[id(get_attr_tensor(gm.graph_module, fqn))] = i
+        self.layout: Layout = build_layout(gm.graph_module, tuple(gm.groups), weight_layer,
+                                           len(quants), device)
+        widx = {id(p): i for i, p in enumerate(weights)}
+        self._stats_widx = [widx[id(p)] for p in self.layout.params]
+        self.num_units = self.layout.num_units
+        self.k_target = math.floor(self.target_sparsity * self.num_units)
+        self.max_prunable = _saliency.max_prunable(self.layout.group_size.cpu(),
+                                                   group_divisible)
+
+        # ---- optimizer state (tensors on the parameters' device; counters are ints)
+        self._k = 0
+        self._pruned = torch.zeros(self.num_units, dtype=torch.bool, device=device)
+        self._redundant = torch.zeros_like(self._pruned)
+        self._plan: _joint.JointPlan | None = None
+        self._frozen_bits: Tensor | None = None
+        self._zero_lists: list[tuple[Tensor, Tensor]] = []
+        self._qstate: dict[str, Any] = {"step": 0}
+        if variant != "sgd":
+            for p in weights:
+                self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p),
+                                 "exp_avg_sq": torch.zeros_like(p)}
+            n = len(self._qparams)
+            self._qstate.update(exp_avg=torch.zeros(n, device=device),
+                                exp_avg_sq=torch.zeros(n, device=device))
+
+    # ================================================================== public helpers
+    @property
+    def step_count(self) -> int:
+        """Number of ``step()`` calls so far (the spec's ``k``)."""
+        return self._k
+
+    @property
+    def stage(self) -> Stage:
+        return self.schedule.stage(self._k)
+
+    @property
+    def pruned_units(self) -> Tensor:
+        """Bool ``[U]``: committed (hard-zeroed) units, in global prunable-unit order."""
+        return self._pruned.clone()
+
+    def unit_masks(self) -> dict[int, Tensor]:
+        """PruneGroup id -> bool ``[num_units]`` of its committed units."""
+        lay = self.layout
+        return {gid: self._pruned[off: off + int(n)].clone()
+                for gid, off, n in zip(lay.group_ids, lay.group_offsets,
+                                       lay.group_size.tolist(), strict=True)}
+
+    def grad_clipping(self, min: float = -1.0, max: float = 1.0) -> None:  # noqa: A002
+        """Clamp every gradient element to ``[min, max]`` (the reference's ``grad_clipping``)."""
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_clamp_min_(grads, min)
+            torch._foreach_clamp_max_(grads, max)
+
+    # ================================================================== step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._k += 1
+        k, sch = self._k, self.schedule
+        stage = sch.stage(k)
+        group = self.param_groups[0]
+        lr = float(group["lr"])
+
+        weights: list[nn.Parameter] = group["params"]
+        dirs = self._weight_directions(weights, group)
+        if sch.is_selection_step(k):
+            self._select(weights, dirs)
+        plan = self._plan if sch.is_joint_step(k) and self._plan is not None else None
+        if plan is not None and plan.empty:
+            plan = None
+
+        x_sub = g_sub = None
+        if plan is not None:  # redundant elements before this step's update
+            params = self.layout.params
+            x_sub = torch.cat([params[i].view(-1)[idx] for i, idx, _, _ in plan.slices])
+            g_sub = torch.cat([self._dir_or_zero(dirs, weights, self._stats_widx[i]).view(-1)[idx]
+                               for i, idx, _, _ in plan.slices])
+        delta = self._step_quantizers(stage, k, lr, plan, x_sub, g_sub)
+
+        # weights: p <- p (1 - lr wd)  [adamw]  - lr g^  - forget term  [joint]
+        active = [(p, d) for p, d in zip(weights, dirs, strict=True) if d is not None]
+        if active:
+            ps, ds = [p for p, _ in active], [d for _, d in active]
+            wd = float(group["weight_decay"])
+            if self.variant == "adamw" and wd != 0:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+            torch._foreach_add_(ps, ds, alpha=-lr)
+        if plan is not None and delta is not None:
+            for i, idx, lo, hi in plan.slices:
+                self.layout.params[i].view(-1).index_add_(0, idx, delta[lo:hi], alpha=-1.0)
+        if sch.is_commit_step(k):
+            self._commit()
+        for t, idx in self._zero_lists:
+            t.view(-1).index_fill_(0, idx, 0.0)
+        return loss
+
+    # ------------------------------------------------------------------ directions
+    @staticmethod
+    def _dir_or_zero(dirs: list[Tensor | None], weights: list[nn.Parameter], i: int) -> Tensor:
+        d = dirs[i]
+        return torch.zeros_like(weights[i]) if d is None else d
+
+    def _weight_directions(self, weights: list[nn.Parameter],
+                           group: dict[str, Any]) -> list[Tensor | None]:
+        """Search direction g^ of every weight (None where it has no gradient)."""
+        idx = [i for i, p in enumerate(weights) if p.grad is not None]
+        out: list[Tensor | None] = [None] * len(weights)
+        if not idx:
+            return out
+        ps = [weights[i] for i in idx]
+        grads = [weights[i].grad for i in idx]
+        wd = float(group["weight_decay"])
+        if wd != 0 and self.variant != "adamw":
+            grads = torch._foreach_add(grads, ps, alpha=wd)  # L2 (GETA_SPEC C.2)
+        if self.variant == "sgd":
+            mom, damp = float(group["momentum"]), float(group["dampening"])
+            if mom == 0:
+                dirs = list(grads)
+            else:
+                bufs = []
+                for p, g in zip(ps, grads, strict=True):
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:  # first call: m <- g (torch.optim.SGD)
+                        st["momentum_buffer"] = g.detach().clone()
+                        bufs.append(None)
+                    else:
+                        bufs.append(st["momentum_buffer"])
+                old = [(b, g) for b, g in zip(bufs, grads, strict=True) if b is not None]
+                if old:
+                    bl, gl = [b for b, _ in old], [g for _, g in old]
+                    torch._foreach_mul_(bl, mom)
+                    torch._foreach_add_(bl, gl, alpha=1.0 - damp)
+                dirs = [self.state[p]["momentum_buffer"] for p in ps]
+        else:
+            b1, b2 = group["betas"]
+            eps = float(group["eps"])
+            states = [self.state[p] for p in ps]
+            for st in states:
+                st["step"] += 1
+            m = [st["exp_avg"] for st in states]
+            v = [st["exp_avg_sq"] for st in states]
+            # G.2 #14: moments start at 0 and are bias-corrected
+            torch._foreach_lerp_(m, grads, 1.0 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
+            bc1 = [1.0 - b1 ** st["step"] for st in states]
+            bc2 = [math.sqrt(1.0 - b2 ** st["step"]) for st in states]
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, bc2)
+            torch._foreach_add_(denom, eps)
+            dirs = torch._foreach_div(m, denom)
+            torch._foreach_div_(dirs, bc1)
+        for i, d in zip(idx, dirs, strict=True):
+            out[i] = d
+        return out
+
+    def _quant_direction(self, grads: Tensor) -> Tensor:
+        """g^ of the stacked quantizer scalars (same variant, no weight decay)."""
+        st = self._qstate
+        st["step"] += 1
+        if self.variant == "sgd":
+            mom = float(self.defaults["momentum"])
+            damp = float(self.defaults["dampening"])
+            if mom == 0:
+                return grads
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                st["momentum_buffer"] = buf = grads.clone()
+            else:
+                buf.mul_(mom).add_(grads, alpha=1.0 - damp)
+            return buf
+        b1, b2 = self.defaults["betas"]
+        st["exp_avg"].lerp_(grads, 1.0 - b1)
+        st["exp_avg_sq"].mul_(b2).addcmul_(grads, grads, value=1.0 - b2)
+        bc1 = 1.0 - b1 ** st["step"]
+        bc2 = math.sqrt(1.0 - b2 ** st["step"])
+        return (st["exp_avg"] / bc1) / (st["exp_avg_sq"].sqrt() / bc2 + float(self.defaults["eps"]))
+
+    # ------------------------------------------------------------------ quantizers
+    def _step_quantizers(self, stage: Stage, k: int, lr: float, plan: _joint.JointPlan | None,
+                         x_sub: Tensor | None, g_sub: Tensor | None) -> Tensor | None:
+        """Plain step + projection / pinning / joint d* of all quantizers; returns the
+        forget term of the joint update (None outside joint steps)."""
+        n_l = self._num_layers
+        if n_l == 0:
+            if plan is None:
+                return None
+            one = torch.ones(1, device=self._device)
+            delta, _, _ = _joint.joint_update(
+                plan, x_sub, g_sub, one, one, one, self._signed, self.schedule.b_l,
+                self.schedule.b_u(k), self.schedule.forget_rate(k), lr, self.layout.num_groups)
+            return delta
+        qgroup = self.param_groups[1]
+        lr_q = float(qgroup["lr_quant"])
+        qp = self._qparams
+        vals = torch.cat([p.view(-1) for p in qp])
+        grads = torch.cat([p.grad.view(-1) if p.grad is not None else torch.zeros_like(p.view(-1))
+                           for p in qp])
+        d_old = vals[:n_l].exp()
+        new = vals - lr_q * self._quant_direction(grads)
+        log_d, q_m, t = new[:n_l], new[n_l:2 * n_l], new[2 * n_l:]
+        q_eff = q_m.abs().clamp_min(Q_M_MIN)
+        signed = self._signed[:n_l]
+
+        if stage == "cooldown":
+            if self._frozen_bits is None:  # first cool-down step: freeze round(b) (C.7)
+                self._freeze_bits(vals, k)
+            assert self._frozen_bits is not None
+            log_d = d_for_bits(self._frozen_bits, q_m, t, signed).log()
+        elif stage != "warmup":
+            lo, hi = self._bit_bounds(k)
+            log_d = torch.clamp(log_d, d_for_bits(hi, q_m, t, signed).log(),
+                                d_for_bits(lo, q_m, t, signed).log())
+        delta = None
+        if plan is not None:
+            ext = torch.ones(1, device=self._device)
+            delta, d_new, joint = _joint.joint_update(
+                plan, x_sub, g_sub, torch.cat([d_old, ext]), torch.cat([q_eff, ext]),
+                torch.cat([t, ext]), self._signed, self.schedule.b_l, self.schedule.b_u(k),
+                self.schedule.forget_rate(k), lr, self.layout.num_groups)
+            log_d = torch.where(joint[:n_l], d_new[:n_l].log(), log_d)
+        torch._foreach_copy_(qp, torch.cat([log_d, q_m, t]).split(1))
+        return delta
+
+    def _bit_bounds(self, k: int) -> tuple[Tensor, Tensor]:
+        """Per quantizer ``(b_lo, b_hi)`` in force at step ``k``."""
+        sch = self.schedule
+        w = self._is_weight_q[:self._num_layers]
+        lo_w, hi_w = sch.b_l, sch.b_u(k)
+        lo_a, hi_a = self.act_bit_range if self.act_bit_range is not None else (lo_w, hi_w)
+        lo = torch.where(w, torch.tensor(lo_w, device=w.device), torch.tensor(lo_a, device=w.device))
+        hi = torch.where(w, torch.tensor(hi_w, device=w.device), torch.tensor(hi_a, device=w.device))
+        return lo, hi
+
+    def _freeze_bits(self, vals: Tensor, k: int) -> None:
+        n_l = self._num_layers
+        bits = bit_width(vals[:n_l].exp(), vals[n_l:2 * n_l], vals[2 * n_l:], self._signed[:n_l])
+        lo, hi = self._bit_bounds(k)
+        frozen = torch.minimum(torch.maximum(torch.round(bits), lo.ceil()), hi.floor())
+        self._frozen_bits = self._broadcast(frozen)
+
+    # ------------------------------------------------------------------ pruning
+    def _select(self, weights: list[nn.Parameter], dirs: list[Tensor | None]) -> None:
+        """Score all units and choose this period's redundant set (GETA_SPEC C.6 1-3)."""
+        lay = self.layout
+        pos = self.schedule.pruning_position(self._k)
+        assert pos is not None
+        if lay.num_units == 0:
+            self._redundant = torch.zeros_like(self._pruned)
+            self._plan = None
+            return
+        x = torch.cat([p.detach().view(-1) for p in lay.params])
+        g = torch.cat([self._dir_or_zero(dirs, weights, i).view(-1) for i in self._stats_widx])
+        stats = _saliency.unit_stats(x, g, lay.pair_elem, lay.pair_unit, lay.num_units)
+        scores = _saliency.importance_scores(stats, lay.unit_numel, self.importance,
+                                             ~self._pruned)
+        target = self.schedule.cumulative_target(pos[0], self.k_target)
+        n_new = (target - self._pruned.sum()).clamp_min(0)
+        selected = _saliency.select_units(scores, self._pruned, lay.unit_group, lay.group_start,
+                                          lay.group_size, n_new, self.group_divisible)
+        self._redundant = self._broadcast(selected)
+        self._plan = _joint.build_plan(self._redundant, lay.pair_elem, lay.pair_unit,
+                                       lay.unit_group, lay.elem_layer, lay.numels)
+
+    def _commit(self) -> None:
+        self._pruned = self._pruned | self._redundant
+        self._redundant = torch.zeros_like(self._pruned)
+        self._plan = None
+        self._rebuild_zero_lists()
+
+    def _rebuild_zero_lists(self) -> None:
+        """Flat indices of committed elements per tensor (host sync: once per commit)."""
+        lay = self.layout
+        self._zero_lists = []
+        if not bool(self._pruned.any()):
+            return
+        for t, idx, units in zip(lay.zero_tensors, lay.zero_idx, lay.zero_units, strict=True):
+            sel = idx[self._pruned[units]]
+            if len(sel):
+                self._zero_lists.append((t, sel))
+        with torch.no_grad():
+            for t, sel in self._zero_lists:
+                t.view(-1).index_fill_(0, sel, 0.0)
+
+    def _broadcast(self, t: Tensor) -> Tensor:
+        """Rank 0's value of ``t`` on every rank (no-op without torch.distributed)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return t
+        pg = self.process_group
+        src = 0 if pg is None else dist.get_global_rank(pg, 0)
+        buf = t.to(torch.uint8) if t.dtype == torch.bool else t.clone()
+        dist.broadcast(buf, src=src, group=pg)
+        return buf.to(t.dtype)
+
+    # ================================================================== metrics
+    @torch.no_grad()
+    def metrics(self) -> dict[str, Any]:
+        """Where training stands (host syncs; call it for logging, not every step).
+
+        Keys: ``step``, ``stage``, ``period``, ``num_units`` (prunable), ``K`` (target),
+        ``num_pruned`` (committed), ``num_zero_units`` (measured: every "out" slice exactly 0),
+        ``group_sparsity`` (zero units / prunable units), ``shortfall`` (units the "keep one
+        per group"/divisibility rule left unpruned; ``K - num_pruned`` once pruning is over,
+        else the part of the targets of finished periods not met), ``max_prunable``,
+        ``b_l``/``b_u`` (weight bit range in force), ``bits_min``/``bits_max``/``bits_mean``
+        (continuous weight-quantizer bit widths), ``act_bits_min``/``act_bits_max`` (if any),
+        ``lr``, ``lr_quant``.
+        """
+        k, sch, lay = self._k, self.schedule, self.layout
+        zero = torch.zeros(lay.num_units, device=self._device)
+        for t, idx, units in zip(lay.zero_tensors, lay.zero_idx, lay.zero_units, strict=True):
+            zero.index_add_(0, units, t.detach().reshape(-1)[idx].float().pow(2))
+        num_zero = int((zero == 0).sum()) if lay.num_units else 0
+        num_pruned = int(self._pruned.sum())
+        pos = sch.pruning_position(k)
+        done_periods = sch.pruning_periods if k >= sch.start_pruning_step + \
+            sch.period_steps * sch.pruning_periods else (pos[0] if pos else 0)
+        if k > sch.pruning_end or done_periods == sch.pruning_periods:
+            shortfall = self.k_target - num_pruned
+        elif done_periods > 0:
+            shortfall = max(0, sch.cumulative_target(done_periods - 1, self.k_target)
+                            - num_pruned)
+        else:
+            shortfall = 0
+        out: dict[str, Any] = {
+            "step": k, "stage": sch.stage(k), "period": None if pos is None else pos[0],
+            "num_units": lay.num_units, "K": self.k_target, "num_pruned": num_pruned,
+            "num_zero_units": num_zero,
+            "group_sparsity": num_zero / lay.num_units if lay.num_units else 0.0,
+            "shortfall": shortfall, "max_prunable": self.max_prunable,
+            "b_l": sch.b_l, "b_u": sch.b_u(k) if k > sch.start_projection_step else sch.b_u0,
+            "lr": float(self.param_groups[0]["lr"]),
+        }
+        if self._num_layers:
+            out["lr_quant"] = float(self.param_groups[1]["lr_quant"])
+            bits = self.bit_widths()
+            w = self._is_weight_q[:self._num_layers].cpu()
+            for prefix, mask in (("bits", w), ("act_bits", ~w)):
+                if bool(mask.any()):
+                    b = bits[mask]
+                    out[f"{prefix}_min"] = float(b.min())
+                    out[f"{prefix}_max"] = float(b.max())
+                    out[f"{prefix}_mean"] = float(b.mean())
+        return out
+
+    @torch.no_grad()
+    def bit_widths(self) -> Tensor:
+        """Continuous bit width of every quantizer (CPU float tensor, ``gm.quantizers`` order)."""
+        n_l = self._num_layers
+        if n_l == 0:
+            return torch.zeros(0)
+        vals = torch.cat([p.detach().view(-1) for p in self._qparams])
+        return bit_width(vals[:n_l].exp(), vals[n_l:2 * n_l], vals[2 * n_l:],
+                         self._signed[:n_l]).cpu()
+
+    # ================================================================== state
+    def state_dict(self) -> dict[str, Any]:
+        """Standard optimizer state plus a ``"qasso"`` entry: step counter, committed and
+        selected units, frozen bits, quantizer moments, config and the layout signature."""
+        sd = super().state_dict()
+        qs = {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._qstate.items()}
+        sd["qasso"] = {
+            "version": _STATE_VERSION, "step": self._k, "pruned": self._pruned.clone(),
+            "redundant": self._redundant.clone(),
+            "frozen_bits": None if self._frozen_bits is None else self._frozen_bits.clone(),
+            "quant_state": qs, "config": dict(self._config),
+            "signature": self.layout.signature(), "quantizers": list(self._quant_names),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("qasso", None)
+        if extra is None:
+            raise InputError("QASSO.load_state_dict: not a QASSO state dict (no 'qasso' entry)")
+        if extra.get("version") != _STATE_VERSION:
+            raise InputError(f"QASSO.load_state_dict: unsupported version {extra.get('version')}")
+        if extra["signature"] != self.layout.signature() or \
+                list(extra["quantizers"]) != self._quant_names:
+            raise InputError("QASSO.load_state_dict: the state belongs to a model with other "
+                             "prunable groups, parameters or quantizers")
+        super().load_state_dict(state_dict)
+        dev = self._device
+        self._k = int(extra["step"])
+        self._pruned = extra["pruned"].to(dev, torch.bool).clone()
+        self._redundant = extra["redundant"].to(dev, torch.bool).clone()
+        fb = extra["frozen_bits"]
+        self._frozen_bits = None if fb is None else fb.to(dev).clone()
+        self._qstate = {k: (v.to(dev).clone() if isinstance(v, Tensor) else v)
+                        for k, v in extra["quant_state"].items()}
+        lay = self.layout
+        self._plan = None
+        if bool(self._redundant.any()):
+            self._plan = _joint.build_plan(self._redundant, lay.pair_elem, lay.pair_unit,
+                                           lay.unit_group, lay.elem_layer, lay.numels)
+        self._rebuild_zero_lists()
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (what ``QASSO(gm, **opt.config)`` rebuilds)."""
+        return dict(self._config)
