@@ -208,12 +208,16 @@ class Report:
         return "\n".join(out)
 
 
-def groups_table(groups: Sequence[GroupRow]) -> list[str]:
+def groups_table(groups: Sequence[GroupRow], width: int = 100) -> list[str]:
+    """Text table of prune groups: units x channels per unit, zero units, params or reason."""
+    def what(g: GroupRow) -> str:
+        text = (f"{len(g.params)} params: {', '.join(g.params)}" if g.prunable
+                else f"unprunable: {g.reason}")
+        return text if len(text) <= width else text[:width - 3] + "..."
+
     return _table(["id", "units", "unit", "prunable", "zero", "params / reason"],
                   [[str(g.id), str(g.units), f"x{g.unit_size}", "yes" if g.prunable else "no",
-                    str(g.zero_units),
-                    (_short_list(g.params) if g.prunable else f"{g.reason}")]
-                   for g in groups], right={0, 1, 4})
+                    str(g.zero_units), what(g)] for g in groups], right={0, 1, 4})
 
 
 # ------------------------------------------------------------------------------ formatting
@@ -241,11 +245,6 @@ def _channels(r: LayerRow) -> str:
     total = r.ref_channels if r.ref_channels is not None else r.out_channels
     kept = r.kept_channels if r.kept_channels is not None else r.out_channels
     return f"{kept}/{total}"
-
-
-def _short_list(items: Sequence[str], n: int = 3) -> str:
-    head = ", ".join(items[:n])
-    return head + (f", ... (+{len(items) - n})" if len(items) > n else "")
 
 
 def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> list[str]:
@@ -715,10 +714,8 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
     macs_w = macs_a = bops = bops_a = 0
     for lay in layers:
         wfqn = lay.weight.param if lay.weight is not None else None
-        if lay.weight is not None:
-            if lay.weight.quantizer is None and wfqn in wq:
-                lay.weight.quantizer = wq[wfqn]
-            w_bits = _bits_of(lay.weight)
+        if lay.weight is not None:  # the graph path decides (a tied weight may be read
+            w_bits = _bits_of(lay.weight)  # quantized by one layer and float by another)
         else:
             w_bits = _bits_of(lay.other) if lay.other is not None else FP_BITS
         a_bits = _bits_of(lay.act) if lay.act is not None else FP_BITS
@@ -747,8 +744,9 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
 
     # storage: model params at learned bits, unquantized at dtype width; quant scalars 32-bit
     bits_total = 0.0
-    for fqn, p in params.items():
-        q = wq.get(fqn)
+    wq_by_tensor = {id(get_attr_tensor(gm, fqn)): q for fqn, q in wq.items()}
+    for p in params.values():
+        q = wq_by_tensor.get(id(p))  # by tensor: tied weights have several FQNs
         b = round(quantizer_bits(q)) if q is not None else p.element_size() * 8
         bits_total += p.numel() * b
     n_params = sum(p.numel() for p in params.values())

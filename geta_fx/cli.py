@@ -1,0 +1,496 @@
+"""``geta-fx`` command line: inspect a model, run a demo, run a benchmark.
+
+    geta-fx inspect hf:LlamaForCausalLM --out out/
+    geta-fx inspect torchvision.models:resnet18 --input-shape 1,3,224,224 --quantize weight
+    geta-fx inspect models.py:make_net --input-shape 2,3,32,32 --input-shape 2,10:int64
+    geta-fx demo digits --steps 200
+    geta-fx bench pipeline -- --repeat 5
+
+Exit codes: 0 success, 1 the model or a pass failed, 2 usage errors (bad arguments, a model
+that cannot be found or built).  Errors are one line; ``--traceback`` shows the Python trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import inspect as _inspect
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+__all__ = ["HF_TINY", "UsageError", "build_hf", "load_model", "main", "parse_input_shape"]
+
+PROG = "geta-fx"
+
+
+class UsageError(Exception):
+    """The command line is wrong (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+# ------------------------------------------------------------------------------ models
+#: tiny config values tried on every transformers config (only the keys a config accepts).
+HF_TINY: dict[str, Any] = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 64,
+    "max_position_embeddings": 64, "use_cache": False, "head_dim": 8,
+    "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_inner": 64,
+    "image_size": 32, "patch_size": 8, "num_channels": 3, "type_vocab_size": 2,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+}
+HF_BATCH, HF_SEQ = 2, 8
+
+
+def build_hf(arch: str) -> tuple[Any, tuple[Any, ...]]:
+    """A randomly initialised ``transformers.<arch>`` from a tiny config, and its input.
+
+    Nothing is downloaded.  Text models get token ids ``[2, 8]``, vision models
+    ``pixel_values`` ``[2, 3, 32, 32]``.
+    """
+    import torch
+
+    try:
+        import transformers
+    except ImportError as e:
+        raise UsageError("hf: models need the 'transformers' package (pip install "
+                         "transformers)") from e
+    cls = getattr(transformers, arch, None)
+    if cls is None or not isinstance(cls, type) or not hasattr(cls, "config_class"):
+        raise UsageError(f"transformers has no model class {arch!r} (e.g. hf:LlamaForCausalLM, "
+                         "hf:GPT2LMHeadModel, hf:BertModel, hf:ViTModel)")
+    config_cls = cls.config_class
+    accepted = set(_inspect.signature(config_cls.__init__).parameters)
+    accepted |= set(getattr(config_cls, "attribute_map", {}) or {})
+    kwargs = {k: v for k, v in HF_TINY.items() if k in accepted}
+    try:
+        config = config_cls(**kwargs)
+        model = cls(config).eval()
+    except Exception as e:  # noqa: BLE001 - a usage problem: this arch cannot be built here
+        raise UsageError(f"could not build {arch} from a tiny config: "
+                         f"{type(e).__name__}: {_first_line(e)}") from e
+    main_input = getattr(cls, "main_input_name", "input_ids")
+    g = torch.Generator().manual_seed(0)
+    if main_input == "pixel_values":
+        size = int(getattr(config, "image_size", 32))
+        channels = int(getattr(config, "num_channels", 3))
+        inputs: tuple[Any, ...] = (torch.randn(HF_BATCH, channels, size, size, generator=g),)
+    elif main_input == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 64))
+        inputs = (torch.randint(0, vocab, (HF_BATCH, HF_SEQ), generator=g),)
+    else:
+        raise UsageError(f"{arch} takes {main_input!r}; hf: supports text (input_ids) and "
+                         "image (pixel_values) models; use a factory for others")
+    return model, inputs
+
+
+def _call_factory(obj: Any, spec: str) -> Any:
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if not callable(obj):
+        raise UsageError(f"{spec}: {obj!r} is neither an nn.Module nor callable")
+    try:
+        return obj()
+    except TypeError as e:
+        raise UsageError(f"{spec}: the factory must be callable without arguments: {e}") from e
+
+
+def load_model(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
+    """``pkg.module:factory``, ``path/file.py:factory`` or ``hf:Arch`` -> (model, inputs).
+
+    A factory returns an nn.Module, or ``(module, example_inputs)``; ``inputs`` is None
+    when the factory gives none.
+    """
+    import torch
+
+    if spec.startswith("hf:"):
+        return build_hf(spec[3:])
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr:
+        raise UsageError(f"MODEL must be pkg.module:factory, path/file.py:factory or hf:Arch, "
+                         f"got {spec!r}")
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"no such file: {where}")
+        name = "geta_fx_user_" + re.sub(r"\W", "_", path.stem)
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise UsageError(f"cannot import {where}")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"importing {where} failed: {type(e).__name__}: "
+                             f"{_first_line(e)}") from e
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise UsageError(f"cannot import module {where!r}: {_first_line(e)}") from e
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{where} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    made = _call_factory(obj, spec)
+    if isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module):
+        model, inputs = made
+        return model, inputs if isinstance(inputs, tuple) else (inputs,)
+    if not isinstance(made, torch.nn.Module):
+        raise UsageError(f"{spec} returned {type(made).__name__}, not an nn.Module or "
+                         "(module, example_inputs)")
+    return made, None
+
+
+_DTYPES = {"float32": "float32", "float": "float32", "f32": "float32", "float16": "float16",
+           "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64",
+           "int64": "int64", "long": "int64", "i64": "int64", "int32": "int32", "int": "int64",
+           "bool": "bool"}
+
+
+def parse_input_shape(text: str, default_dtype: str = "float32") -> tuple[tuple[int, ...], str]:
+    """``"2,3,32,32"`` / ``"2x3x32x32"`` / ``"2,8:int64"`` -> (shape, dtype name)."""
+    shape_text, _, dtype = text.partition(":")
+    dtype = dtype or default_dtype
+    if dtype not in _DTYPES:
+        raise UsageError(f"unknown dtype {dtype!r} in --input-shape {text!r} "
+                         f"(one of {', '.join(sorted(set(_DTYPES)))})")
+    parts = [p for p in re.split(r"[,x\s]+", shape_text.strip()) if p]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--input-shape {text!r}: expected integers like 2,3,32,32") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise UsageError(f"--input-shape {text!r}: sizes must be positive integers")
+    return shape, _DTYPES[dtype]
+
+
+def _make_inputs(specs: Sequence[str], default_dtype: str, int_high: int) -> tuple[Any, ...]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for text in specs:
+        shape, dtype_name = parse_input_shape(text, default_dtype)
+        dtype = getattr(torch, dtype_name)
+        if dtype.is_floating_point:
+            out.append(torch.randn(shape, generator=g).to(dtype))
+        elif dtype is torch.bool:
+            out.append(torch.ones(shape, dtype=torch.bool))
+        else:
+            out.append(torch.randint(0, int_high, shape, generator=g, dtype=dtype))
+    return tuple(out)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------ inspect
+def _inspect_cmd(args: argparse.Namespace) -> int:
+    import geta_fx
+    from geta_fx import viz
+    from geta_fx.report import groups_table, report
+
+    model, inputs = load_model(args.model)
+    if args.input_shape:
+        inputs = _make_inputs(args.input_shape, args.input_dtype, args.int_high)
+    if inputs is None:
+        raise UsageError(f"{args.model} gives no example inputs; pass --input-shape "
+                         "(e.g. --input-shape 1,3,32,32, repeat it for several inputs)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    have_dot = viz.dot_binary() is not None
+    fmt = args.format
+    if fmt != "dot" and not have_dot:
+        print(f"note: Graphviz 'dot' not found: writing .dot files only "
+              f"(apt-get install graphviz for .{fmt})", file=sys.stderr)
+        fmt = "dot"
+    formats = ("dot",) if fmt == "dot" else ("dot", fmt)
+    quantize = None if args.quantize == "none" else args.quantize
+    draw_opts = {"collapse": args.collapse, "params": not args.no_params}
+    transform_kw: dict[str, Any] = {"quantize": quantize, "capture_method": args.capture}
+    dumper = viz.DotDumper(out / "passes", args.color_by, formats=formats, **draw_opts)
+    if "dump_dir" in _inspect.signature(geta_fx.transform).parameters:
+        transform_kw["dump_dir"] = dumper
+    else:  # older api: the first pass gets no "before" drawing
+        transform_kw["observers"] = [dumper]
+    gm = geta_fx.transform(model, inputs, **transform_kw)
+
+    written: list[Path] = list(dumper.files)
+    modes = ["group", "op"] + (["quant"] if quantize else [])
+    for mode in modes:
+        text = viz.to_dot(gm, mode, **draw_opts)
+        for f in formats:
+            path = out / f"graph_{mode}.{f}"
+            path.write_text(text) if f == "dot" else path.write_bytes(viz.render(text, f))
+            written.append(path)
+    rep = report(gm, inputs)
+    (out / "report.json").write_text(rep.to_json())
+    (out / "report.txt").write_text(rep.to_text(groups=True) + "\n")
+    (out / "groups.txt").write_text("\n".join(groups_table(rep.groups)) + "\n")
+    (out / "groups.json").write_text(json.dumps([g.__dict__ for g in rep.groups], indent=2,
+                                                default=list))
+    written += [out / n for n in ("report.json", "report.txt", "groups.txt", "groups.json")]
+
+    log = gm.graph_module.meta.get("geta.log", [])
+    prunable = [g for g in gm.groups if g.prunable]
+    print(f"{args.model}: {len(gm.graph_module.graph.nodes)} nodes, {len(gm.groups)} groups "
+          f"({len(prunable)} prunable, {sum(g.num_units for g in prunable)} units), "
+          f"{len(gm.quantizers)} quantizers")
+    print("passes: " + ", ".join(f"{r.name}{'*' if r.modified else ''} ({r.seconds * 1e3:.0f} ms)"
+                                 for r in log) + "   (* modified the graph)")
+    print()
+    print(rep.to_text(layers=False, quantizers=False))
+    print()
+    print("groups")
+    print("\n".join(groups_table(rep.groups)))
+    print()
+    print(f"wrote {len(written)} files to {out}/: graph_{{{','.join(modes)}}}.{fmt}, "
+          f"passes/ ({len(dumper.files)} drawings), report.json, report.txt (per-layer table), "
+          f"groups.txt")
+    return 0
+
+
+# ------------------------------------------------------------------------------ demo
+_DEMOS = ("digits", "charlm")
+
+
+def _demo_module() -> Any | None:
+    if importlib.util.find_spec("geta_fx.demo") is None:
+        return None
+    return importlib.import_module("geta_fx.demo")
+
+
+def _param_docs(fn: Callable[..., Any]) -> dict[str, str]:
+    """Google-style ``Args:`` entries of a docstring: name -> first line."""
+    docs: dict[str, str] = {}
+    doc = _inspect.getdoc(fn) or ""
+    in_args = False
+    for line in doc.splitlines():
+        if line.strip() in ("Args:", "Arguments:", "Parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            m = re.match(r"^\s{2,}(\w+)(?:\s*\([^)]*\))?:\s*(.*)$", line)
+            if m:
+                docs[m.group(1)] = m.group(2)
+            elif line.strip() and not line.startswith(" "):
+                in_args = False
+    return docs
+
+
+def _smart(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return None if text.lower() == "none" else text
+
+
+def _add_function_flags(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    """One ``--flag`` per keyword argument of ``fn``, typed from its default."""
+    docs = _param_docs(fn)
+    for name, p in _inspect.signature(fn).parameters.items():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = p.default
+        help_text = docs.get(name, "") + f" (default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+        elif isinstance(default, (tuple, list)) and default:
+            parser.add_argument(flag, dest=name, nargs=len(default),
+                                type=type(default[0]) if default[0] is not None else _smart,
+                                default=default, metavar=name.upper(), help=help_text)
+        elif isinstance(default, (int, float, str)):
+            parser.add_argument(flag, dest=name, type=type(default), default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=_smart, default=default, help=help_text)
+
+
+def _demo_cmd(args: argparse.Namespace) -> int:
+    module = _demo_module()
+    fn = getattr(module, f"run_{args.demo}", None) if module is not None else None
+    if fn is None:
+        raise RuntimeError(f"the {args.demo} demo is not available in this build "
+                           f"(geta_fx.demo.run_{args.demo} is missing)")
+    opts = {k: getattr(args, k) for k in _inspect.signature(fn).parameters
+            if hasattr(args, k)}
+    opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+    result = fn(**opts)
+    if result is not None:
+        if isinstance(result, dict):
+            print(json.dumps(result, indent=2, default=str))
+        else:
+            print(result)
+    return 0
+
+
+# ------------------------------------------------------------------------------ bench
+def _bench_dirs() -> list[Path]:
+    here = Path(__file__).resolve().parent.parent / "benchmarks"
+    return [p for p in (Path.cwd() / "benchmarks", here) if p.is_dir()]
+
+
+def _benchmarks() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for d in _bench_dirs():
+        for f in sorted(d.glob("*.py")):
+            if f.name.startswith("_"):
+                continue
+            found.setdefault(f.stem.removeprefix("bench_"), f)
+    return found
+
+
+def _bench_cmd(args: argparse.Namespace) -> int:
+    available = _benchmarks()
+    if args.list or not args.names:
+        if not available:
+            raise UsageError("no benchmarks/ directory found (run from the repository root)")
+        print("\n".join(f"{name:<20} {path}" for name, path in available.items()))
+        return 0
+    unknown = [n for n in args.names if n.removeprefix("bench_").removesuffix(".py")
+               not in available]
+    if unknown:
+        raise UsageError(f"unknown benchmark(s) {', '.join(unknown)}; available: "
+                         f"{', '.join(available) or 'none (no benchmarks/ directory found)'}")
+    rc = 0
+    for name in args.names:
+        path = available[name.removeprefix("bench_").removesuffix(".py")]
+        print(f"== {path.name}", flush=True)
+        rc = subprocess.call([sys.executable, str(path), *args.bench_args]) or rc
+    return rc
+
+
+# ------------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="GETA joint structured pruning + quantization-aware "
+                     "training as a torch.fx pass pipeline: inspect what the compiler does to a "
+                     "model, run the demos, run the benchmarks.",
+                     epilog="Exit codes: 0 success, 1 the model or a pass failed, 2 usage error.")
+    parser.add_argument("--traceback", action="store_true",
+                        help="print the full Python traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser(
+        "inspect", help="transform a model; write per-pass drawings, groups, report",
+        description="Capture MODEL, run the geta_fx pipeline and write, under --out: "
+        "passes/NN_<pass>_{before,after}.{dot,svg} for every pass that changed the graph or "
+        "its drawing (created nodes yellow, erased grey) with passes/passes.json; "
+        "graph_group/op[/quant].{dot,svg} of the result; groups.txt/.json (prune groups); "
+        "report.json/.txt (params, MACs, BOPs vs FP32, storage, per-layer table). "
+        "Prints a summary.",
+        epilog="MODEL forms: pkg.module:factory | path/to/file.py:factory | hf:<Architecture>. "
+        "A factory takes no arguments and returns an nn.Module or (module, example_inputs). "
+        "hf: builds transformers.<Architecture> from a tiny random config (hidden 32, 2 layers, "
+        "4 heads, 2 kv heads, vocab 64; nothing is downloaded) with token ids [2,8] or images "
+        "[2,3,32,32], e.g. hf:LlamaForCausalLM, hf:GPT2LMHeadModel, hf:BertModel, hf:ViTModel, "
+        "hf:MistralForCausalLM, hf:Qwen2ForCausalLM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="pkg.module:factory, file.py:factory or "
+                   "hf:<Architecture>")
+    p.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
+                   help="an example input's shape, e.g. 1,3,32,32 or 2,8:int64 (repeat for "
+                   "several inputs; overrides the factory's inputs)")
+    p.add_argument("--input-dtype", default="float32", choices=sorted(set(_DTYPES.values())),
+                   help="dtype of --input-shape inputs without a :dtype suffix "
+                   "(default: float32)")
+    p.add_argument("--int-high", type=int, default=16, metavar="N",
+                   help="integer inputs are drawn from [0, N) (default: 16)")
+    p.add_argument("--quantize", choices=("none", "weight", "weight_act"), default="none",
+                   help="insert GETA quantizers (default: none)")
+    p.add_argument("--capture", choices=("export", "symbolic_trace"), default="export",
+                   help="capture method (default: export)")
+    p.add_argument("--out", default="geta-fx-out", metavar="DIR",
+                   help="output directory (default: geta-fx-out)")
+    p.add_argument("--format", choices=("svg", "png", "pdf", "dot"), default="svg",
+                   help="drawing format besides .dot (default: svg; needs Graphviz's dot, "
+                   "else only .dot is written)")
+    p.add_argument("--color-by", choices=("group", "quant", "op"), default="group",
+                   help="colouring of the per-pass drawings (default: group)")
+    p.add_argument("--collapse", action="store_true",
+                   help="draw repeated blocks (layers.1..N like layers.0) as one node")
+    p.add_argument("--no-params", action="store_true", help="do not draw parameter nodes")
+    p.set_defaults(run=_inspect_cmd)
+
+    d = sub.add_parser("demo", help="run an end-to-end demo (digits: CNN on sklearn digits; "
+                       "charlm: character LM on CPython docs)",
+                       description="Train, prune and quantize a small model on real data "
+                       "shipped offline, then compress it and report.")
+    demo_sub = d.add_subparsers(dest="demo", metavar="DEMO", parser_class=_Parser)
+    demo_sub.required = True
+    module = None
+    try:
+        module = _demo_module()
+    except Exception:  # noqa: BLE001 - the demo module is optional; `demo` reports it
+        module = None
+    for name in _DEMOS:
+        fn = getattr(module, f"run_{name}", None) if module is not None else None
+        summary = (_inspect.getdoc(fn) or "").split("\n")[0] if fn is not None else \
+            "(not available in this build)"
+        dp = demo_sub.add_parser(name, help=summary, description=summary)
+        if fn is not None:
+            _add_function_flags(dp, fn)
+        dp.set_defaults(run=_demo_cmd)
+
+    b = sub.add_parser("bench", help="run scripts from benchmarks/ by name",
+                       description="Run benchmark scripts from the repository's benchmarks/ "
+                       "directory (bench_<name>.py or <name>.py) with this Python. Arguments "
+                       "after -- go to the scripts.")
+    b.add_argument("names", nargs="*", metavar="NAME", help="benchmark names (see --list)")
+    b.add_argument("--list", action="store_true", help="list the benchmarks")
+    b.set_defaults(run=_bench_cmd, bench_args=[])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    bench_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, bench_args = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bench_args:
+        args.bench_args = bench_args
+    try:
+        return int(args.run(args) or 0)
+    except UsageError as e:
+        if args.traceback:
+            raise
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line; --traceback for the rest
+        if args.traceback:
+            raise
+        sys.stderr.write(f"{PROG}: error: {type(e).__name__}: {_first_line(e)}\n")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
