@@ -102,8 +102,10 @@ def select_units(scores: Tensor, pruned: Tensor, unit_group: Tensor, group_start
     unit that is not pruned is protected, so the global selection never has to be undone and
     only runs short when fewer than ``n_new`` units are selectable at all.  With
     ``divisible > 1`` each group's count is then rounded down so that the units it keeps are a
-    multiple of ``divisible`` (the reference's ``group_divisible``); what that removes is the
-    shortfall, which the caller carries to the next period.
+    multiple of ``divisible`` (the reference's ``group_divisible``), and the slots that frees go,
+    a block of ``divisible`` units at a time, to the groups with the cheapest next block; what
+    is still missing (less than ``divisible`` units when enough blocks exist) is the shortfall,
+    which the caller carries to the next period.
     """
     big = torch.finfo(scores.dtype).max
     alive_scores = torch.where(pruned, -big, scores)
@@ -127,9 +129,23 @@ def select_units(scores: Tensor, pruned: Tensor, unit_group: Tensor, group_start
         0, unit_group, pruned.long() * ones)
     allowed = sel_count - torch.remainder(sel_count - kept_before, divisible)
     allowed = allowed.clamp_min(0)
-    # the selected units of a group are its lowest-scoring selectable ones: keep the first
-    in_group_rank, _ = _segment_rank(masked, unit_group, group_start, descending=False)
-    return selected & (in_group_rank < allowed[unit_group])
+    # The selected units of a group are its lowest-scoring selectable ones, so a group's
+    # allowance is a prefix in in-group rank order.  Rounding down freed `remaining` slots:
+    # hand them out greedily, one block per group, to the groups whose next block (the units
+    # that bring its kept count to the next multiple) has the lowest highest score.
+    in_group_rank, by_group = _segment_rank(masked, unit_group, group_start, descending=False)
+    remaining = (n_new - allowed.sum()).clamp_min(0)
+    gap = kept_before - allowed
+    block = torch.where(gap % divisible == 0, torch.full_like(gap, divisible), gap % divisible)
+    can = gap - block >= divisible
+    last = (group_start + allowed + block - 1).clamp(max=len(scores) - 1)
+    block_score = torch.where(can, masked[by_group[last]], torch.full_like(masked[last], big))
+    order_g = torch.argsort(block_score, stable=True)
+    fits = torch.cumsum(torch.where(can, block, 0)[order_g], 0) <= remaining
+    extra = torch.zeros_like(can)
+    extra[order_g] = can[order_g] & fits
+    allowed = allowed + extra.long() * block
+    return (in_group_rank < allowed[unit_group]) & ~excluded
 
 
 def max_prunable(group_size: Tensor, divisible: int) -> int:

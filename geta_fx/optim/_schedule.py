@@ -119,7 +119,8 @@ class Schedule:
             return 0
         if k_b == 0:
             return b
-        return min(b, (k - s_b - 1) * b // k_b + 1)
+        # reduction j (1..B) happens at step s_b + 1 + floor((j - 1) * K_b / B)
+        return min(b, ((k - s_b) * b + k_b - 1) // k_b)
 
     def b_u(self, k: int) -> float:
         """Upper bit bound in force at step ``k`` (never below ``b_l``)."""
