@@ -13,14 +13,16 @@ that cannot be found or built).  Errors are one line; ``--traceback`` shows the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import inspect as _inspect
+import io
 import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -221,7 +223,7 @@ def _inspect_cmd(args: argparse.Namespace) -> int:
     fmt = args.format
     if fmt != "dot" and not have_dot:
         print(f"note: Graphviz 'dot' not found: writing .dot files only "
-              f"(apt-get install graphviz for .{fmt})", file=sys.stderr)
+              f"(apt-get install graphviz for .{fmt})")
         fmt = "dot"
     formats = ("dot",) if fmt == "dot" else ("dot", fmt)
     quantize = None if args.quantize == "none" else args.quantize
@@ -391,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Exit codes: 0 success, 1 the model or a pass failed, 2 usage error.")
     parser.add_argument("--traceback", action="store_true",
                         help="print the full Python traceback on errors")
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep torch's and transformers' own warnings and log output")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -433,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--collapse", action="store_true",
                    help="draw repeated blocks (layers.1..N like layers.0) as one node")
     p.add_argument("--no-params", action="store_true", help="do not draw parameter nodes")
-    p.set_defaults(run=_inspect_cmd)
+    p.set_defaults(run=_inspect_cmd, hold_stderr=True)
 
     d = sub.add_parser("demo", help="run an end-to-end demo (digits: CNN on sklearn digits; "
                        "charlm: character LM on CPython docs)",
@@ -465,6 +469,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_torch(hold_stderr: bool) -> Iterator[None]:
+    """Keep torch's and transformers' own warnings (graph dumps, deprecations) off stderr.
+
+    The CLI is an application, so it may configure logging (the library never does); levels
+    and warning filters are restored afterwards, so ``main()`` can run in-process.
+    torch.export prints partial graphs straight to ``sys.stderr`` when it fails, so with
+    ``hold_stderr`` Python-level stderr writes are dropped too (errors are one line).
+    """
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("torch", "transformers")]
+    levels = [lg.level for lg in loggers]
+    held = contextlib.redirect_stderr(io.StringIO()) if hold_stderr else contextlib.nullcontext()
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), held:
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\..*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     bench_args: list[str] = []
@@ -475,8 +507,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bench_args:
         args.bench_args = bench_args
+    quiet = contextlib.nullcontext() if args.verbose else _quiet_torch(
+        getattr(args, "hold_stderr", False))
     try:
-        return int(args.run(args) or 0)
+        with quiet:
+            return int(args.run(args) or 0)
     except UsageError as e:
         if args.traceback:
             raise
