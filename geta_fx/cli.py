@@ -316,7 +316,7 @@ def _add_function_flags(parser: argparse.ArgumentParser, fn: Callable[..., Any])
             continue
         flag = "--" + name.replace("_", "-")
         default = p.default
-        help_text = docs.get(name, "") + f" (default: {default!r})"
+        help_text = (docs.get(name, "") + f" (default: {default!r})").replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                 default=default, help=help_text)
@@ -340,12 +340,10 @@ def _demo_cmd(args: argparse.Namespace) -> int:
     opts = {k: getattr(args, k) for k in _inspect.signature(fn).parameters
             if hasattr(args, k)}
     opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
-    result = fn(**opts)
-    if result is not None:
-        if isinstance(result, dict):
-            print(json.dumps(result, indent=2, default=str))
-        else:
-            print(result)
+    result = fn(**opts)  # the demo prints its own table
+    if args.save_json:
+        Path(args.save_json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.save_json}")
     return 0
 
 
@@ -457,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
         dp = demo_sub.add_parser(name, help=summary, description=summary)
         if fn is not None:
             _add_function_flags(dp, fn)
+        dp.add_argument("--save-json", metavar="FILE", default=None,
+                        help="also write the returned numbers to FILE as JSON")
         dp.set_defaults(run=_demo_cmd)
 
     b = sub.add_parser("bench", help="run scripts from benchmarks/ by name",

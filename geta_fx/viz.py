@@ -333,8 +333,8 @@ def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
             rounded, cont = _quant_bits(q)
             kind = getattr(q, "kind", "?")
             sign = "" if getattr(q, "signed", True) else " unsigned"
-            lines = [f"Q{'w' if kind == 'weight' else 'a'} {rounded}b{sign}", node.name,
-                     f"{cont:.2f} bits"]
+            lines = [f"Q{'w' if kind == 'weight' else 'a'} {rounded}b{sign}",
+                     node.name.removeprefix("geta_quant_"), f"{cont:.2f} bits"]
             attrs["shape"] = "hexagon"
             attrs["margin"] = "0.02,0.02"
             tooltip.append(f"{kind} quantizer, {cont:.3f} bits (rounded {rounded})"

@@ -193,10 +193,11 @@ def test_plain_module_needs_example_inputs() -> None:
         report(nn.Linear(2, 2), (torch.randn(1, 2),), compressed=True)
 
 
-@pytest.mark.xfail(reason="geta_fx/__init__.py resolves `report` lazily; importing the "
-                   "geta_fx.report submodule then shadows the function with the module. "
-                   "Fix: import report/Report eagerly in __init__.py", strict=False)
 def test_public_name_is_the_function() -> None:
-    import geta_fx.report  # noqa: F401 - the import that shadows the lazy name
+    """``geta_fx.report`` stays callable after the submodule of the same name is imported."""
+    import geta_fx.report as module
 
-    assert callable(geta_fx.report)
+    gm = geta_fx.transform(ConvNet(), (_x(),))
+    assert geta_fx.report(gm).macs == module.report(gm).macs == CONV_MACS + FC_MACS
+    assert geta_fx.report(gm).macs == CONV_MACS + FC_MACS          # second use too
+    assert geta_fx.Report is Report
