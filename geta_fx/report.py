@@ -217,8 +217,8 @@ def groups_table(groups: Sequence[GroupRow], width: int = 100) -> list[str]:
                 else f"unprunable: {g.reason}")
         return text if len(text) <= width else text[:width - 3] + "..."
 
-    return _table(["id", "units", "unit", "prunable", "zero", "params / reason"],
-                  [[str(g.id), str(g.units), f"x{g.unit_size}", "yes" if g.prunable else "no",
+    return _table(["id", "units", "ch/unit", "prunable", "zero", "params / reason"],
+                  [[str(g.id), str(g.units), str(g.unit_size), "yes" if g.prunable else "no",
                     str(g.zero_units), what(g)] for g in groups], right={0, 1, 4})
 
 

@@ -395,7 +395,7 @@ def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
             owner = str(node.target).rpartition(".")[0]
             prefixes = [p for p in cluster_paths if owner == p or owner.startswith(p + ".")]
             stack = sorted(prefixes, key=len)
-        rel = _relative_signature(node, stack[-1] if stack else "")
+        rel = _relative_signature(node, stack[-1] if stack else "") + "|" + shape
         inputs = [a.name for a in node.all_input_nodes]
         snap.nodes[node.name] = _DNode(node.name, lines, attrs, tuple(stack), inputs,
                                        "\n".join(tooltip), rel)
@@ -457,32 +457,40 @@ def _collapse(snap: _Snapshot) -> dict[str, str]:
         blocks = sorted(siblings[key])
         if len(blocks) < 2 or all(n in hidden for n in members[blocks[0][1]]):
             continue
-        first = blocks[0][1]
 
         def sig(path: str) -> tuple[tuple[str, str], ...]:
             return tuple((snap.nodes[n].signature,
                           snap.nodes[n].cluster[-1].replace(path, "#", 1))
                          for n in members[path])
 
-        first_sig = sig(first)
-        run: list[str] = []
-        for _, path in [*blocks[1:], (-1, "")]:
-            if path and sig(path) == first_sig and not any(n in hidden for n in members[path]):
+        def flush(run: list[str], head: str) -> None:
+            if not run:
+                return
+            name = f"collapsed__{re.sub(r'[^0-9A-Za-z_]', '_', run[0])}"
+            outer = snap.nodes[members[run[0]][0]].cluster
+            label = f"{run[0]} .. {run[-1]}" if len(run) > 1 else run[0]
+            snap.nodes[name] = _DNode(
+                name, [label, f"{len(run)} x {typ}, same graph as {head}"],
+                {"shape": "box3d", "style": "filled", "fillcolor": "#f0f0f0"},
+                outer[:outer.index(run[0])], [],
+                f"{len(run)} repeated blocks drawn as one: " + ", ".join(run), "collapsed")
+            for p in run:
+                for n in members[p]:
+                    hidden[n] = name
+
+        # a run of consecutive blocks whose ops, params and shapes repeat the block before
+        # the run (its head, drawn in full) becomes one node
+        head, head_sig, run = "", None, []
+        for _, path in blocks:
+            if any(n in hidden for n in members[path]):
+                continue
+            s_ = sig(path)
+            if s_ == head_sig:
                 run.append(path)
                 continue
-            if run:
-                name = f"collapsed__{re.sub(r'[^0-9A-Za-z_]', '_', run[0])}"
-                outer = snap.nodes[members[run[0]][0]].cluster
-                label = f"{run[0]} .. {run[-1]}" if len(run) > 1 else run[0]
-                snap.nodes[name] = _DNode(
-                    name, [label, f"{len(run)} x {typ}, same graph as {first}"],
-                    {"shape": "box3d", "style": "filled", "fillcolor": "#f0f0f0"},
-                    outer[:outer.index(run[0])], [],
-                    f"{len(run)} repeated blocks drawn as one: " + ", ".join(run), "collapsed")
-                for p in run:
-                    for n in members[p]:
-                        hidden[n] = name
-            run = []
+            flush(run, head)
+            head, head_sig, run = path, s_, []
+        flush(run, head)
     return hidden
 
 

@@ -149,7 +149,7 @@ def test_inspect_hf_llama(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
     rc, stdout, err = run(capsys, "inspect", "hf:LlamaForCausalLM", "--out", str(tmp_path),
                           "--format", fmt, "--collapse")
     assert rc == 0, err
-    assert "hf:LlamaForCausalLM" in stdout and "x16" in stdout   # GQA head units: 2 q heads
+    assert "hf:LlamaForCausalLM" in stdout and "ch/unit" in stdout
     assert (tmp_path / f"graph_group.{fmt}").is_file()
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep["macs_act_matmuls"] > 0 and rep["batch"] == 2
