@@ -425,6 +425,8 @@ def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
 
 def _relative_signature(node: torch.fx.Node, block: str) -> str:
     op = _op_name(node) if node.op != "get_attr" else "param"
+    if node.op == "call_module":  # per-block submodules: geta_quant.h_0_attn_... ~ h_1_...
+        op = re.sub(r"\d+", "#", op)
     target = str(node.target) if node.op == "get_attr" else ""
     if block and target.startswith(block + "."):
         target = target[len(block):]
