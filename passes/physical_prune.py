@@ -72,9 +72,7 @@ class PhysicalPrune:
         removed = removed & prunable
         if not removed.any():
             return PassResult(gm, False)
-        u = analysis.unit_of_atom
-        removed_atom = np.zeros(len(u), dtype=bool)
-        removed_atom[u >= 0] = removed[u[u >= 0]]
+        removed_atom = _keep_every_tensor_nonempty(analysis, removed)
         keep = _Keep(removed_atom, analysis.node_labels)
         _slice_params(gm, analysis, removed_atom)
         for node in list(gm.graph.nodes):
@@ -93,6 +91,30 @@ class PhysicalPrune:
         gm.meta.pop(meta.GROUPS, None)
         gm.meta.pop(meta.CHANNELS, None)
         return PassResult(gm, True)
+
+
+def _keep_every_tensor_nonempty(analysis: meta.ChannelAnalysis, removed: np.ndarray) -> np.ndarray:
+    """Atoms to remove, after restoring one unit of any tensor that would lose every channel.
+
+    A zero unit may stay (it is exactly zero, so keeping it is still exact); a tensor with
+    no channel left would make e.g. a convolution with zero input channels, which ATen
+    does not define.  Returns the removed-atom mask.
+    """
+    u = analysis.unit_of_atom
+    removed = removed.copy()
+    labels = [lab for labs in analysis.node_labels.values()
+              for lab in (labs if isinstance(labs, list) else [labs]) if lab is not None]
+    labels += [(None, atoms) for atoms in analysis.param_labels.values()]
+    while True:
+        removed_atom = np.zeros(len(u), dtype=bool)
+        removed_atom[u >= 0] = removed[u[u >= 0]]
+        restored = False
+        for _, atoms in labels:
+            if len(atoms) and removed_atom[atoms].all():
+                removed[u[atoms[0]]] = False
+                restored = True
+        if not restored:
+            return removed_atom
 
 
 class _Keep:
