@@ -299,20 +299,21 @@ def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.Chan
     num_groups = len(comp_ids)
     first_atom_of_root = np.full(n, n, dtype=np.int64)
     np.minimum.at(first_atom_of_root, roots[1:], np.arange(1, n))
-    group_units: list[np.ndarray] = []
-    offset = 0
-    offsets = []
+    # One (group, root) pair per unit, ordered by group then by the unit's first atom.
+    live = np.arange(1, n)
+    live = live[(group_of_atom[live] >= 0) & (roots[live] != 0)]
+    pair = np.unique(group_of_atom[live] * n + roots[live])
+    ug, ur = pair // n, pair % n
+    order = np.lexsort((first_atom_of_root[ur], ug))
+    ug, ur = ug[order], ur[order]
+    counts = np.bincount(ug, minlength=num_groups)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+    offset = int(counts.sum())
+    group_units = [ur[offsets[g]: offsets[g] + counts[g]] for g in range(num_groups)]
     root_group = np.full(n, -1, dtype=np.int64)
     root_group[roots[1:]] = group_of_atom[1:]
-    for g in range(num_groups):
-        rs = np.unique(roots[1:][(group_of_atom[1:] == g) & (roots[1:] != 0)])
-        rs = rs[np.argsort(first_atom_of_root[rs], kind="stable")]
-        group_units.append(rs)
-        offsets.append(offset)
-        offset += len(rs)
     unit_of_root = np.full(n, -1, dtype=np.int64)
-    for g, rs in enumerate(group_units):
-        unit_of_root[rs] = offsets[g] + np.arange(len(rs))
+    unit_of_root[ur] = np.arange(len(ur))
     unit_of_atom[1:] = unit_of_root[roots[1:]]
     unit_of_atom[roots == 0] = -1
 
@@ -326,12 +327,9 @@ def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.Chan
         for g in gs:
             if g >= 0 and g not in reasons:
                 reasons[g] = f"{reason} (at {where})"
-    for g in range(num_groups):
-        if g in reasons:
-            continue
-        sp_atoms = np.nonzero(group_of_atom == g)[0]
-        if (roots[sp_atoms] == 0).any():
-            reasons[g] = "concatenated with channels no layer produces"
+    untracked = np.unique(group_of_atom[(roots == 0) & (group_of_atom >= 0)])
+    for g in untracked.tolist():
+        reasons.setdefault(g, "concatenated with channels no layer produces")
     covered = np.zeros(offset, dtype=bool)
     for key, atoms_ in an.params.items():
         if an.roles[key] == "out":

@@ -28,7 +28,6 @@ from geta_fx.errors import InputError
 from geta_fx.ir import meta
 from geta_fx.ir.query import get_attr_tensor, tensor_val
 from geta_fx.pipeline import PassResult
-from geta_fx.quantizer import Quantizer
 
 aten = torch.ops.aten
 
@@ -120,7 +119,7 @@ def _safe(name: str) -> str:
 
 
 def new_quant_node(gm: torch.fx.GraphModule, anchor: torch.fx.Node, source: torch.fx.Node,
-                   q: Quantizer, qid: str, target: Literal["weight", "act"],
+                   q: nn.Module, qid: str, target: Literal["weight", "act"],
                    param_fqn: str | None) -> torch.fx.Node:
     """Register ``q`` as ``geta_quant.<qid>`` and create its node right after ``source``."""
     base, k = qid, 1
@@ -157,6 +156,8 @@ class InsertQuantizers:
                              f"got {self.mode!r}")
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        from geta_fx.quantizer import Quantizer  # NOTE: lazy; it loads the op kernels
+
         layers = []
         for node in gm.graph.nodes:
             if node.op != "call_function" or node.target not in QUANT_LAYERS:
@@ -196,6 +197,8 @@ class InsertQuantizers:
         if not isinstance(x, torch.fx.Node) or val is None or not val.is_floating_point():
             return
         qid = _safe(fqn.rsplit(".", 1)[0] or fqn) + "_input"
+        from geta_fx.quantizer import Quantizer
+
         q = Quantizer("act", signed=not non_negative(x), bits=self.policy.bits,
                       name=f"input of {fqn.rsplit('.', 1)[0]}")
         if val.device.type != "meta":

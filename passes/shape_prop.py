@@ -29,7 +29,9 @@ class ShapeProp:
     example_inputs: tuple[Any, ...] | None = field(default=None, compare=False)
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        missing = [n for n in gm.graph.nodes if n.op not in ("output",) and "val" not in n.meta]
+        # call_module nodes without users (export's _guards_fn) produce no tensor.
+        missing = [n for n in gm.graph.nodes if "val" not in n.meta and n.op != "output"
+                   and not (n.op == "call_module" and not n.users)]
         if not missing:
             return PassResult(gm, False)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
