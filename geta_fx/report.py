@@ -166,8 +166,8 @@ class Report:
     def to_text(self, *, layers: bool = True, groups: bool = False,
                 quantizers: bool = True) -> str:
         """Terminal table: totals, then the per-layer table (and optionally groups)."""
-        out = [f"geta_fx report: {self.model}  (batch {self.batch if self.batch is not None else '?'}"
-               f", sizes from {self.shapes_from})"]
+        batch = self.batch if self.batch is not None else "?"
+        out = [f"geta_fx report: {self.model}  (batch {batch}, sizes from {self.shapes_from})"]
         q = f" (+ {self.quantizer_params:,} quantizer scalars)" if self.quantizer_params else ""
         rows = [
             ("parameters", f"{self.params:,}{q}"),

@@ -49,8 +49,8 @@ from geta_fx.errors import GetaFxError, InputError
 from geta_fx.ir import meta
 from geta_fx.ir.query import tensor_val
 
-__all__ = ["HAS_GRAPHVIZ", "DotDumper", "VizError", "draw", "dump_observer", "group_color", "render",
-           "to_dot"]
+__all__ = ["HAS_GRAPHVIZ", "DotDumper", "VizError", "draw", "dump_observer", "group_color",
+           "render", "to_dot"]
 
 try:  # the Python binding is optional: DOT text needs nothing, rendering needs `dot`
     import graphviz as _graphviz
@@ -501,9 +501,10 @@ def _emit(snap: _Snapshot, *, created: Iterable[str] = (), erased: Iterable[str]
           title: str | None = None, rankdir: str = "TB") -> str:
     created, erased = set(created), set(erased)
     hidden = _collapse(snap) if collapse else {}
+    title_attr = f", label={_q(title)}, labelloc=t" if title else ""
     lines = ["digraph G {",
              f'  graph [rankdir={rankdir}, fontname="Helvetica", fontsize=11, ranksep=0.3, '
-             f'nodesep=0.2, newrank=true{", label=" + _q(title) + ", labelloc=t" if title else ""}];',
+             f'nodesep=0.2, newrank=true{title_attr}];',
              '  node [fontname="Helvetica", fontsize=10, margin="0.08,0.03", height=0.3];',
              '  edge [arrowsize=0.6, color="#555555"];']
 
@@ -608,7 +609,8 @@ def _graph_module(m: Any) -> torch.fx.GraphModule:
 
 
 def to_dot(m: Any, color_by: ColorBy = "group", *, params: bool = True, buffers: bool = False,
-           cluster: bool | str = True, collapse: bool = False, legend: bool = True, created: Iterable[str] = (),
+           cluster: bool | str = True, collapse: bool = False, legend: bool = True,
+           created: Iterable[str] = (),
            erased: Iterable[str] = (), title: str | None = None, rankdir: str = "TB") -> str:
     """DOT text for a GetaModule or GraphModule (transformed or slim).
 
