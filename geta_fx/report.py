@@ -684,7 +684,9 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
     if compressed:
         if not isinstance(m, GetaModule):
             raise InputError("report(compressed=True) needs a GetaModule")
-        return report(m.compress(), example_inputs, reference=m)
+        slim = report(m.compress(), example_inputs, reference=m)
+        slim.model = "GetaModule.compress()"
+        return slim
     gm, kind = _unwrap(m, example_inputs)
     sz = _Sizes(gm, example_inputs)
     notes: list[str] = []
