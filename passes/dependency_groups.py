@@ -123,7 +123,9 @@ class _Analyzer:
             val = tensor_val(x)
             nd = val.dim() if val is not None else 0
             cur = perm if perm is not None else list(range(nd))
-            if _is_quantizer_module(self.gm, x) or x.target in _WEIGHT_TRANSPARENT:
+            if _is_quantizer_module(self.gm, x) or x.target in _WEIGHT_TRANSPARENT or (
+                    x.target is aten.expand.default and tensor_val(x.args[0]) is not None
+                    and tensor_val(x.args[0]).dim() == nd):
                 x = x.args[0]
                 perm = cur
             elif x.target in (aten.t.default, aten.transpose.int, aten.permute.default):

@@ -169,6 +169,9 @@ def _rewrite_node(gm: torch.fx.GraphModule, node: torch.fx.Node, keep: _Keep) ->
     if node.op != "call_function":
         return
     t = node.target
+    if t in (aten.mean.dim, aten.layer_norm.default, aten.rms_norm.default):
+        _maybe_keep_original_count(gm, node, keep)
+        return
     if t in _RESHAPES:
         out = keep.changed(node)
         if out is not None:
@@ -258,6 +261,78 @@ def _rewrite_node(gm: torch.fx.GraphModule, node: torch.fx.Node, keep: _Keep) ->
                 node.args = (*node.args, new_groups)
             else:
                 _with_arg(node, gi, "groups", new_groups)
+
+
+def _maybe_keep_original_count(gm: torch.fx.GraphModule, node: torch.fx.Node,
+                               keep: _Keep) -> None:
+    """Statistics over a pruned channel dim keep dividing by the original channel count.
+
+        mean(x, dims)              -> sum(x, dims) / N_orig
+        layer_norm(x, [C'], w, b)  -> mu = sum(x)/C;  var = (sum((x-mu)^2) + (C-C') mu^2) / C
+        rms_norm(x, [C'], w)       -> x * rsqrt(sum(x^2)/C + eps) * w
+
+    The removed channels were exactly zero, so these equal the unpruned statistics.
+    """
+    inp = keep.changed(node.args[0])
+    if inp is None:
+        return
+    in_dim, kept, n = inp
+    x = node.args[0]
+    shape = list(tensor_val(x).shape)
+    nd = len(shape)
+    graph = gm.graph
+
+    def call(op: Any, *args: Any, **kwargs: Any) -> torch.fx.Node:
+        return graph.call_function(op, args, kwargs)
+
+    with graph.inserting_before(node):
+        if node.target is aten.mean.dim:
+            dims = sorted(d % nd for d in node.args[1])
+            if in_dim not in dims:
+                return
+            count = 1
+            for d in dims:
+                count *= n if d == in_dim else int(shape[d])
+            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+            kwargs = {"dtype": node.kwargs["dtype"]} if node.kwargs.get("dtype") else {}
+            out = call(aten.div.Tensor, call(aten.sum.dim_IntList, x, dims, keepdim, **kwargs),
+                       float(count))
+        else:
+            if in_dim != nd - 1:
+                return
+            removed = n - len(kept)
+            is_ln = node.target is aten.layer_norm.default
+            w = node.args[2] if len(node.args) > 2 else node.kwargs.get("weight")
+            b = (node.args[3] if len(node.args) > 3 else node.kwargs.get("bias")) if is_ln \
+                else None
+            eps = node.args[4 if is_ln else 3] if len(node.args) > (4 if is_ln else 3) \
+                else node.kwargs.get("eps", 1e-5 if is_ln else None)
+            if eps is None:
+                eps = torch.finfo(tensor_val(x).dtype).eps
+            if is_ln:
+                mu = call(aten.div.Tensor, call(aten.sum.dim_IntList, x, [-1], True), float(n))
+                xc = call(aten.sub.Tensor, x, mu)
+                ss = call(aten.sum.dim_IntList, call(aten.mul.Tensor, xc, xc), [-1], True)
+                ss = call(aten.add.Tensor, ss,
+                          call(aten.mul.Tensor, call(aten.mul.Tensor, mu, mu), float(removed)))
+                var = call(aten.div.Tensor, ss, float(n))
+                y = call(aten.mul.Tensor, xc,
+                         call(aten.rsqrt.default, call(aten.add.Tensor, var, float(eps))))
+            else:
+                ms = call(aten.div.Tensor,
+                          call(aten.sum.dim_IntList, call(aten.mul.Tensor, x, x), [-1], True),
+                          float(n))
+                y = call(aten.mul.Tensor, x,
+                         call(aten.rsqrt.default, call(aten.add.Tensor, ms, float(eps))))
+            if isinstance(w, torch.fx.Node):
+                y = call(aten.mul.Tensor, y, w)
+            if isinstance(b, torch.fx.Node):
+                y = call(aten.add.Tensor, y, b)
+            out = y
+    out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack",
+                                                                  "stack_trace")})
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
 
 
 def _insert_index_selects(gm: torch.fx.GraphModule, analysis: meta.ChannelAnalysis,

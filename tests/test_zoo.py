@@ -18,8 +18,8 @@ import geta_fx
 EXPECTED_PRUNABLE_UNITS = {
     "mlp": 56, "vgg_bn": 144, "resnet20": 448, "densenet": 26, "mobilenetv2_block": 40,
     "grouped_conv": 4, "unet_convtranspose": 40, "groupnorm": 4, "flatten_linear": 16,
-    "weight_sharing": 16, "multi_io": 20, "glu_chunk": 16, "gpt_block": 132,
-    "hf_llama_gqa": 100, "hf_bert": 104, "hf_gpt2": 264, "hf_vit": 104,
+    "weight_sharing": 16, "multi_io": 20, "glu_chunk": 16, "gpt_block": 164,
+    "hf_llama_gqa": 132, "hf_bert": 104, "hf_gpt2": 296, "hf_vit": 104,
 }
 
 
@@ -76,7 +76,7 @@ def test_attention_units_are_heads_and_gqa_couples_q_heads() -> None:
     model, inputs = ZOO["hf_llama_gqa"]()
     gm = geta_fx.transform(model, inputs)
     head_groups = [g for g in gm.groups if g.prunable and any(
-        m.fqn.endswith("k_proj.weight") for m in g.members)]
+        m.fqn.endswith("k_proj.weight") and m.role == "out" for m in g.members)]
     assert len(head_groups) == 2  # one per layer
     for g in head_groups:
         assert g.num_units == 2  # kv heads
@@ -85,4 +85,21 @@ def test_attention_units_are_heads_and_gqa_couples_q_heads() -> None:
         assert torch.bincount(q.units).tolist() == [16, 16]
         o = next(m for m in g.members if m.fqn.endswith("o_proj.weight"))
         assert o.role == "in" and o.dim == 1
+
+
+def test_hidden_size_behind_rmsnorm_is_prunable_and_exact() -> None:
+    """Llama's residual stream: RMSNorm's mean over hidden keeps the original count."""
+    model, inputs = ZOO["hf_llama_gqa"]()
+    gm = geta_fx.transform(model, inputs)
+    (hidden,) = [g for g in gm.groups if any(m.fqn == "model.embed_tokens.weight"
+                                              for m in g.members)]
+    assert hidden.prunable and hidden.num_units == 32
+    assert {m.fqn for m in hidden.out_members} >= {
+        "model.norm.weight", "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.1.mlp.down_proj.weight"}
+    gm.zero_units(hidden.id, torch.arange(0, 32, 3))
+    zeroed = gm(*inputs)
+    slim = gm.compress()
+    assert slim.model.embed_tokens.weight.shape[1] == 32 - len(range(0, 32, 3))
+    assert max_rel_err(zeroed, slim(*inputs)) <= 1e-4
 

@@ -466,16 +466,30 @@ def _group_norm(an: Any, node: torch.fx.Node) -> Label | None:
 
 @_register("layer_norm", "rms_norm")
 def _layer_norm(an: Any, node: torch.fx.Node) -> Label | None:
+    """Norms over the channel dim stay exact if the statistics keep the original count.
+
+    Zeroed channels add 0 to sum(x) and sum(x^2); physical_prune rewrites the norm to
+    divide by the original channel count (and adds the removed zeros' share of the
+    variance), so hidden sizes behind LayerNorm/RMSNorm are prunable (DESIGN §4).
+    """
     x, shape = node.args[0], node.args[1]
     lab = an.label(x)
     if lab is None:
         return None
     nd = len(an.shape(x))
+    is_ln = node.target is aten.layer_norm.default
+    w = _arg(node, 2, "weight")
+    b = _arg(node, 3, "bias") if is_ln else None
     if lab.dim >= nd - len(shape):
-        an.pin(lab, node, f"{node.target}: normalises over the channel dim (statistics "
-                          "depend on the channel count)")
-        return None
-    b = _arg(node, 3, "bias") if node.target is aten.layer_norm.default else None
+        why = ("over several dims" if len(shape) != 1 else
+               "whose input is not zero for pruned channels" if not lab.ok else
+               "without an affine weight" if not isinstance(w, torch.fx.Node) else None)
+        if why:
+            an.pin(lab, node, f"{node.target}: normalises over the channel dim {why}")
+            return None
+        _bias(an, w, lab.atoms)
+        _bias(an, b, lab.atoms)
+        return lab  # zeroed unit: (0 - mean) / std * 0 + 0 = 0
     return lab.moved(lab.dim, ok=lab.ok and b is None)
 
 
@@ -518,7 +532,11 @@ def _reduction(sum_like: bool) -> Rule:
         nd = len(an.shape(node.args[0]))
         dims, keep = _reduce_dims(node, nd)
         if lab.dim in dims:
-            if not (sum_like and lab.ok):
+            # sum: zeroed channels add 0.  mean: physical_prune divides by the original
+            # count (static sizes only).  Anything else over channels is pinned.
+            rescalable = node.target is aten.mean.dim and all(
+                concrete(an.shape(node.args[0])[d]) is not None for d in dims)
+            if not ((sum_like or rescalable) and lab.ok):
                 an.pin(lab, node, f"{node.target}: reduces over the channel dim")
             return [None, None] if multi else None
         new_dim = lab.dim if keep else lab.dim - sum(d < lab.dim for d in dims)
@@ -773,13 +791,24 @@ def _cat(an: Any, node: torch.fx.Node) -> Label | None:
         return None
     live = [(lab, shp) for lab, shp in zip(labels, shapes, strict=True) if len(shp) == out_nd]
     if any(lab is not None and lab.dim != dim for lab, _ in live):
+        # cat along a non-channel dim (e.g. ViT's [cls; patches] along tokens): the
+        # channel dims must line up; a parameter input (cls token) joins the units.
         dims = {lab.dim for lab, _ in live if lab is not None}
-        if len(dims) == 1 and all(lab is not None for lab, _ in live):
-            atoms = live[0][0].atoms
-            for lab, _ in live[1:]:
+        if len(dims) != 1:
+            return an.pin_inputs(node, "cat of tensors whose channel dims do not line up")
+        d = dims.pop()
+        atoms = next(lab for lab, _ in live if lab is not None).atoms
+        for t, (lab, shp) in zip([t for t in tensors if len(an.shape(t)) == out_nd], live,
+                                 strict=True):
+            if lab is not None:
                 an.unify(atoms, lab.atoms)
-            return Label(dims.pop(), atoms, all(lab.ok for lab, _ in live))
-        return an.pin_inputs(node, "cat of tensors whose channel dims do not line up")
+                continue
+            src = an.param(t)
+            if src is None or concrete(shp[d]) != len(atoms):
+                return an.pin_inputs(node, "cat of a channel-carrying tensor with one "
+                                           "whose channels no layer produces")
+            an.label_param(src[0], src[1][d], atoms, "out" if src[2] else "in")
+        return Label(d, atoms, all(lab.ok for lab, _ in live if lab is not None))
     parts = []
     for lab, shp in live:
         if lab is None:
