@@ -12,6 +12,7 @@ from geta_fx.errors import (CaptureError, GetaFxError, InputError, NodeError, Pa
 from geta_fx.ir.meta import ParamSlice, PruneGroup
 from geta_fx.module import GetaModule
 from geta_fx.pipeline import GraphPass, PassResult, Pipeline
+from geta_fx.report import Report, report  # eager: the function shadows its module name
 
 # Heavier parts load on first use (``geta_fx.QASSO`` imports geta_fx.optim.qasso, ...).
 _LAZY = {
@@ -19,8 +20,6 @@ _LAZY = {
     "Quantizer": "geta_fx.quantizer",
     "calibrate": "geta_fx.quantizer",
     "QASSO": "geta_fx.optim.qasso",
-    "report": "geta_fx.report",
-    "Report": "geta_fx.report",
     "draw": "geta_fx.viz",
     "to_dot": "geta_fx.viz",
 }

@@ -51,6 +51,7 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
               pipeline: Sequence[GraphPass] | None = None, capture_method: str = "export",
               strict: bool = False, example_kwargs: dict | None = None,
               copy_weights: bool = True, observers: Sequence[Any] = (), calibrate: bool = True,
+              dump_dir: Any = None,
               **quant_options: Any) -> GetaModule:
     """Capture ``model`` and run the pass pipeline; returns a trainable GetaModule.
 
@@ -63,6 +64,8 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
         capture_method: "export" (default) or "symbolic_trace".
         calibrate: with activation quantizers, set their ranges (and signedness) from
             ``example_inputs`` (call ``geta_fx.calibrate`` with real batches for better ones).
+        dump_dir: a directory (or a configured ``geta_fx.viz.DotDumper``) for before/after
+            drawings of every pass that changed the graph.
         quant_options: ``policy=QuantPolicy(...)`` or its fields (``bits``, ``skip``, ...).
     """
     if quantize not in (None, "weight", "weight_act"):
@@ -75,6 +78,10 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
     gm = cap.graph_module
     if copy_weights:
         _own_weights(gm)
+    if dump_dir is not None:  # before/after drawings of each pass (geta_fx.viz.DotDumper)
+        from geta_fx.viz import dump_observer
+
+        observers = [*observers, dump_observer(dump_dir, gm)]
     result = Pipeline(passes_, observers=observers)(gm)
     module = GetaModule(result.graph_module, training=cap.training, flat_io=cap.flat_io,
                         in_spec=cap.in_spec, out_spec=cap.out_spec)
