@@ -1,0 +1,109 @@
+"""dependency_groups: structure of the groups for the coupling patterns of DESIGN §4."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import geta_fx
+from geta_fx.ir import meta
+
+
+def _groups(model: nn.Module, *inputs: torch.Tensor) -> tuple[geta_fx.PruneGroup, ...]:
+    return geta_fx.transform(model.eval(), inputs).groups
+
+
+def _group_of(groups: tuple, fqn: str, dim: int = 0, role: str = "out") -> geta_fx.PruneGroup:
+    return next(g for g in groups for m in g.members
+                if m.fqn == fqn and m.dim == dim and m.role == role)
+
+
+class Concat(nn.Module):
+    """a(4) ; b(6) -> cat -> bn(10) -> conv"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1)
+        self.bn, self.c = nn.BatchNorm2d(10), nn.Conv2d(10, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+def test_concat_offsets_split_consumer_params_between_groups() -> None:
+    groups = _groups(Concat(), torch.randn(1, 3, 4, 4))
+    ga, gb = _group_of(groups, "a.weight"), _group_of(groups, "b.weight")
+    assert ga.id != gb.id and ga.num_units == 4 and gb.num_units == 6
+    bn_a = next(m for m in ga.members if m.fqn == "bn.weight")
+    bn_b = next(m for m in gb.members if m.fqn == "bn.weight")
+    assert bn_a.indices.tolist() == [0, 1, 2, 3]
+    assert bn_b.indices.tolist() == [4, 5, 6, 7, 8, 9]
+    assert bn_b.units.tolist() == list(range(6))
+    c_b = next(m for m in gb.members if m.fqn == "c.weight")
+    assert c_b.role == "in" and c_b.dim == 1 and c_b.indices.tolist() == [4, 5, 6, 7, 8, 9]
+
+
+def test_flatten_linear_expands_each_channel_to_its_spatial_block() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4, 2))
+    groups = _groups(model, torch.randn(1, 3, 4, 4))
+    g = _group_of(groups, "0.weight")
+    fc = next(m for m in g.members if m.fqn == "3.weight")
+    assert fc.dim == 1 and fc.units.tolist() == [u for u in range(5) for _ in range(4)]
+
+
+def test_groupnorm_unit_is_a_norm_group_and_depthwise_joins_producer() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, groups=8, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    groups = _groups(model, torch.randn(1, 3, 4, 4))
+    g = _group_of(groups, "0.weight")
+    assert g.num_units == 4 and g.unit_size == 2
+    assert _group_of(groups, "3.weight").id == g.id  # depthwise conv is in the same group
+
+
+def test_residual_add_ties_producers_and_sigmoid_input_pins() -> None:
+    class Res(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+            self.d = nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.a(x) + self.b(x)
+            return self.c(h) + self.d(torch.sigmoid(h)).sum(1, keepdim=True)
+
+    groups = _groups(Res(), torch.randn(2, 4))
+    g = _group_of(groups, "a.weight")
+    assert _group_of(groups, "b.weight").id == g.id
+    # sigmoid(0) = 0.5: pruned channels would still feed `d`, so the group is pinned
+    assert not g.prunable and "not zero" in g.reason
+
+
+def test_softmax_over_channels_pins_with_reason() -> None:
+    class Soft(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x).softmax(-1))
+
+    g = _group_of(_groups(Soft(), torch.randn(2, 4)), "a.weight")
+    assert not g.prunable and "softmax" in g.reason
+
+
+def test_node_annotations_and_not_modified() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    gm = geta_fx.transform(model.eval(), (torch.randn(1, 3, 4, 4),))
+    code = gm.graph_module.code
+    res = geta_fx.passes.DependencyGroups()(gm.graph_module)
+    assert res.modified is False and gm.graph_module.code == code
+    relu = next(n for n in gm.graph_module.graph.nodes if n.name == "relu")
+    (member,) = relu.meta[meta.GROUP]
+    assert member.group_id == 0 and member.dims == (1,)
+
+
+def test_ids_are_deterministic() -> None:
+    a = [repr(g) for g in _groups(Concat(), torch.randn(1, 3, 4, 4))]
+    b = [repr(g) for g in _groups(Concat(), torch.randn(1, 3, 4, 4))]
+    assert a == b

@@ -1,0 +1,94 @@
+"""physical_prune: slim == zeroed == a hand-pruned reference module."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import geta_fx
+from geta_fx.passes import PhysicalPrune
+
+
+class Net(nn.Module):
+    def __init__(self, c1: int = 6, c2: int = 5) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, c1, 3, padding=1), nn.BatchNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(h)).mean((2, 3)))
+
+
+def test_matches_hand_pruned_reference() -> None:
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = geta_fx.transform(model, (x,))
+    gm.zero_units(0, [1, 4])
+    gm.zero_units(1, [0])
+    slim = gm.compress()
+    keep1, keep2 = [0, 2, 3, 5], [1, 2, 3, 4]
+    ref = Net(4, 4).eval()
+    src = gm.graph_module
+    with torch.no_grad():
+        ref.conv1.weight.copy_(src.conv1.weight[keep1])
+        ref.conv1.bias.copy_(src.conv1.bias[keep1])
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(ref.bn1, name).copy_(getattr(src.bn1, name)[keep1])
+        ref.conv2.weight.copy_(src.conv2.weight[keep2][:, keep1])
+        ref.conv2.bias.copy_(src.conv2.bias[keep2])
+        ref.fc.weight.copy_(src.fc.weight[:, keep2])
+        ref.fc.bias.copy_(src.fc.bias)
+    torch.testing.assert_close(slim(x), ref(x))
+    torch.testing.assert_close(slim(x), gm(x))
+    assert slim.conv2.weight.shape == (4, 4, 3, 3)
+    assert slim.bn1.running_mean.shape == (4,)
+    assert slim.conv2.weight.requires_grad
+
+
+def test_nothing_zero_not_modified_and_explicit_units() -> None:
+    model = Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = geta_fx.transform(model, (x,))
+    import copy
+
+    g = copy.deepcopy(gm.graph_module)
+    code = g.code
+    assert PhysicalPrune()(g).modified is False and g.code == code
+    removed = np.zeros(sum(grp.num_units for grp in gm.groups), dtype=bool)
+    removed[[0, 1]] = True  # first two units of group 0, even though they are not zero
+    slim = gm.compress(removed_units=removed)
+    assert slim.conv1.weight.shape[0] == 4
+
+
+def test_shape_constants_rewritten_for_heads_and_chunks() -> None:
+    class Heads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 4)
+            self.up, self.down = nn.Linear(16, 32), nn.Linear(16, 16)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = (y.view(b, t, 4, 4).transpose(1, 2) for y in self.qkv(x).split(16, -1))
+            y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 16)
+            a, g = self.up(y).chunk(2, -1)
+            return self.out(self.down(a * F.silu(g)))
+
+    x = torch.randn(2, 5, 16)
+    gm = geta_fx.transform(Heads().eval(), (x,))
+    heads = next(g for g in gm.groups if any(m.fqn == "qkv.weight" for m in g.out_members))
+    glu = next(g for g in gm.groups if any(m.fqn == "up.weight" for m in g.out_members))
+    assert heads.prunable and glu.prunable
+    assert (heads.num_units, heads.unit_size) == (4, 12)  # q, k, v rows of one head
+    assert (glu.num_units, glu.unit_size) == (16, 2)  # value channel + its gate channel
+    gm.zero_units(heads.id, [2])
+    gm.zero_units(glu.id, [0, 3, 9])
+    slim = gm.compress()
+    torch.testing.assert_close(slim(x), gm(x), atol=1e-5, rtol=1e-4)
+    assert slim.qkv.weight.shape[0] == 36 and slim.up.weight.shape[0] == 26
+    assert "split_with_sizes" in slim.code  # chunk(2) became explicit sizes
