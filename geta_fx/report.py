@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -794,21 +792,3 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         group_sparsity=sparsity, zero_units=zero_units, prunable_units=prunable_units,
         sparsity_from=sparsity_from, layers=rows, groups=group_rows or [], quantizers=qrows,
         notes=notes)
-
-
-class _CallableModule(types.ModuleType):
-    """Makes ``geta_fx.report(...)`` call :func:`report` even after this module is imported.
-
-    ``geta_fx.report`` names both this module and its main function.  Importing the module
-    (``from geta_fx.report import ...``, or the package's lazy lookup) sets the package
-    attribute ``report`` to the module, so without this the public call
-    ``geta_fx.report(gm)`` would fail with "'module' object is not callable" on its second
-    use.  Assigning a module's ``__class__`` is supported Python (3.5+).
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Report:
-        return report(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
