@@ -101,6 +101,15 @@ class GetaModule(nn.Module):
         """Bool tensor [num_units]: which units of the group are exactly zero now."""
         return _units.zero_mask(self.graph_module, self.group(group_id))
 
+    def validate(self) -> None:
+        """Raise QuantizerError naming the first quantizer whose d, q_m or t is NaN/inf or
+        non-positive (a diverged run), instead of letting it produce a silent NaN model."""
+        for name, q in self.quantizers.items():
+            try:
+                q.validate()
+            except Exception as e:
+                raise type(e)(f"{name}: {e}") from None
+
     def prunable_groups(self) -> list[meta.PruneGroup]:
         return [g for g in self.groups if g.prunable]
 
@@ -113,6 +122,7 @@ class GetaModule(nn.Module):
         """
         from geta_fx.passes.physical_prune import PhysicalPrune
 
+        self.validate()
         slim = copy.deepcopy(self.graph_module)
         PhysicalPrune(removed_units=removed_units)(slim)
         slim.meta.setdefault(meta.LOG, [])

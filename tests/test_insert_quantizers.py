@@ -88,3 +88,16 @@ def test_no_layers_means_not_modified() -> None:
     res = InsertQuantizers(mode="weight_act")(cap.graph_module)
     assert res.modified is False
     assert cap.graph_module.code == code
+
+
+def test_diverged_quantizer_is_reported_by_name() -> None:
+    gm = geta_fx.transform(ConvNet(), (torch.randn(2, 3, 8, 8),), quantize="weight")
+    name, q = next(iter(gm.quantizers.items()))
+    with torch.no_grad():
+        q.q_m.fill_(float("nan"))
+    with pytest.raises(geta_fx.QuantizerError, match=name):
+        gm.compress()
+    with torch.no_grad():
+        q.q_m.fill_(-1.0)
+    with pytest.raises(geta_fx.QuantizerError, match="q_m"):
+        gm.validate()
