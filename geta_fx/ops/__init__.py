@@ -70,3 +70,5 @@ def _load_kernels() -> bool:
 
 
 _load_kernels()
+
+from geta_fx.ops import lowbit as lowbit  # noqa: E402  (geta::lowbit_linear / unpack_weight)

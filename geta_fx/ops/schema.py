@@ -25,3 +25,16 @@ lib.define(
     "quantize_backward(Tensor grad_y, Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed)"
     " -> (Tensor, Tensor, Tensor, Tensor)"
 )
+
+# --- low-bit deployment ops (issue #7; reference, fake and contract: geta_fx/ops/lowbit.py) ----
+# ``packed``: uint8 [N, ceil(K/8) * bits], each row a little-endian bitstream of K unsigned
+# codes (element k at bits [k*bits, (k+1)*bits)); level = code - 2^(bits-1) (signed) or code
+# (unsigned); the weight is ``float32(level) * scale`` (bit-identical to the fake-quant weight).
+lib.define(
+    "lowbit_linear(Tensor x, Tensor packed, Tensor scale, int bits, int in_features, bool signed,"
+    " Tensor? bias) -> Tensor"
+)
+lib.define(
+    "unpack_weight(Tensor packed, Tensor scale, int bits, bool signed, int[] shape,"
+    " ScalarType dtype) -> Tensor"
+)

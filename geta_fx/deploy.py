@@ -1,0 +1,240 @@
+"""Deployable compressed models: lower to packed low-bit weights, save/load ``.pt2`` artifacts.
+
+::
+
+    slim = gm.compress()                              # fake-quant slim GraphModule
+    low = geta_fx.lower(slim, reference=gm)           # packed weights, geta low-bit ops
+    geta_fx.save(low, "model.pt2")                    # torch.export.save + per-layer metadata
+    m = geta_fx.load("model.pt2")                     # no model class needed; m(x)
+    m.meta["geta.deploy"]["layers"]                   # bits, channels kept, BOPs per layer
+
+:func:`lower` runs the ``lower_quant`` pass (``passes/lower_quant.py``) on a copy of the slim
+model and attaches JSON-able metadata (``gm.meta["geta.deploy"]``): one row per compute layer
+from :func:`geta_fx.report` (channels kept vs the reference, learned weight/activation bits,
+MACs, BOPs) joined with how its weight was stored (packed bits, bytes).  :func:`save` exports
+the lowered graph with :func:`torch.export.export` (batch dims that were dynamic at capture stay
+dynamic) and writes it with :func:`torch.export.save`, the metadata as the extra file
+``geta_fx.json``.  :func:`load` needs only ``geta_fx`` installed (for the ``geta`` op
+registrations), never the original model's code.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from geta_fx.errors import InputError
+
+__all__ = ["META_KEY", "load", "load_metadata", "lower", "save"]
+
+logger = logging.getLogger(__name__)
+
+#: gm.meta key of the deployment metadata (a JSON-able dict).
+META_KEY = "geta.deploy"
+#: Name of the metadata file inside the ``.pt2`` archive.
+EXTRA_FILE = "geta_fx.json"
+FORMAT = "geta_fx.deploy/1"
+
+
+def _has_quantizers(gm: nn.Module) -> bool:
+    return any(getattr(m, "is_geta_quantizer", False) for m in gm.modules())
+
+
+def _layer_rows(slim: torch.fx.GraphModule, reference: Any, example_inputs: Any
+                ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    from geta_fx.report import report
+
+    try:
+        rep = report(slim, example_inputs, reference=reference)
+    except Exception as e:  # noqa: BLE001 - metadata is informative; lowering must not fail
+        logger.warning("geta_fx.lower: no per-layer report (%s: %s)", type(e).__name__, e)
+        return [], {"report_error": f"{type(e).__name__}: {e}"}
+    rows = [dataclasses.asdict(r) for r in rep.layers]
+    totals = {"params": rep.params, "macs": rep.macs, "bops": rep.bops,
+              "fp32_macs": rep.fp32_macs, "fp32_bops": rep.fp32_bops,
+              "relative_bops": rep.relative_bops, "group_sparsity": rep.group_sparsity,
+              "reference": rep.reference, "batch": rep.batch, "shapes_from": rep.shapes_from}
+    return rows, totals
+
+
+def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None,
+          max_bits: int = 8, fuse_linear: bool = True, freeze_act: bool = True,
+          inplace: bool = False) -> torch.fx.GraphModule:
+    """Lower a slim model's quantized weights to packed integer levels (the ``lower_quant`` pass).
+
+    Args:
+        model: a slim GraphModule (``GetaModule.compress()``), or a GetaModule (compressed
+            first, and then also the default ``reference``).
+        reference: the model whose channel counts and FP32 cost the metadata compares with
+            (usually the GetaModule the slim model came from).
+        example_inputs: inputs fixing symbolic sizes for the metadata's MACs/BOPs (default:
+            the sizes the graph was captured with).
+        max_bits: widest packed weight (2..8); wider weights stay float.
+        fuse_linear: linear layers compute with ``geta::lowbit_linear``.
+        freeze_act: activation quantizers become ``geta::quantize`` on frozen constants.
+        inplace: lower ``model`` itself instead of a copy (GraphModule only).
+
+    Returns:
+        The lowered GraphModule; ``meta["geta.deploy"]`` holds the metadata, and the lowered
+        model computes the fake-quant model's weights bit for bit.
+    """
+    from geta_fx.lowbit_kernels import ensure_loaded
+    from geta_fx.module import GetaModule
+    from geta_fx.passes.lower_quant import LOWBIT, LowerQuant
+    from geta_fx.pipeline import Pipeline
+
+    ensure_loaded()  # the fused CPU kernel, when a compiler is (or was) available
+    if isinstance(model, GetaModule):
+        reference = model if reference is None else reference
+        gm = model.compress()
+    elif isinstance(model, torch.fx.GraphModule):
+        gm = model if inplace else copy.deepcopy(model)
+    else:
+        raise InputError(f"geta_fx.lower: expected a slim GraphModule or a GetaModule, got "
+                         f"{type(model).__name__}")
+    layers, totals = _layer_rows(gm, reference, example_inputs)
+    if _has_quantizers(gm):
+        from geta_fx.ir import meta as _meta
+
+        facts = set(gm.meta.get(_meta.FACTS, {"graph"}))
+        gm.meta[_meta.FACTS] = frozenset(facts | {"geta.quantizer"})
+        gm = Pipeline([LowerQuant(max_bits=max_bits, fuse_linear=fuse_linear,
+                                  freeze_act=freeze_act)])(gm).graph_module
+    weights = [dataclasses.asdict(w) for w in gm.meta.get(LOWBIT, ())]
+    by_param = {w["param"]: w for w in weights}
+    for row in layers:
+        w = by_param.get(row.get("weight") or "")
+        row["stored_as"] = w["mode"] if w else "float"
+        row["stored_bits"] = w["bits"] if w else None
+        row["stored_bytes"] = w["stored_bytes"] if w else None
+    totals["packed_weight_bytes"] = sum(w["stored_bytes"] for w in weights
+                                        if w["mode"] == "packed")
+    totals["packed_weights_float_bytes"] = sum(w["float_bytes"] for w in weights
+                                               if w["mode"] == "packed")
+    gm.meta[META_KEY] = {"format": FORMAT, "torch": torch.__version__, "layers": layers,
+                         "weights": weights, "totals": totals}
+    return gm
+
+
+# ------------------------------------------------------------------------------------- export
+def _hint(s: Any) -> int:
+    if isinstance(s, int):
+        return s
+    node = getattr(s, "node", None)
+    hint = getattr(node, "hint", None)
+    if hint is not None:
+        return int(hint)
+    return int(torch.fx.experimental.symbolic_shapes.guard_int(s))
+
+
+def _inputs_from_placeholders(gm: torch.fx.GraphModule
+                              ) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+    """Example inputs (zeros at the capture-time sizes) and dynamic_shapes from placeholder vals.
+
+    Dims that were symbolic at capture (the batch) become ``Dim.AUTO`` (their example size is at
+    least 2, so export does not specialise them to 0/1).
+    """
+    inputs: list[torch.Tensor] = []
+    dynamic: list[Any] = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise InputError(f"geta_fx.save: input {node.name!r} has no tensor meta['val']; "
+                             "pass example_inputs=")
+        sizes, dims = [], {}
+        for i, s in enumerate(val.shape):
+            if isinstance(s, int):
+                sizes.append(s)
+            else:
+                sizes.append(max(_hint(s), 2))
+                dims[i] = torch.export.Dim.AUTO
+        inputs.append(torch.zeros(sizes, dtype=val.dtype, device="cpu"))
+        dynamic.append(dims or None)
+    return tuple(inputs), tuple(dynamic)
+
+
+def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any = None,
+         dynamic_shapes: Any = None, lower_first: bool = True, reference: Any = None
+         ) -> torch.export.ExportedProgram:
+    """Export ``model`` and write it with :func:`torch.export.save` plus ``geta_fx.json``.
+
+    Args:
+        model: a lowered GraphModule (:func:`lower`), a slim GraphModule or a GetaModule (both
+            lowered first unless ``lower_first=False``).
+        path: the ``.pt2`` file.
+        example_inputs: tuple of inputs for export (default: zeros at the capture-time sizes,
+            from the graph's placeholders).
+        dynamic_shapes: as for :func:`torch.export.export` (default: the dims that were
+            symbolic at capture, i.e. the batch, stay dynamic).
+        reference: passed to :func:`lower` for the metadata.
+
+    Returns:
+        The saved ExportedProgram.
+    """
+    gm = model
+    if lower_first and (_has_quantizers(model) or not isinstance(model, torch.fx.GraphModule)):
+        gm = lower(model, reference=reference, example_inputs=example_inputs)
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise InputError(f"geta_fx.save: expected a GraphModule or GetaModule, got "
+                         f"{type(gm).__name__}")
+    if example_inputs is None:
+        example_inputs, auto = _inputs_from_placeholders(gm)
+        if dynamic_shapes is None:
+            dynamic_shapes = auto if any(d is not None for d in auto) else None
+    elif not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    was_training = gm.training
+    gm.eval()
+    try:
+        ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes,
+                                 strict=False)
+    finally:
+        gm.train(was_training)
+    metadata = dict(gm.meta.get(META_KEY) or {"format": FORMAT, "torch": torch.__version__,
+                                              "layers": [], "weights": [], "totals": {}})
+    torch.export.save(ep, path, extra_files={EXTRA_FILE: json.dumps(metadata)})
+    return ep
+
+
+def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``geta_fx.json`` metadata of a saved artifact (``{}`` if it has none)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        for name in z.namelist():
+            if name.endswith(f"extra/{EXTRA_FILE}") or name.endswith(EXTRA_FILE):
+                data: dict[str, Any] = json.loads(z.read(name).decode())
+                return data
+    return {}
+
+
+def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
+    """Load a :func:`save`d artifact as a callable module (no model code needed).
+
+    Registers the ``geta`` ops (importing :mod:`geta_fx.ops`) and loads the compiled low-bit
+    kernels when available.  The returned module is ``ExportedProgram.module()`` with
+    ``meta["geta.deploy"]`` set to the artifact's metadata.
+    """
+    import geta_fx.ops  # noqa: F401  (geta:: schemas, reference and fake impls)
+    from geta_fx.lowbit_kernels import ensure_loaded
+
+    ensure_loaded()
+    extra: dict[str, Any] = {EXTRA_FILE: ""}
+    ep = torch.export.load(path, extra_files=extra)
+    module = ep.module()
+    raw = extra.get(EXTRA_FILE) or ""
+    module.meta[META_KEY] = json.loads(raw) if raw else {}
+    return module
+
+

@@ -1,0 +1,358 @@
+// CPU kernels for geta::lowbit_linear and geta::unpack_weight (deployment of packed weights).
+//
+// Schemas: geta_fx/ops/schema.py (defined once, in Python).  Contract and packed format:
+// geta_fx/ops/lowbit.py (the reference is the oracle).  This file only registers CPU
+// implementations of those schemas; it is built and loaded by geta_fx/lowbit_kernels.py.
+//
+// Format recap: packed is uint8 [N, ceil(K/8) * B]; row n is a little-endian bitstream of K
+// B-bit codes (every 8 codes are exactly B bytes); level = code - offset (offset = 2^(B-1) signed,
+// 0 unsigned); weight = float(level) * scale.
+//
+// lowbit_linear, M = rows of x:
+//   M <= kFusedMaxM  fused: each thread decodes one weight row at a time into an L1-resident
+//                    float buffer and dots it with all M rows of x (the packed weight is read once;
+//                    the float weight never exists in memory).  Dequantized values are
+//                    float(level) * scale exactly as in the reference.
+//   M >  kFusedMaxM  the weight is decoded once per call (parallel over rows) into a float32
+//                    matrix and multiplied with ATen's GEMM (decode is O(NK) vs the GEMM's O(MNK)).
+// Both compute in float32 (fp16/bf16 activations are widened; the output is rounded once to x's
+// dtype), so they agree with the reference to float rounding of the matmul.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__BMI2__)
+#include <immintrin.h>
+#endif
+
+namespace geta_lowbit {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+
+constexpr int64_t kFusedMaxM = 16;  // rows of x up to which the fused decode+dot path runs
+constexpr int64_t kRowGrain = 16;   // weight rows per parallel task (fused path)
+
+// Strings only through TORCH_CHECK (see kernels/README.md: numeric ostream facets of a
+// statically linked libstdc++ crash next to the process's shared one).
+std::string shape_str(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(sizes[i]);
+  }
+  return s + "]";
+}
+
+bool is_float_dtype(c10::ScalarType s) {
+  return s == c10::ScalarType::Float || s == c10::ScalarType::Half ||
+         s == c10::ScalarType::BFloat16;
+}
+
+int64_t row_bytes(int64_t k, int64_t bits) { return (k + 7) / 8 * bits; }
+
+// Same conditions, same words as geta_fx.ops.lowbit._check_packed.
+void check_packed(const char* who, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
+                  int64_t n, int64_t k) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, who, ": bits must be in [2, 8], got ", std::to_string(bits));
+  TORCH_CHECK(packed.scalar_type() == c10::ScalarType::Byte, who, ": packed must be uint8, got ",
+              c10::toString(packed.scalar_type()));
+  TORCH_CHECK(packed.dim() == 2, who, ": packed must be 2-D [N, ceil(K/8)*bits], got shape ",
+              shape_str(packed.sizes()));
+  if (n >= 0) {
+    TORCH_CHECK(packed.size(0) == n, who, ": packed has ", std::to_string(packed.size(0)),
+                " rows, expected ", std::to_string(n));
+  }
+  TORCH_CHECK(packed.size(1) == row_bytes(k, bits), who, ": packed rows have ",
+              std::to_string(packed.size(1)), " bytes, expected ceil(", std::to_string(k), "/8)*",
+              std::to_string(bits), " = ", std::to_string(row_bytes(k, bits)));
+  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == c10::ScalarType::Float, who,
+              ": scale must be float32 with one element, got ", c10::toString(scale.scalar_type()),
+              " shape ", shape_str(scale.sizes()));
+  TORCH_CHECK(packed.device().is_cpu() && scale.device().is_cpu(), who,
+              ": the CPU kernel needs packed and scale on the CPU");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row decoding: packed bytes -> one uint8 code per element -> float(code - offset) * scale.
+// Every group of 8 codes is exactly `bits` bytes; with BMI2 one PDEP spreads a group's 8*bits
+// bits into 8 bytes.  The float conversion is a plain loop the compiler vectorises
+// (zero-extend, int -> float, multiply).  Output: dst[0 .. groups*8); padding codes are
+// `offset`, i.e. level 0, i.e. +0.0f.
+// ---------------------------------------------------------------------------------------------
+#if defined(__BMI2__) && defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define GETA_LOWBIT_PDEP 1
+#endif
+
+// `bits`-bit field at the bottom of each of the 8 bytes of a word.
+constexpr uint64_t spread_mask(int bits) {
+  uint64_t field = (uint64_t{1} << bits) - 1, m = 0;
+  for (int j = 0; j < 8; ++j) m |= field << (8 * j);
+  return m;
+}
+
+inline uint64_t load_group_safe(const uint8_t* src, int bits) {
+  uint64_t word = 0;
+  for (int i = 0; i < bits; ++i) word |= static_cast<uint64_t>(src[i]) << (8 * i);
+  return word;
+}
+
+// packed row (groups * bits bytes) -> codes[groups * 8]
+inline void decode_codes(const uint8_t* src, int64_t groups, int bits, uint8_t* codes) {
+  if (bits == 8) {
+    std::memcpy(codes, src, static_cast<size_t>(groups) * 8);
+    return;
+  }
+#ifdef GETA_LOWBIT_PDEP
+  const uint64_t spread = spread_mask(bits);
+  int64_t g = 0;
+  // An 8-byte load reads past the group's `bits` bytes: safe for every group but the row's
+  // last one (the bytes belong to the same row); PDEP only consumes the low 8*bits bits.
+  for (; g + 1 < groups; ++g) {
+    uint64_t word;
+    std::memcpy(&word, src + g * bits, 8);
+    const uint64_t out = _pdep_u64(word, spread);
+    std::memcpy(codes + g * 8, &out, 8);
+  }
+  if (g < groups) {
+    const uint64_t out = _pdep_u64(load_group_safe(src + g * bits, bits), spread);
+    std::memcpy(codes + g * 8, &out, 8);
+  }
+#else
+  const uint64_t mask = (uint64_t{1} << bits) - 1;
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint64_t word = load_group_safe(src + g * bits, bits);
+    for (int j = 0; j < 8; ++j) codes[g * 8 + j] = static_cast<uint8_t>((word >> (j * bits)) & mask);
+  }
+#endif
+}
+
+struct Decoder {
+  int bits;
+  int offset;
+  float scale;
+
+  Decoder(int bits_, bool is_signed, float scale_)
+      : bits(bits_), offset(is_signed ? (1 << (bits_ - 1)) : 0), scale(scale_) {}
+
+  // Decode `groups` groups of 8 codes into dst[groups * 8]; `codes` is scratch [groups * 8].
+  // float(code - offset) * scale: the reference's float32(level) * scale, one IEEE multiply.
+  void row(const uint8_t* src, int64_t groups, uint8_t* codes, float* dst) const {
+    decode_codes(src, groups, bits, codes);
+    const int32_t off = offset;
+    const float d = scale;
+    const int64_t n = groups * 8;
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<int32_t>(codes[i]) - off) * d;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// dtype conversion helpers
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+void store_row(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round-to-nearest-even
+}
+
+template <>
+void store_row<float>(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+// x [M, K] (any float dtype, contiguous) -> float32 [M, Kv] zero-padded (Kv >= K).
+at::Tensor widen_padded(const at::Tensor& x2, int64_t kv) {
+  const int64_t m = x2.size(0), k = x2.size(1);
+  at::Tensor xf = at::zeros({m, kv}, x2.options().dtype(at::kFloat));
+  at::Tensor src = x2.to(at::kFloat).contiguous();
+  const float* s = src.data_ptr<float>();
+  float* d = xf.data_ptr<float>();
+  for (int64_t i = 0; i < m; ++i) std::memcpy(d + i * kv, s + i * k, k * sizeof(float));
+  return xf;
+}
+
+// ---------------------------------------------------------------------------------------------
+// fused decode + dot (M <= kFusedMaxM)
+// ---------------------------------------------------------------------------------------------
+// MT rows of x (stride kv) against one decoded weight row w[kv]; kv is a multiple of Vec::size().
+template <int MT>
+inline void dot_rows(const float* x, int64_t kv, const float* w, float* out) {
+  Vec acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = Vec(0.f);
+  for (int64_t k = 0; k < kv; k += Vec::size()) {
+    const Vec wv = Vec::loadu(w + k);
+    for (int i = 0; i < MT; ++i) acc[i] = at::vec::fmadd(Vec::loadu(x + i * kv + k), wv, acc[i]);
+  }
+  for (int i = 0; i < MT; ++i)
+    out[i] = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc[i]);
+}
+
+void fused_linear(const at::Tensor& xf, const uint8_t* packed, int64_t row_stride, int64_t n,
+                  int64_t groups, const Decoder& dec, const float* bias, float* out) {
+  const int64_t m = xf.size(0), kv = xf.size(1);
+  const float* x = xf.data_ptr<float>();
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(static_cast<size_t>(kv), 0.f);  // tail beyond groups*8 stays 0
+    std::vector<uint8_t> codes(static_cast<size_t>(groups * 8));
+    float part[4];
+    for (int64_t r = begin; r < end; ++r) {
+      dec.row(packed + r * row_stride, groups, codes.data(), w.data());
+      const float b = bias ? bias[r] : 0.f;
+      int64_t i = 0;
+      for (; i + 4 <= m; i += 4) {
+        dot_rows<4>(x + i * kv, kv, w.data(), part);
+        for (int j = 0; j < 4; ++j) out[(i + j) * n + r] = part[j] + b;
+      }
+      const int64_t rest = m - i;
+      if (rest == 3) dot_rows<3>(x + i * kv, kv, w.data(), part);
+      if (rest == 2) dot_rows<2>(x + i * kv, kv, w.data(), part);
+      if (rest == 1) dot_rows<1>(x + i * kv, kv, w.data(), part);
+      for (int j = 0; j < rest; ++j) out[(i + j) * n + r] = part[j] + b;
+    }
+  });
+}
+
+// Decode weight rows [0, n) into dst [n, K] of type T (parallel over rows).
+template <typename T>
+void decode_matrix(const uint8_t* packed, int64_t row_stride, int64_t n, int64_t k,
+                   const Decoder& dec, T* dst) {
+  const int64_t groups = (k + 7) / 8;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(static_cast<size_t>(groups * 8));
+    std::vector<uint8_t> codes(static_cast<size_t>(groups * 8));
+    for (int64_t r = begin; r < end; ++r) {
+      dec.row(packed + r * row_stride, groups, codes.data(), w.data());
+      store_row<T>(w.data(), dst + r * k, k);
+    }
+  });
+}
+
+// M > kFusedMaxM: decode ~kChunkBytes of weight rows at a time into one reused float32 buffer
+// (it stays in cache for the GEMM that reads it) and multiply it into the output's columns.
+constexpr int64_t kChunkBytes = 2 << 20;
+
+void chunked_linear(const at::Tensor& xf, const uint8_t* packed, int64_t row_stride, int64_t n,
+                    int64_t k, const Decoder& dec, at::Tensor& out) {
+  int64_t nb = std::max<int64_t>(16, kChunkBytes / (4 * std::max<int64_t>(k, 1)) / 16 * 16);
+  nb = std::min(nb, n);
+  at::Tensor w = at::empty({nb, k}, xf.options());
+  for (int64_t n0 = 0; n0 < n; n0 += nb) {
+    const int64_t c = std::min(nb, n - n0);
+    decode_matrix<float>(packed + n0 * row_stride, row_stride, c, k, dec, w.data_ptr<float>());
+    at::Tensor dst = out.narrow(1, n0, c);  // strides (n, 1): a valid BLAS output, no copy
+    at::mm_out(dst, xf, w.narrow(0, 0, c).t());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ops
+// ---------------------------------------------------------------------------------------------
+at::Tensor unpack_weight_cpu(const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
+                             bool is_signed, c10::IntArrayRef shape, c10::ScalarType dtype) {
+  const char* who = "geta::unpack_weight";
+  // Inference op without an autograd formula: ATen calls made here must not see autograd
+  // (mm_out refuses inputs that require grad, e.g. when a loaded module's params do).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  TORCH_CHECK(is_float_dtype(dtype), who, ": dtype must be float32, float16 or bfloat16, got ",
+              c10::toString(dtype));
+  TORCH_CHECK(!shape.empty(), who, ": shape must have at least one dim");
+  int64_t numel = 1;
+  for (auto s : shape) numel *= s;
+  const int64_t n = shape.size() >= 2 ? shape[0] : 1;
+  const int64_t k = n ? numel / n : 0;
+  check_packed(who, packed, scale, bits, n, k);
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  if (numel == 0) return out;
+  const at::Tensor p = packed.contiguous();
+  const Decoder dec(static_cast<int>(bits), is_signed, scale.item<float>());
+  const uint8_t* src = p.data_ptr<uint8_t>();
+  const int64_t stride = p.size(1);
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      decode_matrix<float>(src, stride, n, k, dec, out.data_ptr<float>());
+      break;
+    case c10::ScalarType::Half:
+      decode_matrix<c10::Half>(src, stride, n, k, dec, out.data_ptr<c10::Half>());
+      break;
+    default:
+      decode_matrix<c10::BFloat16>(src, stride, n, k, dec, out.data_ptr<c10::BFloat16>());
+  }
+  return out;
+}
+
+at::Tensor lowbit_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
+                             const at::Tensor& scale, int64_t bits, int64_t in_features,
+                             bool is_signed, const std::optional<at::Tensor>& bias) {
+  const char* who = "geta::lowbit_linear";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // see unpack_weight_cpu
+  TORCH_CHECK(is_float_dtype(x.scalar_type()), who,
+              ": x must be float32, float16 or bfloat16, got ", c10::toString(x.scalar_type()));
+  TORCH_CHECK(x.dim() >= 1, who, ": x must have at least one dim");
+  TORCH_CHECK(x.size(-1) == in_features, who, ": x has ", std::to_string(x.size(-1)),
+              " features, expected ", std::to_string(in_features));
+  TORCH_CHECK(x.device().is_cpu(), who, ": the CPU kernel needs x on the CPU");
+  check_packed(who, packed, scale, bits, -1, in_features);
+  const int64_t n = packed.size(0), k = in_features;
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, who, ": bias must be [", std::to_string(n),
+                "], got ", shape_str(b.sizes()));
+    TORCH_CHECK(b.scalar_type() == x.scalar_type(), who, ": bias dtype ",
+                c10::toString(b.scalar_type()), " != x dtype ", c10::toString(x.scalar_type()));
+    TORCH_CHECK(b.device().is_cpu(), who, ": bias must be on the CPU");
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = n;
+  int64_t rows = 1;
+  for (int64_t i = 0; i + 1 < x.dim(); ++i) rows *= x.size(i);
+  const at::Tensor x2 = x.reshape({rows, k});
+  if (rows == 0 || n == 0) return at::empty(out_shape, x.options());
+  const at::Tensor p = packed.contiguous();
+  const Decoder dec(static_cast<int>(bits), is_signed, scale.item<float>());
+  const int64_t groups = (k + 7) / 8;
+  std::optional<at::Tensor> bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+
+  at::Tensor out_f;
+  if (rows <= kFusedMaxM) {
+    const int64_t kv = (groups * 8 + Vec::size() - 1) / Vec::size() * Vec::size();
+    const at::Tensor xf = widen_padded(x2.contiguous(), kv);
+    out_f = at::empty({rows, n}, x.options().dtype(at::kFloat));
+    fused_linear(xf, p.data_ptr<uint8_t>(), p.size(1), n, groups, dec,
+                 bias_f ? bias_f->data_ptr<float>() : nullptr, out_f.data_ptr<float>());
+  } else {
+    const at::Tensor xf = x2.to(at::kFloat).contiguous();
+    out_f = at::empty({rows, n}, x.options().dtype(at::kFloat));
+    if (k == 0) {
+      out_f.zero_();
+    } else {
+      chunked_linear(xf, p.data_ptr<uint8_t>(), p.size(1), n, k, dec, out_f);
+    }
+    if (bias_f) out_f.add_(*bias_f);
+  }
+  at::Tensor out = out_f.scalar_type() == x.scalar_type() ? out_f : out_f.to(x.scalar_type());
+  return out.reshape(out_shape);
+}
+
+}  // namespace
+}  // namespace geta_lowbit
+
+TORCH_LIBRARY_IMPL(geta, CPU, m) {
+  m.impl("lowbit_linear", &geta_lowbit::lowbit_linear_cpu);
+  m.impl("unpack_weight", &geta_lowbit::unpack_weight_cpu);
+}
