@@ -150,9 +150,15 @@ def _cpu_flags() -> tuple[list[str], list[str]]:
 
 
 def _cache_root() -> Path:
-    from geta_fx.kernels import cache_dir
+    try:  # the quantizer kernels' cache, so one directory holds every geta build
+        from geta_fx.kernels import cache_dir
 
-    root = cache_dir()
+        root = cache_dir()
+    except (ImportError, AttributeError):
+        env = os.environ.get("GETA_FX_KERNEL_CACHE")
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = (Path(env).expanduser() if env else
+                (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "geta_fx" / "kernels")
     try:
         root.mkdir(parents=True, exist_ok=True)
         if os.access(root, os.W_OK):
@@ -167,9 +173,13 @@ def _cache_root() -> Path:
 
 
 def _csrc() -> Path:
-    import geta_fx.kernels  # the sources ship inside the geta_fx.kernels package (kernels/)
+    # The sources ship inside the geta_fx.kernels package (the repo's kernels/ directory).
+    import importlib.util
 
-    return Path(geta_fx.kernels.__file__).resolve().parent / "csrc"
+    spec = importlib.util.find_spec("geta_fx.kernels")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))).resolve() / "csrc"
+    return Path(__file__).resolve().parent.parent / "kernels" / "csrc"
 
 
 def _spec(dev: str) -> dict[str, Any]:
