@@ -120,8 +120,9 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
                                         if w["mode"] == "packed")
     totals["packed_weights_float_bytes"] = sum(w["float_bytes"] for w in weights
                                                if w["mode"] == "packed")
-    gm.meta[META_KEY] = {"format": FORMAT, "torch": torch.__version__, "layers": layers,
-                         "weights": weights, "totals": totals}
+    metadata = {"format": FORMAT, "torch": torch.__version__, "layers": layers,
+                "weights": weights, "totals": totals}
+    gm.meta[META_KEY] = json.loads(json.dumps(metadata))  # plain JSON values (lists, not tuples)
     return gm
 
 
