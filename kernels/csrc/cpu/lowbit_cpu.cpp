@@ -9,14 +9,16 @@
 // 0 unsigned); weight = float(level) * scale.
 //
 // lowbit_linear, M = rows of x:
-//   M <= kFusedMaxM  fused: each thread decodes one weight row at a time into an L1-resident
-//                    float buffer and dots it with all M rows of x (the packed weight is read once;
-//                    the float weight never exists in memory).  Dequantized values are
-//                    float(level) * scale exactly as in the reference.
+//   M <= kFusedMaxM  fused, the packed weight is read once and no float weight exists in memory:
+//                    AVX-512 (when the loader compiles for it): dot products in level space
+//                    straight from the packed bytes (see fused_linear_avx512); portable: each
+//                    thread decodes one weight row at a time into an L1-resident float buffer
+//                    (float(level) * scale, as in the reference) and dots it with all M rows.
 //   M >  kFusedMaxM  the weight is decoded once per call (parallel over rows) into a float32
 //                    matrix and multiplied with ATen's GEMM (decode is O(NK) vs the GEMM's O(MNK)).
-// Both compute in float32 (fp16/bf16 activations are widened; the output is rounded once to x's
-// dtype), so they agree with the reference to float rounding of the matmul.
+// All compute in float32 (fp16/bf16 activations are widened; the output is rounded once to x's
+// dtype), so they agree with the reference to float rounding of the matmul.  unpack_weight and
+// the M > kFusedMaxM decode are bit-identical to the reference's dequantized weight.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -36,7 +38,10 @@
 #include <string>
 #include <vector>
 
-#if defined(__BMI2__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
+#define GETA_LOWBIT_AVX512 1  // the loader compiles with ATen's AVX-512 flags on such CPUs
+#endif
+#if defined(__BMI2__) || defined(GETA_LOWBIT_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -174,6 +179,7 @@ void store_row<float>(const float* src, float* dst, int64_t n) {
   std::memcpy(dst, src, n * sizeof(float));
 }
 
+#ifndef GETA_LOWBIT_AVX512
 // x [M, K] (any float dtype, contiguous) -> float32 [M, Kv] zero-padded (Kv >= K).
 at::Tensor widen_padded(const at::Tensor& x2, int64_t kv) {
   const int64_t m = x2.size(0), k = x2.size(1);
@@ -225,6 +231,147 @@ void fused_linear(const at::Tensor& xf, const uint8_t* packed, int64_t row_strid
     }
   });
 }
+
+#endif  // !GETA_LOWBIT_AVX512
+
+#ifdef GETA_LOWBIT_AVX512
+// ---------------------------------------------------------------------------------------------
+// AVX-512 fused path: dot products in level space straight from the packed bytes.
+//
+// A 16-byte block of a row holds 16*P codes (P = 8/bits codes per byte for 2, 4, 8 bits): one
+// zero-extension gives 16 int32 lanes (lane j = byte j), and phase p = (lane >> p*bits) & mask
+// holds codes j*P + p.  x is permuted once per call into the same phase order, so
+//     acc += float(code - offset) * x_perm      (16 codes per FMA, no scalar work)
+// and y = acc * scale + bias.  Other bit widths (3, 5, 6, 7) are first spread to one code per
+// byte with PDEP and then take the 8-bit path.  (Sums in level space, then one multiply by the
+// scale: the reference's float32 rounding of the matmul may differ, as for any fused kernel.)
+// ---------------------------------------------------------------------------------------------
+template <int BITS, int MT>
+inline void dot_blocks(const uint8_t* row, int64_t row_bytes, int64_t b0, int64_t b1,
+                       const float* xp, int64_t kp, int offset, float* out) {
+  constexpr int P = 8 / BITS;
+  constexpr int BLK = 16 * P;
+  const __m512i offv = _mm512_set1_epi32(offset);
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  __m512 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  const int64_t full = row_bytes / 16;
+  for (int64_t b = b0; b < b1; ++b) {
+    __m128i bytes;
+    if (b < full) {
+      bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * 16));
+    } else {  // the row's last partial block: never read past the row
+      alignas(16) uint8_t tail[16] = {0};
+      std::memcpy(tail, row + b * 16, static_cast<size_t>(row_bytes - b * 16));
+      bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tail));
+    }
+    const __m512i v = _mm512_cvtepu8_epi32(bytes);
+    const float* xb = xp + b * BLK;
+#pragma GCC unroll 4
+    for (int p = 0; p < P; ++p) {
+      const __m512i c = BITS == 8 ? v : _mm512_and_si512(_mm512_srli_epi32(v, p * BITS), mask);
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_sub_epi32(c, offv));
+      for (int i = 0; i < MT; ++i)
+        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + i * kp + p * 16), w, acc[i]);
+    }
+  }
+  for (int i = 0; i < MT; ++i) out[i] = _mm512_reduce_add_ps(acc[i]);
+}
+
+template <int BITS>
+inline void dot_tile(int mt, const uint8_t* row, int64_t row_bytes, int64_t b0, int64_t b1,
+                     const float* xp, int64_t kp, int offset, float* out) {
+  switch (mt) {
+    case 1: dot_blocks<BITS, 1>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    case 2: dot_blocks<BITS, 2>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    case 3: dot_blocks<BITS, 3>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    case 4: dot_blocks<BITS, 4>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    case 5: dot_blocks<BITS, 5>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    case 6: dot_blocks<BITS, 6>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    case 7: dot_blocks<BITS, 7>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+    default: dot_blocks<BITS, 8>(row, row_bytes, b0, b1, xp, kp, offset, out); break;
+  }
+}
+
+// x2 [M, K] -> float32 [M, kp] in the phase order of P codes per byte (zero padded).
+at::Tensor permute_x(const at::Tensor& x2, int P, int64_t kp) {
+  const int64_t m = x2.size(0), k = x2.size(1);
+  const at::Tensor src = x2.to(at::kFloat).contiguous();
+  at::Tensor xp = at::zeros({m, kp}, src.options());
+  const float* s = src.data_ptr<float>();
+  float* d = xp.data_ptr<float>();
+  const int64_t blk = 16 * P;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t b = 0; b * blk < k; ++b)
+      for (int p = 0; p < P; ++p)
+        for (int j = 0; j < 16; ++j) {
+          const int64_t col = b * blk + j * P + p;
+          if (col < k) d[i * kp + b * blk + p * 16 + j] = s[i * k + col];
+        }
+  return xp;
+}
+
+// Rows of the weight are split across threads; within a task the K dimension is walked in chunks
+// whose x slice (M rows of floats) fits in kL1Bytes, so it stays in L1 while every weight row of
+// the task passes (M = 1: whole rows).
+constexpr int64_t kL1Bytes = 32 * 1024;
+
+void fused_linear_avx512(const at::Tensor& x2, const uint8_t* packed, int64_t row_stride,
+                         int64_t n, int64_t k, const Decoder& dec, const float* bias, float* out) {
+  const int bits = dec.bits;
+  const bool native = bits == 2 || bits == 4 || bits == 8;
+  const int P = native ? 8 / bits : 1;
+  const int64_t groups = (k + 7) / 8;
+  const int64_t code_bytes = native ? row_stride : groups * 8;  // bytes the dot walks per row
+  const int64_t nblocks = (code_bytes + 15) / 16;
+  const int64_t kp = nblocks * 16 * P;
+  const int64_t m = x2.size(0);
+  const int64_t chunk_codes = std::max<int64_t>(512, kL1Bytes / (4 * std::max<int64_t>(m, 1)));
+  const int64_t chunk = std::max<int64_t>(1, chunk_codes / (16 * P));  // blocks per K chunk
+  const at::Tensor xp_t = permute_x(x2, P, kp);
+  const float* xp = xp_t.data_ptr<float>();
+  const float scale = dec.scale;
+  const int tile_bits = native ? bits : 8;
+  at::parallel_for(0, n, kRowGrain, [&](int64_t begin, int64_t end) {
+    const int64_t rows = end - begin;
+    // 3/5/6/7 bits: one code per byte first.  One K chunk: decode each row right before its
+    // dot (L1-hot); several chunks: decode the task's rows once up front.
+    const bool one_chunk = nblocks <= chunk;
+    std::vector<uint8_t> codes(native ? 0 : static_cast<size_t>((one_chunk ? 1 : rows) * code_bytes));
+    if (!native && !one_chunk)
+      for (int64_t r = 0; r < rows; ++r)
+        decode_codes(packed + (begin + r) * row_stride, groups, bits, codes.data() + r * code_bytes);
+    std::vector<float> acc(static_cast<size_t>(rows * m), 0.f);
+    float part[8];
+    for (int64_t b0 = 0; b0 < nblocks; b0 += chunk) {
+      const int64_t b1 = std::min(nblocks, b0 + chunk);
+      for (int64_t r = 0; r < rows; ++r) {
+        const uint8_t* row = packed + (begin + r) * row_stride;
+        if (!native && one_chunk) {
+          decode_codes(row, groups, bits, codes.data());
+          row = codes.data();
+        } else if (!native) {
+          row = codes.data() + r * code_bytes;
+        }
+        for (int64_t i = 0; i < m; i += 8) {
+          const int mt = static_cast<int>(std::min<int64_t>(8, m - i));
+          const float* xt = xp + i * kp;
+          switch (tile_bits) {
+            case 2: dot_tile<2>(mt, row, code_bytes, b0, b1, xt, kp, dec.offset, part); break;
+            case 4: dot_tile<4>(mt, row, code_bytes, b0, b1, xt, kp, dec.offset, part); break;
+            default: dot_tile<8>(mt, row, code_bytes, b0, b1, xt, kp, dec.offset, part); break;
+          }
+          for (int j = 0; j < mt; ++j) acc[r * m + i + j] += part[j];
+        }
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float b = bias ? bias[begin + r] : 0.f;
+      for (int64_t i = 0; i < m; ++i) out[i * n + begin + r] = acc[r * m + i] * scale + b;
+    }
+  });
+}
+#endif  // AVX-512
 
 // Decode weight rows [0, n) into dst [n, K] of type T (parallel over rows).
 template <typename T>
@@ -330,11 +477,17 @@ at::Tensor lowbit_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
 
   at::Tensor out_f;
   if (rows <= kFusedMaxM) {
+#ifdef GETA_LOWBIT_AVX512
+    out_f = at::empty({rows, n}, x.options().dtype(at::kFloat));
+    fused_linear_avx512(x2, p.data_ptr<uint8_t>(), p.size(1), n, k, dec,
+                        bias_f ? bias_f->data_ptr<float>() : nullptr, out_f.data_ptr<float>());
+#else
     const int64_t kv = (groups * 8 + Vec::size() - 1) / Vec::size() * Vec::size();
     const at::Tensor xf = widen_padded(x2.contiguous(), kv);
     out_f = at::empty({rows, n}, x.options().dtype(at::kFloat));
     fused_linear(xf, p.data_ptr<uint8_t>(), p.size(1), n, groups, dec,
                  bias_f ? bias_f->data_ptr<float>() : nullptr, out_f.data_ptr<float>());
+#endif
   } else {
     const at::Tensor xf = x2.to(at::kFloat).contiguous();
     out_f = at::empty({rows, n}, x.options().dtype(at::kFloat));

@@ -1,0 +1,360 @@
+"""Benchmark deployable compressed models (issue #7), everything in one run.
+
+Tables (markdown, printed as measured):
+
+(a) slim vs dense latency: a ResNet-18-style CNN (CIFAR stem, 8x3x32x32) and a small GPT
+    (4 layers, d=384, 6 heads, 2x128 tokens) at 30/50/70% group sparsity (that fraction of the
+    units of every prunable group zeroed, at least one kept).  ``dense`` is the captured graph
+    with nothing removed (``gm.compress()`` of the untouched model: the same graph code, so the
+    ratio isolates pruning); ``slim`` removes the zero units; ``slim W4`` is the slim model with
+    4-bit weights lowered to packed levels and geta low-bit ops (``geta_fx.lower``).
+(b) low-bit linear vs F.linear: ``geta::lowbit_linear`` at 3/4/8 bits against
+    ``torch.nn.functional.linear`` in fp16 and bf16 (and fp32 on CPU), and torch's
+    ``_weight_int4pack_mm`` (group size 128, bf16) as the peer, for M in {1, 8, 32, 512} and
+    K x N in {4096x4096, 4096x14336}.  Ratios are fp16 time / low-bit time (> 1: low-bit faster).
+(c) channel alignment (QASSO's ``group_divisible``): slim latency at 50% sparsity when every
+    group keeps an odd number of units vs a multiple of 8 or 16.
+
+Every timing is ``torch.utils.benchmark.Timer.blocked_autorange`` (median), under
+``torch.inference_mode``, baseline and candidate in the same process on the same device.  The
+header names device, threads, torch, commit and which low-bit implementation ran.
+
+    python benchmarks/bench_deploy.py                    # all tables, CPU (+ CUDA if present)
+    python benchmarks/bench_deploy.py --tables b --devices cpu --min-time 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.benchmark import Timer
+
+import geta_fx
+import geta_fx.lowbit_kernels as lowbit_kernels
+from geta_fx.deploy import lower
+from geta_fx.ops.lowbit import level_offset, pack_levels, unpack_weight_reference
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --------------------------------------------------------------------------------- models
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                       nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with a CIFAR stem (3x3 conv, no max-pool)."""
+
+    def __init__(self, widths: tuple[int, ...] = (64, 128, 256, 512), classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        blocks: list[nn.Module] = []
+        c = widths[0]
+        for i, w in enumerate(widths):
+            for j in range(2):
+                blocks.append(BasicBlock(c, w, 2 if (i > 0 and j == 0) else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+        return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, vocab: int = 4096, d: int = 384, heads: int = 6, layers: int = 4,
+                 ctx: int = 128) -> None:
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.Sequential(*(Block(d, heads) for _ in range(layers)))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.head(self.ln(self.blocks(self.tok(idx) + self.pos(pos))))
+
+
+MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
+    "resnet18 (8x3x32x32)": lambda: (ResNet18().eval(), (torch.randn(8, 3, 32, 32),)),
+    "gpt 4x384 (2x128 tok)": lambda: (GPT().eval(), (torch.randint(0, 4096, (2, 128)),)),
+}
+
+
+# -------------------------------------------------------------------------------- helpers
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False, cwd=HERE).stdout.strip() or "no-commit"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=False,
+                               cwd=HERE).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_name()}, {torch.get_num_threads()} threads"
+
+
+def ms(fn: Callable[[], Any], min_time: float) -> float:
+    """Median milliseconds per call (Timer synchronises CUDA)."""
+    with torch.inference_mode():
+        fn()  # warm-up (and lazy initialisation)
+        t = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
+    return t.median * 1e3
+
+
+def zero_fraction(gm: geta_fx.GetaModule, fraction: float, align: int | str = 1,
+                  seed: int = 0) -> tuple[int, int]:
+    """Zero ``fraction`` of every prunable group's units; returns (kept, total) units.
+
+    ``align``: 1 keeps ``round((1 - fraction) * n)`` units; ``"odd"`` makes that count odd;
+    8 or 16 rounds it to a multiple (as QASSO's ``group_divisible`` would).
+    """
+    g = torch.Generator().manual_seed(seed)
+    kept_total = total = 0
+    for group in gm.groups:
+        if not group.prunable or group.num_units < 2:
+            continue
+        n = group.num_units
+        keep = max(1, round((1 - fraction) * n))
+        if align == "odd" and keep % 2 == 0:
+            keep = keep - 1 if keep > 1 else 1
+        elif isinstance(align, int) and align > 1 and n >= align:
+            keep = max(align, round(keep / align) * align)
+        keep = min(keep, n)
+        if keep < n:
+            gm.zero_units(group.id, torch.randperm(n, generator=g)[: n - keep])
+        kept_total += keep
+        total += n
+    return kept_total, total
+
+
+def num_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters()) + sum(
+        b.numel() for b in m.buffers() if b.dtype == torch.uint8)
+
+
+# ------------------------------------------------------------------------------- table (a)
+def table_a(devices: list[str], sparsities: list[float], min_time: float) -> None:
+    print("\n### (a) slim vs dense latency\n")
+    print("| device | model | group sparsity | params dense | params slim | dense ms | slim ms "
+          "| speed-up | slim W4 ms | W4 speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, build in MODELS.items():
+        model, args = build()
+        gm = geta_fx.transform(model, args)
+        gq = geta_fx.transform(model, args, quantize="weight", bits=4.0)
+        gm.eval()
+        gq.eval()
+        init, init_q = copy.deepcopy(gm.state_dict()), copy.deepcopy(gq.state_dict())
+        dense = gm.compress()
+        for device in devices:
+            dev_args = tuple(a.to(device) for a in args)
+            dense_d = copy.deepcopy(dense).to(device)
+            t_dense = ms(lambda: dense_d(*dev_args), min_time)
+            for s in sparsities:
+                gm.load_state_dict(init)
+                gq.load_state_dict(init_q)
+                zero_fraction(gm, s)
+                zero_fraction(gq, s)
+                slim = gm.compress().to(device)
+                low = lower(gq.compress(), reference=gq).to(device)
+                t_slim = ms(lambda: slim(*dev_args), min_time)
+                t_low = ms(lambda: low(*dev_args), min_time)
+                print(f"| {device} | {name} | {s:.0%} | {num_params(dense):,} | "
+                      f"{num_params(slim):,} | {t_dense:.2f} | {t_slim:.2f} | "
+                      f"{t_dense / t_slim:.2f}x | {t_low:.2f} | {t_dense / t_low:.2f}x |",
+                      flush=True)
+
+
+# ------------------------------------------------------------------------------- table (c)
+def table_c(devices: list[str], min_time: float) -> None:
+    print("\n### (c) channel alignment at 50% group sparsity (kept units per group)\n")
+    print("| device | model | kept units | kept/total | slim ms | vs dense | vs odd |")
+    print("|---|---|---|---|---|---|---|")
+    for name, build in MODELS.items():
+        model, args = build()
+        gm = geta_fx.transform(model, args)
+        gm.eval()
+        init = copy.deepcopy(gm.state_dict())
+        dense = gm.compress()
+        slims = {}
+        for align in ("odd", 1, 8, 16):
+            gm.load_state_dict(init)
+            kept, total = zero_fraction(gm, 0.5, align)
+            slims[align] = (gm.compress(), kept, total)
+        for device in devices:
+            dev_args = tuple(a.to(device) for a in args)
+            dense_d = copy.deepcopy(dense).to(device)
+            t_dense = ms(lambda: dense_d(*dev_args), min_time)
+            t_odd = None
+            for align, (slim, kept, total) in slims.items():
+                slim_d = copy.deepcopy(slim).to(device)
+                t = ms(lambda: slim_d(*dev_args), min_time)
+                t_odd = t if align == "odd" else t_odd
+                label = {"odd": "odd counts", 1: "round(n/2)"}.get(align, f"multiple of {align}")
+                print(f"| {device} | {name} | {label} | {kept}/{total} | {t:.2f} | "
+                      f"{t_dense / t:.2f}x | {t_odd / t:.2f}x |", flush=True)
+
+
+# ------------------------------------------------------------------------------- table (b)
+def _packed_weight(n: int, k: int, bits: int, device: str, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    off = level_offset(bits, True)
+    levels = torch.randint(-(off - 1), off, (n, k), generator=gen)
+    return pack_levels(levels, bits, True).to(device), torch.tensor([0.01], device=device)
+
+
+def _int4_peer(x: torch.Tensor, n: int, k: int, device: str, gen: torch.Generator
+               ) -> Callable[[], Any] | None:
+    """torch's _weight_int4pack_mm (bf16 activations, group size 128) where available."""
+    gs = 128
+    try:
+        codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+        sz = torch.ones(k // gs, n, 2, dtype=torch.bfloat16, device=device)
+        xb = x.to(torch.bfloat16)
+        if device == "cpu":
+            wp = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            fn: Callable[[], Any] = lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(  # noqa: E731
+                xb, wp, gs, sz)
+        else:
+            u8 = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device)
+            wp = torch.ops.aten._convert_weight_to_int4pack(u8, 8)
+            fn = lambda: torch.ops.aten._weight_int4pack_mm(xb, wp, gs, sz)  # noqa: E731
+        fn()
+        return fn
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return None
+
+
+def table_b(devices: list[str], ms_list: list[int], shapes: list[tuple[int, int]],
+            bits_list: list[int], min_time: float) -> None:
+    print("\n### (b) low-bit linear vs F.linear (ms; ratio = fp16 ms / candidate ms)\n")
+    print("| device | K x N | M | fp16 | bf16 | fp32 | int4pack_mm (peer) | "
+          + " | ".join(f"W{b} geta" for b in bits_list) + " | "
+          + " | ".join(f"W{b} vs fp16" for b in bits_list) + " |")
+    print("|---|---|---|---|---|---|---|" + "---|" * (2 * len(bits_list)))
+    gen = torch.Generator().manual_seed(0)
+    for device in devices:
+        for k, n in shapes:
+            w16 = (torch.randn(n, k, generator=gen) * 0.02).to(device, torch.float16)
+            wb = w16.to(torch.bfloat16)
+            w32 = w16.float() if device == "cpu" else None
+            packed = {b: _packed_weight(n, k, b, device, gen) for b in bits_list}
+            for m in ms_list:
+                x = torch.randn(m, k, generator=gen).to(device)
+                xh, xb = x.half(), x.bfloat16()
+                t16 = ms(lambda: F.linear(xh, w16), min_time)
+                tb = ms(lambda: F.linear(xb, wb), min_time)
+                t32 = ms(lambda: F.linear(x, w32), min_time) if w32 is not None else None
+                peer = _int4_peer(x, n, k, device, gen)
+                tp = ms(peer, min_time) if peer is not None else None
+                tl = {}
+                for b, (p, s) in packed.items():
+                    # activations in fp16 on CUDA (the fp16 comparison), fp32 on CPU
+                    xa = xh if device == "cuda" else x
+                    tl[b] = ms(lambda p=p, s=s, b=b, xa=xa: torch.ops.geta.lowbit_linear.default(
+                        xa, p, s, b, k, True, None), min_time)
+                cells = [f"{t16:.3f}", f"{tb:.3f}", f"{t32:.3f}" if t32 else "-",
+                         f"{tp:.3f}" if tp else "n/a"]
+                cells += [f"{tl[b]:.3f}" for b in bits_list]
+                cells += [f"{t16 / tl[b]:.2f}x" for b in bits_list]
+                print(f"| {device} | {k}x{n} | {m} | " + " | ".join(cells) + " |", flush=True)
+            del w16, wb, w32, packed
+    # correctness guard for what was timed (one small case per device)
+    for device in devices:
+        p, s = _packed_weight(64, 256, 4, device, gen)
+        x = torch.randn(3, 256, generator=gen).to(device)
+        w = unpack_weight_reference(p, s, 4, True, [64, 256], torch.float32)
+        torch.testing.assert_close(torch.ops.geta.lowbit_linear.default(x, p, s, 4, 256, True,
+                                                                          None), x @ w.t(),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tables", default="abc", help="any of a, b, c")
+    ap.add_argument("--devices", default=None, help="cpu,cuda (default: cpu + cuda if present)")
+    ap.add_argument("--sparsity", default="0.3,0.5,0.7")
+    ap.add_argument("--m", default="1,8,32,512")
+    ap.add_argument("--shapes", default="4096x4096,4096x14336", help="KxN list")
+    ap.add_argument("--bits", default="3,4,8")
+    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per Timer measurement")
+    args = ap.parse_args()
+    devices = (args.devices.split(",") if args.devices else
+               ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    st = lowbit_kernels.ensure_loaded()
+    print(f"# bench_deploy: torch {torch.__version__}, commit {commit()}, python "
+          f"{platform.python_version()}")
+    for d in devices:
+        print(f"# {d}: {device_name(d)}; geta low-bit impl: {st[d]['impl']} ({st[d]['reason']})")
+    if "a" in args.tables:
+        table_a(devices, [float(s) for s in args.sparsity.split(",")], args.min_time)
+    if "c" in args.tables:
+        table_c(devices, args.min_time)
+    if "b" in args.tables:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        table_b(devices, [int(m) for m in args.m.split(",")], shapes,  # type: ignore[arg-type]
+                [int(b) for b in args.bits.split(",")], args.min_time)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
