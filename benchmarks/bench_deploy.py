@@ -15,8 +15,11 @@ Tables (markdown, printed as measured):
 (c) channel alignment (QASSO's ``group_divisible``): slim latency at 50% sparsity when every
     group keeps an odd number of units vs a multiple of 8 or 16.
 
-Every timing is ``torch.utils.benchmark.Timer.blocked_autorange`` (median), under
-``torch.inference_mode``, baseline and candidate in the same process on the same device.  The
+Every timing is ``torch.utils.benchmark.Timer.blocked_autorange`` under
+``torch.inference_mode``, baseline and candidate in the same process on the same device; the
+per-call time is the fastest Timer block (``--stat median`` for the median), and tables (a) and
+(c) interleave baseline and candidates over ``--rounds`` rounds and keep each one's fastest, so
+other processes on a shared machine bias no variant.  The
 header names device, threads, torch, commit and which low-bit implementation ran.
 
     python benchmarks/bench_deploy.py                    # all tables, CPU (+ CUDA if present)
@@ -153,33 +156,55 @@ def device_name(device: str) -> str:
     return f"{cpu_name()}, {torch.get_num_threads()} threads"
 
 
+#: "min" (default): the fastest Timer block, robust to other processes on a shared machine;
+#: "median": the Timer median.  Set from --stat.
+STAT = "min"
+
+
 def ms(fn: Callable[[], Any], min_time: float) -> float:
-    """Median milliseconds per call (Timer synchronises CUDA)."""
+    """Milliseconds per call: the fastest block (or the median) of ``blocked_autorange``.
+
+    Timer synchronises CUDA around each block.
+    """
     with torch.inference_mode():
         fn()  # warm-up (and lazy initialisation)
-        t = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
-    return t.median * 1e3
+        m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
+    if STAT == "median":
+        return m.median * 1e3
+    return min(m.raw_times) / m.number_per_run * 1e3
+
+
+def kept_units(n: int, fraction: float, align: int | str = 1) -> int:
+    """Units a group of ``n`` keeps at sparsity ``fraction`` under an alignment rule.
+
+    ``base = round((1 - fraction) * n)``; ``1``: base; ``"odd"``: base, minus one if even;
+    ``"even"``: an even count that is not a multiple of 8 (base - 2 if base is a multiple of 8);
+    8 / 16: base rounded *up* to a multiple (what QASSO's ``group_divisible`` keeps), so an
+    aligned variant never has fewer channels than the unaligned ones.
+    """
+    base = max(1, round((1 - fraction) * n))
+    if align == "odd":
+        keep = base - 1 if base % 2 == 0 else base
+    elif align == "even":
+        keep = base - 2 if base % 8 == 0 else base - base % 2
+    elif isinstance(align, int) and align > 1:
+        keep = -(-base // align) * align
+    else:
+        keep = base
+    return min(max(keep, 1), n)
 
 
 def zero_fraction(gm: geta_fx.GetaModule, fraction: float, align: int | str = 1,
                   seed: int = 0) -> tuple[int, int]:
-    """Zero ``fraction`` of every prunable group's units; returns (kept, total) units.
-
-    ``align``: 1 keeps ``round((1 - fraction) * n)`` units; ``"odd"`` makes that count odd;
-    8 or 16 rounds it to a multiple (as QASSO's ``group_divisible`` would).
-    """
+    """Zero units of every prunable group down to :func:`kept_units`; returns (kept, total)."""
     g = torch.Generator().manual_seed(seed)
     kept_total = total = 0
     for group in gm.groups:
         if not group.prunable or group.num_units < 2:
             continue
         n = group.num_units
-        keep = max(1, round((1 - fraction) * n))
-        if align == "odd" and keep % 2 == 0:
-            keep = keep - 1 if keep > 1 else 1
-        elif isinstance(align, int) and align > 1 and n >= align:
-            keep = max(align, round(keep / align) * align)
-        keep = min(keep, n)
+        # alignment is about channel counts: groups of whole heads keep their base count
+        keep = kept_units(n, fraction, align if group.unit_size == 1 else 1)
         if keep < n:
             gm.zero_units(group.id, torch.randperm(n, generator=g)[: n - keep])
         kept_total += keep
@@ -193,7 +218,8 @@ def num_params(m: nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------- table (a)
-def table_a(devices: list[str], sparsities: list[float], min_time: float) -> None:
+def table_a(devices: list[str], sparsities: list[float], min_time: float,
+            rounds: int = 3) -> None:
     print("\n### (a) slim vs dense latency\n")
     print("| device | model | group sparsity | params dense | params slim | dense ms | slim ms "
           "| speed-up | slim W4 ms | W4 speed-up |")
@@ -205,30 +231,38 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float) -> Non
         gm.eval()
         gq.eval()
         init, init_q = copy.deepcopy(gm.state_dict()), copy.deepcopy(gq.state_dict())
-        dense = gm.compress()
+        dense = gm.compress()  # nothing zeroed yet: the dense graph
+        slims = {}
+        for sp in sparsities:
+            gm.load_state_dict(init)
+            gq.load_state_dict(init_q)
+            zero_fraction(gm, sp)
+            zero_fraction(gq, sp)
+            slims[sp] = (gm.compress(), lower(gq.compress(), reference=gq))
         for device in devices:
             dev_args = tuple(a.to(device) for a in args)
             dense_d = copy.deepcopy(dense).to(device)
-            t_dense = ms(lambda: dense_d(*dev_args), min_time)
-            for s in sparsities:
-                gm.load_state_dict(init)
-                gq.load_state_dict(init_q)
-                zero_fraction(gm, s)
-                zero_fraction(gq, s)
-                slim = gm.compress().to(device)
-                low = lower(gq.compress(), reference=gq).to(device)
-                t_slim = ms(lambda: slim(*dev_args), min_time)
-                t_low = ms(lambda: low(*dev_args), min_time)
-                print(f"| {device} | {name} | {s:.0%} | {num_params(dense):,} | "
+            for sp, (slim, low) in slims.items():
+                slim, low = copy.deepcopy(slim).to(device), copy.deepcopy(low).to(device)
+                t_dense = t_slim = t_low = float("inf")
+                for _ in range(rounds):  # interleaved: dense, slim, lowered, dense, ...
+                    t_dense = min(t_dense, ms(lambda: dense_d(*dev_args), min_time))
+                    t_slim = min(t_slim, ms(lambda slim=slim: slim(*dev_args), min_time))
+                    t_low = min(t_low, ms(lambda low=low: low(*dev_args), min_time))
+                print(f"| {device} | {name} | {sp:.0%} | {num_params(dense):,} | "
                       f"{num_params(slim):,} | {t_dense:.2f} | {t_slim:.2f} | "
                       f"{t_dense / t_slim:.2f}x | {t_low:.2f} | {t_dense / t_low:.2f}x |",
                       flush=True)
 
 
 # ------------------------------------------------------------------------------- table (c)
-def table_c(devices: list[str], min_time: float) -> None:
-    print("\n### (c) channel alignment at 50% group sparsity (kept units per group)\n")
-    print("| device | model | kept units | kept/total | slim ms | vs dense | vs odd |")
+def table_c(devices: list[str], min_time: float, rounds: int = 3) -> None:
+    print("\n### (c) channel alignment at 50% group sparsity\n")
+    print("Kept units per prunable group: base = n/2; `odd` = base - 1; `even` = base - 2 "
+          "(not a multiple of 8); `x8`/`x16` = base rounded up to a multiple (QASSO "
+          "`group_divisible=8/16`); groups whose unit is an attention head keep base heads.  "
+          "Variants interleaved over rounds; the fastest measurement counts.\n")
+    print("| device | model | kept units | widths (first groups) | slim ms | vs dense | vs odd |")
     print("|---|---|---|---|---|---|---|")
     for name, build in MODELS.items():
         model, args = build()
@@ -236,23 +270,36 @@ def table_c(devices: list[str], min_time: float) -> None:
         gm.eval()
         init = copy.deepcopy(gm.state_dict())
         dense = gm.compress()
-        slims = {}
-        for align in ("odd", 1, 8, 16):
+        variants: dict[str, tuple[torch.fx.GraphModule, int, int, str]] = {}
+        seen: dict[tuple[int, ...], str] = {}
+        for align in ("odd", "even", 8, 16):
             gm.load_state_dict(init)
             kept, total = zero_fraction(gm, 0.5, align)
-            slims[align] = (gm.compress(), kept, total)
+            counts = tuple(kept_units(g.num_units, 0.5, align if g.unit_size == 1 else 1)
+                           for g in gm.groups if g.prunable and g.num_units >= 2)
+            label = align if isinstance(align, str) else f"x{align}"
+            if counts in seen:  # e.g. x8 == x16 when n/2 is already a multiple of 16
+                seen_label = seen[counts]
+                variants[f"{seen_label}={label}"] = variants.pop(seen_label)
+                seen[counts] = f"{seen_label}={label}"
+                continue
+            seen[counts] = label
+            widths = ",".join(str(c) for c in counts[:4])
+            variants[label] = (gm.compress(), kept, total, widths)
         for device in devices:
             dev_args = tuple(a.to(device) for a in args)
-            dense_d = copy.deepcopy(dense).to(device)
-            t_dense = ms(lambda: dense_d(*dev_args), min_time)
-            t_odd = None
-            for align, (slim, kept, total) in slims.items():
-                slim_d = copy.deepcopy(slim).to(device)
-                t = ms(lambda: slim_d(*dev_args), min_time)
-                t_odd = t if align == "odd" else t_odd
-                label = {"odd": "odd counts", 1: "round(n/2)"}.get(align, f"multiple of {align}")
-                print(f"| {device} | {name} | {label} | {kept}/{total} | {t:.2f} | "
-                      f"{t_dense / t:.2f}x | {t_odd / t:.2f}x |", flush=True)
+            mods = {"dense": copy.deepcopy(dense).to(device)}
+            mods.update({k: copy.deepcopy(v[0]).to(device) for k, v in variants.items()})
+            best: dict[str, float] = {}
+            for _ in range(rounds):
+                for key, mod in mods.items():
+                    t = ms(lambda mod=mod: mod(*dev_args), min_time)
+                    best[key] = min(best.get(key, t), t)
+            t_odd = best["odd"]
+            for key, (_, kept, total, widths) in variants.items():
+                print(f"| {device} | {name} | {key} {kept}/{total} | {widths} | "
+                      f"{best[key]:.2f} | {best['dense'] / best[key]:.2f}x | "
+                      f"{t_odd / best[key]:.2f}x |", flush=True)
 
 
 # ------------------------------------------------------------------------------- table (b)
@@ -337,8 +384,13 @@ def main() -> None:
     ap.add_argument("--m", default="1,8,32,512")
     ap.add_argument("--shapes", default="4096x4096,4096x14336", help="KxN list")
     ap.add_argument("--bits", default="3,4,8")
-    ap.add_argument("--min-time", type=float, default=0.5, help="seconds per Timer measurement")
+    ap.add_argument("--min-time", type=float, default=0.3, help="seconds per Timer measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, tables a and c")
+    ap.add_argument("--stat", choices=("min", "median"), default="min",
+                    help="per-call time: fastest Timer block (default) or the median")
     args = ap.parse_args()
+    global STAT
+    STAT = args.stat
     devices = (args.devices.split(",") if args.devices else
                ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     st = lowbit_kernels.ensure_loaded()
@@ -347,9 +399,10 @@ def main() -> None:
     for d in devices:
         print(f"# {d}: {device_name(d)}; geta low-bit impl: {st[d]['impl']} ({st[d]['reason']})")
     if "a" in args.tables:
-        table_a(devices, [float(s) for s in args.sparsity.split(",")], args.min_time)
+        table_a(devices, [float(s) for s in args.sparsity.split(",")], args.min_time,
+                args.rounds)
     if "c" in args.tables:
-        table_c(devices, args.min_time)
+        table_c(devices, args.min_time, args.rounds)
     if "b" in args.tables:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         table_b(devices, [int(m) for m in args.m.split(",")], shapes,  # type: ignore[arg-type]
