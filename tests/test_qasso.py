@@ -53,7 +53,7 @@ def gpt_q() -> tuple[geta_fx.GetaModule, tuple[torch.Tensor, ...]]:
 def _loss(gm: torch.nn.Module, x: tuple[torch.Tensor, ...], step: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(step)
     out = gm(*x)
-    target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g)
+    target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g).to(out.device)
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
 
 
@@ -314,3 +314,29 @@ def test_load_state_dict_rejects_other_model(resnet_q, gpt_q) -> None:
 def test_requires_geta_module() -> None:
     with pytest.raises(InputError, match="GetaModule"):
         QASSO(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.cuda
+def test_cuda_exact_and_no_host_sync_between_period_boundaries() -> None:
+    """On CUDA, step() never syncs with the host except at selection/commit steps."""
+    model, x = _resnet()
+    dev = torch.device("cuda")
+    x = tuple(t.to(dev) for t in x)
+    gm = geta_fx.transform(model.to(dev), x, quantize="weight").train()
+    opt = QASSO(gm, variant="adam", lr=1e-2, lr_quant=1e-2, target_sparsity=0.4, **SCHED)
+    s = opt.schedule
+    for i in range(20):
+        opt.zero_grad()
+        _loss(gm, x, i).backward()
+        k = opt.step_count + 1
+        boundary = s.is_selection_step(k) or s.is_commit_step(k)
+        torch.cuda.set_sync_debug_mode(0 if boundary else "error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    m = opt.metrics()
+    assert m["num_pruned"] == m["num_zero_units"] == m["K"] > 0
+    assert s.b_l - 1e-4 <= m["bits_min"] <= m["bits_max"] <= s.final_b_u + 1e-4
+    gm.eval()
+    assert max_rel_err(gm(*x), gm.compress()(*x)) < 1e-5

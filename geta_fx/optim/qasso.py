@@ -427,9 +427,8 @@ class QASSO(torch.optim.Optimizer):
         w = self._is_weight_q[:self._num_layers]
         lo_w, hi_w = sch.b_l, sch.b_u(k)
         lo_a, hi_a = self.act_bit_range if self.act_bit_range is not None else (lo_w, hi_w)
-        lo = torch.where(w, torch.tensor(lo_w, device=w.device), torch.tensor(lo_a, device=w.device))
-        hi = torch.where(w, torch.tensor(hi_w, device=w.device), torch.tensor(hi_a, device=w.device))
-        return lo, hi
+        # python scalars, not torch.tensor(..., device=...): no host-to-device copy per step
+        return torch.where(w, lo_w, lo_a), torch.where(w, hi_w, hi_a)
 
     def _freeze_bits(self, vals: Tensor, k: int) -> None:
         n_l = self._num_layers
