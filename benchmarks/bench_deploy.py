@@ -256,15 +256,18 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
 
 
 # ------------------------------------------------------------------------------- table (c)
-def table_c(devices: list[str], min_time: float, rounds: int = 3) -> None:
-    print("\n### (c) channel alignment at 50% group sparsity\n")
-    print("Kept units per prunable group: base = n/2; `odd` = base - 1; `even` = base - 2 "
-          "(not a multiple of 8); `x8`/`x16` = base rounded up to a multiple (QASSO "
+def table_c(devices: list[str], sparsities: list[float], min_time: float,
+            rounds: int = 3) -> None:
+    print("\n### (c) channel alignment (kept channels per group: odd vs multiples of 8/16)\n")
+    print("Kept units per prunable group: base = round((1 - s) n); `odd` = base, minus 1 if "
+          "even; `even` = an even count that is not a multiple of 8 (base - 2 if base is one)"
+          "; `x8`/`x16` = base rounded up to a multiple (QASSO "
           "`group_divisible=8/16`); groups whose unit is an attention head keep base heads.  "
           "Variants interleaved over rounds; the fastest measurement counts.\n")
-    print("| device | model | kept units | widths (first groups) | slim ms | vs dense | vs odd |")
-    print("|---|---|---|---|---|---|---|")
-    for name, build in MODELS.items():
+    print("| device | model | sparsity | kept units | widths (first groups) | slim ms | vs dense "
+          "| vs odd |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, build), sp in ((m, sp) for m in MODELS.items() for sp in sparsities):
         model, args = build()
         gm = geta_fx.transform(model, args)
         gm.eval()
@@ -274,8 +277,8 @@ def table_c(devices: list[str], min_time: float, rounds: int = 3) -> None:
         seen: dict[tuple[int, ...], str] = {}
         for align in ("odd", "even", 8, 16):
             gm.load_state_dict(init)
-            kept, total = zero_fraction(gm, 0.5, align)
-            counts = tuple(kept_units(g.num_units, 0.5, align if g.unit_size == 1 else 1)
+            kept, total = zero_fraction(gm, sp, align)
+            counts = tuple(kept_units(g.num_units, sp, align if g.unit_size == 1 else 1)
                            for g in gm.groups if g.prunable and g.num_units >= 2)
             label = align if isinstance(align, str) else f"x{align}"
             if counts in seen:  # e.g. x8 == x16 when n/2 is already a multiple of 16
@@ -297,7 +300,7 @@ def table_c(devices: list[str], min_time: float, rounds: int = 3) -> None:
                     best[key] = min(best.get(key, t), t)
             t_odd = best["odd"]
             for key, (_, kept, total, widths) in variants.items():
-                print(f"| {device} | {name} | {key} {kept}/{total} | {widths} | "
+                print(f"| {device} | {name} | {sp:.0%} | {key} {kept}/{total} | {widths} | "
                       f"{best[key]:.2f} | {best['dense'] / best[key]:.2f}x | "
                       f"{t_odd / best[key]:.2f}x |", flush=True)
 
@@ -381,6 +384,7 @@ def main() -> None:
     ap.add_argument("--tables", default="abc", help="any of a, b, c")
     ap.add_argument("--devices", default=None, help="cpu,cuda (default: cpu + cuda if present)")
     ap.add_argument("--sparsity", default="0.3,0.5,0.7")
+    ap.add_argument("--align-sparsity", default="0.3,0.5", help="sparsities of table c")
     ap.add_argument("--m", default="1,8,32,512")
     ap.add_argument("--shapes", default="4096x4096,4096x14336", help="KxN list")
     ap.add_argument("--bits", default="3,4,8")
@@ -402,7 +406,8 @@ def main() -> None:
         table_a(devices, [float(s) for s in args.sparsity.split(",")], args.min_time,
                 args.rounds)
     if "c" in args.tables:
-        table_c(devices, args.min_time, args.rounds)
+        table_c(devices, [float(s) for s in args.align_sparsity.split(",")], args.min_time,
+                args.rounds)
     if "b" in args.tables:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         table_b(devices, [int(m) for m in args.m.split(",")], shapes,  # type: ignore[arg-type]

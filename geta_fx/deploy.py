@@ -84,13 +84,16 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         inplace: lower ``model`` itself instead of a copy (GraphModule only).
 
     Returns:
-        The lowered GraphModule; ``meta["geta.deploy"]`` holds the metadata, and the lowered
-        model computes the fake-quant model's weights bit for bit.
+        The lowered GraphModule in eval mode (batch_norm/dropout flags rewritten, as
+        ``GetaModule.eval()`` does); ``meta["geta.deploy"]`` holds the metadata, and the lowered
+        model computes with the fake-quant model's weights bit for bit.
     """
     from geta_fx.lowbit_kernels import ensure_loaded
     from geta_fx.module import GetaModule
     from geta_fx.passes.lower_quant import LOWBIT, LowerQuant
     from geta_fx.pipeline import Pipeline
+
+    from geta_fx.module import set_graph_training
 
     ensure_loaded()  # the fused CPU kernel, when a compiler is (or was) available
     if isinstance(model, GetaModule):
@@ -101,6 +104,10 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     else:
         raise InputError(f"geta_fx.lower: expected a slim GraphModule or a GetaModule, got "
                          f"{type(model).__name__}")
+    # A deployed model is an inference model: eval flags baked into the graph (batch_norm,
+    # dropout), whatever mode the trained model was in.
+    set_graph_training(gm, False)
+    gm.eval()
     layers, totals = _layer_rows(gm, reference, example_inputs)
     if _has_quantizers(gm):
         from geta_fx.ir import meta as _meta
@@ -172,7 +179,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
 
     Args:
         model: a lowered GraphModule (:func:`lower`), a slim GraphModule or a GetaModule (both
-            lowered first unless ``lower_first=False``).
+            lowered first unless ``lower_first=False``).  The artifact is always an inference
+            graph: a graph with train-mode batch_norm/dropout flags is saved as an eval copy.
         path: the ``.pt2`` file.
         example_inputs: tuple of inputs for export (default: zeros at the capture-time sizes,
             from the graph's placeholders).
@@ -195,6 +203,15 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
             dynamic_shapes = auto if any(d is not None for d in auto) else None
     elif not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    from geta_fx.module import _TRAIN_FLAGS
+
+    if any(n.op == "call_function" and n.target in _TRAIN_FLAGS and len(n.args) >
+           _TRAIN_FLAGS[n.target] and n.args[_TRAIN_FLAGS[n.target]] is True
+           for n in gm.graph.nodes):  # exported in train mode: save an eval copy instead
+        from geta_fx.module import set_graph_training
+
+        gm = copy.deepcopy(gm)
+        set_graph_training(gm, False)
     was_training = gm.training
     gm.eval()
     try:

@@ -40,7 +40,6 @@ from torch import nn
 from geta_fx.errors import InputError, NodeError
 from geta_fx.ir import meta
 from geta_fx.ir.query import get_attr_tensor
-from geta_fx.ops import lowbit
 from geta_fx.pipeline import PassResult
 
 aten = torch.ops.aten
@@ -49,6 +48,16 @@ aten = torch.ops.aten
 LOWBIT = "geta.lowbit"
 #: Submodule holding the packed weights and frozen quantizer constants.
 HOLDER = "geta_lowbit"
+#: Widest packed weight (== geta_fx.ops.lowbit.MAX_BITS; a test checks it).  NOTE: this module
+#: imports geta_fx.ops lazily (as insert_quantizers does), so importing geta_fx.passes neither
+#: registers the ops nor loads kernels.
+MAX_BITS = 8
+
+
+def _lowbit() -> Any:
+    from geta_fx.ops import lowbit
+
+    return lowbit
 
 
 @dataclass(frozen=True)
@@ -184,14 +193,14 @@ class LowerQuant:
     requires: ClassVar[frozenset[str]] = frozenset({"geta.quantizer"})
     provides: ClassVar[frozenset[str]] = frozenset({"geta.lowbit"})
     invalidates: ClassVar[frozenset[str]] = frozenset({"geta.quantizer"})
-    max_bits: int = lowbit.MAX_BITS
+    max_bits: int = MAX_BITS
     fuse_linear: bool = True
     freeze_act: bool = True
 
     def __post_init__(self) -> None:
-        if not lowbit.MIN_BITS <= self.max_bits <= lowbit.MAX_BITS:
-            raise InputError(f"LowerQuant.max_bits must be in [{lowbit.MIN_BITS}, "
-                             f"{lowbit.MAX_BITS}], got {self.max_bits}")
+        if not 2 <= self.max_bits <= MAX_BITS:
+            raise InputError(f"LowerQuant.max_bits must be in [2, {MAX_BITS}], "
+                             f"got {self.max_bits}")
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         mode = _fake_mode(gm)
@@ -220,6 +229,7 @@ def _maybe_lower_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, q: nn.Mod
     w = get_attr_tensor(gm, str(attr.target))
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.dim() == 0:
         return None
+    lowbit = _lowbit()
     signed = bool(getattr(q, "signed", True))
     levels, y, d, max_level = _levels(node, q, w)
     bits = lowbit.bits_for_level(max_level, signed)

@@ -214,6 +214,16 @@ def test_lower_metadata_and_numerics() -> None:
     assert low2.meta[deploy.META_KEY]["layers"] == md["layers"]
 
 
+def test_lowered_model_is_an_inference_graph() -> None:
+    gm, x = _trained_like()
+    expected = gm(x)  # eval mode
+    gm.train()
+    low = deploy.lower(gm)  # compressed from a train-mode module: still batch_norm eval
+    assert not low.training
+    torch.testing.assert_close(low(x), expected, rtol=1e-5, atol=1e-5)
+    gm.eval()
+
+
 _CHILD = textwrap.dedent("""
     import json, sys
     import torch

@@ -269,3 +269,10 @@ def test_lowered_graph_exports_with_geta_ops() -> None:
     packed = [v for k, v in ep.state_dict.items() if k.endswith("packed")]
     assert packed and all(p.dtype == torch.uint8 for p in packed)
     torch.testing.assert_close(ep.module()(x), low(x), rtol=0, atol=0)
+
+
+def test_max_bits_matches_the_packed_format() -> None:
+    from geta_fx.ops import lowbit
+    from geta_fx.passes import lower_quant
+
+    assert lower_quant.MAX_BITS == lowbit.MAX_BITS == LowerQuant().max_bits

@@ -158,12 +158,73 @@ struct Decoder {
   // Decode `groups` groups of 8 codes into dst[groups * 8]; `codes` is scratch [groups * 8].
   // float(code - offset) * scale: the reference's float32(level) * scale, one IEEE multiply.
   void row(const uint8_t* src, int64_t groups, uint8_t* codes, float* dst) const {
+#ifdef GETA_LOWBIT_AVX512
+    if (bits == 2 || bits == 4 || bits == 8) {
+      row_avx512(src, groups, dst);
+      return;
+    }
+#endif
     decode_codes(src, groups, bits, codes);
+    to_float(codes, groups * 8, dst);
+  }
+
+  void to_float(const uint8_t* codes, int64_t n, float* dst) const {
     const int32_t off = offset;
     const float d = scale;
-    const int64_t n = groups * 8;
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(static_cast<int32_t>(codes[i]) - off) * d;
+    int64_t i = 0;
+#ifdef GETA_LOWBIT_AVX512
+    for (; i + 16 <= n; i += 16)
+      codes16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)), dst + i);
+#endif
+    for (; i < n; ++i) dst[i] = static_cast<float>(static_cast<int32_t>(codes[i]) - off) * d;
   }
+
+#ifdef GETA_LOWBIT_AVX512
+  // 16 codes in natural order (one per byte) -> 16 floats, bit-exact with the scalar formula.
+  void codes16(__m128i c, float* dst) const {
+    const __m512i lv = _mm512_sub_epi32(_mm512_cvtepu8_epi32(c), _mm512_set1_epi32(offset));
+    _mm512_storeu_ps(dst, _mm512_mul_ps(_mm512_cvtepi32_ps(lv), _mm512_set1_ps(scale)));
+  }
+
+  // 2/4/8 bits: 16 packed bytes at a time, codes spread to bytes in natural order with byte
+  // shifts/masks and unpack (interleave) instructions; scalar tail.
+  void row_avx512(const uint8_t* src, int64_t groups, float* dst) const {
+    const int64_t nbytes = groups * bits, n = groups * 8;
+    int64_t jb = 0;
+    if (bits == 8) {
+      for (; jb + 16 <= nbytes; jb += 16)
+        codes16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + jb)), dst + jb);
+    } else if (bits == 4) {
+      const __m128i m4 = _mm_set1_epi8(0x0F);
+      for (; jb + 16 <= nbytes; jb += 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + jb));
+        const __m128i lo = _mm_and_si128(b, m4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), m4);
+        codes16(_mm_unpacklo_epi8(lo, hi), dst + 2 * jb);
+        codes16(_mm_unpackhi_epi8(lo, hi), dst + 2 * jb + 16);
+      }
+    } else {  // 2 bits
+      const __m128i m2 = _mm_set1_epi8(0x03);
+      for (; jb + 16 <= nbytes; jb += 16) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + jb));
+        const __m128i c0 = _mm_and_si128(b, m2), c1 = _mm_and_si128(_mm_srli_epi16(b, 2), m2);
+        const __m128i c2 = _mm_and_si128(_mm_srli_epi16(b, 4), m2);
+        const __m128i c3 = _mm_and_si128(_mm_srli_epi16(b, 6), m2);
+        const __m128i a_lo = _mm_unpacklo_epi8(c0, c1), a_hi = _mm_unpackhi_epi8(c0, c1);
+        const __m128i b_lo = _mm_unpacklo_epi8(c2, c3), b_hi = _mm_unpackhi_epi8(c2, c3);
+        codes16(_mm_unpacklo_epi16(a_lo, b_lo), dst + 4 * jb);
+        codes16(_mm_unpackhi_epi16(a_lo, b_lo), dst + 4 * jb + 16);
+        codes16(_mm_unpacklo_epi16(a_hi, b_hi), dst + 4 * jb + 32);
+        codes16(_mm_unpackhi_epi16(a_hi, b_hi), dst + 4 * jb + 48);
+      }
+    }
+    const int mask = (1 << bits) - 1;
+    for (int64_t k = jb * 8 / bits; k < n; ++k) {  // tail: straight from the bitstream
+      const int64_t bit = k * bits;
+      const int code = (src[bit >> 3] >> (bit & 7)) & mask;  // 2/4/8 bits never straddle bytes
+      dst[k] = static_cast<float>(code - offset) * scale;
+    }
+  }
+#endif
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -391,7 +452,7 @@ void decode_matrix(const uint8_t* packed, int64_t row_stride, int64_t n, int64_t
 
 // M > kFusedMaxM: decode ~kChunkBytes of weight rows at a time into one reused float32 buffer
 // (it stays in cache for the GEMM that reads it) and multiply it into the output's columns.
-constexpr int64_t kChunkBytes = 2 << 20;
+constexpr int64_t kChunkBytes = 8 << 20;
 
 void chunked_linear(const at::Tensor& xf, const uint8_t* packed, int64_t row_stride, int64_t n,
                     int64_t k, const Decoder& dec, at::Tensor& out) {
