@@ -82,6 +82,7 @@ def test_schedule_stage_boundaries() -> None:
     assert [k for k in range(1, 21) if s.is_commit_step(k)] == [10, 13, 16]
     assert [k for k in range(1, 21) if s.is_joint_step(k)] == [9, 10, 12, 13, 15, 16]
     assert [s.forget_rate(k) for k in (9, 10, 11)] == [0.5, 1.0, 0.0]
+    assert [s.committed_periods(k) for k in (9, 10, 12, 13, 16, 20)] == [0, 1, 1, 2, 3, 3]
 
 
 def test_schedule_bit_reduction_b_times_never_below_b_l() -> None:
@@ -105,6 +106,7 @@ def test_schedule_single_step_periods_and_validation() -> None:
     assert [k for k in range(1, 6) if s.is_selection_step(k)] == [2, 3, 4]
     assert [k for k in range(1, 6) if s.is_commit_step(k)] == [2, 3, 4]
     assert not any(s.is_joint_step(k) for k in range(1, 6))
+    assert [s.committed_periods(k) for k in range(1, 6)] == [0, 1, 2, 3, 3]
     with pytest.raises(InputError, match="pruning_steps"):
         Schedule(pruning_steps=2, pruning_periods=3)
     with pytest.raises(InputError, match="bit_range"):

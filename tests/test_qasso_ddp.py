@@ -1,8 +1,8 @@
 """QASSO under DistributedDataParallel (gloo, 2 CPU ranks): identical masks and bit widths.
 
-    rank 0 ─┐  DDP(gm) + QASSO(gm), own data shard   ─┐
-            ├── all-reduced grads, rank-0 selection ─┼─▶ all_gather(masks, bits, weights): equal
-    rank 1 ─┘                                        ─┘
+    rank 0 ─┐ DDP(gm) + QASSO(gm), own data shard  ─┐
+            ├─ all-reduced grads, rank-0 selection ─┼─▶ all_gather(masks, bits, weights)
+    rank 1 ─┘                                      ─┘   equal on both ranks
 """
 
 from __future__ import annotations

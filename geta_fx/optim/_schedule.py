@@ -146,6 +146,14 @@ class Schedule:
         pos = self.pruning_position(k)
         return pos is not None and pos[1] == max(self.period_steps - 1, 1)
 
+    def committed_periods(self, k: int) -> int:
+        """How many pruning periods have committed by the end of step ``k``."""
+        n = self.period_steps
+        first_commit = self.start_pruning_step + max(n - 1, 1)
+        if k < first_commit:
+            return 0
+        return min(self.pruning_periods, (k - first_commit) // n + 1)
+
     def forget_rate(self, k: int) -> float:
         """``1 / (T - t)``: the forget rate of a positively aligned group (GETA_SPEC C.6)."""
         pos = self.pruning_position(k)

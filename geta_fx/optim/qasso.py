@@ -37,7 +37,8 @@ implemented:
 * #11 see :mod:`geta_fx.optim._saliency` (exclude pruned units, then take the lowest scores;
   one unit per group is protected up front).
 * #13 see :mod:`geta_fx.optim._schedule` (B reductions, never below b_l, no division).
-* #14 Adam moments start at zero and are bias-corrected (the reference starts them at g, g^2).
+* #14 Adam moments start at zero and are bias-corrected (the reference starts them at g, g^2);
+  see :mod:`geta_fx.optim._directions`.
 * Decoupled (adamw) weight decay applies to every weight, also inside the joint update (the
   reference skips it there); a period that could not prune its share (``group_divisible``)
   passes the rest to the next period instead of dropping it.
@@ -54,7 +55,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from geta_fx.errors import InputError
-from geta_fx.optim import _joint, _saliency
+from geta_fx.optim import _directions, _joint, _saliency
 from geta_fx.optim._layout import Layout, build_layout
 from geta_fx.optim._schedule import Schedule, Stage
 from geta_fx.quantizer import Q_M_MIN, bit_width, d_for_bits
@@ -184,8 +185,9 @@ class QASSO(torch.optim.Optimizer):
         self._num_layers = len(quants)
         self._is_weight_q = torch.tensor([q.kind == "weight" for q in quants] + [True],
                                          dtype=torch.bool, device=device)
-        self._signed = torch.tensor([bool(q.signed) for q in quants] + [True],
-                                    dtype=torch.bool, device=device)
+        self._quants = quants
+        self._signed_flags: tuple[bool, ...] | None = None
+        self._signed = self._refresh_signed()
         weight_layer: dict[int, int] = {}
         for i, q in enumerate(quants):
             fqn = getattr(q, "param_fqn", None)
@@ -261,7 +263,7 @@ class QASSO(torch.optim.Optimizer):
         lr = float(group["lr"])
 
         weights: list[nn.Parameter] = group["params"]
-        dirs = self._weight_directions(weights, group)
+        dirs = _directions.weight_directions(self.variant, weights, self.state, group)
         if sch.is_selection_step(k):
             self._select(weights, dirs)
         plan = self._plan if sch.is_joint_step(k) and self._plan is not None else None
@@ -299,83 +301,16 @@ class QASSO(torch.optim.Optimizer):
         d = dirs[i]
         return torch.zeros_like(weights[i]) if d is None else d
 
-    def _weight_directions(self, weights: list[nn.Parameter],
-                           group: dict[str, Any]) -> list[Tensor | None]:
-        """Search direction g^ of every weight (None where it has no gradient)."""
-        idx = [i for i, p in enumerate(weights) if p.grad is not None]
-        out: list[Tensor | None] = [None] * len(weights)
-        if not idx:
-            return out
-        ps = [weights[i] for i in idx]
-        grads = [weights[i].grad for i in idx]
-        wd = float(group["weight_decay"])
-        if wd != 0 and self.variant != "adamw":
-            grads = torch._foreach_add(grads, ps, alpha=wd)  # L2 (GETA_SPEC C.2)
-        if self.variant == "sgd":
-            mom, damp = float(group["momentum"]), float(group["dampening"])
-            if mom == 0:
-                dirs = list(grads)
-            else:
-                bufs = []
-                for p, g in zip(ps, grads, strict=True):
-                    st = self.state[p]
-                    if "momentum_buffer" not in st:  # first call: m <- g (torch.optim.SGD)
-                        st["momentum_buffer"] = g.detach().clone()
-                        bufs.append(None)
-                    else:
-                        bufs.append(st["momentum_buffer"])
-                old = [(b, g) for b, g in zip(bufs, grads, strict=True) if b is not None]
-                if old:
-                    bl, gl = [b for b, _ in old], [g for _, g in old]
-                    torch._foreach_mul_(bl, mom)
-                    torch._foreach_add_(bl, gl, alpha=1.0 - damp)
-                dirs = [self.state[p]["momentum_buffer"] for p in ps]
-        else:
-            b1, b2 = group["betas"]
-            eps = float(group["eps"])
-            states = [self.state[p] for p in ps]
-            for st in states:
-                st["step"] += 1
-            m = [st["exp_avg"] for st in states]
-            v = [st["exp_avg_sq"] for st in states]
-            # G.2 #14: moments start at 0 and are bias-corrected
-            torch._foreach_lerp_(m, grads, 1.0 - b1)
-            torch._foreach_mul_(v, b2)
-            torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
-            bc1 = [1.0 - b1 ** st["step"] for st in states]
-            bc2 = [math.sqrt(1.0 - b2 ** st["step"]) for st in states]
-            denom = torch._foreach_sqrt(v)
-            torch._foreach_div_(denom, bc2)
-            torch._foreach_add_(denom, eps)
-            dirs = torch._foreach_div(m, denom)
-            torch._foreach_div_(dirs, bc1)
-        for i, d in zip(idx, dirs, strict=True):
-            out[i] = d
-        return out
-
-    def _quant_direction(self, grads: Tensor) -> Tensor:
-        """g^ of the stacked quantizer scalars (same variant, no weight decay)."""
-        st = self._qstate
-        st["step"] += 1
-        if self.variant == "sgd":
-            mom = float(self.defaults["momentum"])
-            damp = float(self.defaults["dampening"])
-            if mom == 0:
-                return grads
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                st["momentum_buffer"] = buf = grads.clone()
-            else:
-                buf.mul_(mom).add_(grads, alpha=1.0 - damp)
-            return buf
-        b1, b2 = self.defaults["betas"]
-        st["exp_avg"].lerp_(grads, 1.0 - b1)
-        st["exp_avg_sq"].mul_(b2).addcmul_(grads, grads, value=1.0 - b2)
-        bc1 = 1.0 - b1 ** st["step"]
-        bc2 = math.sqrt(1.0 - b2 ** st["step"])
-        return (st["exp_avg"] / bc1) / (st["exp_avg_sq"].sqrt() / bc2 + float(self.defaults["eps"]))
-
     # ------------------------------------------------------------------ quantizers
+    def _refresh_signed(self) -> Tensor:
+        """Per quantizer ``signed`` flags (+ a dummy entry), rebuilt only when one changed
+        (``geta_fx.calibrate`` may flip them); a plain Python comparison per step, no copy."""
+        flags = tuple(bool(q.signed) for q in self._quants)
+        if flags != self._signed_flags:
+            self._signed_flags = flags
+            self._signed = torch.tensor([*flags, True], dtype=torch.bool, device=self._device)
+        return self._signed
+
     def _step_quantizers(self, stage: Stage, k: int, lr: float, plan: _joint.JointPlan | None,
                          x_sub: Tensor | None, g_sub: Tensor | None) -> Tensor | None:
         """Plain step + projection / pinning / joint d* of all quantizers; returns the
@@ -389,6 +324,7 @@ class QASSO(torch.optim.Optimizer):
                 plan, x_sub, g_sub, one, one, one, self._signed, self.schedule.b_l,
                 self.schedule.b_u(k), self.schedule.forget_rate(k), lr, self.layout.num_groups)
             return delta
+        self._refresh_signed()
         qgroup = self.param_groups[1]
         lr_q = float(qgroup["lr_quant"])
         qp = self._qparams
@@ -396,7 +332,8 @@ class QASSO(torch.optim.Optimizer):
         grads = torch.cat([p.grad.view(-1) if p.grad is not None else torch.zeros_like(p.view(-1))
                            for p in qp])
         d_old = vals[:n_l].exp()
-        new = vals - lr_q * self._quant_direction(grads)
+        new = vals - lr_q * _directions.quant_direction(self.variant, self._qstate, grads,
+                                                        self.defaults)
         log_d, q_m, t = new[:n_l], new[n_l:2 * n_l], new[2 * n_l:]
         q_eff = q_m.abs().clamp_min(Q_M_MIN)
         signed = self._signed[:n_l]
@@ -497,9 +434,9 @@ class QASSO(torch.optim.Optimizer):
 
         Keys: ``step``, ``stage``, ``period``, ``num_units`` (prunable), ``K`` (target),
         ``num_pruned`` (committed), ``num_zero_units`` (measured: every "out" slice exactly 0),
-        ``group_sparsity`` (zero units / prunable units), ``shortfall`` (units the "keep one
-        per group"/divisibility rule left unpruned; ``K - num_pruned`` once pruning is over,
-        else the part of the targets of finished periods not met), ``max_prunable``,
+        ``group_sparsity`` (zero units / prunable units), ``shortfall`` (units of the cumulative
+        target of the committed periods that the "keep one unit per group" or divisibility
+        rule left unpruned; ``K - num_pruned`` once the last period committed), ``max_prunable``,
         ``b_l``/``b_u`` (weight bit range in force), ``bits_min``/``bits_max``/``bits_mean``
         (continuous weight-quantizer bit widths), ``act_bits_min``/``act_bits_max`` (if any),
         ``lr``, ``lr_quant``.
@@ -511,15 +448,8 @@ class QASSO(torch.optim.Optimizer):
         num_zero = int((zero == 0).sum()) if lay.num_units else 0
         num_pruned = int(self._pruned.sum())
         pos = sch.pruning_position(k)
-        done_periods = sch.pruning_periods if k >= sch.start_pruning_step + \
-            sch.period_steps * sch.pruning_periods else (pos[0] if pos else 0)
-        if k > sch.pruning_end or done_periods == sch.pruning_periods:
-            shortfall = self.k_target - num_pruned
-        elif done_periods > 0:
-            shortfall = max(0, sch.cumulative_target(done_periods - 1, self.k_target)
-                            - num_pruned)
-        else:
-            shortfall = 0
+        done = sch.committed_periods(k)
+        shortfall = sch.cumulative_target(done - 1, self.k_target) - num_pruned if done else 0
         out: dict[str, Any] = {
             "step": k, "stage": sch.stage(k), "period": None if pos is None else pos[0],
             "num_units": lay.num_units, "K": self.k_target, "num_pruned": num_pruned,
