@@ -301,8 +301,7 @@ def run_digits(*, epochs: int = 40, geta_epochs: int = 30, batch_size: int = 64,
 
     Args:
         epochs: dense training epochs (AdamW, cosine LR); both runs train this long.
-        geta_epochs: GETA (QASSO) epochs, starting from the dense model after
-            epochs - geta_epochs epochs (equal to epochs: from scratch).
+        geta_epochs: GETA (QASSO) epochs, from the dense model at epoch epochs - geta_epochs.
         batch_size: images per step (the last partial batch of an epoch is dropped).
         lr: learning rate of the dense run (cosine-decayed to 5 %).
         geta_lr: QASSO learning rate of the weights (cosine-decayed to 5 %).
@@ -319,8 +318,7 @@ def run_digits(*, epochs: int = 40, geta_epochs: int = 30, batch_size: int = 64,
         quantize: "weight_act" (weights and layer inputs) or "weight".
         width: channels of the first conv (the others scale with it).
         seed: seed of the split, the initial weights and the batch order.
-        threads: torch CPU threads (0: torch's default; 1, the default, keeps the timing
-            stable on a small shared machine, where 2 threads can be 10x slower under load).
+        threads: torch CPU threads (0: torch's default; 1 stays fast on a busy 2-core machine).
         progress: show a progress bar on stderr.
     """
     from geta_fx.report import report
@@ -404,8 +402,7 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
 
     Args:
         steps: dense training steps (AdamW, cosine LR); both runs train this long.
-        geta_steps: GETA (QASSO) steps, starting from the dense model after
-            steps - geta_steps steps (equal to steps: from scratch).
+        geta_steps: GETA (QASSO) steps, from the dense model at step steps - geta_steps.
         batch_size: sequences per step.
         block: context length in characters.
         d_model: embedding width.
@@ -426,8 +423,7 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
         quantize: "weight_act" (weights and layer inputs) or "weight".
         eval_batches: validation batches (fixed positions) for loss/perplexity.
         seed: seed of the initial weights and the batch positions.
-        threads: torch CPU threads (0: torch's default; 1, the default, keeps the timing
-            stable on a small shared machine, where 2 threads can be 10x slower under load).
+        threads: torch CPU threads (0: torch's default; 1 stays fast on a busy 2-core machine).
         progress: show a progress bar on stderr.
     """
     from geta_fx.report import report
