@@ -1,0 +1,202 @@
+"""QASSO overhead: a full training step with QASSO vs torch.optim.AdamW, per GETA stage.
+
+For each model (CIFAR ResNet-20 at 32x32, a small character GPT), two copies of the same
+GetaModule (``quantize="weight"``) are trained side by side on the same batches:
+
+    qasso   QASSO(variant="adamw"), schedule: warm-up, projection, pruning (2 periods),
+            cool-down, ``--steps`` timed steps per stage
+    adamw   torch.optim.AdamW (PyTorch's default implementation for the device)
+
+A "step" is zero_grad + forward + loss + backward + optimizer step (CUDA: synchronized).  Steps of
+the two copies alternate, so machine noise hits both alike.  Per stage the table reports the
+median step time of each and their ratio (goal: <= 1.25x), plus QASSO's mean (which includes the
+once-per-period selection/commit steps) and its slowest step.
+
+    python benchmarks/bench_qasso.py                       # both models, CPU
+    python benchmarks/bench_qasso.py --device cuda --steps 30
+    python benchmarks/bench_qasso.py --models gpt --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import geta_fx
+from geta_fx.demo import CharGPT
+from geta_fx.optim import QASSO
+
+STAGES = ("warmup", "projection", "pruning", "cooldown")
+
+
+# ------------------------------------------------------------------------------ models
+class _Basic(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = nn.BatchNorm2d(cout)
+        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = nn.BatchNorm2d(cout)
+        self.short = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                       nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.b1(self.c1(x)))
+        return F.relu(self.b2(self.c2(y)) + self.short(x))
+
+
+class ResNet20(nn.Module):
+    """He et al.'s CIFAR ResNet-20 (16/32/64 channels, 3x3 basic blocks)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        blocks, c = [], 16
+        for i, w in enumerate((16, 32, 64)):
+            for j in range(3):
+                blocks.append(_Basic(c, w, 2 if i > 0 and j == 0 else 1))
+                c = w
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(F.relu(self.bn(self.conv(x))))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _resnet(batch: int, device: str) -> tuple[nn.Module, Callable[[int], tuple[Tensor, Tensor]],
+                                               Callable[[Tensor, Tensor], Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    xs = torch.randn(4, batch, 3, 32, 32, generator=gen).to(device)
+    ys = torch.randint(0, 10, (4, batch), generator=gen).to(device)
+    return ResNet20(), lambda i: (xs[i % 4], ys[i % 4]), F.cross_entropy
+
+
+def _gpt(batch: int, device: str) -> tuple[nn.Module, Callable[[int], tuple[Tensor, Tensor]],
+                                           Callable[[Tensor, Tensor], Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    vocab, block = 96, 64
+    seqs = torch.randint(0, vocab, (4, batch, block + 1), generator=gen).to(device)
+
+    def loss(logits: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+    model = CharGPT(vocab, block=block, d=128, heads=4, layers=4)
+    return model, lambda i: (seqs[i % 4, :, :-1], seqs[i % 4, :, 1:]), loss
+
+
+MODELS = {"resnet20": _resnet, "gpt": _gpt}
+
+
+# ------------------------------------------------------------------------------ timing
+def _commit() -> str:
+    if os.environ.get("GETA_FX_COMMIT"):
+        return os.environ["GETA_FX_COMMIT"]
+    try:
+        here = Path(__file__).resolve().parent
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False, cwd=here).stdout.strip()
+        return head or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def _timed_step(module: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+                loss_fn: Callable[[Tensor, Tensor], Tensor], cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss_fn(module(x), y).backward()
+    opt.step()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def bench_model(name: str, steps: int, batch: int, device: str, warm: int) -> list[dict]:
+    model, batch_fn, loss_fn = MODELS[name](batch, device)
+    model = model.to(device).eval()
+    x0, _ = batch_fn(0)
+    gm_q = geta_fx.transform(model, (x0,), quantize="weight").to(device).train()
+    gm_a = copy.deepcopy(gm_q)
+    s = steps
+    qasso = QASSO(gm_q, variant="adamw", lr=1e-3, lr_quant=1e-3, weight_decay=1e-2,
+                  target_sparsity=0.5, bit_range=(4, 16), bit_reduction=2,
+                  start_projection_step=warm + s, projection_steps=s, projection_periods=2,
+                  start_pruning_step=warm + 2 * s, pruning_steps=s, pruning_periods=2)
+    adamw = torch.optim.AdamW(gm_a.parameters(), lr=1e-3, weight_decay=1e-2)
+    cuda = device.startswith("cuda")
+    times: dict[str, dict[str, list[float]]] = {st: {"qasso": [], "adamw": []} for st in STAGES}
+    total = warm + 4 * s
+    for i in range(total):
+        x, y = batch_fn(i)
+        tq = _timed_step(gm_q, qasso, x, y, loss_fn, cuda)
+        stage = qasso.stage
+        ta = _timed_step(gm_a, adamw, x, y, loss_fn, cuda)
+        if i >= warm:
+            times[stage]["qasso"].append(tq)
+            times[stage]["adamw"].append(ta)
+    m = qasso.metrics()
+    rows = []
+    for st in STAGES:
+        q, a = times[st]["qasso"], times[st]["adamw"]
+        if not q:
+            continue
+        rows.append({"model": name, "stage": st, "steps": len(q),
+                     "qasso_ms": 1e3 * statistics.median(q), "adamw_ms": 1e3 * statistics.median(a),
+                     "ratio": statistics.median(q) / statistics.median(a),
+                     "qasso_mean_ms": 1e3 * statistics.fmean(q),
+                     "adamw_mean_ms": 1e3 * statistics.fmean(a),
+                     "qasso_max_ms": 1e3 * max(q)})
+    rows[-1]["note"] = (f"pruned {m['num_pruned']}/{m['num_units']} units, bits "
+                        f"{m['bits_min']:.1f}-{m['bits_max']:.1f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per stage")
+    ap.add_argument("--warm", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dev = args.device
+    name = torch.cuda.get_device_name() if dev.startswith("cuda") else platform.processor() \
+        or platform.machine()
+    print(f"# bench_qasso  {datetime.datetime.now().isoformat(timespec='seconds')}  "
+          f"commit {_commit()}  torch {torch.__version__}  device {dev} ({name})  "
+          f"threads {torch.get_num_threads()}  batch {args.batch}  steps/stage {args.steps}")
+    header = (f"{'model':9} {'stage':10} {'QASSO ms':>9} {'AdamW ms':>9} {'ratio':>6} "
+              f"{'QASSO mean':>10} {'AdamW mean':>10} {'QASSO max':>9}")
+    print(header)
+    print("-" * len(header))
+    for model in args.models:
+        for r in bench_model(model, args.steps, args.batch, dev, args.warm):
+            print(f"{r['model']:9} {r['stage']:10} {r['qasso_ms']:9.2f} {r['adamw_ms']:9.2f} "
+                  f"{r['ratio']:5.2f}x {r['qasso_mean_ms']:10.2f} {r['adamw_mean_ms']:10.2f} "
+                  f"{r['qasso_max_ms']:9.2f}" + (f"   {r['note']}" if "note" in r else ""),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
