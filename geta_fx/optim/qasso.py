@@ -274,8 +274,9 @@ class QASSO(torch.optim.Optimizer):
         if plan is not None:  # redundant elements before this step's update
             params = self.layout.params
             x_sub = torch.cat([params[i].view(-1)[idx] for i, idx, _, _ in plan.slices])
-            g_sub = torch.cat([self._dir_or_zero(dirs, weights, self._stats_widx[i]).view(-1)[idx]
-                               for i, idx, _, _ in plan.slices])
+            g_sub = torch.cat([
+                self._dir_or_zero(dirs, weights, self._stats_widx[i]).view(-1)[idx]
+                for i, idx, _, _ in plan.slices])
         delta = self._step_quantizers(stage, k, lr, plan, x_sub, g_sub)
 
         # weights: p <- p (1 - lr wd)  [adamw]  - lr g^  - forget term  [joint]
@@ -333,7 +334,7 @@ class QASSO(torch.optim.Optimizer):
                            for p in qp])
         d_old = vals[:n_l].exp()
         new = vals - lr_q * _directions.quant_direction(self.variant, self._qstate, grads,
-                                                        self.defaults)
+                                                        qgroup)
         log_d, q_m, t = new[:n_l], new[n_l:2 * n_l], new[2 * n_l:]
         q_eff = q_m.abs().clamp_min(Q_M_MIN)
         signed = self._signed[:n_l]
