@@ -35,6 +35,7 @@ import platform
 import subprocess
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -246,9 +247,14 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
                 slim, low = copy.deepcopy(slim).to(device), copy.deepcopy(low).to(device)
                 t_dense = t_slim = t_low = float("inf")
                 for _ in range(rounds):  # interleaved: dense, slim, lowered, dense, ...
-                    t_dense = min(t_dense, ms(lambda: dense_d(*dev_args), min_time))
-                    t_slim = min(t_slim, ms(lambda slim=slim: slim(*dev_args), min_time))
-                    t_low = min(t_low, ms(lambda low=low: low(*dev_args), min_time))
+                    for key, mod in (("dense", dense_d), ("slim", slim), ("low", low)):
+                        t = ms(partial(mod, *dev_args), min_time)
+                        if key == "dense":
+                            t_dense = min(t_dense, t)
+                        elif key == "slim":
+                            t_slim = min(t_slim, t)
+                        else:
+                            t_low = min(t_low, t)
                 print(f"| {device} | {name} | {sp:.0%} | {num_params(dense):,} | "
                       f"{num_params(slim):,} | {t_dense:.2f} | {t_slim:.2f} | "
                       f"{t_dense / t_slim:.2f}x | {t_low:.2f} | {t_dense / t_low:.2f}x |",
@@ -296,13 +302,44 @@ def table_c(devices: list[str], sparsities: list[float], min_time: float,
             best: dict[str, float] = {}
             for _ in range(rounds):
                 for key, mod in mods.items():
-                    t = ms(lambda mod=mod: mod(*dev_args), min_time)
+                    t = ms(partial(mod, *dev_args), min_time)
                     best[key] = min(best.get(key, t), t)
             t_odd = best["odd"]
             for key, (_, kept, total, widths) in variants.items():
                 print(f"| {device} | {name} | {sp:.0%} | {key} {kept}/{total} | {widths} | "
                       f"{best[key]:.2f} | {best['dense'] / best[key]:.2f}x | "
                       f"{t_odd / best[key]:.2f}x |", flush=True)
+
+
+def table_c_layers(devices: list[str], min_time: float, rounds: int = 3) -> None:
+    """Single layers at the channel counts table (c) produces: the alignment effect in isolation."""
+    print("\n#### (c') single layers by channel count (fp32; ratio = aligned ms / this ms)\n")
+    print("| device | layer | channels | ms | vs aligned |")
+    print("|---|---|---|---|---|")
+    gen = torch.Generator().manual_seed(1)
+    cases: list[tuple[str, list[int], Callable[[int], tuple[Any, ...]], Callable[..., Any]]] = [
+        ("conv3x3 8xCx32x32 -> C", [31, 32, 45, 48], lambda c: (
+            torch.randn(8, c, 32, 32, generator=gen), torch.randn(c, c, 3, 3, generator=gen)),
+         partial(F.conv2d, padding=1)),
+        ("conv3x3 8xCx16x16 -> C", [63, 64, 89, 96], lambda c: (
+            torch.randn(8, c, 16, 16, generator=gen), torch.randn(c, c, 3, 3, generator=gen)),
+         partial(F.conv2d, padding=1)),
+        ("linear 256xC -> 4C", [191, 192, 269, 272], lambda c: (
+            torch.randn(256, c, generator=gen), torch.randn(4 * c, c, generator=gen)),
+         F.linear),
+    ]
+    for device in devices:
+        for label, chans, make, op in cases:
+            inputs = {c: tuple(t.to(device) for t in make(c)) for c in chans}
+            best: dict[int, float] = {}
+            for _ in range(rounds):
+                for c in chans:
+                    t = ms(partial(op, *inputs[c]), min_time)
+                    best[c] = min(best.get(c, t), t)
+            for i, c in enumerate(chans):
+                aligned = chans[i + 1] if i % 2 == 0 else c  # pairs: (unaligned, aligned)
+                print(f"| {device} | {label} | {c} | {best[c]:.3f} | "
+                      f"{best[aligned] / best[c]:.2f}x |", flush=True)
 
 
 # ------------------------------------------------------------------------------- table (b)
@@ -352,23 +389,23 @@ def table_b(devices: list[str], ms_list: list[int], shapes: list[tuple[int, int]
             for m in ms_list:
                 x = torch.randn(m, k, generator=gen).to(device)
                 xh, xb = x.half(), x.bfloat16()
-                t16 = ms(lambda: F.linear(xh, w16), min_time)
-                tb = ms(lambda: F.linear(xb, wb), min_time)
-                t32 = ms(lambda: F.linear(x, w32), min_time) if w32 is not None else None
+                t16 = ms(partial(F.linear, xh, w16), min_time)
+                tb = ms(partial(F.linear, xb, wb), min_time)
+                t32 = ms(partial(F.linear, x, w32), min_time) if w32 is not None else None
                 peer = _int4_peer(x, n, k, device, gen)
                 tp = ms(peer, min_time) if peer is not None else None
                 tl = {}
                 for b, (p, s) in packed.items():
                     # activations in fp16 on CUDA (the fp16 comparison), fp32 on CPU
                     xa = xh if device == "cuda" else x
-                    tl[b] = ms(lambda p=p, s=s, b=b, xa=xa: torch.ops.geta.lowbit_linear.default(
-                        xa, p, s, b, k, True, None), min_time)
+                    tl[b] = ms(partial(torch.ops.geta.lowbit_linear.default, xa, p, s, b, k,
+                                       True, None), min_time)
                 cells = [f"{t16:.3f}", f"{tb:.3f}", f"{t32:.3f}" if t32 else "-",
                          f"{tp:.3f}" if tp else "n/a"]
                 cells += [f"{tl[b]:.3f}" for b in bits_list]
                 cells += [f"{t16 / tl[b]:.2f}x" for b in bits_list]
                 print(f"| {device} | {k}x{n} | {m} | " + " | ".join(cells) + " |", flush=True)
-            del w16, wb, w32, packed
+            w16 = wb = w32 = packed = None  # free before the next shape  # type: ignore[assignment]
     # correctness guard for what was timed (one small case per device)
     for device in devices:
         p, s = _packed_weight(64, 256, 4, device, gen)
@@ -408,6 +445,7 @@ def main() -> None:
     if "c" in args.tables:
         table_c(devices, [float(s) for s in args.align_sparsity.split(",")], args.min_time,
                 args.rounds)
+        table_c_layers(devices, args.min_time, args.rounds)
     if "b" in args.tables:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         table_b(devices, [int(m) for m in args.m.split(",")], shapes,  # type: ignore[arg-type]

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -55,7 +54,7 @@ def _layer_rows(slim: torch.fx.GraphModule, reference: Any, example_inputs: Any
 
     try:
         rep = report(slim, example_inputs, reference=reference)
-    except Exception as e:  # noqa: BLE001 - metadata is informative; lowering must not fail
+    except Exception as e:  # metadata is informative; lowering must not fail
         logger.warning("geta_fx.lower: no per-layer report (%s: %s)", type(e).__name__, e)
         return [], {"report_error": f"{type(e).__name__}: {e}"}
     rows = [dataclasses.asdict(r) for r in rep.layers]
@@ -89,11 +88,9 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         model computes with the fake-quant model's weights bit for bit.
     """
     from geta_fx.lowbit_kernels import ensure_loaded
-    from geta_fx.module import GetaModule
+    from geta_fx.module import GetaModule, set_graph_training
     from geta_fx.passes.lower_quant import LOWBIT, LowerQuant
     from geta_fx.pipeline import Pipeline
-
-    from geta_fx.module import set_graph_training
 
     ensure_loaded()  # the fused CPU kernel, when a compiler is (or was) available
     if isinstance(model, GetaModule):

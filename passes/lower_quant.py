@@ -5,9 +5,9 @@ forward.  A deployed model stores each quantized weight as ``bits``-bit integer 
 quantizer's step ``d`` (``geta_fx.ops.lowbit`` defines the packed format), and computes with the
 ``geta`` low-bit ops::
 
-    W (param) -> Q_w (geta_quant.*) -> linear(x, ., b)        packed, scale -> lowbit_linear(x, ., ., b)
-    W (param) -> Q_w -> conv2d(x, ., ...)              ==>     packed, scale -> unpack_weight -> conv2d
-    x -> Q_a (geta_quant.*_input) -> ...                      x -> geta::quantize(x, d, q_m, t) -> ...
+    W -> Q_w (geta_quant.*) -> linear(x, ., b)   ==>  packed, scale -> lowbit_linear(x, ., ., b)
+    W -> Q_w -> conv2d(x, ., ...)                ==>  packed, scale -> unpack_weight -> conv2d
+    x -> Q_a (geta_quant.*_input) -> ...         ==>  x -> geta::quantize(x, d, q_m, t) -> ...
 
 * ``level = round(Q_w(W) / d)`` is read back from the quantizer's own output and checked:
   ``float32(level) * d`` must equal ``Q_w(W)`` bit for bit (else :class:`NodeError`), so the
@@ -24,7 +24,8 @@ quantizer's step ``d`` (``geta_fx.ops.lowbit`` defines the packed format), and c
 Invariants: the lowered graph has no ``is_geta_quantizer`` module left; new nodes carry ``val``
 (fake tensors of the graph's fake mode), ``nn_module_stack``/``stack_trace`` of the layer and
 ``geta.origin``; ``gm.meta["geta.lowbit"]`` lists one :class:`LowbitWeight` per lowered weight.
-``modified`` is True iff a quantizer was lowered; a second run finds none (idempotent).
+``modified`` is True iff a quantizer was lowered or frozen; a second run finds none
+(idempotent).
 """
 
 from __future__ import annotations
@@ -273,7 +274,7 @@ def _is_fusable_linear(user: torch.fx.Node, qnode: torch.fx.Node, ndim: int) -> 
 def _rewrite_weight_users(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, bits: int,
                           signed: bool, shape: tuple[int, ...], dtype: torch.dtype, mode: Any,
                           cfg: LowerQuant) -> None:
-    """Point every reader of the quantizer ``node`` at the packed weight (inside inserting_before)."""
+    """Point every reader of the quantizer ``node`` at the packed weight (nodes go before it)."""
     packed = _get_attr(gm, node, f"{path}.packed", mode)
     scale = _get_attr(gm, node, f"{path}.scale", mode)
     unpacked: torch.fx.Node | None = None

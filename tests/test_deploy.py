@@ -1,4 +1,4 @@
-"""Deployment (issue #7): packed format, low-bit kernels vs reference, geta_fx.deploy lower/save/load.
+"""Deployment (issue #7): packed format, low-bit kernels, geta_fx.deploy lower/save/load.
 
     geta_fx.deploy.lower(slim)  -> lowered GraphModule (+ meta["geta.deploy"])
     geta_fx.deploy.save(., "m.pt2")  -> torch.export.save + geta_fx.json
@@ -240,7 +240,7 @@ _CHILD = textwrap.dedent("""
 
 
 def test_save_load_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
-    gm, x = _trained_like()
+    gm, _ = _trained_like()
     slim = gm.compress()
     low = deploy.lower(slim, reference=gm)
     path = tmp_path / "model.pt2"
@@ -286,7 +286,7 @@ def test_file_size_reflects_packed_bits(tmp_path: Path) -> None:
 def test_lowered_model_runs_on_cuda() -> None:
     gm, x = _trained_like()
     low = deploy.lower(gm.compress(), reference=gm)
-    expected = low(x)
+    expected = low(x)  # CPU
     low_cuda = low.to("cuda")
     torch.testing.assert_close(low_cuda(x.cuda()).cpu(), expected, rtol=1e-4, atol=1e-5)
 

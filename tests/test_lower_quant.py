@@ -25,7 +25,7 @@ from geta_fx.ir import meta
 from geta_fx.ir.query import count_calls, get_attr_tensor
 from geta_fx.ops.lowbit import lowbit_linear_reference, unpack_weight_reference
 from geta_fx.passes.lower_quant import HOLDER, LOWBIT, LowerQuant
-from geta_fx.pipeline import Pipeline, PassResult
+from geta_fx.pipeline import PassResult, Pipeline
 
 geta = torch.ops.geta
 
@@ -98,7 +98,7 @@ def test_dequantized_weight_equals_fake_quant_bit_for_bit(bits: int, t: float) -
     torch.manual_seed(bits)
     model = nn.Sequential(nn.Linear(37, 11))
     x = torch.randn(2, 4, 37) * 0.3
-    gm, slim = _slim(model, x, [bits], t=t)
+    _, slim = _slim(model, x, [bits], t=t)
     expected = _fake_quant_weights(slim)
     low = _lower(copy.deepcopy(slim)).graph_module
     (rec,) = low.meta[LOWBIT]
@@ -121,7 +121,7 @@ def test_linear_layers_become_lowbit_linear() -> None:
     from zoo import MLP
 
     x = torch.randn(4, 12)
-    gm, slim = _slim(MLP(), x, [4, 3, 8])
+    _, slim = _slim(MLP(), x, [4, 3, 8])
     expected = slim(x)
     res = _lower(slim)
     low = res.graph_module
@@ -193,7 +193,7 @@ def test_activation_quantizer_freezing_is_bit_exact() -> None:
     from zoo import MLP
 
     x = torch.randn(4, 12)
-    gm, slim = _slim(MLP(), x, [12], mode="weight_act")  # weights stay float: no fused matmul
+    _, slim = _slim(MLP(), x, [12], mode="weight_act")  # weights stay float: no fused matmul
     expected = slim(x)
     low = _lower(slim).graph_module
     assert count_calls(low, geta.quantize.default) == 3
@@ -272,7 +272,8 @@ def test_lowered_graph_exports_with_geta_ops() -> None:
 
 
 def test_max_bits_matches_the_packed_format() -> None:
-    from geta_fx.ops import lowbit
     from geta_fx.passes import lower_quant
+
+    from geta_fx.ops import lowbit
 
     assert lower_quant.MAX_BITS == lowbit.MAX_BITS == LowerQuant().max_bits

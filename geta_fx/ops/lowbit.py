@@ -165,7 +165,7 @@ def _check_packed(who: str, packed: Tensor, scale: Tensor, bits: int, n: int | N
                  f"shape {tuple(scale.shape)}")
     for name, t in (("packed", packed), ("scale", scale)):
         torch._check(t.device == device,
-                     lambda: f"{who}: {name} is on {t.device}, expected {device}")
+                     lambda name=name, t=t: f"{who}: {name} is on {t.device}, expected {device}")
 
 
 def check_unpack_weight_inputs(packed: Tensor, scale: Tensor, bits: int,
