@@ -291,13 +291,14 @@ def test_resume_is_bit_exact(variant: str, tmp_path) -> None:
         kw["momentum"] = 0.9
     gm = recipe.build().train()
     opt = QASSO(gm, **kw)
-    _train(gm, opt, x, 10)                       # mid-period: selection done, not committed
+    _train(gm, opt, x, 9)                        # mid-period: selected, not committed
+    assert opt.metrics()["num_pruned"] == 0 and bool(opt._redundant.any())
     save_checkpoint(tmp_path / "ck.pt", gm, opt, recipe=recipe, extra={"epoch": 3})
-    _train(gm, opt, x, 10, start=10)             # reference run
+    _train(gm, opt, x, 11, start=9)              # reference run
     # a fresh process would rebuild the module from the recipe; sgd passes a rebuilt one in
     ck = load_checkpoint(tmp_path / "ck.pt", gm=recipe.build() if variant == "sgd" else None)
-    assert ck.extra == {"epoch": 3} and ck.optimizer.step_count == 10
-    _train(ck.module, ck.optimizer, x, 10, start=10)
+    assert ck.extra == {"epoch": 3} and ck.optimizer.step_count == 9
+    _train(ck.module, ck.optimizer, x, 11, start=9)
     for (n, a), (_, b) in zip(gm.state_dict().items(), ck.module.state_dict().items(),
                               strict=True):
         if isinstance(a, torch.Tensor):
