@@ -21,6 +21,9 @@ _LAZY = {
     "calibrate": "geta_fx.quantizer",
     "QASSO": "geta_fx.optim.qasso",
     "draw": "geta_fx.viz",
+    "lower": "geta_fx.deploy",
+    "save": "geta_fx.deploy",
+    "load": "geta_fx.deploy",
     "to_dot": "geta_fx.viz",
 }
 

@@ -114,11 +114,13 @@ class GetaModule(nn.Module):
         return [g for g in self.groups if g.prunable]
 
     # ---------------------------------------------------------------- compress
-    def compress(self, removed_units: np.ndarray | None = None) -> torch.fx.GraphModule:
+    def compress(self, removed_units: np.ndarray | None = None, *,
+                 lower: bool = False) -> torch.fx.GraphModule:
         """A slim GraphModule without the all-zero units; same outputs as this module.
 
         The slim graph keeps this module's current train/eval flags and its own copy of
-        every parameter; this module is not modified.
+        every parameter; this module is not modified.  ``lower=True`` also packs every
+        quantized weight at its learned bit width (``geta_fx.lower``).
         """
         from geta_fx.passes.physical_prune import PhysicalPrune
 
@@ -126,6 +128,10 @@ class GetaModule(nn.Module):
         slim = copy.deepcopy(self.graph_module)
         PhysicalPrune(removed_units=removed_units)(slim)
         slim.meta.setdefault(meta.LOG, [])
+        if lower:  # pack quantized weights at their learned bit widths (geta_fx.deploy)
+            from geta_fx.deploy import lower as _lower
+
+            slim = _lower(slim, reference=self)
         return slim
 
     def extra_repr(self) -> str:

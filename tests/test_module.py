@@ -68,3 +68,17 @@ def test_compress_without_zeros_is_identity_and_module_untouched() -> None:
     before = gm.graph_module.conv.weight.shape
     slim = gm.compress()
     assert slim.conv.weight.shape[0] == 4 and gm.graph_module.conv.weight.shape == before
+
+
+def test_compress_lower_packs_weights_and_matches(tmp_path) -> None:
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x = torch.randn(3, 16)
+    gm = geta_fx.transform(m, (x,), quantize="weight")
+    for q in gm.quantizers.values():
+        q.set_bit_width(4.0)
+    gm.zero_units(0, [0, 5, 7])
+    slim = gm.compress(lower=True)
+    assert "lowbit" in slim.code or "unpack_weight" in slim.code
+    torch.testing.assert_close(slim(x), gm(x), atol=1e-5, rtol=1e-4)
+    geta_fx.save(slim, tmp_path / "m.pt2", example_inputs=(x,))
+    torch.testing.assert_close(geta_fx.load(tmp_path / "m.pt2")(x), gm(x), atol=1e-5, rtol=1e-4)
