@@ -182,7 +182,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         example_inputs: tuple of inputs for export (default: zeros at the capture-time sizes,
             from the graph's placeholders).
         dynamic_shapes: as for :func:`torch.export.export` (default: the dims that were
-            symbolic at capture, i.e. the batch, stay dynamic).
+            symbolic at capture, i.e. the batch, stay dynamic, also with ``example_inputs``;
+            ``Dim.AUTO``, so an example size of 1 specialises instead of failing).
         reference: passed to :func:`lower` for the metadata.
 
     Returns:
@@ -194,12 +195,13 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
     if not isinstance(gm, torch.fx.GraphModule):
         raise InputError(f"geta_fx.save: expected a GraphModule or GetaModule, got "
                          f"{type(gm).__name__}")
-    if example_inputs is None:
-        example_inputs, auto = _inputs_from_placeholders(gm)
-        if dynamic_shapes is None:
-            dynamic_shapes = auto if any(d is not None for d in auto) else None
-    elif not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    given = example_inputs
+    example_inputs, auto = _inputs_from_placeholders(gm)
+    if given is not None:
+        example_inputs = tuple(given) if isinstance(given, (tuple, list)) else (given,)
+    if dynamic_shapes is None and len(auto) == len(example_inputs):
+        # dims symbolic at capture (the batch) stay dynamic, whatever the example sizes
+        dynamic_shapes = auto if any(d is not None for d in auto) else None
     from geta_fx.module import _TRAIN_FLAGS
 
     if any(n.op == "call_function" and n.target in _TRAIN_FLAGS and len(n.args) >

@@ -279,6 +279,11 @@ def test_file_size_reflects_packed_bits(tmp_path: Path) -> None:
     assert dense > float_bytes and packed < float_bytes / 8 + 32 * 1024, (packed, dense)
     m = deploy.load(tmp_path / "packed.pt2")
     torch.testing.assert_close(m(x), gm(x), rtol=1e-5, atol=1e-5)
+    # explicit example inputs: the captured batch dim stays dynamic
+    deploy.save(gm, tmp_path / "explicit.pt2", example_inputs=(x,))
+    x5 = torch.randn(5, 256)
+    torch.testing.assert_close(deploy.load(tmp_path / "explicit.pt2")(x5), gm(x5), rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.cuda
