@@ -131,7 +131,7 @@ class GetaModule(nn.Module):
         if lower:  # pack quantized weights at their learned bit widths (geta_fx.deploy)
             from geta_fx.deploy import lower as _lower
 
-            slim = _lower(slim, reference=self)
+            slim = _lower(slim, reference=self, inplace=True)
         return slim
 
     def extra_repr(self) -> str:

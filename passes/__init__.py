@@ -3,9 +3,10 @@
 from geta_fx.passes.dependency_groups import DependencyGroups
 from geta_fx.passes.fold_quant import FoldQuant
 from geta_fx.passes.insert_quantizers import InsertQuantizers, QuantPolicy
+from geta_fx.passes.lower_quant import LowerQuant
 from geta_fx.passes.normalize import Normalize
 from geta_fx.passes.physical_prune import PhysicalPrune
 from geta_fx.passes.shape_prop import ShapeProp
 
-__all__ = ["DependencyGroups", "FoldQuant", "InsertQuantizers", "Normalize", "PhysicalPrune",
-           "QuantPolicy", "ShapeProp"]
+__all__ = ["DependencyGroups", "FoldQuant", "InsertQuantizers", "LowerQuant", "Normalize",
+           "PhysicalPrune", "QuantPolicy", "ShapeProp"]
