@@ -40,6 +40,9 @@ from typing import Any
 
 import torch
 
+from geta_fx.kernels import _CHILD as _BUILD_SCRIPT
+from geta_fx.kernels import _file_lock
+
 __all__ = ["OPS", "ensure_loaded", "status"]
 
 logger = logging.getLogger(__name__)
@@ -203,36 +206,18 @@ def _spec(dev: str) -> dict[str, Any]:
             "so": str(directory / f"{name}.so")}
 
 
-# Fresh interpreter: schemas from schema.py alone (no geta_fx package, so no loader re-entry),
-# build (cpp_extension.load also loads the library), check that every op got a kernel.
-_CHILD = r"""
-import importlib.util, json, sys
-spec = json.loads(sys.argv[1])
-import torch
-m = importlib.util.spec_from_file_location("_geta_fx_schema_for_lowbit", spec["schema"])
-mod = importlib.util.module_from_spec(m); m.loader.exec_module(mod)
-from torch.utils.cpp_extension import load
-load(name=spec["name"], sources=spec["sources"], extra_cflags=spec["cflags"],
-     extra_cuda_cflags=spec["cuda_cflags"] or None, extra_ldflags=spec["ldflags"],
-     build_directory=spec["dir"], is_python_module=False, verbose=True)
-missing = [op for op in spec["ops"]
-           if not torch._C._dispatch_has_kernel_for_dispatch_key(op, spec["key_name"])]
-if missing:
-    sys.exit("built library registers no %s kernel for %s" % (spec["key_name"], missing))
-print("GETA_FX_BUILD_OK")
-"""
-
-
 def _build(spec: dict[str, Any]) -> tuple[bool, str]:
     import geta_fx.ops.schema as schema
 
     directory = Path(spec["dir"])
     directory.mkdir(parents=True, exist_ok=True)
-    payload = dict(spec, schema=str(Path(schema.__file__).resolve()))
+    payload = dict(spec, schema=str(Path(schema.__file__).resolve()), archs=spec.get("archs", []))
     env = dict(os.environ, GETA_FX_NO_KERNELS="1")
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(payload)],
+        # The quantizer kernels' build script: fresh interpreter, schemas from schema.py
+        # alone, cpp_extension.load, then check that every op got a kernel.
+        proc = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(payload)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env, timeout=_BUILD_TIMEOUT_S, check=False)
         out, rc = proc.stdout, proc.returncode
@@ -264,7 +249,7 @@ def _load(dev: str) -> None:
     built = False
     if not (so.is_file() and marker.is_file()):
         Path(spec["dir"]).mkdir(parents=True, exist_ok=True)
-        with _flock(Path(spec["dir"]) / "geta.lock"):
+        with _file_lock(Path(spec["dir"]) / "geta.lock"):
             if not (so.is_file() and marker.is_file()):  # another process may have built it
                 stale = Path(spec["dir"]) / "lock"  # cpp_extension's baton, left by a crash
                 if stale.exists():
@@ -282,18 +267,3 @@ def _load(dev: str) -> None:
     how = "built and loaded" if built else "loaded from cache"
     _set(dev, "fused", f"{how}: {so}", library=str(so),
          load_s=round(time.perf_counter() - t0, 3))
-
-
-@contextlib.contextmanager
-def _flock(path: Path) -> Any:
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
