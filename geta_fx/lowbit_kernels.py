@@ -187,22 +187,32 @@ def _csrc() -> Path:
 
 def _spec(dev: str) -> dict[str, Any]:
     src = _csrc() / _SOURCES[dev]
+    archs: list[str] = []
     if dev == "cpu":
         cflags, ldflags = _cpu_flags()
         cuda_cflags: list[str] = []
     else:
+        from geta_fx.kernels import _cuda_archs, _cuda_flags
+
         cflags, ldflags = ["-O3", "-DNDEBUG", "-fvisibility=hidden"], []
-        cuda_cflags = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr"]
+        cuda_cflags = _cuda_flags()
+        # ~100 GEMV instantiations (dtype x bits x M tile): let nvcc optimise them in parallel
+        # (CUDA >= 12.1), else the build takes minutes on one core.
+        ver = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
+        if ver >= (12, 1):
+            cuda_cflags = [*cuda_cflags, "-split-compile=0"]
+        archs = _cuda_archs()
     h = hashlib.sha256(src.read_bytes())
     for part in (_RECIPE_VERSION, dev, torch.__version__, str(torch.version.cuda), sys.version,
                  platform.machine(), os.environ.get("CXX", ""), repr(cflags), repr(cuda_cflags),
-                 repr(ldflags), os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
+                 repr(ldflags), repr(archs)):
         h.update(b"\0" + part.encode())
     key = h.hexdigest()[:16]
     name = f"geta_fx_lowbit_{dev}"
     directory = _cache_root() / f"lowbit-{dev}-{key}"
     return {"name": name, "sources": [str(src)], "cflags": cflags, "cuda_cflags": cuda_cflags,
-            "ldflags": ldflags, "dir": str(directory), "key_name": _KEY[dev], "ops": list(OPS),
+            "ldflags": ldflags, "archs": archs, "dir": str(directory), "key_name": _KEY[dev],
+            "ops": list(OPS),
             "so": str(directory / f"{name}.so")}
 
 
@@ -211,7 +221,7 @@ def _build(spec: dict[str, Any]) -> tuple[bool, str]:
 
     directory = Path(spec["dir"])
     directory.mkdir(parents=True, exist_ok=True)
-    payload = dict(spec, schema=str(Path(schema.__file__).resolve()), archs=spec.get("archs", []))
+    payload = dict(spec, schema=str(Path(schema.__file__).resolve()))
     env = dict(os.environ, GETA_FX_NO_KERNELS="1")
     t0 = time.perf_counter()
     try:

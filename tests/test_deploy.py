@@ -98,7 +98,7 @@ def test_kernels_match_reference(device: str, bits: int) -> None:
     lowbit_kernels.ensure_loaded()
     gen = torch.Generator().manual_seed(100 + bits)
     for signed in (True, False):
-        for n, k in ((5, 1), (7, 9), (16, 40), (33, 100), (9, 1100)):
+        for n, k in ((5, 1), (7, 9), (16, 40), (33, 100), (9, 1100), (11, 4136)):
             levels = _random_levels(n, k, bits, signed, gen)
             packed = pack_levels(levels, bits, signed).to(device)
             scale = torch.tensor([0.0123], device=device)

@@ -528,3 +528,33 @@ def test_cuda_nonlinear_agrees_almost_everywhere() -> None:
     yr = quantize_reference(x, *p, True)
     flips = int((y != yr).sum())
     assert flips <= x.numel() // 10_000, flips
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_nonlinear_fast_path_rounds_like_exact_path_at_ties(dtype: torch.dtype) -> None:
+    """t != 1 takes a MUFU fast path only away from rounding ties (power_ratio in
+    quantize_cuda.cu).  float32: inputs within 3 ulp of every tie x^t/d = k + 0.5; fp16/bf16:
+    every one of the dtype's 65,536 bit patterns.  All must round exactly like the reference
+    (ATen's exp/log on the same GPU), and the backward must agree too."""
+    need_fused("cuda")
+    t, q_m = 1.5, 3.0
+    d = q_m**t / 127
+    if dtype == torch.float32:
+        ties = (torch.arange(127, dtype=torch.float64) + 0.5) * d
+        bits = (ties ** (1.0 / t)).to(torch.float32).view(torch.int32)
+        x = torch.cat([(bits + o).view(torch.float32) for o in range(-3, 4)])
+        x = torch.cat([x, -x])
+    else:
+        x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    x = x.cuda()
+    p = params(d, q_m, t, "cuda")
+    y = torch.ops.geta.quantize(x, *p, True)
+    yr = quantize_reference(x, *p, True)
+    differ = (y != yr) & ~(torch.isnan(y) & torch.isnan(yr))
+    flips = int(differ.sum())
+    assert flips == 0, (f"{flips} of {x.numel()} elements round differently ({dtype}), e.g. x="
+                        f"{x[differ][:4].tolist()}")
+    gy = torch.linspace(-1.0, 1.0, x.numel(), device="cuda").to(dtype)
+    run_both(x, *p, True, gy, ctx(dtype=dtype, what="near ties / all bit patterns"))

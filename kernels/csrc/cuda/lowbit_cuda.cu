@@ -30,9 +30,12 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -41,7 +44,6 @@ namespace {
 
 constexpr int kMaxFusedM = 16;
 constexpr int kWarpsPerBlock = 4;
-constexpr int kUnroll = 2;
 
 std::string shape_str(c10::IntArrayRef sizes) {
   std::string s = "[";
@@ -87,26 +89,96 @@ __device__ __forceinline__ float to_f(T v) {
   return static_cast<float>(v);
 }
 
-// Code j (0..31) of a 32-code chunk held in BITS 32-bit little-endian words.
+// Eight consecutive activations as float32.  `vec`: all eight exist and start on a 16-byte
+// boundary (one 16-byte load for fp16/bf16, two for fp32); otherwise element loads of the first
+// `valid` and zeros after them.
+__device__ __forceinline__ void load8(const float* p, bool vec, int valid, float (&v)[8]) {
+  if (vec) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < valid ? __ldg(p + j) : 0.f;
+  }
+}
+
+__device__ __forceinline__ void load8(const c10::Half* p, bool vec, int valid, float (&v)[8]) {
+  if (vec) {
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      __half2 h;
+      memcpy(&h, &w[i], 4);
+      const float2 f = __half22float2(h);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < valid ? static_cast<float>(p[j]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ void load8(const c10::BFloat16* p, bool vec, int valid,
+                                      float (&v)[8]) {
+  if (vec) {  // bf16 -> f32 is a shift: the low half goes to the top 16 bits
+    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) v[j] = j < valid ? static_cast<float>(p[j]) : 0.f;
+  }
+}
+
+// Level of code j (0..31) of a 32-code chunk held in BITS 32-bit little-endian words, as an exact
+// float: the code is OR-ed into the mantissa of 2^23 and (2^23 + offset) subtracted, which avoids
+// the quarter-rate integer->float conversion.  j is a compile-time constant after unrolling, so
+// this is a shift, a LOP3 and an FADD.
 template <int BITS>
-__device__ __forceinline__ int code_at(const uint32_t (&w)[BITS], int j) {
+__device__ __forceinline__ float level_at(const uint32_t (&w)[BITS], int j, float bias23) {
   const int bit = j * BITS;
   const int word = bit >> 5, shift = bit & 31;
   uint32_t v = w[word] >> shift;
   if (shift + BITS > 32) v |= w[word + 1] << (32 - shift);  // straddles two words
-  return static_cast<int>(v & ((1u << BITS) - 1));
+  return __uint_as_float((v & ((1u << BITS) - 1)) | 0x4B000000u) - bias23;
 }
 
-// Load the 4*BITS bytes of chunk c of a row (bytes [c*4*BITS, (c+1)*4*BITS)), zero-filling past
-// row_len.  `aligned`: the row starts on a 4-byte boundary and row_len is a multiple of 4.
+// The 4*BITS bytes of chunk c of a row (bytes [c*4*BITS, (c+1)*4*BITS)), zero-filled past
+// row_len.  `aligned`: the row starts on a vector boundary (16 bytes when 4 | BITS, 8 when
+// 2 | BITS, else 4) and row_len is a multiple of it, so the full chunk is read with
+// 16/8/4-byte loads.
 template <int BITS>
 __device__ __forceinline__ void load_chunk(const uint8_t* row, int64_t row_len, int64_t c,
                                            bool aligned, uint32_t (&w)[BITS]) {
   const int64_t start = c * 4 * BITS;
   if (aligned && start + 4 * BITS <= row_len) {
-    const uint32_t* p = reinterpret_cast<const uint32_t*>(row + start);
+    if constexpr (BITS % 4 == 0) {
+      const uint4* p = reinterpret_cast<const uint4*>(row + start);
 #pragma unroll
-    for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+      for (int i = 0; i < BITS / 4; ++i) {
+        const uint4 v = __ldg(p + i);
+        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+      }
+    } else if constexpr (BITS % 2 == 0) {
+      const uint2* p = reinterpret_cast<const uint2*>(row + start);
+#pragma unroll
+      for (int i = 0; i < BITS / 2; ++i) {
+        const uint2 v = __ldg(p + i);
+        w[2 * i] = v.x; w[2 * i + 1] = v.y;
+      }
+    } else {
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(row + start);
+#pragma unroll
+      for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+    }
     return;
   }
 #pragma unroll
@@ -121,80 +193,135 @@ __device__ __forceinline__ void load_chunk(const uint8_t* row, int64_t row_len, 
   }
 }
 
-// One warp per output row; m <= M <= kMaxFusedM rows of x (row stride K).  M is the register
-// tile (1, 2, 4, 8 or 16; rows m..M-1 are skipped), so there are 5 instantiations per dtype/bits.
-template <typename scalar_t, int BITS, int M>
+constexpr int vec_bytes(int bits) { return bits % 4 == 0 ? 16 : (bits % 2 == 0 ? 8 : 4); }
+
+// Weight-only GEMV / skinny GEMM.  Each warp owns R consecutive output rows; lane l reads chunks
+// l, l+32, ... of those rows (32 codes = 4*BITS contiguous bytes per row and chunk, so a warp
+// reads 128*BITS contiguous bytes of each row per step), issuing the loads of UNROLL chunks x R
+// rows before any math.  Per group of 8 codes the R rows' levels are decoded once and each of
+// the m activation rows is loaded once (a 16-byte load) and used for R rows: M*R float32
+// accumulators in registers, reduced with warp shuffles at the end (fixed order: deterministic).
+// y = acc * scale + bias: the sum runs in level space (scale is per tensor).
+// M is the register tile (1, 2, 4, 8 or 16): activation rows m_rows..M-1 are skipped.
+template <typename scalar_t, int BITS, int M, int R, int UNROLL>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gemv_kernel(const scalar_t* __restrict__ x, const uint8_t* __restrict__ packed,
                 const float* __restrict__ scale, const scalar_t* __restrict__ bias,
                 scalar_t* __restrict__ out, int m_rows, int64_t n, int64_t k, int64_t row_len,
-                int offset, bool aligned) {
+                int offset, bool aligned, bool x_vec) {
   const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= n) return;
-  const uint8_t* row = packed + r * row_len;
+  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * R;
+  if (r0 >= n) return;
+  const float bias23 = 8388608.f + static_cast<float>(offset);
   const int64_t chunks = (k + 31) / 32;
-  float acc[M];
+  float acc[M][R];
 #pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * kUnroll) {
-    uint32_t w[kUnroll][BITS];
+  for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int rr = 0; rr < R; ++rr) acc[m][rr] = 0.f;
+  // Rows past n alias the last row: loaded and summed, never stored (keeps the loop uniform).
+  const uint8_t* rows[R];
+#pragma unroll
+  for (int rr = 0; rr < R; ++rr) rows[rr] = packed + min(r0 + rr, n - 1) * row_len;
+
+  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
+    uint32_t w[UNROLL][R][BITS];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
       const int64_t c = c0 + 32 * u;
-      if (c < chunks) load_chunk<BITS>(row, row_len, c, aligned, w[u]);
+      if (c < chunks) {
+#pragma unroll
+        for (int rr = 0; rr < R; ++rr) load_chunk<BITS>(rows[rr], row_len, c, aligned, w[u][rr]);
+      }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < UNROLL; ++u) {
       const int64_t c = c0 + 32 * u;
       if (c >= chunks) break;
       const int64_t k0 = c * 32;
-      const bool full = k0 + 32 <= k;
 #pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        if (!full && k0 + j >= k) break;
-        const float lv = static_cast<float>(code_at<BITS>(w[u], j) - offset);
+      for (int g = 0; g < 4; ++g) {
+        const int64_t kk = k0 + 8 * g;
+        if (kk >= k) break;  // the ragged last chunk: groups past k are skipped
+        // Codes past k inside the last group (padding, or zero-fill past the row) meet x = 0.
+        const bool whole = x_vec && kk + 8 <= k;
+        const int valid = k - kk < 8 ? static_cast<int>(k - kk) : 8;
+        float lv[R][8];
 #pragma unroll
-        for (int m = 0; m < M; ++m)
-          if (m < m_rows) acc[m] = fmaf(to_f(x[m * k + k0 + j]), lv, acc[m]);
+        for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) lv[rr][j] = level_at<BITS>(w[u][rr], 8 * g + j, bias23);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (m < m_rows) {
+            float xv[8];
+            load8(x + m * k + kk, whole, valid, xv);
+#pragma unroll
+            for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+              for (int j = 0; j < 8; ++j) acc[m][rr] = fmaf(xv[j], lv[rr][j], acc[m][rr]);
+          }
+        }
       }
     }
   }
 #pragma unroll
-  for (int m = 0; m < M; ++m) {
-    float v = acc[m];
+  for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    acc[m] = v;
-  }
+    for (int rr = 0; rr < R; ++rr) {
+      float v = acc[m][rr];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      acc[m][rr] = v;
+    }
   if (lane == 0) {
-    const float s = *scale;
-    const float b = bias != nullptr ? to_f(bias[r]) : 0.f;
+    const float s = __ldg(scale);
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-      if (m < m_rows) out[m * n + r] = static_cast<scalar_t>(fmaf(acc[m], s, b));
+    for (int rr = 0; rr < R; ++rr) {
+      const int64_t r = r0 + rr;
+      if (r < n) {
+        const float b = bias != nullptr ? to_f(bias[r]) : 0.f;
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+          if (m < m_rows) out[m * n + r] = static_cast<scalar_t>(fmaf(acc[m][rr], s, b));
+      }
+    }
   }
 }
 
-// One thread per group of 8 codes: dst[r, g*8 + j] = float(code - offset) * scale (bit-exact).
+// One thread per group of 8 codes: dst[r, g*8 + j] = float(code - offset) * scale (bit-exact,
+// __fmul_rn so no contraction).  `vec`: k % 8 == 0 and dst 16-byte aligned, so the 8 outputs
+// are written with 16-byte stores.
 template <typename out_t>
 __global__ void unpack_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ scale,
                               out_t* __restrict__ dst, int64_t n, int64_t k, int64_t row_len,
-                              int bits, int offset) {
+                              int bits, int offset, bool vec) {
   const int64_t groups = (k + 7) / 8;
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= n * groups) return;
   const int64_t r = idx / groups, g = idx % groups;
   const uint8_t* src = packed + r * row_len + g * bits;
   uint64_t word = 0;
-  for (int i = 0; i < bits; ++i) word |= static_cast<uint64_t>(src[i]) << (8 * i);
-  const float s = *scale;
+  for (int i = 0; i < bits; ++i) word |= static_cast<uint64_t>(__ldg(src + i)) << (8 * i);
+  const float s = __ldg(scale);
   const uint64_t mask = (uint64_t{1} << bits) - 1;
+  out_t v[8];
+#pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const int64_t col = g * 8 + j;
-    if (col >= k) break;
     const int code = static_cast<int>((word >> (j * bits)) & mask);
-    dst[r * k + col] = static_cast<out_t>(__fmul_rn(static_cast<float>(code - offset), s));
+    v[j] = static_cast<out_t>(__fmul_rn(static_cast<float>(code - offset), s));
+  }
+  out_t* d = dst + r * k + g * 8;
+  if (vec) {
+    static_assert(sizeof(v) % 16 == 0, "8 outputs are 16 or 32 bytes");
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(v) / 16); ++i) {
+      uint4 u;
+      memcpy(&u, reinterpret_cast<const char*>(v) + 16 * i, 16);
+      reinterpret_cast<uint4*>(d)[i] = u;
+    }
+  } else {
+    for (int j = 0; j < 8 && g * 8 + j < k; ++j) d[j] = v[j];
   }
 }
 
@@ -208,7 +335,8 @@ void launch_unpack(const at::Tensor& packed, const at::Tensor& scale, at::Tensor
   auto stream = c10::cuda::getCurrentCUDAStream();
   unpack_kernel<out_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
       packed.data_ptr<uint8_t>(), scale.data_ptr<float>(), out.data_ptr<out_t>(), n, k,
-      packed.size(1), static_cast<int>(bits), offset);
+      packed.size(1), static_cast<int>(bits), offset,
+      k % 8 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr<out_t>()) % 16 == 0);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -224,35 +352,53 @@ void unpack_into(const at::Tensor& packed, const at::Tensor& scale, at::Tensor& 
   }
 }
 
+template <typename scalar_t, int BITS, int M>
+void launch_gemv_tile(int m, const scalar_t* xp, const uint8_t* pp, const float* sp,
+                      const scalar_t* bias, scalar_t* op, int64_t n, int64_t k, int64_t row_len,
+                      int offset, bool aligned, bool x_vec, cudaStream_t stream) {
+  // Two rows per warp share each activation load; fewer weight loads in flight for wide bits
+  // and tall M keep the M*R accumulators + UNROLL*R*BITS words in registers (no spills).
+  constexpr int R = 2;
+  constexpr int UNROLL = (BITS <= 4 && M <= 4) ? 4 : (BITS <= 4 || M <= 4 ? 2 : 1);
+  const int64_t warps = (n + R - 1) / R;
+  const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  gemv_kernel<scalar_t, BITS, M, R, UNROLL><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+      xp, pp, sp, bias, op, m, n, k, row_len, offset, aligned, x_vec);
+}
+
 template <typename scalar_t, int BITS>
 void launch_gemv_bits(int m, const at::Tensor& x2, const at::Tensor& packed,
                       const at::Tensor& scale, const scalar_t* bias, at::Tensor& out, int64_t n,
                       int64_t k, int offset) {
   const int64_t row_len = packed.size(1);
-  const bool aligned = row_len % 4 == 0 &&
-                       reinterpret_cast<uintptr_t>(packed.data_ptr<uint8_t>()) % 4 == 0;
-  const unsigned blocks = static_cast<unsigned>((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int vb = vec_bytes(BITS);
+  const bool aligned =
+      row_len % vb == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr<uint8_t>()) % vb == 0;
+  // 8 activations per 16-byte load (two for fp32): every row start must stay aligned
+  const bool x_vec = (k * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(x2.data_ptr<scalar_t>()) % 16 == 0;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* xp = x2.data_ptr<scalar_t>();
   const uint8_t* pp = packed.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  TORCH_CHECK(m >= 1 && m <= kMaxFusedM, "geta::lowbit_linear: internal error: fused M");
-#define GETA_GEMV_LAUNCH(MM)                                                                    \
-  gemv_kernel<scalar_t, BITS, MM><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(                \
-      xp, pp, sp, bias, op, m, n, k, row_len, offset, aligned)
+  TORCH_CHECK(m >= 1 && m <= kMaxFusedM, "geta::lowbit_linear: internal error: fused M = ", m);
   if (m <= 1) {
-    GETA_GEMV_LAUNCH(1);
+    launch_gemv_tile<scalar_t, BITS, 1>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
+                                        x_vec, stream);
   } else if (m <= 2) {
-    GETA_GEMV_LAUNCH(2);
+    launch_gemv_tile<scalar_t, BITS, 2>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
+                                        x_vec, stream);
   } else if (m <= 4) {
-    GETA_GEMV_LAUNCH(4);
+    launch_gemv_tile<scalar_t, BITS, 4>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
+                                        x_vec, stream);
   } else if (m <= 8) {
-    GETA_GEMV_LAUNCH(8);
+    launch_gemv_tile<scalar_t, BITS, 8>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
+                                        x_vec, stream);
   } else {
-    GETA_GEMV_LAUNCH(16);
+    launch_gemv_tile<scalar_t, BITS, 16>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
+                                         x_vec, stream);
   }
-#undef GETA_GEMV_LAUNCH
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Build, test and benchmark the CUDA kernels on a GPU machine in one go (issues #5, #7).
+#
+#   OUT=/some/dir bash benchmarks/gpu_checks.sh [quick]
+#
+# Writes build/test/bench logs under $OUT (default ./gpu-out).  Uses the machine's python3 and
+# torch (no install beyond `pip install --no-deps -e .`).  Each step has its own time limit so a
+# hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense GPU table.
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 GETA_FX_BUILD_LOWBIT_CUDA=1 GETA_FX_KERNEL_CACHE=/tmp/geta_cache
+export MAX_JOBS=${MAX_JOBS:-16}
+arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}
+step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1; local rc=$?
+  echo "== $name: rc=$rc $((SECONDS - t0)) s"; tail -n 4 "$OUT/$name.txt"; }
+
+nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; nvcc --version | tail -1
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>&1 || tail "$OUT/pip.txt"
+# both loaders build in parallel (quantizer kernels: ~25 s; low-bit CUDA: the long one)
+step build_quant 400 python3 -c "import json, geta_fx.kernels as k; print(json.dumps(k.ensure_loaded(), indent=1))" &
+step build_lowbit 400 python3 -c "import json, geta_fx.lowbit_kernels as k; print(json.dumps(k.ensure_loaded(), indent=1))" &
+wait
+step test_deploy 150 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py
+step test_kernels 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kernels.py -m cuda
+step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
+step bench_kernels 200 python3 benchmarks/bench_kernels.py --devices cuda --no-compile
+if [ "${1:-}" != quick ]; then
+  step bench_deploy_a 200 python3 benchmarks/bench_deploy.py --tables a --devices cuda --min-time 0.1 --rounds 2
+fi
