@@ -15,11 +15,13 @@ Tables (markdown, printed as measured):
 (c) channel alignment (QASSO's ``group_divisible``): slim latency at 50% sparsity when every
     group keeps an odd number of units vs a multiple of 8 or 16.
 
-Every timing is ``torch.utils.benchmark.Timer.blocked_autorange`` under
+CPU timings are ``torch.utils.benchmark.Timer.blocked_autorange`` under
 ``torch.inference_mode``, baseline and candidate in the same process on the same device; the
 per-call time is the fastest Timer block (``--stat median`` for the median), and tables (a) and
 (c) interleave baseline and candidates over ``--rounds`` rounds and keep each one's fastest, so
-other processes on a shared machine bias no variant.  The
+other processes on a shared machine bias no variant.  CUDA timings are GPU time from CUDA-graph
+replay (``cuda_graph_ms``): Python launch cost would otherwise dominate these small calls; in
+table (b) every variant cycles through enough weight copies that none stays in L2.  The
 header names device, threads, torch, commit and which low-bit implementation ran.
 
     python benchmarks/bench_deploy.py                    # all tables, CPU (+ CUDA if present)
@@ -225,30 +227,33 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
     print("| device | model | group sparsity | params dense | params slim | dense ms | slim ms "
           "| speed-up | slim W4 ms | W4 speed-up |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, build in MODELS.items():
-        model, args = build()
-        gm = geta_fx.transform(model, args)
-        gq = geta_fx.transform(model, args, quantize="weight", bits=4.0)
-        gm.eval()
-        gq.eval()
-        init, init_q = copy.deepcopy(gm.state_dict()), copy.deepcopy(gq.state_dict())
-        dense = gm.compress()  # nothing zeroed yet: the dense graph
-        slims = {}
-        for sp in sparsities:
-            gm.load_state_dict(init)
-            gq.load_state_dict(init_q)
-            zero_fraction(gm, sp)
-            zero_fraction(gq, sp)
-            slims[sp] = (gm.compress(), lower(gq.compress(), reference=gq))
-        for device in devices:
+    for device in devices:
+        for name, build in MODELS.items():
+            # Captured on the device it runs on: factory ops (e.g. the GPT's position arange)
+            # record their device in the graph, as with any torch.export program.
+            model, args = build()
+            model = model.to(device)
             dev_args = tuple(a.to(device) for a in args)
-            dense_d = copy.deepcopy(dense).to(device)
-            for sp, (slim, low) in slims.items():
-                slim, low = copy.deepcopy(slim).to(device), copy.deepcopy(low).to(device)
+            gm = geta_fx.transform(model, dev_args)
+            gq = geta_fx.transform(model, dev_args, quantize="weight", bits=4.0)
+            gm.eval()
+            gq.eval()
+            init, init_q = copy.deepcopy(gm.state_dict()), copy.deepcopy(gq.state_dict())
+            dense_d = gm.compress()  # nothing zeroed yet: the dense graph
+            dense = dense_d
+            for sp in sparsities:
+                gm.load_state_dict(init)
+                gq.load_state_dict(init_q)
+                zero_fraction(gm, sp)
+                zero_fraction(gq, sp)
+                slim, low = gm.compress(), lower(gq.compress(), reference=gq)
                 t_dense = t_slim = t_low = float("inf")
                 for _ in range(rounds):  # interleaved: dense, slim, lowered, dense, ...
                     for key, mod in (("dense", dense_d), ("slim", slim), ("low", low)):
-                        t = ms(partial(mod, *dev_args), min_time)
+                        call = partial(mod, *dev_args)
+                        # CUDA: GPU time under graph replay (eager launch cost of these small
+                        # graphs would hide the work removed); CPU: Timer.
+                        t = cuda_graph_ms([call]) if device == "cuda" else ms(call, min_time)
                         if key == "dense":
                             t_dense = min(t_dense, t)
                         elif key == "slim":
@@ -256,8 +261,8 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
                         else:
                             t_low = min(t_low, t)
                 print(f"| {device} | {name} | {sp:.0%} | {num_params(dense):,} | "
-                      f"{num_params(slim):,} | {t_dense:.2f} | {t_slim:.2f} | "
-                      f"{t_dense / t_slim:.2f}x | {t_low:.2f} | {t_dense / t_low:.2f}x |",
+                      f"{num_params(slim):,} | {t_dense:.3f} | {t_slim:.3f} | "
+                      f"{t_dense / t_slim:.2f}x | {t_low:.3f} | {t_dense / t_low:.2f}x |",
                       flush=True)
 
 

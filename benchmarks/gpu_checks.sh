@@ -5,7 +5,8 @@
 #
 # Writes build/test/bench logs under $OUT (default ./gpu-out).  Uses the machine's python3 and
 # torch (no install beyond `pip install --no-deps -e .`).  Each step has its own time limit so a
-# hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense GPU table.
+# hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense GPU table;
+# `profile` also skips it and runs Nsight Compute on benchmarks/profile_kernels.py.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -18,15 +19,34 @@ step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
   echo "== $name: rc=$rc $((SECONDS - t0)) s"; tail -n 4 "$OUT/$name.txt"; }
 
 nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; nvcc --version | tail -1
-python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.txt" 2>&1 || tail "$OUT/pip.txt"
-# both loaders build in parallel (quantizer kernels: ~25 s; low-bit CUDA: the long one)
+python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || tail /tmp/pip.txt
+# both loaders build in parallel (quantizer kernels: ~25 s; low-bit CUDA: ~100 s)
+OUT_FINAL=$OUT; OUT=/tmp
 step build_quant 400 python3 -c "import json, geta_fx.kernels as k; print(json.dumps(k.ensure_loaded(), indent=1))" &
 step build_lowbit 400 python3 -c "import json, geta_fx.lowbit_kernels as k; print(json.dumps(k.ensure_loaded(), indent=1))" &
 wait
-step test_deploy 150 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py
-step test_kernels 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kernels.py -m cuda
-step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
+OUT=$OUT_FINAL; cat /tmp/build_quant.txt /tmp/build_lowbit.txt > "$OUT/build.txt"
+# instruction mix of the fp16 quantize kernels (fast paths: few FRND/F2F/MUFU.RCP per element)
+so=$(ls /tmp/geta_cache/cuda-*/geta_fx_kernels_cuda_*.so 2>/dev/null | head -1)
+if [ -n "$so" ] && command -v cuobjdump > /dev/null; then
+  cuobjdump -sass "$so" | python3 -c "
+import re, sys, collections
+for f in re.split(r'\n\s*Function : ', sys.stdin.read())[1:]:
+    name = f.split('\n')[0]
+    if 'Half' not in name: continue
+    ops = collections.Counter(o.split('.')[0] for o in re.findall(r'/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)', f))
+    print(name[:100], {k: ops[k] for k in ('FRND', 'F2F', 'F2FP', 'MUFU', 'CALL', 'FFMA', 'FADD', 'FMUL')})
+" > "$OUT/sass.txt" 2>&1
+fi
+[ "${1:-}" = profile ] || step test_deploy 150 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py
+[ "${1:-}" = profile ] || step test_kernels 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kernels.py -m cuda
+[ "${1:-}" = profile ] || step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
 step bench_kernels 200 python3 benchmarks/bench_kernels.py --devices cuda --no-compile
-if [ "${1:-}" != quick ]; then
+if [ -z "${1:-}" ]; then
   step bench_deploy_a 200 python3 benchmarks/bench_deploy.py --tables a --devices cuda --min-time 0.1 --rounds 2
+fi
+if [ "${1:-}" = profile ] && command -v ncu > /dev/null; then
+  step ncu 120 ncu --clock-control none -k regex:'gemv_kernel|quantize_forward' \
+    --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+    --section MemoryWorkloadAnalysis python3 benchmarks/profile_kernels.py
 fi

@@ -109,7 +109,7 @@ def test_kernels_match_reference(device: str, bits: int) -> None:
                 w32 = unpack_weight_reference(packed, scale, bits, signed, [n, k],
                                               torch.float32).double()
                 eps = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-                for m in (0, 1, 3, 16, 17, 40):
+                for m in (0, 1, 2, 3, 5, 16, 17, 40):
                     x = torch.randn(m, k, generator=gen).to(device, dtype)
                     bias = torch.randn(n, generator=gen).to(device, dtype) if m % 2 else None
                     y = geta.lowbit_linear.default(x, packed, scale, bits, k, signed, bias)
@@ -120,6 +120,17 @@ def test_kernels_match_reference(device: str, bits: int) -> None:
                                    b64.abs() if b64 is not None else None)
                     assert ((y.double() - exact).abs() <= eps * mag + 1e-30).all(), (
                         bits, signed, n, k, dtype, m)
+                # packed rows at an odd address (a contiguous view 1 byte into a buffer): the
+                # kernels' byte-load path must give the same result as the aligned loads
+                shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8, device=device)
+                shifted = shifted[1:].view_as(packed).copy_(packed)
+                x = torch.randn(1, k, generator=gen).to(device, dtype)
+                assert torch.equal(geta.lowbit_linear.default(x, shifted, scale, bits, k, signed,
+                                                              None),
+                                   geta.lowbit_linear.default(x, packed, scale, bits, k, signed,
+                                                              None)), (bits, signed, n, k, dtype)
+                assert torch.equal(geta.unpack_weight.default(shifted, scale, bits, signed,
+                                                              [n, k], dtype), ref)
 
 
 def test_lowbit_linear_batched_input_and_noncontiguous() -> None:

@@ -1,22 +1,21 @@
 // CUDA kernels for geta::lowbit_linear and geta::unpack_weight.
 //
-// STATUS: UNTESTED.  Written without a GPU (compile-checked with nvcc 13.0 for sm_90 only).  It
-// is built only on request (GETA_FX_BUILD_LOWBIT_CUDA=1, see geta_fx/lowbit_kernels.py); by
-// default CUDA tensors use the pure-PyTorch reference.  Before enabling it by default, run
-// tests/test_deploy.py (the cuda-marked tests compare it with the reference) and
-// benchmarks/bench_deploy.py --tables b on a GPU.
+// STATUS: tested on an NVIDIA H200 (tests/test_deploy.py, CUDA-marked: bit-exact unpack for
+// 2-8 bits and every dtype, lowbit_linear vs a float64 oracle for M in {0, 1, 3, 16, 17, 40},
+// ragged K, unaligned packed rows).  Built by default where torch has CUDA and nvcc exists
+// (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see geta_fx/lowbit_kernels.py).
 //
 // Schemas: geta_fx/ops/schema.py.  Contract and packed format: geta_fx/ops/lowbit.py.
 //   packed uint8 [N, ceil(K/8)*B]: row n is a little-endian bitstream of K B-bit codes;
 //   level = code - offset (2^(B-1) signed, 0 unsigned); weight = float(level) * scale.
 //
 // lowbit_linear:
-//   M <= 16   weight-only GEMV/skinny GEMM: one warp per output row; each lane decodes 32 codes
-//             at a time from 4*B bytes (one 16-byte load for B = 4) and accumulates the M dot
-//             products in registers (level space; y = acc * scale + bias); warp shuffle reduce.
-//             UNROLL chunks' loads are issued before their math (memory-level parallelism).
-//   M > 16    dequantize into a temporary weight of x's dtype (bit-exact, like unpack_weight)
-//             and call at::linear (cuBLAS): correct for any M.
+//   M <= 4    weight-only GEMV (gemv_kernel): a warp per 2 output rows, lanes on consecutive
+//             groups of 8 codes (coalesced weight and activation loads), M x 2 float32
+//             accumulators in registers (level space; y = acc * scale + bias).  H200, 4-bit,
+//             M = 1: 1.45x faster than fp16 F.linear (the issue's goal is 2.5-3x).
+//   M > 4     dequantize into a temporary weight of x's dtype (bit-exact, like unpack_weight)
+//             and call at::linear (cuBLAS): correct for any M, ~0.5x fp16 speed.
 // unpack_weight: one thread per group of 8 codes, float(level) * scale with __fmul_rn.
 // Scale is read on the device (no host sync); everything runs on the current stream.
 
@@ -42,7 +41,11 @@
 namespace geta_lowbit_cuda {
 namespace {
 
-constexpr int kMaxFusedM = 16;
+// The fused kernel serves M <= 4; taller x goes through dequantize + cuBLAS.  Measured on an
+// H200 (benchmarks/README.md "Deploy"): at M = 8 the fused kernel took 43 us for 4096x4096 W4
+// vs ~27 us for dequantize + cuBLAS; Nsight Compute showed it stalled on L1 (the activation
+// loads, ~70% of stall cycles) with 0.8 waves of 95-register warps.  See the TODO at gemv_kernel.
+constexpr int kMaxFusedM = 4;
 constexpr int kWarpsPerBlock = 4;
 
 std::string shape_str(c10::IntArrayRef sizes) {
@@ -138,71 +141,68 @@ __device__ __forceinline__ void load8(const c10::BFloat16* p, bool vec, int vali
   }
 }
 
-// Level of code j (0..31) of a 32-code chunk held in BITS 32-bit little-endian words, as an exact
-// float: the code is OR-ed into the mantissa of 2^23 and (2^23 + offset) subtracted, which avoids
-// the quarter-rate integer->float conversion.  j is a compile-time constant after unrolling, so
-// this is a shift, a LOP3 and an FADD.
+// Words holding one group of 8 codes (8*BITS bits): 1 for BITS <= 4, else 2.
 template <int BITS>
-__device__ __forceinline__ float level_at(const uint32_t (&w)[BITS], int j, float bias23) {
+struct Group {
+  static constexpr int kWords = BITS <= 4 ? 1 : 2;
+  uint32_t w[kWords];
+};
+
+// Level of code j (0..7) of a group, as an exact float: the code is OR-ed into the mantissa of
+// 2^23 and (2^23 + offset) subtracted, which avoids the quarter-rate integer->float conversion.
+// j is a compile-time constant after unrolling: a shift, a LOP3 and an FADD.
+template <int BITS>
+__device__ __forceinline__ float level_at(const Group<BITS>& g, int j, float bias23) {
   const int bit = j * BITS;
   const int word = bit >> 5, shift = bit & 31;
-  uint32_t v = w[word] >> shift;
-  if (shift + BITS > 32) v |= w[word + 1] << (32 - shift);  // straddles two words
+  uint32_t v = g.w[word] >> shift;
+  if (shift + BITS > 32) v |= g.w[word + 1] << (32 - shift);  // straddles the two words
   return __uint_as_float((v & ((1u << BITS) - 1)) | 0x4B000000u) - bias23;
 }
 
-// The 4*BITS bytes of chunk c of a row (bytes [c*4*BITS, (c+1)*4*BITS)), zero-filled past
-// row_len.  `aligned`: the row starts on a vector boundary (16 bytes when 4 | BITS, 8 when
-// 2 | BITS, else 4) and row_len is a multiple of it, so the full chunk is read with
-// 16/8/4-byte loads.
+// Group gi of a row: its BITS bytes start at byte gi*BITS.  `aligned`: rows start on a
+// BITS-byte-load boundary for BITS in {2, 4, 8} (one 2/4/8-byte load); other widths (and
+// unaligned rows) assemble the group from byte loads.  Lanes read consecutive groups, so a warp's
+// loads cover 32*BITS contiguous bytes.
 template <int BITS>
-__device__ __forceinline__ void load_chunk(const uint8_t* row, int64_t row_len, int64_t c,
-                                           bool aligned, uint32_t (&w)[BITS]) {
-  const int64_t start = c * 4 * BITS;
-  if (aligned && start + 4 * BITS <= row_len) {
-    if constexpr (BITS % 4 == 0) {
-      const uint4* p = reinterpret_cast<const uint4*>(row + start);
-#pragma unroll
-      for (int i = 0; i < BITS / 4; ++i) {
-        const uint4 v = __ldg(p + i);
-        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
+__device__ __forceinline__ void load_group(const uint8_t* row, int64_t gi, bool aligned,
+                                           Group<BITS>& g) {
+  const uint8_t* p = row + gi * BITS;
+  if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
+    if (aligned) {
+      if constexpr (BITS == 2) {
+        g.w[0] = __ldg(reinterpret_cast<const uint16_t*>(p));
+      } else if constexpr (BITS == 4) {
+        g.w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+      } else {
+        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+        g.w[0] = v.x;
+        g.w[1] = v.y;
       }
-    } else if constexpr (BITS % 2 == 0) {
-      const uint2* p = reinterpret_cast<const uint2*>(row + start);
-#pragma unroll
-      for (int i = 0; i < BITS / 2; ++i) {
-        const uint2 v = __ldg(p + i);
-        w[2 * i] = v.x; w[2 * i + 1] = v.y;
-      }
-    } else {
-      const uint32_t* p = reinterpret_cast<const uint32_t*>(row + start);
-#pragma unroll
-      for (int i = 0; i < BITS; ++i) w[i] = __ldg(p + i);
+      return;
     }
-    return;
   }
 #pragma unroll
-  for (int i = 0; i < BITS; ++i) {
-    uint32_t v = 0;
+  for (int i = 0; i < Group<BITS>::kWords; ++i) g.w[i] = 0;
 #pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const int64_t idx = start + 4 * i + b;
-      if (idx < row_len) v |= static_cast<uint32_t>(__ldg(row + idx)) << (8 * b);
-    }
-    w[i] = v;
-  }
+  for (int b = 0; b < BITS; ++b) g.w[b >> 2] |= static_cast<uint32_t>(__ldg(p + b)) << (8 * (b & 3));
 }
 
-constexpr int vec_bytes(int bits) { return bits % 4 == 0 ? 16 : (bits % 2 == 0 ? 8 : 4); }
-
-// Weight-only GEMV / skinny GEMM.  Each warp owns R consecutive output rows; lane l reads chunks
-// l, l+32, ... of those rows (32 codes = 4*BITS contiguous bytes per row and chunk, so a warp
-// reads 128*BITS contiguous bytes of each row per step), issuing the loads of UNROLL chunks x R
-// rows before any math.  Per group of 8 codes the R rows' levels are decoded once and each of
-// the m activation rows is loaded once (a 16-byte load) and used for R rows: M*R float32
-// accumulators in registers, reduced with warp shuffles at the end (fixed order: deterministic).
-// y = acc * scale + bias: the sum runs in level space (scale is per tensor).
+// Weight-only GEMV / skinny GEMM.  Each warp owns R consecutive output rows.  The K axis is cut
+// into groups of 8 codes (BITS bytes); lane l takes groups l, l+32, l+64, ... so that at every
+// step the warp reads 32 consecutive groups: 32*BITS contiguous weight bytes per row and 256
+// contiguous activations per x row (one 16-byte load per lane: 4 L1 wavefronts, the minimum).
+// UNROLL steps x R rows of weight loads are issued before any math.  Per group the R rows' 8
+// levels are decoded once and each activation row's 8 values are loaded once and used for the R
+// rows: M*R float32 accumulators in registers, warp-shuffle reduced at the end (fixed order:
+// deterministic).  y = acc * scale + bias: the sum runs in level space (scale is per tensor).
 // M is the register tile (1, 2, 4, 8 or 16): activation rows m_rows..M-1 are skipped.
+// TODO(perf, measured with Nsight Compute on an H200, 4096x4096 W4 fp16): at M = 1 the grid is
+// 2048 warps (24% achieved occupancy, DRAM 14% busy): latency bound.  Next steps: one row per
+// warp or split-K across the block's warps (more warps and loads in flight); at M > 1 hoist the
+// M activation loads of a group ahead of their FMAs (the `m < m_rows` guard and the vector /
+// element branch in load8 keep them serialised: clamp the row instead and peel the ragged
+// group); consider mma.sync with levels converted to fp16/bf16 (exact for |level| <= 256).
 template <typename scalar_t, int BITS, int M, int R, int UNROLL>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gemv_kernel(const scalar_t* __restrict__ x, const uint8_t* __restrict__ packed,
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * R;
   if (r0 >= n) return;
   const float bias23 = 8388608.f + static_cast<float>(offset);
-  const int64_t chunks = (k + 31) / 32;
+  const int64_t groups = (k + 7) / 8;
   float acc[M][R];
 #pragma unroll
   for (int m = 0; m < M; ++m)
@@ -224,43 +224,38 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
   for (int rr = 0; rr < R; ++rr) rows[rr] = packed + min(r0 + rr, n - 1) * row_len;
 
-  for (int64_t c0 = lane; c0 < chunks; c0 += 32 * UNROLL) {
-    uint32_t w[UNROLL][R][BITS];
+  for (int64_t g0 = lane; g0 < groups; g0 += 32 * UNROLL) {
+    Group<BITS> w[UNROLL][R];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c < chunks) {
+      const int64_t gi = g0 + 32 * u;
+      if (gi < groups) {
 #pragma unroll
-        for (int rr = 0; rr < R; ++rr) load_chunk<BITS>(rows[rr], row_len, c, aligned, w[u][rr]);
+        for (int rr = 0; rr < R; ++rr) load_group<BITS>(rows[rr], gi, aligned, w[u][rr]);
       }
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
-      const int64_t c = c0 + 32 * u;
-      if (c >= chunks) break;
-      const int64_t k0 = c * 32;
+      const int64_t gi = g0 + 32 * u;
+      if (gi >= groups) break;
+      const int64_t kk = gi * 8;
+      // The last group may be ragged: its codes past k (padding) meet x = 0.
+      const bool whole = x_vec && kk + 8 <= k;
+      const int valid = k - kk < 8 ? static_cast<int>(k - kk) : 8;
+      float lv[R][8];
 #pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        const int64_t kk = k0 + 8 * g;
-        if (kk >= k) break;  // the ragged last chunk: groups past k are skipped
-        // Codes past k inside the last group (padding, or zero-fill past the row) meet x = 0.
-        const bool whole = x_vec && kk + 8 <= k;
-        const int valid = k - kk < 8 ? static_cast<int>(k - kk) : 8;
-        float lv[R][8];
+      for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-        for (int rr = 0; rr < R; ++rr)
+        for (int j = 0; j < 8; ++j) lv[rr][j] = level_at<BITS>(w[u][rr], j, bias23);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) lv[rr][j] = level_at<BITS>(w[u][rr], 8 * g + j, bias23);
+      for (int m = 0; m < M; ++m) {
+        if (m < m_rows) {
+          float xv[8];
+          load8(x + m * k + kk, whole, valid, xv);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          if (m < m_rows) {
-            float xv[8];
-            load8(x + m * k + kk, whole, valid, xv);
+          for (int rr = 0; rr < R; ++rr)
 #pragma unroll
-            for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-              for (int j = 0; j < 8; ++j) acc[m][rr] = fmaf(xv[j], lv[rr][j], acc[m][rr]);
-          }
+            for (int j = 0; j < 8; ++j) acc[m][rr] = fmaf(xv[j], lv[rr][j], acc[m][rr]);
         }
       }
     }
@@ -274,19 +269,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
       acc[m][rr] = v;
     }
-  if (lane == 0) {
-    const float s = __ldg(scale);
+  // Lane i stores output (m, rr) = divmod(i, R) (then i + 32, ...): the stores are spread.
+  const float s = __ldg(scale);
+#pragma unroll
+  for (int m = 0; m < M; ++m)
 #pragma unroll
     for (int rr = 0; rr < R; ++rr) {
       const int64_t r = r0 + rr;
-      if (r < n) {
+      if ((m * R + rr) % 32 == lane && m < m_rows && r < n) {
         const float b = bias != nullptr ? to_f(bias[r]) : 0.f;
-#pragma unroll
-        for (int m = 0; m < M; ++m)
-          if (m < m_rows) out[m * n + r] = static_cast<scalar_t>(fmaf(acc[m][rr], s, b));
+        out[m * n + r] = static_cast<scalar_t>(fmaf(acc[m][rr], s, b));
       }
     }
-  }
 }
 
 // One thread per group of 8 codes: dst[r, g*8 + j] = float(code - offset) * scale (bit-exact,
@@ -359,7 +353,7 @@ void launch_gemv_tile(int m, const scalar_t* xp, const uint8_t* pp, const float*
   // Two rows per warp share each activation load; fewer weight loads in flight for wide bits
   // and tall M keep the M*R accumulators + UNROLL*R*BITS words in registers (no spills).
   constexpr int R = 2;
-  constexpr int UNROLL = (BITS <= 4 && M <= 4) ? 4 : (BITS <= 4 || M <= 4 ? 2 : 1);
+  constexpr int UNROLL = M <= 2 ? 8 : 4;
   const int64_t warps = (n + R - 1) / R;
   const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
   gemv_kernel<scalar_t, BITS, M, R, UNROLL><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
@@ -371,9 +365,9 @@ void launch_gemv_bits(int m, const at::Tensor& x2, const at::Tensor& packed,
                       const at::Tensor& scale, const scalar_t* bias, at::Tensor& out, int64_t n,
                       int64_t k, int offset) {
   const int64_t row_len = packed.size(1);
-  constexpr int vb = vec_bytes(BITS);
-  const bool aligned =
-      row_len % vb == 0 && reinterpret_cast<uintptr_t>(packed.data_ptr<uint8_t>()) % vb == 0;
+  // BITS in {2, 4, 8}: group loads of BITS bytes; row_len = groups * BITS keeps every row
+  // start aligned once the base pointer is.
+  const bool aligned = reinterpret_cast<uintptr_t>(packed.data_ptr<uint8_t>()) % BITS == 0;
   // 8 activations per 16-byte load (two for fp32): every row start must stay aligned
   const bool x_vec = (k * static_cast<int64_t>(sizeof(scalar_t))) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(x2.data_ptr<scalar_t>()) % 16 == 0;
@@ -389,15 +383,9 @@ void launch_gemv_bits(int m, const at::Tensor& x2, const at::Tensor& packed,
   } else if (m <= 2) {
     launch_gemv_tile<scalar_t, BITS, 2>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
                                         x_vec, stream);
-  } else if (m <= 4) {
+  } else {
     launch_gemv_tile<scalar_t, BITS, 4>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
                                         x_vec, stream);
-  } else if (m <= 8) {
-    launch_gemv_tile<scalar_t, BITS, 8>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
-                                        x_vec, stream);
-  } else {
-    launch_gemv_tile<scalar_t, BITS, 16>(m, xp, pp, sp, bias, op, n, k, row_len, offset, aligned,
-                                         x_vec, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
