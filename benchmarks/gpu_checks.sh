@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 GETA_FX_BUILD_LOWBIT_CUDA=1 GETA_FX_KERNEL_CACHE=/tmp/geta_cache
+export PYTHONUNBUFFERED=1 GETA_FX_KERNEL_CACHE=/tmp/geta_cache
 export MAX_JOBS=${MAX_JOBS:-16}
 arch=$(python3 -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))")
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch}

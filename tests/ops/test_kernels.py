@@ -8,6 +8,9 @@ is printed on failure; GETA_FX_TEST_SEED reproduces a run) of every dtype, size 
 edge values.  Forward with t == 1 and grad_x must agree bitwise; with t != 1, exp/log may differ
 by a few ulp, which can flip a near-tie of round() by one level d (the contract in
 geta_fx/ops/reference.py).  CUDA tests carry the ``cuda`` marker and are skipped without a GPU.
+
+The loader tests cover both op sets that the one loader (geta_fx.kernels.KernelLoader) serves:
+the quantizer kernels (geta_fx.kernels) and the low-bit kernels (geta_fx.lowbit_kernels).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from torch import Tensor
 
 import geta_fx.kernels as kernels
+import geta_fx.lowbit_kernels as lowbit_kernels
 import geta_fx.ops as ops
 from geta_fx.ops.reference import quantize_backward_reference, quantize_reference
 
@@ -36,6 +41,12 @@ HAS_CUDA = torch.cuda.is_available()
 NO_KERNELS = os.environ.get("GETA_FX_NO_KERNELS", "").strip().lower() not in (
     "", "0", "false", "no", "off")
 NO_GPU = "no CUDA GPU visible (torch.cuda.is_available() is False): CUDA kernel tests skipped"
+#: How the loaders say that this torch/machine has no usable CUDA.
+NO_CUDA_REASONS = ("torch is built without CUDA", "torch is built for ROCm/HIP, not CUDA",
+                   "no CUDA device visible")
+#: Each op set's loader module and OpSet.
+LOADERS = [pytest.param(kernels, kernels.QUANTIZE, id="quantize"),
+           pytest.param(lowbit_kernels, lowbit_kernels.LOWBIT, id="lowbit")]
 
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)]
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda_only)]
@@ -167,21 +178,28 @@ def run_both(x: Tensor, d: Tensor, q_m: Tensor, t: Tensor, signed: bool, gy: Ten
 # ---------------------------------------------------------------------------------------------
 # loader
 # ---------------------------------------------------------------------------------------------
-def test_status_describes_every_device() -> None:
-    st = kernels.ensure_loaded()
-    assert st == kernels.status()
+@pytest.mark.parametrize(("loader", "opset"), LOADERS)
+def test_status_describes_every_device(loader: ModuleType, opset: kernels.OpSet) -> None:
+    st = loader.ensure_loaded()
+    assert st == loader.status() == loader.ensure_loaded()
     assert set(st) == {"cpu", "cuda"}
+    assert loader.OPS == opset.ops
     for dev, entry in st.items():
         assert entry["impl"] in ("fused", "reference"), (dev, entry)
         assert isinstance(entry["reason"], str) and entry["reason"], (dev, entry)
 
 
 @pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
-def test_cpu_kernel_is_in_use_when_a_compiler_is_present() -> None:
+@pytest.mark.parametrize(("loader", "opset"), LOADERS)
+def test_cpu_kernel_is_in_use_when_a_compiler_is_present(loader: ModuleType,
+                                                         opset: kernels.OpSet) -> None:
     if not has_cpu_toolchain():
         pytest.skip("no C++ compiler or ninja: the reference serves the CPU")
-    st = kernels.status()["cpu"]
+    st = loader.ensure_loaded()["cpu"]
     assert st["impl"] == "fused", st
+    assert Path(st["library"]).name.startswith(f"geta_fx_{opset.stem}_cpu"), st
+    for op in opset.ops:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -192,14 +210,23 @@ def test_fused_device_has_every_op_registered(device: str) -> None:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, key), op
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
-def test_cuda_kernel_is_in_use_when_nvcc_is_present() -> None:
+@pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
+@pytest.mark.parametrize(("loader", "opset"), LOADERS)
+def test_cuda_kernel_is_built_by_default(loader: ModuleType, opset: kernels.OpSet) -> None:
+    """Fused where a GPU and nvcc are present (unless the op set's switch is 0); else why not."""
+    st = loader.ensure_loaded()["cuda"]
+    if os.environ.get(opset.cuda_switch, "1").strip() == "0":
+        assert st == {"impl": "reference", "reason": f"disabled by {opset.cuda_switch}=0"}
+        return
+    if not HAS_CUDA:
+        assert st["impl"] == "reference", st
+        assert st["reason"].startswith(NO_CUDA_REASONS), st
+        return
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if NO_KERNELS or os.environ.get("GETA_FX_BUILD_CUDA") == "0" or CUDA_HOME is None:
-        pytest.skip("CUDA kernels disabled or no CUDA toolkit")
-    assert kernels.status()["cuda"]["impl"] == "fused", kernels.status()["cuda"]
+    if CUDA_HOME is None or not has_cpu_toolchain():
+        pytest.skip(f"no CUDA toolkit or host compiler: {st['reason']}")
+    assert st["impl"] == "fused", st
 
 
 _PROBE = """
@@ -214,7 +241,9 @@ _PROBE = """
     x = torch.randn(1000)
     p = [torch.tensor([v]) for v in (0.05, 1.0, 1.0)]
     same = torch.equal(ops.quantize(x, *p), quantize_reference(x, *p, True))
-    print(json.dumps({"status": st, "elapsed": elapsed, "same": same}))
+    import geta_fx.lowbit_kernels as lk
+    print(json.dumps({"status": st, "elapsed": elapsed, "same": same,
+                      "lowbit": lk.ensure_loaded()}))
 """
 
 
@@ -223,16 +252,20 @@ def fresh_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
     """Import geta_fx.ops in fresh interpreters, concurrently, one per loader scenario.
 
     Returns each child's ``status()``, the seconds ``import geta_fx.ops`` + ``ensure_loaded()``
-    took, and whether ``ops.quantize`` still matched the reference there.
+    took, whether ``ops.quantize`` still matched the reference there, and (``lowbit``) the
+    low-bit loader's ``ensure_loaded()``, called afterwards.
     """
+    lowbit_kernels.ensure_loaded()  # cached here first: the children only load it
     false = shutil.which("false") or "false"
     scenarios: dict[str, dict[str, str]] = {
         "no_kernels": {"GETA_FX_NO_KERNELS": "1"},
         "failed_build": {"GETA_FX_NO_KERNELS": "", "CXX": false, "GETA_FX_BUILD_CUDA": "0",
+                         "GETA_FX_BUILD_LOWBIT_CUDA": "0",
                          "GETA_FX_KERNEL_CACHE": str(tmp_path_factory.mktemp("badcxx"))},
     }
     if not NO_KERNELS:
         scenarios["cached"] = {}
+        scenarios["lowbit_cuda_off"] = {"GETA_FX_BUILD_LOWBIT_CUDA": "0"}
     procs = {
         name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PROBE)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -252,20 +285,34 @@ def fresh_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
 
 def test_no_kernels_env_forces_reference(fresh_processes: dict[str, dict]) -> None:
     out = fresh_processes["no_kernels"]
-    for dev in ("cpu", "cuda"):
-        assert out["status"][dev]["impl"] == "reference"
-        assert "GETA_FX_NO_KERNELS" in out["status"][dev]["reason"]
+    for st in (out["status"], out["lowbit"]):
+        for dev in ("cpu", "cuda"):
+            assert st[dev]["impl"] == "reference"
+            assert "GETA_FX_NO_KERNELS" in st[dev]["reason"]
     assert out["same"]
+
+
+@pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
+def test_lowbit_cuda_switch_skips_only_the_lowbit_cuda_library(
+        fresh_processes: dict[str, dict]) -> None:
+    out = fresh_processes["lowbit_cuda_off"]
+    # The switch is checked before the hardware, so it is the reason on every machine.
+    assert out["lowbit"]["cuda"] == {"impl": "reference",
+                                     "reason": "disabled by GETA_FX_BUILD_LOWBIT_CUDA=0"}, out
+    assert out["lowbit"]["cpu"]["impl"] == lowbit_kernels.status()["cpu"]["impl"], out
+    for dev in ("cpu", "cuda"):  # the quantizer kernels are unaffected
+        assert out["status"][dev]["impl"] == kernels.status()[dev]["impl"], out
+        assert "LOWBIT" not in out["status"][dev]["reason"], out
 
 
 @pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
 def test_cached_build_loads_fast_in_a_new_process(fresh_processes: dict[str, dict]) -> None:
     need_fused("cpu")
     out = fresh_processes["cached"]
-    cpu = out["status"]["cpu"]
-    assert cpu["impl"] == "fused", out
-    assert "cache" in cpu["reason"], out
-    assert cpu["load_s"] < 1.0, f"loading the cached CPU kernels took {cpu['load_s']} s"
+    for cpu in (out["status"]["cpu"], out["lowbit"]["cpu"]):
+        assert cpu["impl"] == "fused", out
+        assert "cache" in cpu["reason"], out
+        assert cpu["load_s"] < 1.0, f"loading the cached CPU kernels took {cpu['load_s']} s"
     assert out["elapsed"] < 10.0, f"import geta_fx.ops + ensure_loaded took {out['elapsed']} s"
     assert out["same"]
 
@@ -281,9 +328,9 @@ def test_failed_build_falls_back_to_reference(fresh_processes: dict[str, dict]) 
     if shutil.which("false") is None or not has_cpu_toolchain():
         pytest.skip("needs `false` and ninja")
     out = fresh_processes["failed_build"]
-    st = out["status"]["cpu"]
-    assert st["impl"] == "reference", out
-    assert "failed" in st["reason"] and "log" in st, out
+    for st in (out["status"]["cpu"], out["lowbit"]["cpu"]):
+        assert st["impl"] == "reference", out
+        assert "failed" in st["reason"] and "log" in st, out
     assert out["same"]
     assert not list(Path(out["cache"]).rglob("checked.json")), "failed build marked usable"
 
