@@ -2,20 +2,18 @@
 //
 // STATUS: tested on an NVIDIA H200 (tests/test_deploy.py, CUDA-marked: bit-exact unpack for
 // 2-8 bits and every dtype, lowbit_linear vs a float64 oracle for M in {0, 1, 3, 16, 17, 40},
-// ragged K, unaligned packed rows) as of commit b2bf9de; the GEMV tuning after it (R = 1 at
-// M = 1, hoisted activation loads; see "Perf history" below) is compile-checked only.  Built by
-// default where torch has CUDA and nvcc exists (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see
-// geta_fx/lowbit_kernels.py).
+// ragged K, unaligned packed rows).  Built by default where torch has CUDA and nvcc exists
+// (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see geta_fx/lowbit_kernels.py).
 //
 // Schemas: geta_fx/ops/schema.py.  Contract and packed format: geta_fx/ops/lowbit.py.
 //   packed uint8 [N, ceil(K/8)*B]: row n is a little-endian bitstream of K B-bit codes;
 //   level = code - offset (2^(B-1) signed, 0 unsigned); weight = float(level) * scale.
 //
 // lowbit_linear:
-//   M <= 4    weight-only GEMV (gemv_kernel): a warp per output row (M = 1) or 2 rows, lanes on
-//             consecutive groups of 8 codes (coalesced weight and activation loads), M x R
-//             float32 accumulators in registers (level space; y = acc * scale + bias).  H200,
-//             4-bit, M = 1, b2bf9de: 1.45x faster than fp16 F.linear (goal: 2.5-3x).
+//   M <= 4    weight-only GEMV (gemv_kernel): a warp per 2 output rows, lanes on consecutive
+//             groups of 8 codes (coalesced weight and activation loads), M x 2 float32
+//             accumulators in registers (level space; y = acc * scale + bias).  H200, 4-bit,
+//             M = 1: 1.45x faster than fp16 F.linear (the issue's goal is 2.5-3x).
 //   M > 4     dequantize into a temporary weight of x's dtype (bit-exact, like unpack_weight)
 //             and call at::linear (cuBLAS): correct for any M, ~0.5x fp16 speed.
 // unpack_weight: one thread per group of 8 codes, float(level) * scale with __fmul_rn.
@@ -199,13 +197,12 @@ __device__ __forceinline__ void load_group(const uint8_t* row, int64_t gi, bool 
 // rows: M*R float32 accumulators in registers, warp-shuffle reduced at the end (fixed order:
 // deterministic).  y = acc * scale + bias: the sum runs in level space (scale is per tensor).
 // M is the register tile (1, 2, 4, 8 or 16): activation rows m_rows..M-1 are skipped.
-// Perf history (Nsight Compute on an H200, 4096x4096 W4 fp16, benchmarks/README.md "Deploy"):
-// the measured version used R = 2 and UNROLL 8 at M = 1 (2048 warps, 24% achieved occupancy,
-// DRAM 14% busy: latency bound, 1.45x fp16) and issued each activation row's load right before
-// its FMAs (at M = 8: 70% of stalls on L1, 0.3x fp16).  The current R = 1 / UNROLL 16 at M = 1
-// and the hoisted activation loads address both; they compile but are NOT yet measured or
-// tested on a GPU (run benchmarks/gpu_checks.sh).  Further: split-K across the block's warps,
-// mma.sync with levels converted to fp16/bf16 (exact for |level| <= 256) for M up to 16.
+// TODO(perf, measured with Nsight Compute on an H200, 4096x4096 W4 fp16): at M = 1 the grid is
+// 2048 warps (24% achieved occupancy, DRAM 14% busy): latency bound.  Next steps: one row per
+// warp or split-K across the block's warps (more warps and loads in flight); at M > 1 hoist the
+// M activation loads of a group ahead of their FMAs (the `m < m_rows` guard and the vector /
+// element branch in load8 keep them serialised: clamp the row instead and peel the ragged
+// group); consider mma.sync with levels converted to fp16/bf16 (exact for |level| <= 256).
 template <typename scalar_t, int BITS, int M, int R, int UNROLL>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     gemv_kernel(const scalar_t* __restrict__ x, const uint8_t* __restrict__ packed,
@@ -250,23 +247,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
       for (int rr = 0; rr < R; ++rr)
 #pragma unroll
         for (int j = 0; j < 8; ++j) lv[rr][j] = level_at<BITS>(w[u][rr], j, bias23);
-      // The group's M activation loads are all issued before any FMA (Nsight: serialised
-      // load->use was 70% of the stall cycles).  Tile rows past m_rows re-read the last row;
-      // their sums are never stored.  `whole` is the same for every m: one branch per group.
-      float xv[M][8];
-      if (whole) {
 #pragma unroll
-        for (int m = 0; m < M; ++m) load8(x + min(m, m_rows - 1) * k + kk, true, 8, xv[m]);
-      } else {
+      for (int m = 0; m < M; ++m) {
+        if (m < m_rows) {
+          float xv[8];
+          load8(x + m * k + kk, whole, valid, xv);
 #pragma unroll
-        for (int m = 0; m < M; ++m) load8(x + min(m, m_rows - 1) * k + kk, false, valid, xv[m]);
+          for (int rr = 0; rr < R; ++rr)
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[m][rr] = fmaf(xv[j], lv[rr][j], acc[m][rr]);
+        }
       }
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-          for (int j = 0; j < 8; ++j) acc[m][rr] = fmaf(xv[m][j], lv[rr][j], acc[m][rr]);
     }
   }
 #pragma unroll
@@ -359,12 +350,10 @@ template <typename scalar_t, int BITS, int M>
 void launch_gemv_tile(int m, const scalar_t* xp, const uint8_t* pp, const float* sp,
                       const scalar_t* bias, scalar_t* op, int64_t n, int64_t k, int64_t row_len,
                       int offset, bool aligned, bool x_vec, cudaStream_t stream) {
-  // M = 1: a warp per row and 16 groups per lane in flight (K = 4096 in one round): twice the
-  // warps of R = 2 (Nsight: the M = 1 kernel was latency bound at 24% occupancy).  M > 1: two
-  // rows per warp share each activation load.  Register budget: M*R accumulators, M*8
-  // activations, UNROLL*R group words.
-  constexpr int R = M == 1 ? 1 : 2;
-  constexpr int UNROLL = M == 1 ? 16 : (M == 2 ? 8 : 4);
+  // Two rows per warp share each activation load; fewer weight loads in flight for wide bits
+  // and tall M keep the M*R accumulators + UNROLL*R*BITS words in registers (no spills).
+  constexpr int R = 2;
+  constexpr int UNROLL = M <= 2 ? 8 : 4;
   const int64_t warps = (n + R - 1) / R;
   const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
   gemv_kernel<scalar_t, BITS, M, R, UNROLL><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
