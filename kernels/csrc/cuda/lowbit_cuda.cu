@@ -2,8 +2,11 @@
 //
 // STATUS: tested on an NVIDIA H200 (tests/test_deploy.py, CUDA-marked: bit-exact unpack for
 // 2-8 bits and every dtype, lowbit_linear vs a float64 oracle for M in {0, 1, 3, 16, 17, 40},
-// ragged K, unaligned packed rows).  Built by default where torch has CUDA and nvcc exists
-// (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see geta_fx/lowbit_kernels.py).
+// ragged K, unaligned packed rows), when the fused kernel served M <= 16; since then M > 4
+// takes the (tested) dequantize + cuBLAS path, and the M = 2 tile (same template) has not run
+// on a GPU.  A tuned GEMV, compile-checked only, is on branch gemv-tuning.  Built by default
+// where torch has CUDA and nvcc exists (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see
+// geta_fx/lowbit_kernels.py).
 //
 // Schemas: geta_fx/ops/schema.py.  Contract and packed format: geta_fx/ops/lowbit.py.
 //   packed uint8 [N, ceil(K/8)*B]: row n is a little-endian bitstream of K B-bit codes;
