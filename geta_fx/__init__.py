@@ -25,6 +25,7 @@ _LAZY = {
     "save": "geta_fx.deploy",
     "load": "geta_fx.deploy",
     "to_dot": "geta_fx.viz",
+    "move_to_device": "geta_fx.module",
 }
 
 

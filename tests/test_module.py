@@ -82,3 +82,89 @@ def test_compress_lower_packs_weights_and_matches(tmp_path) -> None:
     torch.testing.assert_close(slim(x), gm(x), atol=1e-5, rtol=1e-4)
     geta_fx.save(slim, tmp_path / "m.pt2", example_inputs=(x,))
     torch.testing.assert_close(geta_fx.load(tmp_path / "m.pt2")(x), gm(x), atol=1e-5, rtol=1e-4)
+
+
+def _same_groups(a: geta_fx.GetaModule, b: geta_fx.GetaModule) -> None:
+    assert len(a.groups) == len(b.groups)
+    for ga, gb in zip(a.groups, b.groups):
+        assert repr(ga) == repr(gb)
+        assert (ga.num_units, ga.unit_size, ga.unit_offset, ga.nodes) == \
+            (gb.num_units, gb.unit_size, gb.unit_offset, gb.nodes)
+        for ma, mb in zip(ga.members, gb.members):
+            assert (ma.fqn, ma.dim, ma.role) == (mb.fqn, mb.dim, mb.role)
+            assert torch.equal(ma.indices, mb.indices) and torch.equal(ma.units, mb.units)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_pickle_round_trip(training: bool) -> None:
+    import pickle
+
+    x = torch.randn(4, 3, 8, 8)
+    gm = geta_fx.transform(DropBN().eval(), (x,), quantize="weight_act")
+    gm.zero_units(0, [1, 4])
+    gm.train(training)
+    back = pickle.loads(pickle.dumps(gm))
+    assert isinstance(back, geta_fx.GetaModule) and back.training is training
+    _same_groups(gm, back)
+    assert back.quantizers.keys() == gm.quantizers.keys()
+    for name, q in gm.quantizers.items():
+        assert type(back.quantizers[name]) is type(q)
+    sa, sb = gm.state_dict(), back.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:  # tensors, and the quantizers' extra state (their ``signed`` flags)
+        assert torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k]
+    # the same nodes (less export's guards call) with their metadata, and fresh fake values
+    nodes = {n.name: n for n in gm.graph_module.graph.nodes if n.target != "_guards_fn"}
+    assert [n.name for n in back.graph_module.graph.nodes] == list(nodes)
+    for n in back.graph_module.graph.nodes:
+        orig = nodes[n.name]
+        assert (n.op, n.target, str(n.args), str(n.kwargs)) == \
+            (orig.op, orig.target, str(orig.args), str(orig.kwargs))
+        for key in ("geta.group", "geta.quantizer", "geta.origin"):
+            assert n.meta.get(key) == orig.meta.get(key)
+        if n.op != "output":
+            assert "val" in n.meta, n.name
+    gm.eval()
+    back.eval()
+    torch.testing.assert_close(back(x), gm(x))
+    torch.testing.assert_close(back(torch.randn(6, 3, 8, 8)).shape, torch.Size([6, 2]))  # dyn. batch
+    slim, slim_back = gm.compress(), back.compress()
+    assert slim_back.conv.weight.shape[0] == 4
+    torch.testing.assert_close(slim_back(x), slim(x))
+    with pytest.raises(RuntimeError, match="shape"):
+        back(torch.randn(4, 3, 9, 9))  # static sizes are still checked
+    again = pickle.loads(pickle.dumps(back))  # a rebuilt module pickles again
+    torch.testing.assert_close(again(x), gm(x))
+
+
+def test_torch_save_load_and_qasso_on_the_loaded_module(tmp_path) -> None:
+    from geta_fx.demo import CharGPT
+
+    torch.manual_seed(0)
+    idx = torch.randint(0, 20, (2, 8))
+    gm = geta_fx.transform(CharGPT(20, block=8, d=16, heads=2, layers=1).eval(), (idx,),
+                           quantize="weight")
+    torch.save(gm, tmp_path / "gm.pt")
+    back = torch.load(tmp_path / "gm.pt", weights_only=False)
+    torch.testing.assert_close(back(idx), gm(idx))
+    _same_groups(gm, back)
+    opt = geta_fx.QASSO(back, variant="adam", lr=1e-2)
+    assert opt.layout.signature() == geta_fx.QASSO(gm, variant="adam", lr=1e-2).layout.signature()
+    back.train()
+    loss = back(idx).square().mean()
+    loss.backward()
+    opt.step()
+
+
+def test_copy_and_deepcopy_keep_the_exported_graph_module() -> None:
+    import copy
+
+    x = torch.randn(2, 3, 8, 8)
+    gm = geta_fx.transform(DropBN().eval(), (x,))
+    deep = copy.deepcopy(gm)
+    assert deep.graph_module is not gm.graph_module
+    assert hasattr(deep.graph_module, "_guards_fn")  # not the pickle path
+    assert deep.graph_module.code == gm.graph_module.code
+    torch.testing.assert_close(deep(x), gm(x))
+    shallow = copy.copy(gm)
+    assert shallow.graph_module is gm.graph_module

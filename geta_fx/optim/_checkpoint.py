@@ -1,14 +1,13 @@
 """Crash-safe checkpoints of a GETA run: the GetaModule, the QASSO state, and how to rebuild.
 
-A GetaModule cannot be pickled as an object today: the unlifted ``torch.export`` graph module
-carries lambda hooks and a guards function, and ``torch.fx`` unpickling re-traces the code,
-which would drop the node metadata (groups, shapes) that QASSO and ``compress`` need.  So a
-checkpoint holds the module's complete *state* (``state_dict``: weights, buffers, quantizer
+A checkpoint holds the module's complete *state* (``state_dict``: weights, buffers, quantizer
 scalars and their ``signed`` flags) together with a :class:`Recipe` -- the source
 ``nn.Module``, its example inputs and the ``transform`` options -- from which
-:func:`load_checkpoint` rebuilds an identical GetaModule in a fresh process.  ``transform`` is
-deterministic, and the optimizer state records the layout signature (groups, parameters,
-quantizers), so a mismatch is an error rather than a silent mix-up.
+:func:`load_checkpoint` rebuilds an identical GetaModule in a fresh process.  (A GetaModule
+also pickles as a whole, ``torch.save(gm)``; a recipe instead rebuilds the graph with the
+running torch version rather than relying on a pickled graph.)  ``transform`` is deterministic, and the
+optimizer state records the layout signature (groups, parameters, quantizers), so a mismatch
+is an error rather than a silent mix-up.
 
 Files are written to ``path + ".tmp"`` and renamed, so a crash while saving leaves the previous
 checkpoint intact.
