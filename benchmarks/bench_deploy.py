@@ -48,6 +48,7 @@ from torch.utils.benchmark import Timer
 import geta_fx
 import geta_fx.lowbit_kernels as lowbit_kernels
 from geta_fx.deploy import lower
+from geta_fx.module import move_to_device
 from geta_fx.ops.lowbit import level_offset, pack_levels, unpack_weight_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -177,6 +178,11 @@ def ms(fn: Callable[[], Any], min_time: float) -> float:
     return min(m.raw_times) / m.number_per_run * 1e3
 
 
+def time_call(device: str, fn: Callable[[], Any], min_time: float) -> float:
+    """ms per call: GPU time under CUDA-graph replay on CUDA (``cuda_graph_ms``), else ``ms``."""
+    return cuda_graph_ms([fn]) if device == "cuda" else ms(fn, min_time)
+
+
 def kept_units(n: int, fraction: float, align: int | str = 1) -> int:
     """Units a group of ``n`` keeps at sparsity ``fraction`` under an alignment rule.
 
@@ -250,10 +256,9 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
                 t_dense = t_slim = t_low = float("inf")
                 for _ in range(rounds):  # interleaved: dense, slim, lowered, dense, ...
                     for key, mod in (("dense", dense_d), ("slim", slim), ("low", low)):
-                        call = partial(mod, *dev_args)
                         # CUDA: GPU time under graph replay (eager launch cost of these small
                         # graphs would hide the work removed); CPU: Timer.
-                        t = cuda_graph_ms([call]) if device == "cuda" else ms(call, min_time)
+                        t = time_call(device, partial(mod, *dev_args), min_time)
                         if key == "dense":
                             t_dense = min(t_dense, t)
                         elif key == "slim":
@@ -302,12 +307,14 @@ def table_c(devices: list[str], sparsities: list[float], min_time: float,
             variants[label] = (gm.compress(), kept, total, widths)
         for device in devices:
             dev_args = tuple(a.to(device) for a in args)
-            mods = {"dense": copy.deepcopy(dense).to(device)}
-            mods.update({k: copy.deepcopy(v[0]).to(device) for k, v in variants.items()})
+            # move_to_device also retargets devices recorded in the graph (e.g. an arange)
+            mods = {"dense": move_to_device(copy.deepcopy(dense), device)}
+            mods.update({k: move_to_device(copy.deepcopy(v[0]), device)
+                         for k, v in variants.items()})
             best: dict[str, float] = {}
             for _ in range(rounds):
                 for key, mod in mods.items():
-                    t = ms(partial(mod, *dev_args), min_time)
+                    t = time_call(device, partial(mod, *dev_args), min_time)
                     best[key] = min(best.get(key, t), t)
             t_odd = best["odd"]
             for key, (_, kept, total, widths) in variants.items():
@@ -339,7 +346,7 @@ def table_c_layers(devices: list[str], min_time: float, rounds: int = 3) -> None
             best: dict[int, float] = {}
             for _ in range(rounds):
                 for c in chans:
-                    t = ms(partial(op, *inputs[c]), min_time)
+                    t = time_call(device, partial(op, *inputs[c]), min_time)
                     best[c] = min(best.get(c, t), t)
             for i, c in enumerate(chans):
                 aligned = chans[i + 1] if i % 2 == 0 else c  # pairs: (unaligned, aligned)

@@ -5,7 +5,7 @@
 #
 # Writes build/test/bench logs under $OUT (default ./gpu-out).  Uses the machine's python3 and
 # torch (no install beyond `pip install --no-deps -e .`).  Each step has its own time limit so a
-# hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense GPU table;
+# hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense and alignment tables;
 # `profile` also skips it and runs Nsight Compute on benchmarks/profile_kernels.py.
 set -u
 OUT=${OUT:-gpu-out}
@@ -43,7 +43,7 @@ fi
 [ "${1:-}" = profile ] || step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
 step bench_kernels 200 python3 benchmarks/bench_kernels.py --devices cuda --no-compile
 if [ -z "${1:-}" ]; then
-  step bench_deploy_a 200 python3 benchmarks/bench_deploy.py --tables a --devices cuda --min-time 0.1 --rounds 2
+  step bench_deploy_ac 300 python3 benchmarks/bench_deploy.py --tables ac --devices cuda --min-time 0.1 --rounds 2
 fi
 if [ "${1:-}" = profile ] && command -v ncu > /dev/null; then
   step ncu 120 ncu --clock-control none -k regex:'gemv_kernel|quantize_forward' \
