@@ -3,10 +3,12 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_checks.sh [quick]
 #
-# Writes build/test/bench logs under $OUT (default ./gpu-out).  Uses the machine's python3 and
+# Writes build/test/bench logs under $OUT (default ./gpu-out; at most 8 files, the device tool's
+# limit).  Uses the machine's python3 and
 # torch (no install beyond `pip install --no-deps -e .`).  Each step has its own time limit so a
 # hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense and alignment tables;
-# `profile` also skips it and runs Nsight Compute on benchmarks/profile_kernels.py.
+# `profile` also skips the tests and table b, and runs Nsight Compute on
+# benchmarks/profile_kernels.py.  The GEMV lab (benchmarks/cuda_lab/gemv_lab.cu) runs in every mode.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -36,10 +38,20 @@ for f in re.split(r'\n\s*Function : ', sys.stdin.read())[1:]:
     if 'Half' not in name: continue
     ops = collections.Counter(o.split('.')[0] for o in re.findall(r'/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)', f))
     print(name[:100], {k: ops[k] for k in ('FRND', 'F2F', 'F2FP', 'MUFU', 'CALL', 'FFMA', 'FADD', 'FMUL')})
-" > "$OUT/sass.txt" 2>&1
+" >> "$OUT/build.txt" 2>&1
 fi
-[ "${1:-}" = profile ] || step test_deploy 150 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py
-[ "${1:-}" = profile ] || step test_kernels 200 python3 -m pytest -q -p no:cacheprovider tests/ops/test_kernels.py -m cuda
+[ "${1:-}" = profile ] || step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_module_device.py tests/ops/test_kernels.py -m cuda
+# GEMV configuration sweep (standalone nvcc build, cuBLAS fp16 baseline where its headers exist)
+lab_build() {
+  local src=benchmarks/cuda_lab/gemv_lab.cu flags="-O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} -split-compile=0 -Ikernels/csrc/cuda"
+  nvcc $flags $src -lcublas -o /tmp/gemv_lab && return 0
+  local nv; nv=$(python3 -c "import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__))" 2>/dev/null)
+  [ -n "$nv" ] && nvcc $flags -I"$nv/include" -L"$nv/lib" -Xlinker -rpath="$nv/lib" $src -lcublas -o /tmp/gemv_lab && return 0
+  nvcc $flags -DGEMV_LAB_NO_CUBLAS $src -o /tmp/gemv_lab
+}
+export -f lab_build
+OUT=/tmp step gemv_lab_build 240 bash -c lab_build
+step gemv_lab 240 /tmp/gemv_lab $([ "${1:-}" = quick ] && echo --quick)
 [ "${1:-}" = profile ] || step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
 step bench_kernels 200 python3 benchmarks/bench_kernels.py --devices cuda --no-compile
 if [ -z "${1:-}" ]; then

@@ -136,6 +136,7 @@ def test_compress_after_move_keeps_the_device() -> None:
     assert slim(x.to("meta")).shape == (2, 5, 3)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_round_trip_matches_cpu() -> None:
     gm, x = _make()

@@ -1,22 +1,23 @@
 // CUDA kernels for geta::lowbit_linear and geta::unpack_weight.
 //
-// STATUS: tested on an NVIDIA H200 (tests/test_deploy.py, CUDA-marked: bit-exact unpack for
-// 2-8 bits and every dtype, lowbit_linear vs a float64 oracle for M in {0, 1, 3, 16, 17, 40},
-// ragged K, unaligned packed rows), when the fused kernel served M <= 16; since then M > 4
-// takes the (tested) dequantize + cuBLAS path, and the M = 2 tile (same template) has not run
-// on a GPU.  A tuned GEMV, compile-checked only, is on branch gemv-tuning.  Built by default
-// where torch has CUDA and nvcc exists (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see
-// geta_fx/lowbit_kernels.py).
+// STATUS: tested on an NVIDIA H200 at commit b2bf9de (tests/test_deploy.py, CUDA-marked:
+// bit-exact unpack for 2-8 bits and every dtype, lowbit_linear vs a float64 oracle for M in
+// {0, 1, 3, 16, 17, 40}, ragged K, unaligned packed rows), when the fused kernel served M <= 16.
+// Since then, not yet rerun on a GPU: M > 4 takes the (tested) dequantize + cuBLAS path; the
+// GEMV moved to lowbit_gemv.cuh, generalised over (rows per warp, warps per row, hoisting) with
+// the measured configuration as the one used here, one warp per block instead of four; the
+// M = 2 tile has never run.  Built by default where torch has CUDA and nvcc exists
+// (GETA_FX_BUILD_LOWBIT_CUDA=0 opts out, see geta_fx/lowbit_kernels.py).
 //
 // Schemas: geta_fx/ops/schema.py.  Contract and packed format: geta_fx/ops/lowbit.py.
 //   packed uint8 [N, ceil(K/8)*B]: row n is a little-endian bitstream of K B-bit codes;
 //   level = code - offset (2^(B-1) signed, 0 unsigned); weight = float(level) * scale.
 //
 // lowbit_linear:
-//   M <= 4    weight-only GEMV (gemv_kernel): a warp per 2 output rows, lanes on consecutive
-//             groups of 8 codes (coalesced weight and activation loads), M x 2 float32
-//             accumulators in registers (level space; y = acc * scale + bias).  H200, 4-bit,
-//             M = 1: 1.45x faster than fp16 F.linear (the issue's goal is 2.5-3x).
+//   M <= 4    weight-only GEMV (geta_gemv::gemv_kernel, lowbit_gemv.cuh): a warp per 2 output
+//             rows, lanes on consecutive groups of 8 codes (coalesced weight and activation
+//             loads), M x 2 float32 accumulators in registers (level space; y = acc * scale +
+//             bias).  H200, 4-bit, M = 1: 1.45x faster than fp16 F.linear (goal: 2.5-3x).
 //   M > 4     dequantize into a temporary weight of x's dtype (bit-exact, like unpack_weight)
 //             and call at::linear (cuBLAS): correct for any M, ~0.5x fp16 speed.
 // unpack_weight: one thread per group of 8 codes, float(level) * scale with __fmul_rn.
@@ -31,6 +32,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include "lowbit_gemv.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,9 +50,9 @@ namespace {
 // The fused kernel serves M <= 4; taller x goes through dequantize + cuBLAS.  Measured on an
 // H200 (benchmarks/README.md "Deploy"): at M = 8 the fused kernel took 43 us for 4096x4096 W4
 // vs ~27 us for dequantize + cuBLAS; Nsight Compute showed it stalled on L1 (the activation
-// loads, ~70% of stall cycles) with 0.8 waves of 95-register warps.  See the TODO at gemv_kernel.
+// loads, ~70% of stall cycles) with 0.8 waves of 95-register warps.  Candidate configurations
+// (one row per warp, split-K, hoisted loads) are swept by benchmarks/cuda_lab/gemv_lab.cu.
 constexpr int kMaxFusedM = 4;
-constexpr int kWarpsPerBlock = 4;
 
 std::string shape_str(c10::IntArrayRef sizes) {
   std::string s = "[";
@@ -88,202 +91,6 @@ void check_packed(const char* who, const at::Tensor& packed, const at::Tensor& s
               ", expected ", device.str());
   TORCH_CHECK(scale.device() == device, who, ": scale is on ", scale.device().str(),
               ", expected ", device.str());
-}
-
-template <typename T>
-__device__ __forceinline__ float to_f(T v) {
-  return static_cast<float>(v);
-}
-
-// Eight consecutive activations as float32.  `vec`: all eight exist and start on a 16-byte
-// boundary (one 16-byte load for fp16/bf16, two for fp32); otherwise element loads of the first
-// `valid` and zeros after them.
-__device__ __forceinline__ void load8(const float* p, bool vec, int valid, float (&v)[8]) {
-  if (vec) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-    v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = j < valid ? __ldg(p + j) : 0.f;
-  }
-}
-
-__device__ __forceinline__ void load8(const c10::Half* p, bool vec, int valid, float (&v)[8]) {
-  if (vec) {
-    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
-    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      __half2 h;
-      memcpy(&h, &w[i], 4);
-      const float2 f = __half22float2(h);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = j < valid ? static_cast<float>(p[j]) : 0.f;
-  }
-}
-
-__device__ __forceinline__ void load8(const c10::BFloat16* p, bool vec, int valid,
-                                      float (&v)[8]) {
-  if (vec) {  // bf16 -> f32 is a shift: the low half goes to the top 16 bits
-    const uint4 a = __ldg(reinterpret_cast<const uint4*>(p));
-    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = __uint_as_float(w[i] << 16);
-      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) v[j] = j < valid ? static_cast<float>(p[j]) : 0.f;
-  }
-}
-
-// Words holding one group of 8 codes (8*BITS bits): 1 for BITS <= 4, else 2.
-template <int BITS>
-struct Group {
-  static constexpr int kWords = BITS <= 4 ? 1 : 2;
-  uint32_t w[kWords];
-};
-
-// Level of code j (0..7) of a group, as an exact float: the code is OR-ed into the mantissa of
-// 2^23 and (2^23 + offset) subtracted, which avoids the quarter-rate integer->float conversion.
-// j is a compile-time constant after unrolling: a shift, a LOP3 and an FADD.
-template <int BITS>
-__device__ __forceinline__ float level_at(const Group<BITS>& g, int j, float bias23) {
-  const int bit = j * BITS;
-  const int word = bit >> 5, shift = bit & 31;
-  uint32_t v = g.w[word] >> shift;
-  if (shift + BITS > 32) v |= g.w[word + 1] << (32 - shift);  // straddles the two words
-  return __uint_as_float((v & ((1u << BITS) - 1)) | 0x4B000000u) - bias23;
-}
-
-// Group gi of a row: its BITS bytes start at byte gi*BITS.  `aligned`: rows start on a
-// BITS-byte-load boundary for BITS in {2, 4, 8} (one 2/4/8-byte load); other widths (and
-// unaligned rows) assemble the group from byte loads.  Lanes read consecutive groups, so a warp's
-// loads cover 32*BITS contiguous bytes.
-template <int BITS>
-__device__ __forceinline__ void load_group(const uint8_t* row, int64_t gi, bool aligned,
-                                           Group<BITS>& g) {
-  const uint8_t* p = row + gi * BITS;
-  if constexpr (BITS == 2 || BITS == 4 || BITS == 8) {
-    if (aligned) {
-      if constexpr (BITS == 2) {
-        g.w[0] = __ldg(reinterpret_cast<const uint16_t*>(p));
-      } else if constexpr (BITS == 4) {
-        g.w[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
-      } else {
-        const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-        g.w[0] = v.x;
-        g.w[1] = v.y;
-      }
-      return;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < Group<BITS>::kWords; ++i) g.w[i] = 0;
-#pragma unroll
-  for (int b = 0; b < BITS; ++b) g.w[b >> 2] |= static_cast<uint32_t>(__ldg(p + b)) << (8 * (b & 3));
-}
-
-// Weight-only GEMV / skinny GEMM.  Each warp owns R consecutive output rows.  The K axis is cut
-// into groups of 8 codes (BITS bytes); lane l takes groups l, l+32, l+64, ... so that at every
-// step the warp reads 32 consecutive groups: 32*BITS contiguous weight bytes per row and 256
-// contiguous activations per x row (one 16-byte load per lane: 4 L1 wavefronts, the minimum).
-// UNROLL steps x R rows of weight loads are issued before any math.  Per group the R rows' 8
-// levels are decoded once and each activation row's 8 values are loaded once and used for the R
-// rows: M*R float32 accumulators in registers, warp-shuffle reduced at the end (fixed order:
-// deterministic).  y = acc * scale + bias: the sum runs in level space (scale is per tensor).
-// M is the register tile (1, 2, 4, 8 or 16): activation rows m_rows..M-1 are skipped.
-// TODO(perf, measured with Nsight Compute on an H200, 4096x4096 W4 fp16): at M = 1 the grid is
-// 2048 warps (24% achieved occupancy, DRAM 14% busy): latency bound.  Next steps: one row per
-// warp or split-K across the block's warps (more warps and loads in flight); at M > 1 hoist the
-// M activation loads of a group ahead of their FMAs (the `m < m_rows` guard and the vector /
-// element branch in load8 keep them serialised: clamp the row instead and peel the ragged
-// group); consider mma.sync with levels converted to fp16/bf16 (exact for |level| <= 256).
-template <typename scalar_t, int BITS, int M, int R, int UNROLL>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-    gemv_kernel(const scalar_t* __restrict__ x, const uint8_t* __restrict__ packed,
-                const float* __restrict__ scale, const scalar_t* __restrict__ bias,
-                scalar_t* __restrict__ out, int m_rows, int64_t n, int64_t k, int64_t row_len,
-                int offset, bool aligned, bool x_vec) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r0 = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * R;
-  if (r0 >= n) return;
-  const float bias23 = 8388608.f + static_cast<float>(offset);
-  const int64_t groups = (k + 7) / 8;
-  float acc[M][R];
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int rr = 0; rr < R; ++rr) acc[m][rr] = 0.f;
-  // Rows past n alias the last row: loaded and summed, never stored (keeps the loop uniform).
-  const uint8_t* rows[R];
-#pragma unroll
-  for (int rr = 0; rr < R; ++rr) rows[rr] = packed + min(r0 + rr, n - 1) * row_len;
-
-  for (int64_t g0 = lane; g0 < groups; g0 += 32 * UNROLL) {
-    Group<BITS> w[UNROLL][R];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int64_t gi = g0 + 32 * u;
-      if (gi < groups) {
-#pragma unroll
-        for (int rr = 0; rr < R; ++rr) load_group<BITS>(rows[rr], gi, aligned, w[u][rr]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int64_t gi = g0 + 32 * u;
-      if (gi >= groups) break;
-      const int64_t kk = gi * 8;
-      // The last group may be ragged: its codes past k (padding) meet x = 0.
-      const bool whole = x_vec && kk + 8 <= k;
-      const int valid = k - kk < 8 ? static_cast<int>(k - kk) : 8;
-      float lv[R][8];
-#pragma unroll
-      for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) lv[rr][j] = level_at<BITS>(w[u][rr], j, bias23);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        if (m < m_rows) {
-          float xv[8];
-          load8(x + m * k + kk, whole, valid, xv);
-#pragma unroll
-          for (int rr = 0; rr < R; ++rr)
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[m][rr] = fmaf(xv[j], lv[rr][j], acc[m][rr]);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int rr = 0; rr < R; ++rr) {
-      float v = acc[m][rr];
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      acc[m][rr] = v;
-    }
-  // Lane i stores output (m, rr) = divmod(i, R) (then i + 32, ...): the stores are spread.
-  const float s = __ldg(scale);
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int rr = 0; rr < R; ++rr) {
-      const int64_t r = r0 + rr;
-      if ((m * R + rr) % 32 == lane && m < m_rows && r < n) {
-        const float b = bias != nullptr ? to_f(bias[r]) : 0.f;
-        out[m * n + r] = static_cast<scalar_t>(fmaf(acc[m][rr], s, b));
-      }
-    }
 }
 
 // One thread per group of 8 codes: dst[r, g*8 + j] = float(code - offset) * scale (bit-exact,
@@ -349,18 +156,34 @@ void unpack_into(const at::Tensor& packed, const at::Tensor& scale, at::Tensor& 
   }
 }
 
+// c10 dtype -> the CUDA type the device code uses (same layout).
+template <typename T>
+struct Cuda {
+  using type = T;
+};
+template <>
+struct Cuda<c10::Half> {
+  using type = __half;
+};
+template <>
+struct Cuda<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
 template <typename scalar_t, int BITS, int M>
 void launch_gemv_tile(int m, const scalar_t* xp, const uint8_t* pp, const float* sp,
                       const scalar_t* bias, scalar_t* op, int64_t n, int64_t k, int64_t row_len,
                       int offset, bool aligned, bool x_vec, cudaStream_t stream) {
-  // Two rows per warp share each activation load; fewer weight loads in flight for wide bits
-  // and tall M keep the M*R accumulators + UNROLL*R*BITS words in registers (no spills).
-  constexpr int R = 2;
+  // The configuration measured on the H200 (two rows per warp share each activation load, one
+  // warp per block, UNROLL groups x 2 rows of loads in flight); other configurations of the
+  // same kernel are compared by benchmarks/cuda_lab/gemv_lab.cu.
+  constexpr int R = 2, KW = 1;
   constexpr int UNROLL = M <= 2 ? 8 : 4;
-  const int64_t warps = (n + R - 1) / R;
-  const unsigned blocks = static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  gemv_kernel<scalar_t, BITS, M, R, UNROLL><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-      xp, pp, sp, bias, op, m, n, k, row_len, offset, aligned, x_vec);
+  using T = typename Cuda<scalar_t>::type;
+  geta_gemv::gemv_kernel<T, BITS, M, R, KW, UNROLL, false>
+      <<<geta_gemv::gemv_grid<R, KW>(n), KW * 32, 0, stream>>>(
+          reinterpret_cast<const T*>(xp), pp, sp, reinterpret_cast<const T*>(bias),
+          reinterpret_cast<T*>(op), m, n, k, row_len, offset, aligned, x_vec);
 }
 
 template <typename scalar_t, int BITS>
