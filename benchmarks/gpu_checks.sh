@@ -8,7 +8,8 @@
 # torch (no install beyond `pip install --no-deps -e .`).  Each step has its own time limit so a
 # hang in one still leaves the others' logs.  `quick` skips the slim-vs-dense and alignment tables;
 # `profile` also skips the tests and table b, and runs Nsight Compute on
-# benchmarks/profile_kernels.py.  The GEMV lab (benchmarks/cuda_lab/gemv_lab.cu) runs in every mode.
+# benchmarks/profile_kernels.py.  The labs (benchmarks/cuda_lab/*.cu: GEMV configurations,
+# quantizer knobs) run in every mode.
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -52,6 +53,10 @@ lab_build() {
 export -f lab_build
 OUT=/tmp step gemv_lab_build 240 bash -c lab_build
 step gemv_lab 240 /tmp/gemv_lab $([ "${1:-}" = quick ] && echo --quick)
+# quantizer knob sweep (UNROLL, MATH, PACK; bitwise checks against the production variant)
+OUT=/tmp step quant_lab_build 240 nvcc -O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} \
+  -split-compile=0 -Ikernels/csrc/cuda benchmarks/cuda_lab/quant_lab.cu -o /tmp/quant_lab
+step quant_lab 240 /tmp/quant_lab
 [ "${1:-}" = profile ] || step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
 step bench_kernels 200 python3 benchmarks/bench_kernels.py --devices cuda --no-compile
 if [ -z "${1:-}" ]; then

@@ -345,7 +345,7 @@ QUANTIZE = OpSet(
     owner="geta_fx.kernels", stem="kernels", cache_prefix="",
     ops=("geta::quantize", "geta::quantize_backward"),
     sources={"cpu": ("cpu/quantize_cpu.cpp",), "cuda": ("cuda/quantize_cuda.cu",)},
-    headers=("quantize_common.h",),
+    headers=("quantize_common.h", "cuda/quantize_kernels.cuh"),
 )
 
 #: Ops every quantizer kernel library must register, all of them, for its dispatch key.

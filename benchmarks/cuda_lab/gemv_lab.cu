@@ -16,6 +16,8 @@
 #include "lowbit_gemv.cuh"
 
 #include <cuda_runtime.h>
+
+#include "lab_common.h"
 #ifndef GEMV_LAB_NO_CUBLAS  // build without the cuBLAS baseline: -DGEMV_LAB_NO_CUBLAS
 #include <cublas_v2.h>
 #endif
@@ -29,15 +31,6 @@
 #include <string>
 #include <vector>
 
-#define CHECK_CUDA(expr)                                                                      \
-  do {                                                                                        \
-    cudaError_t e_ = (expr);                                                                  \
-    if (e_ != cudaSuccess) {                                                                  \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #expr,                      \
-                   cudaGetErrorString(e_));                                                   \
-      std::exit(1);                                                                           \
-    }                                                                                         \
-  } while (0)
 #ifndef GEMV_LAB_NO_CUBLAS
 #define CHECK_CUBLAS(expr)                                                                    \
   do {                                                                                        \
