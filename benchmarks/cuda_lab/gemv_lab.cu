@@ -1,7 +1,8 @@
 // Standalone sweep of the low-bit GEMV (kernels/csrc/cuda/lowbit_gemv.cuh) configurations: no
 // torch, one nvcc call, so a short GPU lease can compare many variants (issue #7's M <= 16
 // goals).  For each K x N shape, M and configuration (R rows per block, KW warps per row
-// splitting K, UNROLL groups in flight, HOIST activation loads):
+// splitting K, UNROLL groups in flight, HOIST activation loads; and a tensor-core candidate,
+// gemv_mma_kernel below, 4-bit fp16 only, that is not in the extension yet):
 //   * correctness: every output against a float64 CPU reference of the same levels and fp16
 //     activations (|err| <= 2e-3 * sum |x w| + 1e-6, the tests' fp16 bound);
 //   * GPU time per call: all calls captured in one CUDA graph and replayed between CUDA events,
@@ -77,6 +78,131 @@ struct Config {
   { launch<1, R, KW, U, H>, launch<2, R, KW, U, H>, launch<4, R, KW, U, H>, \
     launch<8, R, KW, U, H>, launch<16, R, KW, U, H> }
 
+// ---- tensor-core candidate (4-bit, fp16 activations, K % 64 == 0): mma.sync m16n8k16 ----
+// A block owns 16 weight rows; its KSPLIT warps split K in spans of 64 codes (32 bytes per
+// row).  Lane (g = lane / 4, t = lane % 4) needs, per 16-code tile i of a span, byte t of words
+// 2i and 2i+1 of rows g and g+8 (the m16n8k16 A fragment of the row-major weight tile): it loads
+// the rows' 32-byte spans (the 4 lanes of a group read the same bytes: an L1 broadcast) and
+// turns each byte's two nibbles into an exact fp16 pair (0x6400 | nibble = 1024 + code, minus
+// 1024 + 8).  B = x^T: column n = g is activation row nt*8 + g (zero past m_rows).  fp32
+// accumulators; the KSPLIT partial tiles are summed through shared memory in warp order.
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t word, int t) {
+  const uint32_t b = (word >> (8 * t)) & 0xFFu;
+  const uint32_t h = (b & 0xFu) | ((b & 0xF0u) << 12) | 0x64006400u;
+  __half2 v;
+  std::memcpy(&v, &h, 4);
+  v = __hsub2(v, __float2half2_rn(1024.f + kOffset));
+  uint32_t out;
+  std::memcpy(&out, &v, 4);
+  return out;
+}
+
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
+                                         const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+      "{%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int NT, int KSPLIT, int SU>
+__global__ void __launch_bounds__(KSPLIT * 32)
+    gemv_mma_kernel(const __half* __restrict__ x, const uint8_t* __restrict__ packed,
+                    const float* __restrict__ scale, __half* __restrict__ out, int m_rows,
+                    int64_t n, int64_t k, int64_t row_len) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * 16;
+  const uint8_t* row_lo = packed + min(r0 + g, n - 1) * row_len;
+  const uint8_t* row_hi = packed + min(r0 + g + 8, n - 1) * row_len;
+  const int64_t spans = k / 64;
+  float acc[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[nt][j] = 0.f;
+  for (int64_t s0 = warp; s0 < spans; s0 += KSPLIT * SU) {
+    uint4 lo[SU][2], hi[SU][2];
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int64_t sp = s0 + static_cast<int64_t>(KSPLIT) * u;
+      if (sp < spans) {
+        lo[u][0] = __ldg(reinterpret_cast<const uint4*>(row_lo + sp * 32));
+        lo[u][1] = __ldg(reinterpret_cast<const uint4*>(row_lo + sp * 32 + 16));
+        hi[u][0] = __ldg(reinterpret_cast<const uint4*>(row_hi + sp * 32));
+        hi[u][1] = __ldg(reinterpret_cast<const uint4*>(row_hi + sp * 32 + 16));
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < SU; ++u) {
+      const int64_t sp = s0 + static_cast<int64_t>(KSPLIT) * u;
+      if (sp >= spans) break;
+      const uint32_t wl[8] = {lo[u][0].x, lo[u][0].y, lo[u][0].z, lo[u][0].w,
+                              lo[u][1].x, lo[u][1].y, lo[u][1].z, lo[u][1].w};
+      const uint32_t wh[8] = {hi[u][0].x, hi[u][0].y, hi[u][0].z, hi[u][0].w,
+                              hi[u][1].x, hi[u][1].y, hi[u][1].z, hi[u][1].w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint32_t a[4] = {dequant_pair(wl[2 * i], t), dequant_pair(wh[2 * i], t),
+                               dequant_pair(wl[2 * i + 1], t), dequant_pair(wh[2 * i + 1], t)};
+        const int64_t kk = sp * 64 + 16 * i + 2 * t;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int m = nt * 8 + g;
+          uint32_t b[2] = {0u, 0u};
+          if (m < m_rows) {
+            b[0] = __ldg(reinterpret_cast<const uint32_t*>(x + m * k + kk));
+            b[1] = __ldg(reinterpret_cast<const uint32_t*>(x + m * k + kk + 8));
+          }
+          mma16816(acc[nt], a, b);
+        }
+      }
+    }
+  }
+  if constexpr (KSPLIT > 1) {
+    __shared__ float part[KSPLIT][NT][4][32];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) part[warp][nt][j][lane] = acc[nt][j];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float v = part[0][nt][j][lane];
+        for (int w = 1; w < KSPLIT; ++w) v += part[w][nt][j][lane];
+        acc[nt][j] = v;
+      }
+  }
+  const float s = __ldg(scale);
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t r = r0 + g + (j >= 2 ? 8 : 0);
+      const int m = nt * 8 + 2 * t + (j & 1);
+      if (m < m_rows && r < n) out[m * n + r] = __float2half_rn(acc[nt][j] * s);
+    }
+}
+
+template <int NT, int KSPLIT, int SU>
+void launch_mma(const Args& a, cudaStream_t stream) {
+  if (a.k % 64 != 0) {
+    std::fprintf(stderr, "gemv_mma_kernel needs K %% 64 == 0\n");
+    std::exit(1);
+  }
+  gemv_mma_kernel<NT, KSPLIT, SU><<<static_cast<unsigned>((a.n + 15) / 16), KSPLIT * 32, 0,
+                                    stream>>>(a.x, a.packed, a.scale, a.out, a.m, a.n, a.k,
+                                              a.row_len);
+}
+
+#define MMA_TILES(KS, SU) \
+  { launch_mma<1, KS, SU>, launch_mma<1, KS, SU>, launch_mma<1, KS, SU>, \
+    launch_mma<1, KS, SU>, launch_mma<2, KS, SU> }
+
 // "prod": the production launcher's choice (R = 2, one warp, UNROLL 8 for M <= 2 else 4).
 const Config kConfigs[] = {
     {"prod R2 KW1", {launch<1, 2, 1, 8, false>, launch<2, 2, 1, 8, false>,
@@ -89,6 +215,10 @@ const Config kConfigs[] = {
     {"R4 KW4 U2 H", TILES(4, 4, 2, true)},
     {"R2 KW2 U4 H", TILES(2, 2, 4, true)},
     {"R4 KW2 U4 H", TILES(4, 2, 4, true)},
+    {"mma KS8 SU2", MMA_TILES(8, 2)},
+    {"mma KS16 SU1", MMA_TILES(16, 1)},
+    {"mma KS16 SU2", MMA_TILES(16, 2)},
+    {"mma KS4 SU4", MMA_TILES(4, 4)},
 };
 
 int tile_index(int m) { return m <= 1 ? 0 : m <= 2 ? 1 : m <= 4 ? 2 : m <= 8 ? 3 : 4; }
