@@ -23,6 +23,19 @@ step() { local name=$1 limit=$2; shift 2; local t0=$SECONDS
 
 nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.cuda)"; nvcc --version | tail -1
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || tail /tmp/pip.txt
+# the standalone labs build in the background meanwhile (benchmarks/cuda_lab, ~1 min each)
+lab_build() {
+  local src=benchmarks/cuda_lab/gemv_lab.cu flags="-O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} -split-compile=0 -Ikernels/csrc/cuda"
+  nvcc $flags $src -lcublas -o /tmp/gemv_lab && return 0
+  local nv; nv=$(python3 -c "import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__))" 2>/dev/null)
+  [ -n "$nv" ] && nvcc $flags -I"$nv/include" -L"$nv/lib" -Xlinker -rpath="$nv/lib" $src -lcublas -o /tmp/gemv_lab && return 0
+  nvcc $flags -DGEMV_LAB_NO_CUBLAS $src -o /tmp/gemv_lab
+}
+export -f lab_build
+OUT=/tmp step gemv_lab_build 300 bash -c lab_build > /tmp/lab_builds.txt &
+OUT=/tmp step quant_lab_build 300 nvcc -O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} \
+  -split-compile=0 -Ikernels/csrc/cuda benchmarks/cuda_lab/quant_lab.cu -o /tmp/quant_lab \
+  >> /tmp/lab_builds.txt &
 # both loaders build in parallel (quantizer kernels: ~25 s; low-bit CUDA: ~100 s)
 OUT_FINAL=$OUT; OUT=/tmp
 step build_quant 400 python3 -c "import json, geta_fx.kernels as k; print(json.dumps(k.ensure_loaded(), indent=1))" &
@@ -42,20 +55,8 @@ for f in re.split(r'\n\s*Function : ', sys.stdin.read())[1:]:
 " >> "$OUT/build.txt" 2>&1
 fi
 [ "${1:-}" = profile ] || step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_module_device.py tests/ops/test_kernels.py -m cuda
-# GEMV configuration sweep (standalone nvcc build, cuBLAS fp16 baseline where its headers exist)
-lab_build() {
-  local src=benchmarks/cuda_lab/gemv_lab.cu flags="-O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} -split-compile=0 -Ikernels/csrc/cuda"
-  nvcc $flags $src -lcublas -o /tmp/gemv_lab && return 0
-  local nv; nv=$(python3 -c "import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__))" 2>/dev/null)
-  [ -n "$nv" ] && nvcc $flags -I"$nv/include" -L"$nv/lib" -Xlinker -rpath="$nv/lib" $src -lcublas -o /tmp/gemv_lab && return 0
-  nvcc $flags -DGEMV_LAB_NO_CUBLAS $src -o /tmp/gemv_lab
-}
-export -f lab_build
-OUT=/tmp step gemv_lab_build 240 bash -c lab_build
+wait; cat /tmp/lab_builds.txt
 step gemv_lab 240 /tmp/gemv_lab $([ "${1:-}" = quick ] && echo --quick)
-# quantizer knob sweep (UNROLL, MATH, PACK; bitwise checks against the production variant)
-OUT=/tmp step quant_lab_build 240 nvcc -O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} \
-  -split-compile=0 -Ikernels/csrc/cuda benchmarks/cuda_lab/quant_lab.cu -o /tmp/quant_lab
 step quant_lab 240 /tmp/quant_lab
 [ "${1:-}" = profile ] || step bench_deploy_b 200 python3 benchmarks/bench_deploy.py --tables b --devices cuda
 step bench_kernels 200 python3 benchmarks/bench_kernels.py --devices cuda --no-compile
