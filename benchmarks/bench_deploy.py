@@ -49,6 +49,7 @@ import geta_fx
 import geta_fx.lowbit_kernels as lowbit_kernels
 from geta_fx.deploy import lower
 from geta_fx.module import move_to_device
+from geta_fx.passes.physical_prune import align_removed_units, removed_units_from_zeros
 from geta_fx.ops.lowbit import level_offset, pack_levels, unpack_weight_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -278,7 +279,9 @@ def table_c(devices: list[str], sparsities: list[float], min_time: float,
     print("Kept units per prunable group: base = round((1 - s) n); `odd` = base, minus 1 if "
           "even; `even` = an even count that is not a multiple of 8 (base - 2 if base is one)"
           "; `x8`/`x16` = base rounded up to a multiple (QASSO "
-          "`group_divisible=8/16`); groups whose unit is an attention head keep base heads.  "
+          "`group_divisible=8/16`); `odd+align8` = the odd model compressed with "
+          "`compress(align=8)` (zero units kept back to multiples of 8 channels); groups whose "
+          "unit is an attention head keep base heads.  "
           "Variants interleaved over rounds; the fastest measurement counts.\n")
     print("| device | model | sparsity | kept units | widths (first groups) | slim ms | vs dense "
           "| vs odd |")
@@ -305,6 +308,15 @@ def table_c(devices: list[str], sparsities: list[float], min_time: float,
             seen[counts] = label
             widths = ",".join(str(c) for c in counts[:4])
             variants[label] = (gm.compress(), kept, total, widths)
+        # the odd model aligned after the fact: compress(align=8) keeps zero units back
+        gm.load_state_dict(init)
+        zero_fraction(gm, sp, "odd")
+        slim8 = gm.compress(align=8)
+        removed = align_removed_units(gm.graph_module, removed_units_from_zeros(gm.graph_module), 8)
+        counts8 = tuple(int(g.num_units - removed[g.unit_offset: g.unit_offset + g.num_units].sum())
+                        for g in gm.groups if g.prunable and g.num_units >= 2)
+        variants["odd+align8"] = (slim8, sum(counts8), total,
+                                  ",".join(str(c) for c in counts8[:4]))
         for device in devices:
             dev_args = tuple(a.to(device) for a in args)
             # move_to_device also retargets devices recorded in the graph (e.g. an arange)

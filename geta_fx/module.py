@@ -486,12 +486,14 @@ class GetaModule(nn.Module):
 
     # ---------------------------------------------------------------- compress
     def compress(self, removed_units: np.ndarray | None = None, *,
-                 lower: bool = False) -> torch.fx.GraphModule:
+                 lower: bool = False, align: int = 1) -> torch.fx.GraphModule:
         """A slim GraphModule without the all-zero units; same outputs as this module.
 
         The slim graph keeps this module's current train/eval flags and its own copy of
         every parameter; this module is not modified.  ``lower=True`` also packs every
-        quantized weight at its learned bit width (``geta_fx.lower``).
+        quantized weight at its learned bit width (``geta_fx.lower``).  ``align=8`` (say)
+        keeps back a few zero units so that every prunable group keeps a multiple of 8
+        channels (odd counts can be slower than dense on GPUs; outputs are unchanged).
 
         The slim graph lives on this module's device at the time of the call.  Being a plain
         GraphModule, its ``.to(device)`` moves only parameters and buffers, not the devices its
@@ -500,9 +502,11 @@ class GetaModule(nn.Module):
         """
         from geta_fx.passes.physical_prune import PhysicalPrune
 
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
+            raise InputError(f"compress: align must be an int >= 1, got {align!r}")
         self.validate()
         slim = copy.deepcopy(self.graph_module)
-        PhysicalPrune(removed_units=removed_units)(slim)
+        PhysicalPrune(removed_units=removed_units, align=align)(slim)
         slim.meta.setdefault(meta.LOG, [])
         if lower:  # pack quantized weights at their learned bit widths (geta_fx.deploy)
             from geta_fx.deploy import lower as _lower

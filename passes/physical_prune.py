@@ -54,22 +54,55 @@ def removed_units_from_zeros(gm: torch.fx.GraphModule) -> np.ndarray:
     return removed
 
 
+def align_removed_units(gm: torch.fx.GraphModule, removed: np.ndarray, align: int) -> np.ndarray:
+    """``removed`` with some units kept back so that every prunable group keeps a multiple of
+    ``align`` channels (kept units x ``unit_size``), or all of its units.
+
+    Odd channel counts can make the slim model slower than the dense one on GPUs (cuDNN/cuBLAS
+    tile sizes; benchmarks/README.md "Deploy"); QASSO's ``group_divisible`` avoids them while
+    training, this aligns after the fact.  The units kept back are the group's lowest-index
+    removed ones; all-zero units stay exact, so the slim model's outputs do not change.
+    """
+    if align == 1:
+        return removed
+    removed = removed.copy()
+    for g in gm.meta[meta.GROUPS]:
+        if not g.prunable or not g.num_units:
+            continue
+        group = removed[g.unit_offset: g.unit_offset + g.num_units]  # a view into `removed`
+        kept = g.num_units - int(group.sum())
+        target = kept
+        while target < g.num_units and (target * g.unit_size) % align:
+            target += 1
+        group[np.flatnonzero(group)[: target - kept]] = False
+    return removed
+
+
 @dataclass(frozen=True)
 class PhysicalPrune:
-    """Remove units (default: the all-zero units of prunable groups) in place."""
+    """Remove units (default: the all-zero units of prunable groups) in place.
+
+    ``align`` > 1 keeps every prunable group's channel count a multiple of it (see
+    :func:`align_removed_units`).
+    """
 
     name: ClassVar[str] = "physical_prune"
     requires: ClassVar[frozenset[str]] = frozenset({"geta.group"})
     provides: ClassVar[frozenset[str]] = frozenset({"slim"})
     invalidates: ClassVar[frozenset[str]] = frozenset({"geta.group"})
     removed_units: Any = None
+    align: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.align, bool) or not isinstance(self.align, int) or self.align < 1:
+            raise ValueError(f"physical_prune: align must be an int >= 1, got {self.align!r}")
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
         removed = (np.asarray(self.removed_units, dtype=bool) if self.removed_units is not None
                    else removed_units_from_zeros(gm))
         prunable = getattr(analysis, "prunable_units", np.ones(analysis.num_units, bool))
-        removed = removed & prunable
+        removed = align_removed_units(gm, removed & prunable, self.align)
         if not removed.any():
             return PassResult(gm, False)
         removed_atom = _keep_every_tensor_nonempty(analysis, removed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -92,3 +93,32 @@ def test_shape_constants_rewritten_for_heads_and_chunks() -> None:
     torch.testing.assert_close(slim(x), gm(x), atol=1e-5, rtol=1e-4)
     assert slim.qkv.weight.shape[0] == 36 and slim.up.weight.shape[0] == 26
     assert "split_with_sizes" in slim.code  # chunk(2) became explicit sizes
+
+
+def test_align_keeps_channel_counts_multiples_and_outputs_exact() -> None:
+    torch.manual_seed(1)
+    model = Net(20, 13).eval()
+    x = torch.randn(2, 3, 8, 8)
+    gm = geta_fx.transform(model, (x,))
+    gm.zero_units(0, [0, 3, 4, 7, 9, 11, 15])  # 13 of 20 kept
+    gm.zero_units(1, [2, 5])  # 11 of 13 kept
+    plain = gm.compress()
+    assert plain.conv1.weight.shape[0] == 13 and plain.conv2.weight.shape[0] == 11
+    slim = gm.compress(align=4)
+    # 13 -> 16 (three zero units kept back); 11 -> 12 (13 is not reachable as a multiple: 12)
+    assert slim.conv1.weight.shape[0] == 16 and slim.conv2.weight.shape[0] == 12
+    torch.testing.assert_close(slim(x), gm(x))
+    torch.testing.assert_close(slim(x), plain(x))
+    # a group that cannot reach a multiple keeps all its units: 13 channels, align 8 -> 13
+    full = gm.compress(align=8)
+    assert full.conv1.weight.shape[0] == 16 and full.conv2.weight.shape[0] == 13
+    torch.testing.assert_close(full(x), gm(x))
+
+
+def test_align_rejects_bad_values() -> None:
+    gm = geta_fx.transform(Net().eval(), (torch.randn(1, 3, 8, 8),))
+    for bad in (0, -2, 2.0, True, "8"):
+        with pytest.raises(geta_fx.InputError, match="align"):
+            gm.compress(align=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="align"):
+        PhysicalPrune(align=0)
