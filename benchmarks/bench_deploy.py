@@ -34,7 +34,6 @@ import argparse
 import copy
 import os
 import platform
-import subprocess
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from _common import commit
 import geta_fx
 import geta_fx.lowbit_kernels as lowbit_kernels
 from geta_fx.deploy import lower
@@ -132,18 +132,6 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
 
 
 # -------------------------------------------------------------------------------- helpers
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False, cwd=HERE).stdout.strip() or "no-commit"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=False,
-                               cwd=HERE).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -29,7 +29,6 @@ import datetime
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import Any
 
 import torch
 
+from _common import commit
 import geta_fx.kernels as kernels
 import geta_fx.ops  # noqa: F401  (schema, reference, fake, autograd; loads the kernels)
 from geta_fx.ops.reference import quantize_backward_reference, quantize_reference
@@ -45,21 +45,6 @@ SHAPES = {"weight": (4096, 4096), "activation": (8, 2048, 4096)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZERS = {"linear": 1.0, "nonlinear": 1.5}
 Q_M = 3.0
-
-
-def commit() -> str:
-    env = os.environ.get("GETA_FX_COMMIT")
-    if env:
-        return env
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=False, cwd=os.path.dirname(__file__))
-        head = out.stdout.strip() or "no-commit"
-        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                               check=False, cwd=os.path.dirname(__file__)).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def timer(device: str, fn: Callable[[], Any], warmup: int, iters: int, reps: int = 3) -> float:

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
 import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from _common import commit as _commit
 import geta_fx
 from geta_fx.demo import CharGPT
 from geta_fx.optim import QASSO
@@ -103,18 +101,6 @@ MODELS = {"resnet20": _resnet, "gpt": _gpt}
 
 
 # ------------------------------------------------------------------------------ timing
-def _commit() -> str:
-    if os.environ.get("GETA_FX_COMMIT"):
-        return os.environ["GETA_FX_COMMIT"]
-    try:
-        here = Path(__file__).resolve().parent
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=False, cwd=here).stdout.strip()
-        return head or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def _timed_step(module: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
                 loss_fn: Callable[[Tensor, Tensor], Tensor], cuda: bool) -> float:
     if cuda:

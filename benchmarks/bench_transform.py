@@ -23,17 +23,10 @@ import sys
 import time
 
 import torch
+from _common import commit as _commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                       text=True).strip()
-    except Exception:  # noqa: BLE001
-        return "unknown"
 
 
 def zoo_table() -> None:
