@@ -383,6 +383,34 @@ def _bench_cmd(args: argparse.Namespace) -> int:
     return rc
 
 
+# ------------------------------------------------------------------------------ kernels
+def _kernels_cmd(args: argparse.Namespace) -> int:
+    """Build (first use) and load the compiled kernels; print which implementation serves each
+    op set on each device and why.  Exit 1 with --require-fused when any device that has the
+    hardware (cpu; cuda where a GPU is visible) falls back to the reference."""
+    import torch
+
+    import geta_fx.kernels as quant_kernels
+    import geta_fx.lowbit_kernels as lowbit_kernels
+
+    rows = []
+    for label, loader in (("quantize", quant_kernels), ("lowbit", lowbit_kernels)):
+        for dev, st in loader.ensure_loaded().items():
+            rows.append((label, dev, st["impl"], st["reason"]))
+    print(f"kernel cache: {quant_kernels.cache_dir()}")
+    for label, dev, impl, reason in rows:
+        print(f"{label:9s} {dev:5s} {impl:9s} {reason}")
+    if args.require_fused:
+        have = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+        missing = [f"{label}/{dev}" for label, dev, impl, _ in rows
+                   if dev in have and impl != "fused"]
+        if missing:
+            sys.stderr.write(f"{PROG}: error: reference implementation in use for "
+                             f"{', '.join(missing)}\n")
+            return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="GETA joint structured pruning + quantization-aware "
@@ -466,6 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("names", nargs="*", metavar="NAME", help="benchmark names (see --list)")
     b.add_argument("--list", action="store_true", help="list the benchmarks")
     b.set_defaults(run=_bench_cmd, bench_args=[])
+
+    k = sub.add_parser("kernels", help="build/load the C++/CUDA kernels and say which "
+                       "implementation each device uses",
+                       description="Build the compiled kernels on first use (cached), load "
+                       "them, and print per op set (quantize, lowbit) and device whether the "
+                       "fused kernel or the pure-PyTorch reference serves it, and why. Run it "
+                       "once after installing to pre-build.")
+    k.add_argument("--require-fused", action="store_true",
+                   help="exit 1 if the reference serves a device that has the hardware")
+    k.set_defaults(run=_kernels_cmd)
     return parser
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -193,3 +195,16 @@ def test_bench_command(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
     rc, out, _ = run(capsys, "bench", "hello", "--", "--repeat", "3")
     assert rc == 0 and calls[0][-3:] == [str(bench / "bench_hello.py"), "--repeat", "3"]
+
+
+def test_kernels_command_reports_every_op_set_and_device(capsys: pytest.CaptureFixture[str]
+                                                         ) -> None:
+    rc, out, _ = run(capsys, "kernels")
+    assert rc == 0
+    lines = [ln.split(None, 3) for ln in out.splitlines()[1:]]
+    assert {(ln[0], ln[1]) for ln in lines} == {("quantize", "cpu"), ("quantize", "cuda"),
+                                                ("lowbit", "cpu"), ("lowbit", "cuda")}
+    assert all(ln[2] in ("fused", "reference") and len(ln) == 4 for ln in lines)
+    if shutil.which(os.environ.get("CXX", "c++").split()[0]):
+        rc, _, err = run(capsys, "kernels", "--require-fused")
+        assert rc == 0, err
