@@ -56,11 +56,22 @@ HF_TINY: dict[str, Any] = {
 HF_BATCH, HF_SEQ = 2, 8
 
 
+#: Fallback when HF_TINY does not describe the architecture consistently (per-stage lists such
+#: as ConvNeXt's hidden_sizes/depths, or Swin's per-stage num_heads): only input-facing sizes,
+#: the architecture's own default widths and depths otherwise.
+HF_MINIMAL: dict[str, Any] = {
+    k: HF_TINY[k] for k in ("vocab_size", "max_position_embeddings", "use_cache", "image_size",
+                            "num_channels", "type_vocab_size", "pad_token_id", "bos_token_id",
+                            "eos_token_id")}
+
+
 def build_hf(arch: str) -> tuple[Any, tuple[Any, ...]]:
     """A randomly initialised ``transformers.<arch>`` from a tiny config, and its input.
 
     Nothing is downloaded.  Text models get token ids ``[2, 8]``, vision models
-    ``pixel_values`` ``[2, 3, 32, 32]``.
+    ``pixel_values`` ``[2, 3, 32, 32]``.  The config takes the :data:`HF_TINY` sizes it
+    accepts; if the model cannot be built from them or does not run on its input, it is built
+    again from :data:`HF_MINIMAL` (the architecture's default widths).
     """
     import torch
 
@@ -76,26 +87,32 @@ def build_hf(arch: str) -> tuple[Any, tuple[Any, ...]]:
     config_cls = cls.config_class
     accepted = set(_inspect.signature(config_cls.__init__).parameters)
     accepted |= set(getattr(config_cls, "attribute_map", {}) or {})
-    kwargs = {k: v for k, v in HF_TINY.items() if k in accepted}
-    try:
-        config = config_cls(**kwargs)
-        model = cls(config).eval()
-    except Exception as e:  # noqa: BLE001 - a usage problem: this arch cannot be built here
-        raise UsageError(f"could not build {arch} from a tiny config: "
-                         f"{type(e).__name__}: {_first_line(e)}") from e
     main_input = getattr(cls, "main_input_name", "input_ids")
-    g = torch.Generator().manual_seed(0)
-    if main_input == "pixel_values":
-        size = int(getattr(config, "image_size", 32))
-        channels = int(getattr(config, "num_channels", 3))
-        inputs: tuple[Any, ...] = (torch.randn(HF_BATCH, channels, size, size, generator=g),)
-    elif main_input == "input_ids":
-        vocab = int(getattr(config, "vocab_size", 64))
-        inputs = (torch.randint(0, vocab, (HF_BATCH, HF_SEQ), generator=g),)
-    else:
+    if main_input not in ("pixel_values", "input_ids"):
         raise UsageError(f"{arch} takes {main_input!r}; hf: supports text (input_ids) and "
                          "image (pixel_values) models; use a factory for others")
-    return model, inputs
+    problems = []
+    for sizes in (HF_TINY, HF_MINIMAL):
+        kwargs = {k: v for k, v in sizes.items() if k in accepted}
+        try:
+            config = config_cls(**kwargs)
+            model = cls(config).eval()
+            g = torch.Generator().manual_seed(0)
+            if main_input == "pixel_values":
+                size = int(getattr(config, "image_size", 32))
+                channels = int(getattr(config, "num_channels", 3))
+                inputs: tuple[Any, ...] = (
+                    torch.randn(HF_BATCH, channels, size, size, generator=g),)
+            else:
+                vocab = int(getattr(config, "vocab_size", 64))
+                inputs = (torch.randint(0, vocab, (HF_BATCH, HF_SEQ), generator=g),)
+            with torch.no_grad():
+                model(*inputs)
+            return model, inputs
+        except Exception as e:  # noqa: BLE001 - try the next size set, then report both
+            problems.append(f"{type(e).__name__}: {_first_line(e)}")
+    raise UsageError(f"could not build and run {arch} from a tiny config: "
+                     + " / then with default sizes: ".join(problems))
 
 
 def _call_factory(obj: Any, spec: str) -> Any:

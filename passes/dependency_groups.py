@@ -50,6 +50,25 @@ _WEIGHT_TRANSPARENT = {
 }
 
 
+def _weight_permutes() -> dict[Any, str]:
+    """Dim-reordering views a weight may flow through (``W.t()``, ``W.T``, ``W.mT``,
+    ``W.transpose(a, b)``, ``W.permute(...)``, and their ``_copy`` forms): op -> kind."""
+    table = {"t.default": "t", "t_copy.default": "t", "numpy_T.default": "t",
+             "mT.default": "mT", "transpose.int": "transpose", "transpose_copy.int": "transpose",
+             "swapaxes.default": "transpose", "swapdims.default": "transpose",
+             "permute.default": "permute", "permute_copy.default": "permute"}
+    out: dict[Any, str] = {}
+    for name, kind in table.items():
+        packet, overload = name.split(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            out[op] = kind
+    return out
+
+
+_WEIGHT_PERMUTES = _weight_permutes()
+
+
 def _is_quantizer_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     if node.op != "call_module":
         return False
@@ -128,10 +147,14 @@ class _Analyzer:
                     and tensor_val(x.args[0]).dim() == nd):
                 x = x.args[0]
                 perm = cur
-            elif x.target in (aten.t.default, aten.transpose.int, aten.permute.default):
-                if x.target is aten.t.default:
-                    order = [1, 0]
-                elif x.target is aten.transpose.int:
+            elif x.target in _WEIGHT_PERMUTES:
+                kind = _WEIGHT_PERMUTES[x.target]
+                if kind == "t":  # t, and .T (numpy_T: all dims reversed) of a 2-D weight
+                    order = list(range(nd))[::-1]
+                elif kind == "mT":
+                    order = list(range(nd))
+                    order[-2], order[-1] = order[-1], order[-2]
+                elif kind == "transpose":
                     order = list(range(nd))
                     d0, d1 = (d % nd for d in x.args[1:3])
                     order[d0], order[d1] = order[d1], order[d0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -107,3 +108,52 @@ def test_ids_are_deterministic() -> None:
     a = [repr(g) for g in _groups(Concat(), torch.randn(1, 3, 4, 4))]
     b = [repr(g) for g in _groups(Concat(), torch.randn(1, 3, 4, 4))]
     assert a == b
+
+
+class HandLinear(nn.Module):
+    """Linear layers written as ``x @ W.T + b`` (like transformers' FalconLinear), ``W.t()``
+    and ``W.mT``: the weight reaches the matmul through a transposing view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(24, 12)), nn.Parameter(torch.randn(24))
+        self.w2 = nn.Parameter(torch.randn(16, 24))
+        self.w3 = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(x @ self.w1.T + self.b1)
+        h = F.gelu(torch.matmul(h, self.w2.t()))
+        return h @ self.w3.mT
+
+
+def test_weights_through_transposing_views_are_grouped() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 12)
+    gm = geta_fx.transform(HandLinear(), (x,))
+    by_fqn = {frozenset(m.fqn for m in g.members): g for g in gm.groups}
+    g1 = by_fqn[frozenset({"w1", "b1", "w2"})]
+    g2 = by_fqn[frozenset({"w2", "w3"})]
+    assert g1.prunable and g1.num_units == 24 and g2.prunable and g2.num_units == 16
+    gm.zero_units(g1.id, [0, 5, 7])
+    gm.zero_units(g2.id, [1, 2])
+    slim = gm.compress()
+    assert slim.w1.shape == (21, 12) and slim.w2.shape == (14, 21) and slim.w3.shape == (4, 14)
+    torch.testing.assert_close(slim(x), gm(x))
+
+
+def test_hf_falcon_fused_linear_layers_prune_exactly() -> None:
+    pytest.importorskip("transformers")
+    from geta_fx.cli import build_hf
+
+    model, inputs = build_hf("FalconForCausalLM")  # FalconLinear: x @ self.weight.T
+    gm = geta_fx.transform(model, inputs)
+    mlp = [g for g in gm.groups if g.prunable
+           and any("dense_h_to_4h" in m.fqn for m in g.members)]
+    assert mlp, [str(g) for g in gm.groups]
+    for g in gm.groups:
+        if g.prunable:
+            gm.zero_units(g.id, list(range(0, g.num_units, 2)))
+    gm.eval()
+    slim = gm.compress()
+    assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in gm.parameters())
+    torch.testing.assert_close(slim(*inputs).logits, gm(*inputs).logits, atol=1e-5, rtol=1e-4)
