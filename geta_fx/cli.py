@@ -54,6 +54,7 @@ HF_TINY: dict[str, Any] = {
     "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
 }
 HF_BATCH, HF_SEQ = 2, 8
+HF_MAX_PARAMS = 100_000_000  # hf: builds on the CPU with random weights: keep it small
 
 
 #: Fallback when HF_TINY does not describe the architecture consistently (per-stage lists such
@@ -96,6 +97,11 @@ def build_hf(arch: str) -> tuple[Any, tuple[Any, ...]]:
         kwargs = {k: v for k, v in sizes.items() if k in accepted}
         try:
             config = config_cls(**kwargs)
+            with torch.device("meta"):  # size check first: default sizes can be billions
+                numel = sum(p.numel() for p in cls(config).parameters())
+            if numel > HF_MAX_PARAMS:
+                raise UsageError(f"{numel:,} parameters at these sizes (limit "
+                                 f"{HF_MAX_PARAMS:,}); use a factory")
             model = cls(config).eval()
             g = torch.Generator().manual_seed(0)
             if main_input == "pixel_values":

@@ -362,8 +362,14 @@ def _maybe_keep_original_count(gm: torch.fx.GraphModule, node: torch.fx.Node,
             if isinstance(b, torch.fx.Node):
                 y = call(aten.add.Tensor, y, b)
             out = y
+    # "val" (pre-prune, like every node's until _refresh_vals) lets a later rewrite that reads
+    # this output see its shape.
     out.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack",
-                                                                  "stack_trace")})
+                                                                  "stack_trace", "val")})
+    # The replacement carries the norm's channels: later rewrites (e.g. a norm reading this
+    # one, as in Bloom's embedding LayerNorm -> block LayerNorm) look labels up by node name.
+    if node.name in keep.labels:
+        keep.labels[out.name] = keep.labels[node.name]
     node.replace_all_uses_with(out)
     graph.erase_node(node)
 

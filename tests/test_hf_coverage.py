@@ -15,7 +15,8 @@ pytest.importorskip("transformers")
 
 ARCHS = ["ResNetModel", "MobileNetV2Model", "ConvNextModel", "DeiTModel", "DistilBertModel",
          "RobertaModel", "OPTForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM",
-         "GemmaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "FalconForCausalLM"]
+         "GemmaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "FalconForCausalLM",
+         "BloomForCausalLM", "StableLmForCausalLM", "Dinov2Model", "RegNetModel"]
 
 
 def _tensors(out: object) -> list[torch.Tensor]:

@@ -122,3 +122,29 @@ def test_align_rejects_bad_values() -> None:
             gm.compress(align=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="align"):
         PhysicalPrune(align=0)
+
+
+class TwoNorms(nn.Module):
+    """A norm reading a norm over the pruned hidden dim (Bloom: embedding LayerNorm, then the
+    first block's LayerNorm): the second rewrite must see the first one's replacement."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+        self.ln1, self.ln2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.rms = nn.RMSNorm(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.rms(self.ln2(self.ln1(self.fc1(x)))))
+
+
+def test_chained_norms_over_a_pruned_dim_stay_exact() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8)
+    gm = geta_fx.transform(TwoNorms().eval(), (x,))
+    (hidden,) = [g for g in gm.groups if g.prunable]
+    assert {"ln1.weight", "ln2.weight", "rms.weight"} <= {m.fqn for m in hidden.members}
+    gm.zero_units(hidden.id, [1, 4, 9, 10, 15])
+    slim = gm.compress()
+    assert slim.fc1.weight.shape == (11, 8) and slim.ln2.weight.shape == (11,)
+    torch.testing.assert_close(slim(x), gm(x), atol=1e-5, rtol=1e-5)
