@@ -51,7 +51,7 @@ HF_TINY: dict[str, Any] = {
     "max_position_embeddings": 64, "use_cache": False, "head_dim": 8,
     "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 64, "n_inner": 64,
     "image_size": 32, "patch_size": 8, "num_channels": 3, "type_vocab_size": 2,
-    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+    "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "rotary_dim": 8,
 }
 HF_BATCH, HF_SEQ = 2, 8
 HF_MAX_PARAMS = 100_000_000  # hf: builds on the CPU with random weights: keep it small
