@@ -157,3 +157,24 @@ def test_hf_falcon_fused_linear_layers_prune_exactly() -> None:
     slim = gm.compress()
     assert sum(p.numel() for p in slim.parameters()) < sum(p.numel() for p in gm.parameters())
     torch.testing.assert_close(slim(*inputs).logits, gm(*inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+class WhereScalar(nn.Module):
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fill = nn.Linear(6, 10), nn.Linear(10, 3), fill
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(torch.where(h > 0, h, self.fill))  # where.ScalarOther
+
+
+def test_where_with_a_scalar_branch_is_zero_invariant_only_for_zero() -> None:
+    x = torch.randn(4, 6)
+    gm = geta_fx.transform(WhereScalar(0.0), (x,))
+    (g,) = [g for g in gm.groups if g.prunable]
+    gm.zero_units(g.id, [2, 7])
+    torch.testing.assert_close(gm.compress()(x), gm(x))
+    gm = geta_fx.transform(WhereScalar(-1.0), (x,))  # a zeroed channel becomes -1: not zero
+    (hidden,) = [g for g in gm.groups if any(m.fqn == "fc1.weight" for m in g.members)]
+    assert not hidden.prunable and "non-zero" in hidden.reason

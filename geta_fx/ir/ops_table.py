@@ -108,11 +108,16 @@ ELEMENTWISE = {
     "div.Tensor": DIV, "div.Scalar": DIV, "div.Tensor_mode": DIV, "div_.Tensor": DIV,
     "true_divide.Tensor": DIV,
     "maximum.default": MAX, "minimum.default": MAX, "where.self": MAX,
+    "where.ScalarOther": MAX, "where.ScalarSelf": MAX, "where.Scalar": MAX,
     "eq.Tensor": CMP, "ne.Tensor": CMP, "gt.Tensor": CMP, "lt.Tensor": CMP, "ge.Tensor": CMP,
     "le.Tensor": CMP, "eq.Scalar": CMP, "ne.Scalar": CMP, "gt.Scalar": CMP, "lt.Scalar": CMP,
     "ge.Scalar": CMP, "le.Scalar": CMP, "logical_and.default": CMP, "logical_or.default": CMP,
     "bitwise_and.Tensor": CMP, "bitwise_or.Tensor": CMP,
 }
+
+
+_WHERE = {getattr(aten.where, o) for o in ("self", "ScalarOther", "ScalarSelf", "Scalar")
+          if hasattr(aten.where, o)}
 
 
 def _elementwise(kind: str) -> Rule:
@@ -176,8 +181,9 @@ def _elementwise(kind: str) -> Rule:
             ok = 0 in labeled_idx and full[0].ok and len(full) == 1 and labels[0][0] == 0
         elif kind == MAX:
             ok = all(ok_labeled) and not extra_nonzero and not scalar_nonzero
-            if node.target is aten.where.self:
-                ok = all(lab.ok for i, _, lab in labels if i != 0) and not extra_nonzero
+            if node.target in _WHERE:  # the condition's zeros select, they are not values
+                ok = (all(lab.ok for i, _, lab in labels if i != 0) and not extra_nonzero
+                      and not scalar_nonzero)
         else:
             ok = False
         return Label(dim, atoms, ok)
