@@ -178,3 +178,46 @@ def test_where_with_a_scalar_branch_is_zero_invariant_only_for_zero() -> None:
     gm = geta_fx.transform(WhereScalar(-1.0), (x,))  # a zeroed channel becomes -1: not zero
     (hidden,) = [g for g in gm.groups if any(m.fqn == "fc1.weight" for m in g.members)]
     assert not hidden.prunable and "non-zero" in hidden.reason
+
+
+class BiasedAttention(nn.Module):
+    """4-head attention with a per-head additive bias: a learned table over relative distance
+    (T5-style, the bias carries the heads as channels) or fixed slopes (ALiBi-style, computed)."""
+
+    def __init__(self, table: bool) -> None:
+        super().__init__()
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+        self.table = table
+        if table:
+            self.rel = nn.Embedding(7, 4)  # [distance bucket, head]
+        else:
+            self.register_buffer("slopes", torch.linspace(0.1, 0.8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = (h.view(b, t, 4, 4).transpose(1, 2) for h in self.qkv(x).chunk(3, dim=-1))
+        pos = torch.arange(t)
+        dist = (pos[None, :] - pos[:, None]).abs()
+        if self.table:
+            bias = self.rel(dist.clamp(max=6)).permute(2, 0, 1)[None]
+        else:
+            bias = -self.slopes.view(1, 4, 1, 1) * dist[None, None].float()
+        y = F.scaled_dot_product_attention(q, k, v, bias)
+        return self.o(y.transpose(1, 2).reshape(b, t, 16))
+
+
+@pytest.mark.parametrize("table", [True, False])
+def test_per_head_attention_bias_keeps_heads_prunable(table: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    gm = geta_fx.transform(BiasedAttention(table).eval(), (x,))
+    (heads,) = [g for g in gm.groups if any(m.fqn == "o.weight" for m in g.members)
+                and g.num_units == 4]
+    assert heads.prunable, heads
+    assert ("rel.weight" in {m.fqn for m in heads.members}) == table
+    gm.zero_units(heads.id, [1, 3])
+    slim = gm.compress()
+    assert slim.qkv.weight.shape == (24, 16)
+    if table:
+        assert slim.rel.weight.shape == (7, 2)
+    torch.testing.assert_close(slim(x), gm(x), atol=1e-6, rtol=1e-5)

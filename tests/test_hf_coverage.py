@@ -16,7 +16,8 @@ pytest.importorskip("transformers")
 ARCHS = ["ResNetModel", "MobileNetV2Model", "ConvNextModel", "DeiTModel", "DistilBertModel",
          "RobertaModel", "OPTForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM",
          "GemmaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "FalconForCausalLM",
-         "BloomForCausalLM", "StableLmForCausalLM", "Dinov2Model", "RegNetModel"]
+         "BloomForCausalLM", "StableLmForCausalLM", "Dinov2Model", "RegNetModel",
+         "T5EncoderModel"]
 
 
 def _tensors(out: object) -> list[torch.Tensor]:

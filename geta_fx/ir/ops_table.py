@@ -857,17 +857,30 @@ def _sdpa(an: Any, node: torch.fx.Node) -> Any:
     if len(sq) < 3 or any(lab is None or lab.dim != len(sq) - 3 for lab in (lq, lk, lv)):
         an.pin_inputs(node, "attention whose q/k/v do not all carry heads on the head dim")
         return None
+    mask_heads = None
     if isinstance(mask, torch.fx.Node):
-        ms = an.shape(mask)
-        if an.label(mask) is not None or (len(ms) >= 3 and concrete(ms[-3]) not in (1, None)):
+        # A per-head additive mask (T5/ALiBi-style position bias) only shifts scores: a pruned
+        # head's output is still zero (its v is).  Its head dim must follow q's heads: unified
+        # with them when it carries channels (a bias table's head columns are pruned along),
+        # else index_select'ed by physical_prune (a positional operand only).
+        ms, ml = an.shape(mask), an.label(mask)
+        per_head = len(ms) >= 3 and concrete(ms[-3]) not in (1, None)
+        if ml is not None and ml.dim == len(ms) - 3 and len(ml.atoms) == len(lq.atoms):
+            mask_heads = ml.atoms
+        elif ml is not None or (per_head and not (len(node.args) > 3
+                                                  and node.args[3] is mask)):
             an.pin_inputs(node, "attention mask varies over heads")
             return None
+        elif per_head:
+            an.external(node, 3, len(ms) - 3, source=q)
     hq, hk = len(lq.atoms), len(lk.atoms)
     if hk != len(lv.atoms) or hq % hk:
         return an.pin_inputs(node, "attention with mismatched head counts")
     # A unit is a kv head plus every q head reading it (GQA/MQA); head_dim stays whole.
     an.unify(lk.atoms, lv.atoms)
     an.unify(lq.atoms.reshape(hk, hq // hk), lk.atoms[:, None])
+    if mask_heads is not None:
+        an.unify(mask_heads, lq.atoms)
     out = Label(len(an.shape(node if not multi else q)) - 3, lq.atoms, lv.ok)
     return [out] + [None] * (len(node.meta["val"]) - 1) if multi else out
 
