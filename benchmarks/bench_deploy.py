@@ -53,26 +53,11 @@ from geta_fx.passes.physical_prune import align_removed_units, removed_units_fro
 from geta_fx.ops.lowbit import level_offset, pack_levels, unpack_weight_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from zoo import BasicBlock  # noqa: E402  (the test zoo's ResNet block)
 
 
 # --------------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.short(x))
-
-
 class ResNet18(nn.Module):
     """ResNet-18 with a CIFAR stem (3x3 conv, no max-pool)."""
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -36,53 +38,19 @@ import geta_fx
 from geta_fx.demo import CharGPT
 from geta_fx.optim import QASSO
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from zoo import ResNetCifar  # noqa: E402  (the test zoo's CIFAR ResNet; depth 20 here)
+
 STAGES = ("warmup", "projection", "pruning", "cooldown")
 
 
 # ------------------------------------------------------------------------------ models
-class _Basic(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.short = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                       nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.b1(self.c1(x)))
-        return F.relu(self.b2(self.c2(y)) + self.short(x))
-
-
-class ResNet20(nn.Module):
-    """He et al.'s CIFAR ResNet-20 (16/32/64 channels, 3x3 basic blocks)."""
-
-    def __init__(self, num_classes: int = 10) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        blocks, c = [], 16
-        for i, w in enumerate((16, 32, 64)):
-            for j in range(3):
-                blocks.append(_Basic(c, w, 2 if i > 0 and j == 0 else 1))
-                c = w
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.blocks(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
-
-
 def _resnet(batch: int, device: str) -> tuple[nn.Module, Callable[[int], tuple[Tensor, Tensor]],
                                                Callable[[Tensor, Tensor], Tensor]]:
     gen = torch.Generator().manual_seed(0)
     xs = torch.randn(4, batch, 3, 32, 32, generator=gen).to(device)
     ys = torch.randint(0, 10, (4, batch), generator=gen).to(device)
-    return ResNet20(), lambda i: (xs[i % 4], ys[i % 4]), F.cross_entropy
+    return ResNetCifar(depth=20), lambda i: (xs[i % 4], ys[i % 4]), F.cross_entropy
 
 
 def _gpt(batch: int, device: str) -> tuple[nn.Module, Callable[[int], tuple[Tensor, Tensor]],

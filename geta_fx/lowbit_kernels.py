@@ -40,7 +40,7 @@ LOWBIT = OpSet(
     owner="geta_fx.lowbit_kernels", stem="lowbit", cache_prefix="lowbit-",
     ops=("geta::lowbit_linear", "geta::unpack_weight"),
     sources={"cpu": ("cpu/lowbit_cpu.cpp",), "cuda": ("cuda/lowbit_cuda.cu",)},
-    headers=("cuda/lowbit_gemv.cuh",),
+    headers=("lowbit_common.h", "quantize_common.h", "cuda/lowbit_gemv.cuh"),
     cuda_switch="GETA_FX_BUILD_LOWBIT_CUDA",
     x86_flags=("-mbmi2",),  # _pdep_u64 spreads a group of packed codes in one instruction
     # 63 GEMV instantiations (dtype x bits x M tile): let nvcc optimise them in parallel

@@ -20,6 +20,8 @@
 // dtype), so they agree with the reference to float rounding of the matmul.  unpack_weight and
 // the M > kFusedMaxM decode are bit-identical to the reference's dequantized weight.
 
+#include "../lowbit_common.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
@@ -52,46 +54,6 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kFusedMaxM = 16;  // rows of x up to which the fused decode+dot path runs
 constexpr int64_t kRowGrain = 16;   // weight rows per parallel task (fused path)
-
-// Strings only through TORCH_CHECK (see kernels/README.md: numeric ostream facets of a
-// statically linked libstdc++ crash next to the process's shared one).
-std::string shape_str(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(sizes[i]);
-  }
-  return s + "]";
-}
-
-bool is_float_dtype(c10::ScalarType s) {
-  return s == c10::ScalarType::Float || s == c10::ScalarType::Half ||
-         s == c10::ScalarType::BFloat16;
-}
-
-int64_t row_bytes(int64_t k, int64_t bits) { return (k + 7) / 8 * bits; }
-
-// Same conditions, same words as geta_fx.ops.lowbit._check_packed.
-void check_packed(const char* who, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
-                  int64_t n, int64_t k) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, who, ": bits must be in [2, 8], got ", std::to_string(bits));
-  TORCH_CHECK(packed.scalar_type() == c10::ScalarType::Byte, who, ": packed must be uint8, got ",
-              c10::toString(packed.scalar_type()));
-  TORCH_CHECK(packed.dim() == 2, who, ": packed must be 2-D [N, ceil(K/8)*bits], got shape ",
-              shape_str(packed.sizes()));
-  if (n >= 0) {
-    TORCH_CHECK(packed.size(0) == n, who, ": packed has ", std::to_string(packed.size(0)),
-                " rows, expected ", std::to_string(n));
-  }
-  TORCH_CHECK(packed.size(1) == row_bytes(k, bits), who, ": packed rows have ",
-              std::to_string(packed.size(1)), " bytes, expected ceil(", std::to_string(k), "/8)*",
-              std::to_string(bits), " = ", std::to_string(row_bytes(k, bits)));
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == c10::ScalarType::Float, who,
-              ": scale must be float32 with one element, got ", c10::toString(scale.scalar_type()),
-              " shape ", shape_str(scale.sizes()));
-  TORCH_CHECK(packed.device().is_cpu() && scale.device().is_cpu(), who,
-              ": the CPU kernel needs packed and scale on the CPU");
-}
 
 // ---------------------------------------------------------------------------------------------
 // Row decoding: packed bytes -> one uint8 code per element -> float(code - offset) * scale.
@@ -476,16 +438,10 @@ at::Tensor unpack_weight_cpu(const at::Tensor& packed, const at::Tensor& scale, 
   // Inference op without an autograd formula: ATen calls made here must not see autograd
   // (mm_out refuses inputs that require grad, e.g. when a loaded module's params do).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  TORCH_CHECK(is_float_dtype(dtype), who, ": dtype must be float32, float16 or bfloat16, got ",
-              c10::toString(dtype));
-  TORCH_CHECK(!shape.empty(), who, ": shape must have at least one dim");
-  int64_t numel = 1;
-  for (auto s : shape) numel *= s;
-  const int64_t n = shape.size() >= 2 ? shape[0] : 1;
-  const int64_t k = n ? numel / n : 0;
-  check_packed(who, packed, scale, bits, n, k);
+  const std::pair<int64_t, int64_t> nk = check_unpack_args(who, packed, scale, bits, shape, dtype);
+  const int64_t n = nk.first, k = nk.second;
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  if (numel == 0) return out;
+  if (out.numel() == 0) return out;
   const at::Tensor p = packed.contiguous();
   const Decoder dec(static_cast<int>(bits), is_signed, scale.item<float>());
   const uint8_t* src = p.data_ptr<uint8_t>();
@@ -508,22 +464,8 @@ at::Tensor lowbit_linear_cpu(const at::Tensor& x, const at::Tensor& packed,
                              bool is_signed, const std::optional<at::Tensor>& bias) {
   const char* who = "geta::lowbit_linear";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // see unpack_weight_cpu
-  TORCH_CHECK(is_float_dtype(x.scalar_type()), who,
-              ": x must be float32, float16 or bfloat16, got ", c10::toString(x.scalar_type()));
-  TORCH_CHECK(x.dim() >= 1, who, ": x must have at least one dim");
-  TORCH_CHECK(x.size(-1) == in_features, who, ": x has ", std::to_string(x.size(-1)),
-              " features, expected ", std::to_string(in_features));
-  TORCH_CHECK(x.device().is_cpu(), who, ": the CPU kernel needs x on the CPU");
-  check_packed(who, packed, scale, bits, -1, in_features);
+  check_linear_args(who, x, packed, scale, bits, in_features, bias);
   const int64_t n = packed.size(0), k = in_features;
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, who, ": bias must be [", std::to_string(n),
-                "], got ", shape_str(b.sizes()));
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), who, ": bias dtype ",
-                c10::toString(b.scalar_type()), " != x dtype ", c10::toString(x.scalar_type()));
-    TORCH_CHECK(b.device().is_cpu(), who, ": bias must be on the CPU");
-  }
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
   int64_t rows = 1;

@@ -33,6 +33,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "../lowbit_common.h"
 #include "lowbit_gemv.cuh"
 
 #include <cuda_bf16.h>
@@ -44,7 +45,7 @@
 #include <string>
 #include <vector>
 
-namespace geta_lowbit_cuda {
+namespace geta_lowbit {
 namespace {
 
 // The fused kernel serves M <= 4; taller x goes through dequantize + cuBLAS.  Measured on an
@@ -53,45 +54,6 @@ namespace {
 // loads, ~70% of stall cycles) with 0.8 waves of 95-register warps.  Candidate configurations
 // (one row per warp, split-K, hoisted loads) are swept by benchmarks/cuda_lab/gemv_lab.cu.
 constexpr int kMaxFusedM = 4;
-
-std::string shape_str(c10::IntArrayRef sizes) {
-  std::string s = "[";
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (i > 0) s += ", ";
-    s += std::to_string(sizes[i]);
-  }
-  return s + "]";
-}
-
-bool is_float_dtype(c10::ScalarType s) {
-  return s == c10::ScalarType::Float || s == c10::ScalarType::Half ||
-         s == c10::ScalarType::BFloat16;
-}
-
-int64_t row_bytes(int64_t k, int64_t bits) { return (k + 7) / 8 * bits; }
-
-void check_packed(const char* who, const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
-                  int64_t n, int64_t k, const c10::Device& device) {
-  TORCH_CHECK(bits >= 2 && bits <= 8, who, ": bits must be in [2, 8], got ", std::to_string(bits));
-  TORCH_CHECK(packed.scalar_type() == c10::ScalarType::Byte, who, ": packed must be uint8, got ",
-              c10::toString(packed.scalar_type()));
-  TORCH_CHECK(packed.dim() == 2, who, ": packed must be 2-D [N, ceil(K/8)*bits], got shape ",
-              shape_str(packed.sizes()));
-  if (n >= 0) {
-    TORCH_CHECK(packed.size(0) == n, who, ": packed has ", std::to_string(packed.size(0)),
-                " rows, expected ", std::to_string(n));
-  }
-  TORCH_CHECK(packed.size(1) == row_bytes(k, bits), who, ": packed rows have ",
-              std::to_string(packed.size(1)), " bytes, expected ceil(", std::to_string(k), "/8)*",
-              std::to_string(bits), " = ", std::to_string(row_bytes(k, bits)));
-  TORCH_CHECK(scale.numel() == 1 && scale.scalar_type() == c10::ScalarType::Float, who,
-              ": scale must be float32 with one element, got ", c10::toString(scale.scalar_type()),
-              " shape ", shape_str(scale.sizes()));
-  TORCH_CHECK(packed.device() == device, who, ": packed is on ", packed.device().str(),
-              ", expected ", device.str());
-  TORCH_CHECK(scale.device() == device, who, ": scale is on ", scale.device().str(),
-              ", expected ", device.str());
-}
 
 // One thread per group of 8 codes: dst[r, g*8 + j] = float(code - offset) * scale (bit-exact,
 // __fmul_rn so no contraction).  `vec`: k % 8 == 0 and dst 16-byte aligned, so the 8 outputs
@@ -236,17 +198,11 @@ void launch_gemv(int m, const at::Tensor& x2, const at::Tensor& packed, const at
 at::Tensor unpack_weight_cuda(const at::Tensor& packed, const at::Tensor& scale, int64_t bits,
                               bool is_signed, c10::IntArrayRef shape, c10::ScalarType dtype) {
   const char* who = "geta::unpack_weight";
-  TORCH_CHECK(is_float_dtype(dtype), who, ": dtype must be float32, float16 or bfloat16, got ",
-              c10::toString(dtype));
-  TORCH_CHECK(!shape.empty(), who, ": shape must have at least one dim");
-  int64_t numel = 1;
-  for (auto s : shape) numel *= s;
-  const int64_t n = shape.size() >= 2 ? shape[0] : 1;
-  const int64_t k = n ? numel / n : 0;
-  check_packed(who, packed, scale, bits, n, k, packed.device());
+  const std::pair<int64_t, int64_t> nk = check_unpack_args(who, packed, scale, bits, shape, dtype);
+  const int64_t n = nk.first, k = nk.second;
   c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
-  if (numel == 0) return out;
+  if (out.numel() == 0) return out;
   const at::Tensor p = packed.contiguous();
   unpack_into(p, scale, out, n, k, bits, is_signed);
   return out;
@@ -256,22 +212,8 @@ at::Tensor lowbit_linear_cuda(const at::Tensor& x, const at::Tensor& packed,
                               const at::Tensor& scale, int64_t bits, int64_t in_features,
                               bool is_signed, const c10::optional<at::Tensor>& bias) {
   const char* who = "geta::lowbit_linear";
-  TORCH_CHECK(is_float_dtype(x.scalar_type()), who,
-              ": x must be float32, float16 or bfloat16, got ", c10::toString(x.scalar_type()));
-  TORCH_CHECK(x.dim() >= 1, who, ": x must have at least one dim");
-  TORCH_CHECK(x.size(-1) == in_features, who, ": x has ", std::to_string(x.size(-1)),
-              " features, expected ", std::to_string(in_features));
-  check_packed(who, packed, scale, bits, -1, in_features, x.device());
+  check_linear_args(who, x, packed, scale, bits, in_features, bias);
   const int64_t n = packed.size(0), k = in_features;
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK(b.dim() == 1 && b.size(0) == n, who, ": bias must be [", std::to_string(n),
-                "], got ", shape_str(b.sizes()));
-    TORCH_CHECK(b.scalar_type() == x.scalar_type(), who, ": bias dtype ",
-                c10::toString(b.scalar_type()), " != x dtype ", c10::toString(x.scalar_type()));
-    TORCH_CHECK(b.device() == x.device(), who, ": bias is on ", b.device().str(), ", x on ",
-                x.device().str());
-  }
   c10::cuda::CUDAGuard guard(x.device());
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = n;
@@ -304,9 +246,9 @@ at::Tensor lowbit_linear_cuda(const at::Tensor& x, const at::Tensor& packed,
 }
 
 }  // namespace
-}  // namespace geta_lowbit_cuda
+}  // namespace geta_lowbit
 
 TORCH_LIBRARY_IMPL(geta, CUDA, m) {
-  m.impl("lowbit_linear", &geta_lowbit_cuda::lowbit_linear_cuda);
-  m.impl("unpack_weight", &geta_lowbit_cuda::unpack_weight_cuda);
+  m.impl("lowbit_linear", &geta_lowbit::lowbit_linear_cuda);
+  m.impl("unpack_weight", &geta_lowbit::unpack_weight_cuda);
 }
