@@ -65,6 +65,23 @@ def _layer_rows(slim: torch.fx.GraphModule, reference: Any, example_inputs: Any
     return rows, totals
 
 
+def _dense_origin(gm: torch.fx.GraphModule, reference: Any, example_inputs: Any
+                  ) -> dict[str, Any] | None:
+    """The dense model ``gm`` was pruned from, as :func:`geta_fx.report.dense_origin` records it:
+    ``reference``'s when given, else the one ``gm`` carries (``GetaModule.compress`` sets it)."""
+    from geta_fx.report import DENSE, dense_origin
+
+    if reference is None:
+        origin: dict[str, Any] | None = gm.meta.get(DENSE)
+        return origin
+    try:
+        return dense_origin(reference, example_inputs)
+    except Exception as e:  # metadata is informative; lowering must not fail
+        logger.warning("geta_fx.lower: no dense-origin record of the reference (%s: %s)",
+                       type(e).__name__, e)
+        return None
+
+
 def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None,
           max_bits: int = 8, fuse_linear: bool = True, freeze_act: bool = True,
           inplace: bool = False) -> torch.fx.GraphModule:
@@ -105,6 +122,11 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     # dropout), whatever mode the trained model was in.
     set_graph_training(gm, False)
     gm.eval()
+    from geta_fx.report import DENSE
+
+    dense = _dense_origin(gm, reference, example_inputs)
+    if dense is not None:
+        gm.meta[DENSE] = dense
     layers, totals = _layer_rows(gm, reference, example_inputs)
     if _has_quantizers(gm):
         from geta_fx.ir import meta as _meta
@@ -125,7 +147,7 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     totals["packed_weights_float_bytes"] = sum(w["float_bytes"] for w in weights
                                                if w["mode"] == "packed")
     metadata = {"format": FORMAT, "torch": torch.__version__, "layers": layers,
-                "weights": weights, "totals": totals}
+                "weights": weights, "totals": totals, "dense": dense}
     gm.meta[META_KEY] = json.loads(json.dumps(metadata))  # plain JSON values (lists, not tuples)
     return gm
 
@@ -220,6 +242,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         gm.train(was_training)
     metadata = dict(gm.meta.get(META_KEY) or {"format": FORMAT, "torch": torch.__version__,
                                               "layers": [], "weights": [], "totals": {}})
+    from geta_fx.report import DENSE
+
+    if metadata.get("dense") is None and gm.meta.get(DENSE) is not None:
+        metadata["dense"] = gm.meta[DENSE]  # a slim graph saved as is (lower_first=False)
     torch.export.save(ep, path, extra_files={EXTRA_FILE: json.dumps(metadata)})
     return ep
 
@@ -241,7 +267,10 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
 
     Registers the ``geta`` ops (importing :mod:`geta_fx.ops`) and loads the compiled low-bit
     kernels when available.  The returned module is ``ExportedProgram.module()`` with
-    ``meta["geta.deploy"]`` set to the artifact's metadata.
+    ``meta["geta.deploy"]`` set to the artifact's metadata, and the parts
+    :func:`geta_fx.report` reads restored where a lowered graph keeps them: the lowering records
+    (``meta["geta.lowbit"]``, as JSON dicts) and the dense origin (``meta["geta.dense"]``), so
+    the loaded model reports what the lowered one does.
     """
     import geta_fx.ops  # noqa: F401  (geta:: schemas, reference and fake impls)
     from geta_fx.lowbit_kernels import ensure_loaded
@@ -251,7 +280,15 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     ep = torch.export.load(path, extra_files=extra)
     module = ep.module()
     raw = extra.get(EXTRA_FILE) or ""
-    module.meta[META_KEY] = json.loads(raw) if raw else {}
+    metadata: dict[str, Any] = json.loads(raw) if raw else {}
+    module.meta[META_KEY] = metadata
+    from geta_fx.passes.lower_quant import LOWBIT
+    from geta_fx.report import DENSE
+
+    if metadata.get("weights"):
+        module.meta[LOWBIT] = tuple(metadata["weights"])
+    if metadata.get("dense") is not None:
+        module.meta[DENSE] = metadata["dense"]
     return module
 
 

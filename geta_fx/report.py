@@ -28,26 +28,31 @@ the sizes of the inputs the graph was captured with (the symbols' hints).
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 from torch import nn
 
 from geta_fx.errors import InputError
-from geta_fx.ir import meta
-from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.ir import cost, meta
+from geta_fx.ir.cost import FP_BITS, module_path, quantizer_bits
 
-__all__ = ["GroupRow", "LayerRow", "Report", "report"]
+__all__ = ["DENSE", "GroupRow", "LayerRow", "Report", "dense_origin", "module_path",
+           "quantizer_bits", "report"]
 
-aten = torch.ops.aten
+#: gm.meta key of a slim/lowered/loaded graph's dense origin (:func:`dense_origin`, JSON-able).
+#: NOTE: belongs in geta_fx/ir/meta.py with the others (as passes.lower_quant.LOWBIT does).
+DENSE = "geta.dense"
 
-#: Bit width assumed for anything not quantized (GETA_SPEC §A.3, §E).
-FP_BITS = 32
+# The cost model lives in geta_fx.ir.cost; geta_fx.viz reads these names from here.
+_clean_path = cost.clean_path
+_quantizer_module = cost.quantizer_module
+_find_layers = cost.find_layers
+_Sizes = cost.Sizes
+_bits_of = cost.bits_of
 
 
 # ------------------------------------------------------------------------------------ records
@@ -109,6 +114,7 @@ class Report:
     fp32_macs: int
     fp32_bops: int
     weight_bytes: float             # model params at learned bits (+ quantizer scalars)
+    param_bytes: float              # model params at learned bits (no quantizer scalars)
     quantizer_bytes: float
     fp32_weight_bytes: int
     avg_weight_bits: float | None
@@ -134,13 +140,20 @@ class Report:
     def relative_weight_bytes(self) -> float | None:
         return self.weight_bytes / self.fp32_weight_bytes if self.fp32_weight_bytes else None
 
+    @property
+    def relative_param_bytes(self) -> float | None:
+        return self.param_bytes / self.fp32_weight_bytes if self.fp32_weight_bytes else None
+
     # serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["relative_bops"] = self.relative_bops
         d["relative_macs"] = self.relative_macs
         d["relative_weight_bytes"] = self.relative_weight_bytes
+        d["relative_param_bytes"] = self.relative_param_bytes
         d["definitions"] = {
+            "params": "model parameter elements, tied ones once, quantizer scalars apart; a "
+                      "packed low-bit weight counts its logical elements, not its bytes",
             "macs": "multiply-accumulates at the reported batch; activation x activation "
                     "matmuls (attention) included, also listed as macs_act_matmuls",
             "bops": "sum over layers of MACs * weight bits * activation bits (rounded learned "
@@ -149,6 +162,9 @@ class Report:
                          "activations), not the W16/A32 denominator of the GETA reference code",
             "weight_bytes": "model parameters at their learned bit widths (unquantized ones at "
                             "their dtype width) plus quantizer scalars at 32 bits, in bytes",
+            "param_bytes": "model parameters at their learned bit widths, no quantizer "
+                           "scalars, no packing padding: the same for a slim, lowered and "
+                           "loaded model",
             "avg_weight_bits": "model-parameter bits / model parameters (quantizer scalars "
                                "excluded)",
             "group_sparsity": "zero units / units of prunable groups",
@@ -176,10 +192,10 @@ class Report:
                      f"attention matmuls {_si(self.bops_act_matmuls)})"),
             ("BOPs vs FP32", f"{_pct(self.relative_bops)}  of {_si(self.fp32_bops)} = "
                              f"MACs x 32 x 32 of {self.reference}"),
-            ("weight storage", f"{_bytes(self.weight_bytes)} at learned bit widths "
-                               f"(quantizer scalars {_bytes(self.quantizer_bytes)}); FP32 "
+            ("weight storage", f"{_bytes(self.param_bytes)} at learned bit widths "
+                               f"(+ quantizer scalars {_bytes(self.quantizer_bytes)}); FP32 "
                                f"{_bytes(self.fp32_weight_bytes)}: "
-                               f"{_pct(self.relative_weight_bytes)}"),
+                               f"{_pct(self.relative_param_bytes)}"),
             ("average weight bits", "n/a" if self.avg_weight_bits is None else
              f"{self.avg_weight_bits:.2f} per model parameter"),
             ("group sparsity", "n/a (no group metadata; pass reference=the GetaModule)"
@@ -257,342 +273,6 @@ def _table(header: list[str], rows: list[list[str]], right: set[int] = frozenset
     return [fmt(header), "  " + "  ".join("-" * w for w in widths), *map(fmt, rows)]
 
 
-# ------------------------------------------------------------------------------ sizes
-class _Sizes:
-    """Concrete ints for (possibly symbolic) sizes: example inputs first, then hints."""
-
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Any) -> None:
-        self.subs: dict[Any, int] = {}
-        self.from_inputs = False
-        self.batch: int | None = None
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if example_inputs is not None:
-            if isinstance(example_inputs, torch.Tensor):
-                example_inputs = (example_inputs,)
-            leaves = [x for x in pytree.tree_leaves(example_inputs)]
-            tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-            vals = [tensor_val(n) for n in placeholders]
-            vals_t = [v for v in vals if v is not None]
-            if len(vals_t) != len(tensors):
-                raise InputError(f"report: the graph has {len(vals_t)} tensor inputs but "
-                                 f"example_inputs has {len(tensors)} tensors")
-            for v, x in zip(vals_t, tensors, strict=True):
-                if v.dim() != x.dim():
-                    raise InputError(f"report: example input of shape {tuple(x.shape)} does "
-                                     f"not match graph input of rank {v.dim()}")
-                for s, c in zip(v.shape, x.shape, strict=True):
-                    if isinstance(s, torch.SymInt):
-                        expr = s.node.expr
-                        if getattr(expr, "is_Symbol", False):
-                            self.subs[expr] = int(c)
-                    elif int(s) != int(c):
-                        raise InputError(f"report: example input of shape {tuple(x.shape)} "
-                                         f"does not match the graph's static size {int(s)}")
-            self.from_inputs = True
-            if tensors and tensors[0].dim():
-                self.batch = int(tensors[0].shape[0])
-        if self.batch is None:
-            first = next((tensor_val(n) for n in placeholders if tensor_val(n) is not None), None)
-            if first is not None and first.dim():
-                self.batch = self.int(first.shape[0])
-
-    def int(self, s: Any) -> int:
-        if not isinstance(s, torch.SymInt):
-            return int(s)
-        if self.subs:
-            try:
-                return int(s.node.expr.xreplace(self.subs))
-            except (TypeError, AttributeError):
-                pass
-        from torch.fx.experimental import symbolic_shapes
-
-        hint = getattr(symbolic_shapes, "optimization_hint", None)
-        if hint is not None:
-            return int(hint(s))
-        return int(symbolic_shapes.hint_int(s))  # type: ignore[attr-defined]  # older torch
-
-    def shape(self, t: torch.Tensor | None) -> list[int] | None:
-        return None if t is None else [self.int(s) for s in t.shape]
-
-
-def _numel(shape: Sequence[int]) -> int:
-    return math.prod(shape)
-
-
-# ------------------------------------------------------------------------------ graph walks
-# Ops that neither compute nor change which tensor a weight/activation operand is.
-_TRANSPARENT = {
-    "t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "contiguous",
-    "clone", "to", "_to_copy", "alias", "detach", "unsqueeze", "squeeze", "flatten",
-    "lift_fresh_copy", "type_as",
-}
-_FLIPS = {"t", "transpose", "permute"}
-
-
-def _packet(node: torch.fx.Node) -> str:
-    """aten op name without namespace/overload (``aten.conv2d.default`` -> ``conv2d``)."""
-    target = node.target
-    name = getattr(getattr(target, "overloadpacket", None), "__name__", None)
-    if name is None:
-        name = getattr(target, "__name__", str(target))
-    return name.split(".")[-1]
-
-
-def _quantizer_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | None:
-    if node.op == "call_module":
-        try:
-            mod = gm.get_submodule(node.target)  # type: ignore[arg-type]
-        except AttributeError:
-            return None
-        if getattr(mod, "is_geta_quantizer", False):
-            return mod
-    info = node.meta.get(meta.QUANTIZER)
-    if info is not None:
-        try:
-            mod = gm.get_submodule(info.qid)
-        except AttributeError:
-            return None
-        if getattr(mod, "is_geta_quantizer", False):
-            return mod
-    return None
-
-
-def quantizer_bits(q: nn.Module) -> float:
-    """Continuous bit width of a quantizer module (``.bit_width()``), as a float."""
-    with torch.no_grad():
-        b = q.bit_width()
-    return float(torch.as_tensor(b).detach().float().reshape(-1)[0])
-
-
-@dataclass
-class _Operand:
-    node: Any
-    param: str | None = None         # get_attr target reached through transparent ops
-    quantizer: nn.Module | None = None
-    flips: int = 0
-
-
-def _trace_operand(gm: torch.fx.GraphModule, arg: Any) -> _Operand:
-    """Walk back from an operand through quantizers and view-like ops."""
-    op = _Operand(arg)
-    node = arg
-    for _ in range(32):
-        if not isinstance(node, torch.fx.Node):
-            return op
-        if node.op == "get_attr":
-            op.param = str(node.target)
-            return op
-        q = _quantizer_module(gm, node)
-        if q is not None:
-            if op.quantizer is None:
-                op.quantizer = q
-            node = node.args[0] if node.args else None
-            continue
-        if node.op == "call_function" and _packet(node) in _TRANSPARENT and node.args:
-            if _packet(node) in _FLIPS:
-                op.flips += 1
-            node = node.args[0]
-            continue
-        return op
-    return op
-
-
-def _bits_of(op: _Operand) -> int:
-    return FP_BITS if op.quantizer is None else int(round(quantizer_bits(op.quantizer)))
-
-
-@dataclass
-class _Layer:
-    node: torch.fx.Node
-    kind: str
-    macs: int
-    weight: _Operand | None
-    act: _Operand | None
-    other: _Operand | None = None      # second activation operand (attention)
-    extra_macs: int = 0                # sdpa: the AV part (its bits differ)
-    value: _Operand | None = None
-    w_out_dim: int | None = None        # output-channel dim of the weight parameter
-    in_channels: int | None = None
-    out_channels: int | None = None
-
-
-def _arg(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _conv(gm: torch.fx.GraphModule, node: torch.fx.Node, sz: _Sizes) -> _Layer | None:
-    x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
-    name = _packet(node)
-    transposed = name.startswith("conv_transpose") or (
-        name in ("convolution", "_convolution") and bool(_arg(node, 6, "transposed", False)))
-    ws, xs, ys = sz.shape(tensor_val(w)), sz.shape(tensor_val(x)), sz.shape(tensor_val(node))
-    if ws is None or ys is None or xs is None:
-        return None
-    per = _numel(ws[1:])  # C_in/groups * prod(k) (C_out/groups * prod(k) transposed)
-    macs = _numel(xs) * per if transposed else _numel(ys) * per
-    wop = _trace_operand(gm, w)
-    return _Layer(node, "conv", macs, wop, _trace_operand(gm, x),
-                  w_out_dim=1 if transposed else 0,
-                  in_channels=xs[1] if len(xs) > 1 else None,
-                  out_channels=ys[1] if len(ys) > 1 else None)
-
-
-def _linear(gm: torch.fx.GraphModule, node: torch.fx.Node, sz: _Sizes) -> _Layer | None:
-    x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
-    ws, ys = sz.shape(tensor_val(w)), sz.shape(tensor_val(node))
-    if ws is None or ys is None:
-        return None
-    return _Layer(node, "linear", _numel(ys) * ws[-1], _trace_operand(gm, w),
-                  _trace_operand(gm, x), w_out_dim=0, in_channels=ws[-1],
-                  out_channels=ys[-1] if ys else None)
-
-
-def _matmul(gm: torch.fx.GraphModule, node: torch.fx.Node, sz: _Sizes) -> _Layer | None:
-    name = _packet(node)
-    offset = 1 if name in ("addmm", "baddbmm", "addbmm", "addmv") else 0
-    a, b = node.args[offset], node.args[offset + 1]
-    as_, ys = sz.shape(tensor_val(a)), sz.shape(tensor_val(node))
-    if as_ is None or ys is None:
-        return None
-    k = as_[-1]
-    macs = max(_numel(ys), 1) * k if name != "addbmm" else _numel(ys) * k * as_[0]
-    aop, bop = _trace_operand(gm, a), _trace_operand(gm, b)
-    if bop.param is None and aop.param is not None:   # weight on the left (x @ W^T as W @ x)
-        aop, bop = bop, aop
-    if bop.param is not None:
-        bshape = sz.shape(tensor_val(b)) or []
-        return _Layer(node, "matmul", macs, bop, aop,
-                      w_out_dim=0 if bop.flips % 2 else -1, in_channels=k,
-                      out_channels=(bshape[-1] if len(bshape) > 1 else None))
-    return _Layer(node, "attention", macs, None, aop, other=bop, in_channels=k,
-                  out_channels=ys[-1] if ys else None)
-
-
-def _einsum(gm: torch.fx.GraphModule, node: torch.fx.Node, sz: _Sizes) -> _Layer | None:
-    eq, operands = node.args[0], list(node.args[1])
-    if not isinstance(eq, str) or len(operands) != 2:
-        return None
-    lhs, _, rhs = eq.replace(" ", "").partition("->")
-    specs = lhs.split(",")
-    sizes: dict[str, int] = {}
-    for spec, o in zip(specs, operands, strict=True):
-        shape = sz.shape(tensor_val(o))
-        if shape is None:
-            return None
-        letters = spec.replace("...", "")
-        tail = shape[len(shape) - len(letters):] if "..." in spec and spec.startswith("...") \
-            else shape[:len(letters)] if "..." in spec else shape
-        for c, s in zip(letters, tail, strict=False):
-            sizes[c] = s
-    ys = sz.shape(tensor_val(node)) or []
-    contracted = [c for c in sizes if c not in rhs]
-    macs = _numel(ys) * _numel([sizes[c] for c in contracted])
-    aop, bop = _trace_operand(gm, operands[0]), _trace_operand(gm, operands[1])
-    if bop.param is None and aop.param is not None:
-        aop, bop = bop, aop
-    if bop.param is not None:
-        return _Layer(node, "matmul", macs, bop, aop)
-    return _Layer(node, "attention", macs, None, aop, other=bop)
-
-
-def _sdpa(gm: torch.fx.GraphModule, node: torch.fx.Node, sz: _Sizes) -> _Layer | None:
-    q, k, v = node.args[:3]
-    qs, ks, vs = (sz.shape(tensor_val(t)) for t in (q, k, v))
-    if qs is None or ks is None or vs is None:
-        return None
-    s = ks[-2]
-    qk = _numel(qs[:-1]) * s * qs[-1]
-    av = _numel(qs[:-1]) * s * vs[-1]
-    return _Layer(node, "attention", qk, None, _trace_operand(gm, q), other=_trace_operand(gm, k),
-                  extra_macs=av, value=_trace_operand(gm, v), in_channels=qs[-1],
-                  out_channels=vs[-1])
-
-
-def _embedding(gm: torch.fx.GraphModule, node: torch.fx.Node, sz: _Sizes) -> _Layer | None:
-    w = node.args[0]
-    ws = sz.shape(tensor_val(w))
-    if ws is None:
-        return None
-    return _Layer(node, "embedding", 0, _trace_operand(gm, w), None, w_out_dim=1,
-                  in_channels=ws[0], out_channels=ws[1] if len(ws) > 1 else None)
-
-
-_Handler = Callable[[torch.fx.GraphModule, torch.fx.Node, _Sizes], "_Layer | None"]
-#: aten op name (overload packet) -> how to count it.  Everything else costs 0 MACs.
-LAYER_OPS: dict[str, _Handler] = {
-    **dict.fromkeys(("conv1d", "conv2d", "conv3d", "convolution", "_convolution",
-                     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), _conv),
-    "linear": _linear,
-    **dict.fromkeys(("mm", "bmm", "matmul", "addmm", "baddbmm", "addbmm"), _matmul),
-    "einsum": _einsum,
-    **dict.fromkeys(("scaled_dot_product_attention", "_scaled_dot_product_attention_math",
-                     "_scaled_dot_product_flash_attention",
-                     "_scaled_dot_product_flash_attention_for_cpu",
-                     "_scaled_dot_product_efficient_attention",
-                     "_scaled_dot_product_cudnn_attention"), _sdpa),
-    "embedding": _embedding,
-}
-
-
-def _find_layers(gm: torch.fx.GraphModule, sz: _Sizes) -> list[_Layer]:
-    layers = []
-    for node in gm.graph.nodes:
-        if node.op != "call_function":
-            continue
-        handler = LAYER_OPS.get(_packet(node))
-        if handler is None:
-            continue
-        layer = handler(gm, node, sz)
-        if layer is not None:
-            layers.append(layer)
-    return layers
-
-
-def module_path(node: torch.fx.Node) -> str:
-    """Innermost module FQN of a node (from ``nn_module_stack``), '' at top level."""
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        path = list(stack.values())[-1][0]
-        return _clean_path(str(path))
-    if node.op == "get_attr":
-        return str(node.target).rpartition(".")[0]
-    return ""
-
-
-def _clean_path(path: str) -> str:
-    # Dynamo-style "L['self'].layers[0]" -> "layers.0"; export paths are already FQNs.
-    if path.startswith("L['self']"):
-        path = path[len("L['self']"):].lstrip(".")
-        path = path.replace("[", ".").replace("]", "").replace("'", "")
-    return path
-
-
-def _bias_numel(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int:
-    name = _packet(node)
-    idx = {"linear": 2, "conv1d": 2, "conv2d": 2, "conv3d": 2, "convolution": 2,
-           "conv_transpose1d": 2, "conv_transpose2d": 2, "conv_transpose3d": 2,
-           "addmm": 0}.get(name)
-    if idx is None or len(node.args) <= idx:
-        return 0
-    b = _trace_operand(gm, node.args[idx])
-    if b.param is None:
-        return 0
-    return int(get_attr_tensor(gm, b.param).numel())
-
-
-def _kept(gm: torch.fx.GraphModule, fqn: str, dim: int | None) -> int | None:
-    if dim is None:
-        return None
-    t = get_attr_tensor(gm, fqn)
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
-        return None
-    with torch.no_grad():
-        flat = t.detach().movedim(dim, 0).reshape(t.shape[dim], -1)
-        return int((flat != 0).any(1).sum())
-
-
 # ------------------------------------------------------------------------------ the report
 def _unwrap(m: Any, example_inputs: Any) -> tuple[torch.fx.GraphModule, str]:
     from geta_fx.module import GetaModule
@@ -612,43 +292,6 @@ def _unwrap(m: Any, example_inputs: Any) -> tuple[torch.fx.GraphModule, str]:
                      f"got {type(m).__name__}")
 
 
-def _quantizers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
-    return {name: mod for name, mod in gm.named_modules()
-            if getattr(mod, "is_geta_quantizer", False)}
-
-
-def _weight_quantizer_by_fqn(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
-    """param FQN -> weight quantizer, from the graph and from the modules' ``param_fqn``."""
-    out: dict[str, nn.Module] = {}
-    for name, mod in _quantizers(gm).items():
-        fqn = getattr(mod, "param_fqn", None)
-        if getattr(mod, "kind", None) == "weight" and fqn:
-            out[str(fqn)] = mod
-    for node in gm.graph.nodes:
-        mod = _quantizer_module(gm, node)
-        if mod is None or getattr(mod, "kind", None) != "weight":
-            continue
-        info = node.meta.get(meta.QUANTIZER)
-        op = _trace_operand(gm, node.args[0] if node.args else None)
-        fqn = op.param or (info.param_fqn if info is not None else None)
-        if fqn:
-            out[fqn] = mod
-    return out
-
-
-def _param_table(gm: torch.fx.GraphModule) -> tuple[dict[str, torch.Tensor], int]:
-    """Model parameters by FQN (tied ones once; quantizer scalars excluded) and #quant scalars."""
-    quant_prefixes = tuple(f"{n}." for n in _quantizers(gm))
-    params: dict[str, torch.Tensor] = {}
-    qparams = 0
-    for name, p in gm.named_parameters():
-        if quant_prefixes and name.startswith(quant_prefixes):
-            qparams += p.numel()
-        else:
-            params[name] = p
-    return params, qparams
-
-
 def _group_rows(gm: torch.fx.GraphModule) -> list[GroupRow] | None:
     groups = meta.get_groups(gm)
     if meta.GROUPS not in gm.meta:
@@ -663,17 +306,110 @@ def _group_rows(gm: torch.fx.GraphModule) -> list[GroupRow] | None:
     return rows
 
 
+# ------------------------------------------------------------------------------ the reference
+@dataclass(frozen=True)
+class _Reference:
+    """The model whose FP32 cost and channel counts the relative numbers compare with."""
+
+    name: str
+    channels: dict[str, int]                    # weight FQN -> output channels
+    layers: list[tuple[str, str | None, int]]   # (kind, weight FQN, MACs), graph order
+    params: int
+    groups: list[GroupRow] | None
+    sizes: list[list[int]]                      # the input sizes its MACs are at
+
+
+def _measure(gm: torch.fx.GraphModule, name: str, sz: cost.Sizes) -> _Reference:
+    stored = cost.stored_weights(gm)
+    channels: dict[str, int] = {}
+    layers = []
+    for lay in cost.find_layers(gm, sz):
+        fqn = cost.weight_fqn(lay.weight, stored) if lay.weight is not None else None
+        shape = cost.weight_shape(gm, lay.weight) if lay.weight is not None else None
+        if fqn is not None and shape and lay.w_out_dim is not None:
+            channels[fqn] = int(shape[lay.w_out_dim])
+        layers.append((lay.kind, fqn, lay.macs + lay.extra_macs))
+    return _Reference(name, channels, layers, cost.storage(gm).params, _group_rows(gm),
+                      sz.inputs)
+
+
+#: Version of the :func:`dense_origin` record.
+DENSE_FORMAT = 1
+
+
+def dense_origin(m: Any, example_inputs: Any = None) -> dict[str, Any]:
+    """What a slim model's report needs to know of the dense model it came from (JSON-able).
+
+    :meth:`GetaModule.compress` stores it as ``slim.meta["geta.dense"]``; :func:`geta_fx.lower`
+    and :func:`geta_fx.save` carry it into the artifact's ``geta_fx.json`` (``"dense"``) and
+    :func:`geta_fx.load` back into ``meta["geta.dense"]``, so ``report(slim)``,
+    ``report(lowered)`` and ``report(loaded)`` all compare with the dense model: its output
+    channels per weight, its MACs per layer at ``example_inputs`` (default: the capture-time
+    sizes), its parameter count and its prune groups with their zero units.
+    """
+    gm, kind = _unwrap(m, example_inputs)
+    ref = _measure(gm, kind, cost.Sizes(gm, example_inputs))
+    return json.loads(json.dumps({
+        "format": DENSE_FORMAT, "model": kind, "input_sizes": ref.sizes, "params": ref.params,
+        "channels": ref.channels, "layers": ref.layers,
+        "groups": None if ref.groups is None else [asdict(g) for g in ref.groups]}))
+
+
+def _from_origin(d: Any) -> _Reference | None:
+    if not isinstance(d, dict) or d.get("format") != DENSE_FORMAT:
+        return None
+    groups = d.get("groups")
+    return _Reference(
+        f"the dense {d.get('model', 'model')} (slim-graph metadata)",
+        {str(k): int(v) for k, v in d["channels"].items()},
+        [(str(k), w, int(n)) for k, w, n in d["layers"]], int(d["params"]),
+        None if groups is None else [GroupRow(**{**g, "params": tuple(g["params"])})
+                                     for g in groups],
+        [[int(s) for s in shape] for shape in d["input_sizes"]])
+
+
+def _reference_macs(ref: _Reference, gm: torch.fx.GraphModule, layers: list[cost.Layer],
+                    sz: cost.Sizes, notes: list[str]) -> int:
+    """The dense MACs at this report's sizes, from the dense MACs at ``ref.sizes``.
+
+    A layer's MACs are a product of channel dims (what pruning changes) and input-derived
+    sizes (batch, sequence, spatial; what pruning never changes), so each dense layer scales
+    from ``ref.sizes`` to ``sz`` as the matching layer of this graph does.
+    """
+    total = sum(n for _, _, n in ref.layers)
+    if sz.inputs == ref.sizes:
+        return total
+    stored = cost.stored_weights(gm)
+    at_ref = cost.find_layers(gm, cost.Sizes(gm, None, default_sizes=ref.sizes))
+
+    def sig(lays: list[cost.Layer]) -> list[tuple[str, str | None]]:
+        return [(lay.kind, cost.weight_fqn(lay.weight, stored) if lay.weight else None)
+                for lay in lays]
+
+    if sig(at_ref) != sig(layers) or sig(layers) != [(k, w) for k, w, _ in ref.layers]:
+        notes.append(f"dense MACs are at the sizes {ref.sizes} the dense model was costed at: "
+                     "this graph's layers do not match its layers one to one")
+        return total
+    out = 0
+    for (_, _, dense), base, now in zip(ref.layers, at_ref, layers, strict=True):
+        b, n = base.macs + base.extra_macs, now.macs + now.extra_macs
+        out += dense if b == 0 else (dense * n + b // 2) // b
+    return out
+
+
+# ------------------------------------------------------------------------------ the report
 def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
            compressed: bool = False) -> Report:
     """Cost report of a model (see the module docstring for every definition).
 
     Args:
-        m: a GetaModule, a (slim or transformed) GraphModule, or a plain nn.Module (captured
-            with ``example_inputs``).
+        m: a GetaModule, a (slim, lowered or loaded) GraphModule, or a plain nn.Module
+            (captured with ``example_inputs``).
         example_inputs: inputs fixing symbolic sizes (batch, sequence); default: the sizes the
-            graph was captured with.
+            graph (or its dense origin) was captured with.
         reference: the model whose FP32 (32 x 32 bit) cost is the denominator of the relative
-            numbers, e.g. the GetaModule a slim graph came from; default: ``m`` itself.
+            numbers, e.g. the GetaModule a slim graph came from; default: the dense origin a
+            slim, lowered or loaded graph records (``meta["geta.dense"]``), else ``m`` itself.
         compressed: with a GetaModule, report ``m.compress()`` against ``m`` (what the slim
             model would cost now).
     """
@@ -686,89 +422,53 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         slim.model = "GetaModule.compress()"
         return slim
     gm, kind = _unwrap(m, example_inputs)
-    sz = _Sizes(gm, example_inputs)
     notes: list[str] = []
+    origin = _from_origin(gm.meta.get(DENSE)) if reference is None else None
+    if reference is None and gm.meta.get(DENSE) is not None and origin is None:
+        notes.append(f"meta[{DENSE!r}] is not a format-{DENSE_FORMAT} dense-origin record: "
+                     "ignored")
+    sz = cost.Sizes(gm, example_inputs, default_sizes=origin.sizes if origin else None)
+    layers = cost.find_layers(gm, sz)
+    stored = cost.stored_weights(gm)
+    st = cost.storage(gm)
 
-    layers = _find_layers(gm, sz)
-    params, qparams = _param_table(gm)
-    wq = _weight_quantizer_by_fqn(gm)
-
-    ref_gm = None
-    ref_channels: dict[str, int] = {}
     if reference is not None:
         ref_gm, ref_kind = _unwrap(reference, example_inputs)
-        ref_sz = _Sizes(ref_gm, example_inputs)
-        ref_layers = _find_layers(ref_gm, ref_sz)
-        for lay in ref_layers:
-            if lay.weight is not None and lay.weight.param and lay.w_out_dim is not None:
-                t = get_attr_tensor(ref_gm, lay.weight.param)
-                ref_channels[lay.weight.param] = int(t.shape[lay.w_out_dim])
-        ref_params, _ = _param_table(ref_gm)
-        fp32_macs = sum(lay.macs + lay.extra_macs for lay in ref_layers)
-        fp32_params = sum(p.numel() for p in ref_params.values())
-        ref_name = f"the reference {ref_kind}"
+        ref = _measure(ref_gm, f"the reference {ref_kind}", cost.Sizes(ref_gm, example_inputs))
+        fp32_macs = sum(n for _, _, n in ref.layers)
+        sparsity_from = "zero units of the reference"
+    elif origin is not None:
+        ref = origin
+        fp32_macs = _reference_macs(ref, gm, layers, sz, notes)
+        sparsity_from = "zero units of the dense model (slim-graph metadata)"
     else:
-        fp32_macs = sum(lay.macs + lay.extra_macs for lay in layers)
-        fp32_params = sum(p.numel() for p in params.values())
-        ref_name = "the same graph"
+        ref = _Reference("the same graph", {}, [(lay.kind, None, lay.macs + lay.extra_macs)
+                                                for lay in layers], st.params, None, sz.inputs)
+        fp32_macs = sum(n for _, _, n in ref.layers)
+        sparsity_from = None
+        if kind != "GetaModule":
+            notes.append(f"no dense-origin metadata (meta[{DENSE!r}]) and no reference=: "
+                         "channel totals, MACs/BOPs vs FP32 and storage vs FP32 describe this "
+                         "graph itself, not the dense model it may have been pruned from")
 
     rows: list[LayerRow] = []
     macs_w = macs_a = bops = bops_a = 0
     for lay in layers:
-        wfqn = lay.weight.param if lay.weight is not None else None
-        if lay.weight is not None:  # the graph path decides (a tied weight may be read
-            w_bits = _bits_of(lay.weight)  # quantized by one layer and float by another)
-        else:
-            w_bits = _bits_of(lay.other) if lay.other is not None else FP_BITS
-        a_bits = _bits_of(lay.act) if lay.act is not None else FP_BITS
-        layer_bops = lay.macs * w_bits * a_bits
-        if lay.value is not None:  # sdpa: softmax(QK^T) (unquantized) @ V
-            layer_bops += lay.extra_macs * FP_BITS * _bits_of(lay.value)
-        total_macs = lay.macs + lay.extra_macs
+        row = _layer_row(gm, lay, stored, ref.channels)
         if lay.weight is None:
-            macs_a += total_macs
-            bops_a += layer_bops
+            macs_a += row.macs
+            bops_a += row.bops
         else:
-            macs_w += total_macs
-        bops += layer_bops
-        n_params = 0
-        kept = None
-        if wfqn is not None:
-            w = get_attr_tensor(gm, wfqn)
-            n_params = int(w.numel()) + _bias_numel(gm, lay.node)
-            kept = _kept(gm, wfqn, lay.w_out_dim)
-        rows.append(LayerRow(
-            name=lay.node.name, module=module_path(lay.node), op=_packet(lay.node),
-            kind=lay.kind, weight=wfqn, in_channels=lay.in_channels,
-            out_channels=lay.out_channels, kept_channels=kept,
-            ref_channels=ref_channels.get(wfqn) if wfqn else None, params=n_params,
-            macs=total_macs, w_bits=w_bits, a_bits=a_bits, bops=layer_bops))
+            macs_w += row.macs
+        bops += row.bops
+        rows.append(row)
 
-    # storage: model params at learned bits, unquantized at dtype width; quant scalars 32-bit
-    bits_total = 0.0
-    wq_by_tensor = {id(get_attr_tensor(gm, fqn)): q for fqn, q in wq.items()}
-    for p in params.values():
-        q = wq_by_tensor.get(id(p))  # by tensor: tied weights have several FQNs
-        b = round(quantizer_bits(q)) if q is not None else p.element_size() * 8
-        bits_total += p.numel() * b
-    n_params = sum(p.numel() for p in params.values())
-    quant_bytes = qparams * FP_BITS / 8
-    consumers: dict[str, list[str]] = {}
-    for node in gm.graph.nodes:
-        if _quantizer_module(gm, node) is not None:
-            consumers.setdefault(str(node.target), []).extend(u.name for u in node.users)
-    qrows = []
-    for name, q in _quantizers(gm).items():
-        bits = quantizer_bits(q)
-        target = getattr(q, "param_fqn", None) or ", ".join(consumers.get(name, [])) or None
-        qrows.append(QuantRow(name, str(getattr(q, "kind", "?")), target, bits,
-                              int(round(bits))))
-
+    quant_bytes = st.quantizer_scalars * FP_BITS / 8
     group_rows = _group_rows(gm)
-    sparsity_from = None
-    if group_rows is None and ref_gm is not None:
-        group_rows = _group_rows(ref_gm)
-        sparsity_from = "zero units of the reference"
+    if group_rows is None:
+        group_rows = ref.groups
+    else:
+        sparsity_from = None
     if group_rows is not None:
         prunable_units = sum(g.units for g in group_rows if g.prunable)
         zero_units = sum(g.zero_units for g in group_rows if g.prunable)
@@ -776,19 +476,71 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
     else:
         prunable_units = zero_units = None
         sparsity = None
-    if macs_a:
-        notes.append("activation x activation matmuls (attention) are counted in MACs/BOPs "
-                     f"at {FP_BITS} bits unless their inputs are quantized")
+        sparsity_from = None
+    notes += _notes(layers, st, macs_a)
     return Report(
         model=kind, batch=sz.batch,
         shapes_from="example inputs" if sz.from_inputs else "capture-time sizes",
-        reference=ref_name, params=n_params, quantizer_params=qparams,
+        reference=ref.name, params=st.params, quantizer_params=st.quantizer_scalars,
         macs=macs_w + macs_a, macs_weight_layers=macs_w, macs_act_matmuls=macs_a,
         bops=bops, bops_act_matmuls=bops_a, fp32_macs=fp32_macs,
         fp32_bops=fp32_macs * FP_BITS * FP_BITS,
-        weight_bytes=bits_total / 8 + quant_bytes, quantizer_bytes=quant_bytes,
-        fp32_weight_bytes=fp32_params * FP_BITS // 8,
-        avg_weight_bits=bits_total / n_params if n_params else None,
+        weight_bytes=st.bits / 8 + quant_bytes, param_bytes=st.bits / 8,
+        quantizer_bytes=quant_bytes, fp32_weight_bytes=ref.params * FP_BITS // 8,
+        avg_weight_bits=st.bits / st.params if st.params else None,
         group_sparsity=sparsity, zero_units=zero_units, prunable_units=prunable_units,
-        sparsity_from=sparsity_from, layers=rows, groups=group_rows or [], quantizers=qrows,
-        notes=notes)
+        sparsity_from=sparsity_from, layers=rows, groups=group_rows or [],
+        quantizers=_quant_rows(gm), notes=notes)
+
+
+def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
+               stored: dict[str, cost.StoredWeight], ref_channels: dict[str, int]) -> LayerRow:
+    if lay.weight is not None:  # the graph path decides (a tied weight may be read
+        w_bits = cost.weight_bits(lay.weight, stored)  # quantized by one layer, float by another)
+    else:
+        w_bits = cost.bits_of(lay.other) if lay.other is not None else FP_BITS
+    a_bits = cost.bits_of(lay.act) if lay.act is not None else FP_BITS
+    layer_bops = lay.macs * w_bits * a_bits
+    if lay.value is not None:  # sdpa: softmax(QK^T) (unquantized) @ V
+        layer_bops += lay.extra_macs * FP_BITS * cost.bits_of(lay.value)
+    wfqn = cost.weight_fqn(lay.weight, stored) if lay.weight is not None else None
+    n_params = 0
+    kept = None
+    if lay.weight is not None and lay.weight.param is not None:
+        n_params = cost.weight_numel(gm, lay.weight) + cost.bias_numel(gm, lay.node)
+        kept = cost.kept_channels(gm, lay.weight, lay.w_out_dim)
+    return LayerRow(
+        name=lay.node.name, module=cost.module_path(lay.node), op=cost.packet(lay.node),
+        kind=lay.kind, weight=wfqn, in_channels=lay.in_channels,
+        out_channels=lay.out_channels, kept_channels=kept,
+        ref_channels=ref_channels.get(wfqn) if wfqn else None, params=n_params,
+        macs=lay.macs + lay.extra_macs, w_bits=w_bits, a_bits=a_bits, bops=layer_bops)
+
+
+def _quant_rows(gm: torch.fx.GraphModule) -> list[QuantRow]:
+    consumers: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if cost.quantizer_module(gm, node) is not None:
+            consumers.setdefault(str(node.target), []).extend(u.name for u in node.users)
+    rows = []
+    for name, q in cost.quantizers(gm).items():
+        bits = quantizer_bits(q)
+        target = getattr(q, "param_fqn", None) or ", ".join(consumers.get(name, [])) or None
+        rows.append(QuantRow(name, str(getattr(q, "kind", "?")), target, bits, int(round(bits))))
+    return rows
+
+
+def _notes(layers: list[cost.Layer], st: cost.Storage, macs_a: int) -> list[str]:
+    notes = []
+    if macs_a:
+        notes.append("activation x activation matmuls (attention) are counted in MACs/BOPs "
+                     f"at {FP_BITS} bits unless their inputs are quantized")
+    if st.unlearned:
+        notes.append(f"{len(st.unlearned)} packed weight(s) without a lowering record "
+                     f"(meta[{cost.LOWBIT!r}]): their bits are the packed storage bits, which "
+                     f"may exceed the learned bit width ({', '.join(st.unlearned)})")
+    if not layers:
+        notes.append("no compute layer with known shapes: MACs and BOPs are 0 (the graph has "
+                     "no ATen conv/linear/matmul/attention nodes with meta['val']; capture "
+                     "with geta_fx.capture or torch.export)")
+    return notes

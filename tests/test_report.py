@@ -11,7 +11,7 @@ from torch import nn
 
 import geta_fx
 from geta_fx.errors import InputError
-from geta_fx.report import Report, report
+from geta_fx.report import DENSE, Report, report
 
 
 class ConvNet(nn.Module):
@@ -154,8 +154,15 @@ def test_slim_model_against_its_reference() -> None:
     assert all(torch.equal(a, b) for a, b in zip(before, gm.parameters(), strict=True))
     assert report(gm, compressed=True).macs == r.macs
 
+    # compress() records the dense origin: the slim model alone reports against it
+    alone = report(slim)
+    assert (alone.fp32_macs, alone.fp32_weight_bytes, alone.group_sparsity) == (
+        r.fp32_macs, r.fp32_weight_bytes, r.group_sparsity)
+    assert [row.ref_channels for row in alone.layers] == [row.ref_channels for row in r.layers]
+    slim.meta.pop(DENSE)  # without it, only the graph itself is known
     no_ref = report(slim)
     assert no_ref.group_sparsity is None and "n/a" in no_ref.to_text()
+    assert no_ref.fp32_macs == no_ref.macs and any("dense-origin" in n for n in no_ref.notes)
 
 
 def test_symbolic_batch_takes_example_inputs() -> None:
@@ -164,8 +171,8 @@ def test_symbolic_batch_takes_example_inputs() -> None:
     r5 = report(gm, (torch.randn(5, 3, 8, 8),))
     assert r5.batch == 5 and r5.shapes_from == "example inputs"
     assert r5.macs == (CONV_MACS + FC_MACS) // 2 * 5
-    with pytest.raises(InputError, match="static size"):
-        report(gm, (torch.randn(5, 3, 9, 8),))
+    with pytest.raises(InputError, match="static size 3"):  # channels stay static
+        report(gm, (torch.randn(5, 4, 8, 8),))
     with pytest.raises(InputError, match="tensor inputs"):
         report(gm, (torch.randn(5, 3, 8, 8), torch.randn(1)))
 
