@@ -6,12 +6,21 @@ A :class:`Quantizer` owns three learnable shape-``[1]`` float32 parameters and c
 * ``log_d``: the step size is ``d = exp(log_d)``, so ``d > 0`` by construction (GETA_SPEC G.2 #5:
   the reference lets ``d`` go negative) and additive updates of ``log_d`` are relative updates of
   ``d``.
-* ``q_m``: the clipping range.  The op needs ``q_m > 0``; the forward uses the *effective* range
-  ``max(|q_m|, Q_M_MIN)`` (GETA_SPEC §A.3's ``max(|q_m|, 1e-10)``), so an optimizer step that
-  overshoots below zero cannot break the forward, and the gradient flows through ``abs`` (it only
-  vanishes in the ``Q_M_MIN`` clamp, i.e. for a degenerate range).  ``validate()`` still reports a
-  raw ``q_m <= 0`` as an error, because the optimizer is expected to keep it positive.
+* ``log_q_m``: the clipping range is ``q_m = exp(log_q_m)`` (a read-only property), positive by
+  construction in the same way, so no optimizer step can leave an invalid quantizer behind (an
+  additive ``q_m`` could be driven through 0 by a long run, and then the forward had to fall back
+  on ``|q_m|``).  The op's gradient ``dL/dq_m`` (GETA_SPEC §A.4) reaches the parameter through
+  the chain rule as ``dL/dlog_q_m = q_m * dL/dq_m``.  The op sees the *effective* range
+  ``max(q_m, Q_M_MIN)`` (GETA_SPEC §A.3's ``max(|q_m|, 1e-10)``), which differs from ``q_m``
+  only if ``exp`` underflows (``log_q_m < -23``); ``validate()`` reports that as an error.
+  Set the range with :meth:`Quantizer.set_q_m`.
 * ``t``: the exponent of the nonlinear quantizer (``t == 1``: linear).
+
+The three scalars stay float32 whatever dtype the module is converted to (``.half()``,
+``.to(torch.bfloat16)``, ``.double()``): the op needs float32 scalars and computes in float32,
+while the quantized tensor keeps its own dtype.  Device moves apply as usual.  A ``state_dict``
+written before ``log_q_m`` existed (with a raw ``q_m`` entry) loads with ``log_q_m = log(q_m)``;
+a non-positive or non-finite legacy ``q_m`` is a :class:`QuantizerError`.
 
 Bit width (GETA_SPEC §A.3), continuous, with ``q = max(|q_m|, Q_M_MIN)``::
 
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -36,7 +45,8 @@ from torch import Tensor, nn
 from geta_fx import ops
 from geta_fx.errors import InputError, QuantizerError
 
-__all__ = ["Q_M_MIN", "Quantizer", "QuantizerError", "bit_width", "calibrate", "d_for_bits"]
+__all__ = ["Q_M_MIN", "Quantizer", "QuantizerError", "bit_width", "calibrate", "d_for_bits",
+           "keep_float32"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +94,31 @@ def bit_width(
     return b + 1 if signed else b
 
 
+TensorFn = Callable[[Tensor], Tensor]
+
+
+def keep_float32(fn: TensorFn, keep: Collection[Tensor]) -> TensorFn:
+    """Wrap an ``nn.Module._apply`` function so the float32 tensors in ``keep`` stay float32.
+
+    ``module.half()``, ``.to(torch.bfloat16)``, ``.double()`` call ``_apply(fn)`` with an ``fn``
+    that converts every floating tensor.  For a tensor of ``keep`` the wrapper takes only the
+    device from ``fn``'s result and keeps the original float32 values (no rounding through the
+    other dtype); every other tensor, and a conversion that keeps float32 (device moves,
+    ``to_empty``), gets ``fn``'s result unchanged.  ``keep`` is matched by identity, so it also
+    covers the gradients of kept parameters only if they are listed.
+    """
+    ids = {id(t) for t in keep}
+
+    def apply(t: Tensor) -> Tensor:
+        out = fn(t)
+        if (id(t) in ids and t.dtype == torch.float32 and out.dtype != torch.float32
+                and out.is_floating_point()):
+            return t.to(device=out.device)
+        return out
+
+    return apply
+
+
 def _check_bits(bits: float, signed: bool, who: str) -> None:
     lowest = 1.0 if signed else 0.0
     if not math.isfinite(bits) or bits <= lowest:
@@ -93,10 +128,11 @@ def _check_bits(bits: float, signed: bool, who: str) -> None:
 
 
 class Quantizer(nn.Module):
-    """Per-tensor GETA quantizer (GETA_SPEC §A) with learnable ``log_d``, ``q_m``, ``t``.
+    """Per-tensor GETA quantizer (GETA_SPEC §A) with learnable ``log_d``, ``log_q_m``, ``t``.
 
-    ``forward(x) = geta_fx.ops.quantize(x, d, max(|q_m|, Q_M_MIN), t, signed=signed)``; see the
-    module docstring for the parameterisation and the bit-width formulas.
+    ``forward(x) = geta_fx.ops.quantize(x, exp(log_d), max(exp(log_q_m), Q_M_MIN), t,
+    signed=signed)``; see the module docstring for the parameterisation, the float32 scalars
+    and the bit-width formulas.
 
     Args:
         kind: ``"weight"`` or ``"act"`` (activation, i.e. the input of a quantized layer).
@@ -112,7 +148,7 @@ class Quantizer(nn.Module):
     is_geta_quantizer: ClassVar[bool] = True
 
     log_d: nn.Parameter
-    q_m: nn.Parameter
+    log_q_m: nn.Parameter
     t: nn.Parameter
 
     def __init__(self, kind: QuantKind, *, signed: bool = True, bits: float = 16.0,
@@ -127,9 +163,10 @@ class Quantizer(nn.Module):
             raise QuantizerError(f"{self._who()}: q_m must be finite and > 0, got {q_m}")
         if not math.isfinite(t):
             raise QuantizerError(f"{self._who()}: t must be finite, got {t}")
-        self.q_m = nn.Parameter(torch.tensor([q_m], dtype=torch.float32))
+        self.log_q_m = nn.Parameter(torch.tensor([math.log(q_m)], dtype=torch.float32))
         self.t = nn.Parameter(torch.tensor([t], dtype=torch.float32))
         self.log_d = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+        self.register_load_state_dict_pre_hook(_upgrade_legacy_q_m)
         self.set_bit_width(bits)
 
     # -- derived quantities ------------------------------------------------------------------
@@ -138,8 +175,17 @@ class Quantizer(nn.Module):
         """Step size ``exp(log_d)`` (shape ``[1]``, differentiable w.r.t. ``log_d``)."""
         return self.log_d.exp()
 
+    @property
+    def q_m(self) -> Tensor:
+        """Clipping range ``exp(log_q_m)`` (shape ``[1]``, differentiable w.r.t. ``log_q_m``).
+
+        Read-only: a computed tensor, so writing into it in place changes nothing; use
+        :meth:`set_q_m`.
+        """
+        return self.log_q_m.exp()
+
     def effective_q_m(self) -> Tensor:
-        """The range the op sees: ``max(|q_m|, Q_M_MIN)`` (shape ``[1]``, differentiable)."""
+        """The range the op sees: ``max(q_m, Q_M_MIN)`` (shape ``[1]``, differentiable)."""
         return _effective_q_m(self.q_m)
 
     def bit_width(self) -> Tensor:
@@ -161,6 +207,16 @@ class Quantizer(nn.Module):
             raise QuantizerError(f"{self._who()}: d must be one finite positive value, got {d}")
         with torch.no_grad():
             self.log_d.copy_(value.log().to(self.log_d))
+
+    def set_q_m(self, q_m: Tensor | float) -> None:
+        """Set the clipping range (``log_q_m = log(q_m)``); ``d`` and ``t`` are unchanged, so
+        the bit width changes with it (call :meth:`set_bit_width` to keep it)."""
+        value = torch.as_tensor(q_m).detach().to(torch.float64).reshape(-1)
+        if value.numel() != 1 or not (math.isfinite(float(value)) and float(value) > 0):
+            raise QuantizerError(f"{self._who()}: q_m must be one finite positive value, "
+                                 f"got {q_m}")
+        with torch.no_grad():
+            self.log_q_m.copy_(value.log().to(self.log_q_m))
 
     def set_bit_width(self, bits: Tensor | float) -> None:
         """Set ``d`` so that :meth:`bit_width` equals ``bits`` (``q_m``, ``t`` unchanged).
@@ -185,8 +241,8 @@ class Quantizer(nn.Module):
             if not math.isfinite(peak):
                 raise QuantizerError(f"{self._who()}: cannot initialise from a tensor with "
                                      f"non-finite values (max |w| = {peak})")
-            self.q_m.fill_(peak if peak > 0 else 1.0)
             self.t.fill_(1.0)
+        self.set_q_m(peak if peak > 0 else 1.0)
         self.set_bit_width(bits)
         return self
 
@@ -194,10 +250,12 @@ class Quantizer(nn.Module):
     def validate(self) -> None:
         """Raise :class:`QuantizerError` naming this quantizer if a parameter is invalid.
 
-        Invalid: NaN/inf in ``log_d``, ``d``, ``q_m`` or ``t``; ``d <= 0`` (``log_d``
-        underflow); raw ``q_m <= 0``.  Reads parameter values (host sync): not for hot loops.
+        Invalid: NaN/inf in ``log_d``, ``d``, ``log_q_m``, ``q_m`` or ``t``; ``d <= 0`` or
+        ``q_m < Q_M_MIN`` (``exp`` underflow of ``log_d`` / ``log_q_m``; ``q_m`` itself is
+        positive by construction).  Reads parameter values (host sync): not for hot loops.
         """
-        values = {"log_d": self.log_d, "d": self.d, "q_m": self.q_m, "t": self.t}
+        values = {"log_d": self.log_d, "d": self.d, "log_q_m": self.log_q_m, "q_m": self.q_m,
+                  "t": self.t}
         for pname, p in values.items():
             v = float(p.detach())
             if not math.isfinite(v):
@@ -206,12 +264,26 @@ class Quantizer(nn.Module):
         if d <= 0:
             raise QuantizerError(f"{self._who()}: d = {d} is not positive (log_d underflow)")
         q = float(self.q_m.detach())
-        if q <= 0:
-            raise QuantizerError(f"{self._who()}: q_m = {q} is not positive")
+        if q < Q_M_MIN:
+            raise QuantizerError(f"{self._who()}: q_m = {q} is below {Q_M_MIN:g} "
+                                 f"(log_q_m = {float(self.log_q_m.detach())} underflows)")
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return ops.quantize(x, self.d, self.effective_q_m(), self.t, signed=self.signed)
+
+    # -- dtype conversions --------------------------------------------------------------------
+    def _apply(self, fn: TensorFn, recurse: bool = True) -> Quantizer:
+        """``nn.Module._apply`` (behind ``to``/``half``/``cuda``...) with the scalars and their
+        gradients kept float32: only device moves reach them (see :func:`keep_float32`).
+
+        NOTE: overrides a private ``nn.Module`` hook, the one place every conversion of a
+        module passes through (``GetaModule._apply`` does the same for device moves).
+        """
+        own = [t for p in self._parameters.values() if p is not None
+               for t in (p, p.grad) if t is not None]
+        super()._apply(keep_float32(fn, own), recurse)
+        return self
 
     # -- serialisation -----------------------------------------------------------------------
     def get_extra_state(self) -> dict[str, Any]:
@@ -228,6 +300,22 @@ class Quantizer(nn.Module):
 
     def _who(self) -> str:
         return f"{self.kind} quantizer {self.name!r}" if self.name else f"{self.kind} quantizer"
+
+
+def _upgrade_legacy_q_m(module: Quantizer, state_dict: dict[str, Any], prefix: str,
+                        *_: Any) -> None:
+    """Load-state pre-hook: a legacy raw ``q_m`` entry becomes ``log_q_m = log(q_m)``."""
+    key = prefix + "q_m"
+    if key not in state_dict or prefix + "log_q_m" in state_dict:
+        return
+    value = torch.as_tensor(state_dict.pop(key)).detach()
+    v = value.double().reshape(-1)
+    if v.numel() != 1 or not (math.isfinite(float(v)) and float(v) > 0):
+        shown = f"{float(v):g}" if v.numel() == 1 else f"a tensor of shape {tuple(value.shape)}"
+        raise QuantizerError(f"{module._who()}: the state_dict has a legacy {key!r} = "
+                             f"{shown}, which is not one finite positive value, so "
+                             f"log_q_m cannot represent it (fix that entry or retrain)")
+    state_dict[prefix + "log_q_m"] = v.log().to(torch.float32).reshape(value.shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,9 +449,9 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *,
         peak, negative = res
         with torch.no_grad():
             bits = float(q.bit_width())
-            if peak > 0:
-                q.q_m.fill_(peak)
-            q.signed = negative
+        if peak > 0:
+            q.set_q_m(peak)
+        q.signed = negative
         q.set_bit_width(bits)
         out[fqn] = (float(q.q_m.detach()), q.signed)
     return out

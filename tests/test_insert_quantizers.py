@@ -94,10 +94,10 @@ def test_diverged_quantizer_is_reported_by_name() -> None:
     gm = geta_fx.transform(ConvNet(), (torch.randn(2, 3, 8, 8),), quantize="weight")
     name, q = next(iter(gm.quantizers.items()))
     with torch.no_grad():
-        q.q_m.fill_(float("nan"))
+        q.log_q_m.fill_(float("nan"))
     with pytest.raises(geta_fx.QuantizerError, match=name):
         gm.compress()
     with torch.no_grad():
-        q.q_m.fill_(-1.0)
+        q.log_q_m.fill_(-1e4)  # q_m = exp(log_q_m) > 0 by construction; this underflows
     with pytest.raises(geta_fx.QuantizerError, match="q_m"):
         gm.validate()

@@ -343,3 +343,76 @@ def test_cuda_exact_and_no_host_sync_between_period_boundaries() -> None:
     assert s.b_l - 1e-4 <= m["bits_min"] <= m["bits_max"] <= s.final_b_u + 1e-4
     gm.eval()
     assert max_rel_err(gm(*x), gm.compress()(*x)) < 1e-5
+
+
+# ----------------------------------------------------------------------------- q_m > 0
+
+
+README_QASSO = dict(variant="adamw", lr=1e-3, target_sparsity=0.5, bit_range=(4, 8),
+                    start_projection_step=0, projection_steps=20, projection_periods=2,
+                    start_pruning_step=20, pruning_steps=40, pruning_periods=4)
+
+
+def _valid_quantizers(gm: geta_fx.GetaModule) -> None:
+    gm.validate()
+    for name, q in gm.quantizers.items():
+        assert float(q.q_m.detach()) > 0, name
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_readme_train_compress_deploy_snippet_never_ends_invalid(seed: int) -> None:
+    """README "Train, compress, deploy": the QASSO loop, then compress(lower=True)."""
+    torch.manual_seed(seed)
+    model = MLP().eval()
+    x = torch.randn(16, 12)
+    y = torch.randint(0, 4, (16,))
+    gm = geta_fx.transform(model, (x,), quantize="weight")
+    opt = QASSO(gm, **README_QASSO)
+    for _ in range(70):                                   # past the last pruning period
+        loss = F.cross_entropy(gm(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()      # noqa: E702  (as in the README)
+    _valid_quantizers(gm)
+    gm.eval()
+    slim = gm.compress(lower=True)
+    assert opt.metrics()["num_pruned"] == opt.k_target > 0
+    assert max_rel_err(gm(x), slim(x)) < 1e-4
+
+
+def test_q_m_stays_positive_when_the_loss_shrinks_it() -> None:
+    """A loss that rewards a smaller clipping range at every step.
+
+    ``sum |Q(W)|`` with every weight clipped (q_m set to half of max |W|): dL/dq_m > 0 at every
+    step, so Adam moves q_m by about lr_quant per step.  An additive q_m crossed zero at step 4
+    (QuantizerError "q_m = -0.024 is not positive" at compress); log_q_m shrinks it
+    geometrically, and the run ends in a valid, lowerable quantizer.
+    """
+    model = torch.nn.Linear(8, 8, bias=False)
+    x = torch.eye(8)
+    gm = geta_fx.transform(model, (x,), quantize="weight").train()
+    (q,) = gm.quantizers.values()
+    bits = float(q.bit_width().detach())
+    q.set_q_m(0.5 * float(model.weight.detach().abs().max()))
+    q.set_bit_width(bits)
+    q_m0 = float(q.q_m.detach())
+    opt = QASSO(gm, **(README_QASSO | dict(lr_quant=0.05, target_sparsity=0.0)))
+    for k in range(1, 41):
+        loss = gm(x).abs().sum()
+        opt.zero_grad()
+        loss.backward()
+        assert float(q.log_q_m.grad) > 0, k  # the loss wants a smaller range
+        opt.step()
+        _valid_quantizers(gm)
+    assert float(q.q_m.detach()) < 0.5 * q_m0  # it did shrink, by a factor, not through 0
+    b = opt.bit_widths()
+    assert (b >= 4 - 1e-4).all() and (b <= 8 + 1e-4).all()
+    gm.eval()
+    slim = gm.compress(lower=True)
+    assert max_rel_err(gm(x), slim(x)) < 1e-5
+
+
+def test_load_state_dict_explains_a_version_1_state(resnet_q) -> None:
+    opt = QASSO(copy.deepcopy(resnet_q[0]), lr=0.1)
+    sd = opt.state_dict()
+    sd["qasso"] = dict(sd["qasso"], version=1)
+    with pytest.raises(InputError, match="version 1.*raw q_m.*log_q_m"):
+        opt.load_state_dict(sd)

@@ -1,6 +1,7 @@
-"""Quantizer module (log-d parameterisation, bit width, validation) and activation calibration.
+"""Quantizer module (log-d / log-q_m parameterisation, bit width, validation, float32 scalars
+under dtype conversions, legacy state dicts) and activation calibration.
 
-    x --Quantizer(kind, signed)--> geta::quantize(x, exp(log_d), max(|q_m|, 1e-10), t)
+    x --Quantizer(kind, signed)--> geta::quantize(x, exp(log_d), max(exp(log_q_m), 1e-10), t)
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 import geta_fx.ops as ops
 from geta_fx.errors import GetaFxError, InputError, QuantizerError
-from geta_fx.quantizer import Quantizer, bit_width, calibrate, d_for_bits
+from geta_fx.quantizer import Quantizer, bit_width, calibrate, d_for_bits, keep_float32
 
 
 def bits_of(q: Quantizer) -> float:
@@ -28,7 +29,8 @@ def test_bit_width_after_init(bits: float, signed: bool) -> None:
     assert b.dtype == torch.float32 and b.shape == (1,)
     assert math.isclose(float(b.detach()), bits, abs_tol=1e-4)
     assert all(p.dtype == torch.float32 and p.shape == (1,) for p in q.parameters())
-    assert {n for n, _ in q.named_parameters()} == {"log_d", "q_m", "t"}
+    assert {n for n, _ in q.named_parameters()} == {"log_d", "log_q_m", "t"}
+    assert q.q_m.item() == pytest.approx(0.37) and q.q_m.shape == (1,)
     assert q.is_geta_quantizer  # how GetaModule.quantizers finds it
 
 
@@ -100,17 +102,31 @@ def test_forward_matches_op_and_grads_reach_all_params() -> None:
     ops.quantize(x, d, q.q_m.detach(), q.t.detach()).sum().backward()
     q(x).sum().backward()
     torch.testing.assert_close(q.log_d.grad, d.grad * q.d.detach())
+    # chain rule through q_m = exp(log_q_m): dL/dlog_q_m = dL/dq_m * q_m (GETA_SPEC A.4 rule)
+    q.zero_grad()
+    q_m = q.q_m.detach().requires_grad_()
+    ops.quantize(x, q.d.detach(), q_m, q.t.detach()).sum().backward()
+    q(x).sum().backward()
+    assert q_m.grad.abs().sum() > 0  # some of x is clipped
+    torch.testing.assert_close(q.log_q_m.grad, q_m.grad * q.q_m.detach())
 
 
-def test_negative_q_m_uses_magnitude() -> None:
-    q = Quantizer("weight", bits=8.0, q_m=0.8)
+def test_q_m_is_positive_by_construction() -> None:
+    """No value of the parameter gives a non-positive range; set_q_m rejects one."""
+    q = Quantizer("weight", bits=8.0, q_m=0.8, name="fc.weight")
     x = torch.randn(32)
-    y = q(x)
-    with torch.no_grad():
-        q.q_m.neg_()
-    assert torch.equal(q(x), y)
-    with pytest.raises(QuantizerError, match="q_m"):
+    for raw in (-5.0, -0.5, 0.0, 3.0):
+        with torch.no_grad():
+            q.log_q_m.fill_(raw)
+        assert q.q_m.item() == pytest.approx(math.exp(raw)) and q.q_m.item() > 0
         q.validate()
+        assert torch.isfinite(q(x)).all()
+    q.set_q_m(0.25)
+    assert q.log_q_m.item() == pytest.approx(math.log(0.25))
+    for bad in (0.0, -0.0025, float("nan"), float("inf")):
+        with pytest.raises(QuantizerError, match=r"fc\.weight.*q_m must be"):
+            q.set_q_m(bad)
+    assert q.q_m.item() == pytest.approx(0.25)  # unchanged by the rejected values
 
 
 def test_zero_input_stays_zero() -> None:
@@ -121,8 +137,9 @@ def test_zero_input_stays_zero() -> None:
 
 @pytest.mark.parametrize(("param", "value", "match"), [
     ("t", float("nan"), "t is nan"),
-    ("q_m", float("inf"), "q_m is inf"),
-    ("q_m", 0.0, "q_m = 0.0 is not positive"),
+    ("log_q_m", float("inf"), "log_q_m is inf"),
+    ("log_q_m", float("nan"), "log_q_m is nan"),
+    ("log_q_m", -1e4, "q_m = 0.0 is below 1e-10"),
     ("log_d", float("inf"), "log_d is inf"),
     ("log_d", -1e4, "d = 0.0 is not positive"),
 ])
@@ -157,6 +174,54 @@ def test_state_dict_round_trips_signedness() -> None:
     assert r.signed is False and math.isclose(bits_of(r), 5.0, abs_tol=1e-4)
     x = torch.randn(10)
     assert torch.equal(r(x), q(x))
+
+
+def test_legacy_state_dict_with_raw_q_m_loads_or_fails_clearly() -> None:
+    """A state dict from before log_q_m (raw ``q_m`` key) converts; a non-positive one raises."""
+    q = Quantizer("act", signed=False, bits=5.0, q_m=2.0, t=1.1)
+    legacy = {("q_m" if k == "log_q_m" else k): (v.exp() if k == "log_q_m" else v)
+              for k, v in q.state_dict().items()}
+    assert "q_m" in legacy and "log_q_m" not in legacy
+    r = Quantizer("act", name="blk.input")
+    r.load_state_dict(legacy)
+    torch.testing.assert_close(r.q_m, q.q_m.detach())
+    x = torch.randn(50) * 3
+    torch.testing.assert_close(r(x), q(x))
+    # nested prefix (a quantizer inside a model) and strict loading
+    outer, src = nn.Sequential(Quantizer("act")), nn.Sequential(q)
+    nested = {k.replace("log_q_m", "q_m"): (v.exp() if k.endswith("log_q_m") else v)
+              for k, v in src.state_dict().items()}
+    outer.load_state_dict(nested, strict=True)
+    torch.testing.assert_close(outer[0].q_m, q.q_m.detach())
+    legacy["q_m"] = torch.tensor([-0.0025])
+    with pytest.raises(QuantizerError, match=r"blk\.input.*legacy 'q_m' = -0\.0025,"):
+        r.load_state_dict(legacy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_conversion_keeps_scalars_float32(dtype: torch.dtype) -> None:
+    """``.to(dtype)`` converts nothing of a Quantizer: its scalars stay exact float32."""
+    q = Quantizer("weight", bits=6.0, q_m=0.7, t=1.3, name="w")
+    x = torch.randn(64)
+    q(x).sum().backward()
+    before = {n: p.detach().clone() for n, p in q.named_parameters()}
+    q.to(dtype)
+    for n, p in q.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n]), n
+        assert p.grad is not None and p.grad.dtype == torch.float32, n
+    if dtype != torch.float64:  # the op takes float32/16/bf16 x: output in x's dtype
+        y = q(x.to(dtype))
+        assert y.dtype == dtype
+        assert torch.equal(y, q(x.to(dtype).float()).to(dtype))  # float32 math, one rounding
+    q.to("meta")  # device moves still apply
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in q.parameters())
+
+
+def test_keep_float32_leaves_other_tensors_to_fn() -> None:
+    kept, other = torch.ones(1), torch.ones(2)
+    fn = keep_float32(lambda t: t.half(), [kept])
+    assert fn(kept).dtype == torch.float32 and fn(other).dtype == torch.float16
+    assert fn(torch.ones(1)).dtype == torch.float16  # identity, not value, decides
 
 
 def test_export_of_module_with_quantizer() -> None:

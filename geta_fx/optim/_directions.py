@@ -72,7 +72,7 @@ def weight_directions(variant: str, weights: list[nn.Parameter], state: Any,
 
 def quant_direction(variant: str, st: dict[str, Any], grads: Tensor,
                     hp: dict[str, Any]) -> Tensor:
-    """g^ of the stacked quantizer scalars ``[log_d | q_m | t]`` (no weight decay)."""
+    """g^ of the stacked quantizer scalars ``[log_d | log_q_m | t]`` (no weight decay)."""
     st["step"] += 1
     if variant == "sgd":
         mom, damp = float(hp["momentum"]), float(hp["dampening"])

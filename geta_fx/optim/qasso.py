@@ -13,13 +13,17 @@ starts.  Stages (timeline in :mod:`geta_fx.optim._schedule`)::
                 per quantized layer; _joint.py) on them, commit = hard-zero from then on
     cooldown    bits frozen at round(b): d pinned to d(b; q_m, t) after every step
 
+Quantizer scalars are stepped as ``[log_d | log_q_m | t]`` (both ranges positive by
+construction, see :mod:`geta_fx.quantizer`); every bit-width formula, the projection and the
+joint ``d*`` use ``q_m = exp(log_q_m)``.
+
 Structure of one ``step()`` (no Python loop over units or groups, no host sync except once
 per pruning period when units are selected and committed)::
 
     directions  g^ for all weights (foreach SGD/Adam) and for the stacked quantizer scalars
     select      (first step of a period) unit statistics with one index_add_, scores, the
                 global selection, the period's JointPlan
-    quantizers  plain step on the stacked [log_d | q_m | t] vector, projection, joint d*,
+    quantizers  plain step on the stacked [log_d | log_q_m | t] vector, projection, joint d*,
                 written back with one _foreach_copy_
     weights     (adamw decay), p -= lr * g^, minus the forget term on the redundant elements
     commit      (last joint step of a period) pruned |= redundant
@@ -70,7 +74,13 @@ _VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "adam": {"betas": (0.9, 0.999), "weight_decay": 0.0},
     "adamw": {"betas": (0.9, 0.999), "weight_decay": 1e-2},
 }
-_STATE_VERSION = 1
+#: 2: the quantizer moments are those of ``log_q_m`` (version 1 stepped a raw ``q_m``).
+_STATE_VERSION = 2
+
+
+def _q_m(log_q_m: Tensor) -> Tensor:
+    """The range the quantizers' op sees, ``max(exp(log_q_m), Q_M_MIN)`` (vectorised)."""
+    return log_q_m.exp().clamp_min(Q_M_MIN)
 
 
 class QASSO(torch.optim.Optimizer):
@@ -82,8 +92,8 @@ class QASSO(torch.optim.Optimizer):
         variant: ``"sgd"`` (heavy ball), ``"adam"`` (L2 weight decay) or ``"adamw"``
             (decoupled weight decay).
         lr: learning rate of the weights (``param_groups[0]["lr"]``; LR schedulers change it).
-        lr_quant: learning rate of every quantizer scalar (``log_d``, ``q_m``, ``t``; weight
-            and activation quantizers).  Kept in ``param_groups[1]["lr_quant"]`` and never
+        lr_quant: learning rate of every quantizer scalar (``log_d``, ``log_q_m``, ``t``;
+            weight and activation quantizers; the two logs make its steps relative).  Kept in ``param_groups[1]["lr_quant"]`` and never
             scheduled (GETA_SPEC C.2); schedulers only touch the ``"lr"`` keys.
         weight_decay: default per variant (sgd 0, adam 0, adamw 1e-2); never applied to
             quantizer scalars.
@@ -160,9 +170,10 @@ class QASSO(torch.optim.Optimizer):
         # ---- parameters: quantizer scalars vs everything else
         self._quant_names = list(gm.quantizers)
         quants = [gm.quantizers[n] for n in self._quant_names]
-        qids = {id(p) for q in quants for p in (q.log_d, q.q_m, q.t)}
+        qids = {id(p) for q in quants for p in (q.log_d, q.log_q_m, q.t)}
         self._qparams: list[nn.Parameter] = ([q.log_d for q in quants] +
-                                             [q.q_m for q in quants] + [q.t for q in quants])
+                                             [q.log_q_m for q in quants] +
+                                             [q.t for q in quants])
         weights: list[nn.Parameter] = []
         seen: set[int] = set()
         for p in gm.parameters():
@@ -271,11 +282,11 @@ class QASSO(torch.optim.Optimizer):
             plan = None
 
         x_sub = g_sub = None
-        if plan is not None:  # redundant elements before this step's update
+        if plan is not None:  # redundant elements before this step's update (float32 math)
             params = self.layout.params
-            x_sub = torch.cat([params[i].view(-1)[idx] for i, idx, _, _ in plan.slices])
+            x_sub = torch.cat([params[i].view(-1)[idx].float() for i, idx, _, _ in plan.slices])
             g_sub = torch.cat([
-                self._dir_or_zero(dirs, weights, self._stats_widx[i]).view(-1)[idx]
+                self._dir_or_zero(dirs, weights, self._stats_widx[i]).view(-1)[idx].float()
                 for i, idx, _, _ in plan.slices])
         delta = self._step_quantizers(stage, k, lr, plan, x_sub, g_sub)
 
@@ -289,7 +300,8 @@ class QASSO(torch.optim.Optimizer):
             torch._foreach_add_(ps, ds, alpha=-lr)
         if plan is not None and delta is not None:
             for i, idx, lo, hi in plan.slices:
-                self.layout.params[i].view(-1).index_add_(0, idx, delta[lo:hi], alpha=-1.0)
+                p = self.layout.params[i]
+                p.view(-1).index_add_(0, idx, delta[lo:hi].to(p.dtype), alpha=-1.0)
         if sch.is_commit_step(k):
             self._commit()
         for t, idx in self._zero_lists:
@@ -335,8 +347,8 @@ class QASSO(torch.optim.Optimizer):
         d_old = vals[:n_l].exp()
         new = vals - lr_q * _directions.quant_direction(self.variant, self._qstate, grads,
                                                         qgroup)
-        log_d, q_m, t = new[:n_l], new[n_l:2 * n_l], new[2 * n_l:]
-        q_eff = q_m.abs().clamp_min(Q_M_MIN)
+        log_d, log_q_m, t = new[:n_l], new[n_l:2 * n_l], new[2 * n_l:]
+        q_m = _q_m(log_q_m)
         signed = self._signed[:n_l]
 
         if stage == "cooldown":
@@ -352,11 +364,11 @@ class QASSO(torch.optim.Optimizer):
         if plan is not None:
             ext = torch.ones(1, device=self._device)
             delta, d_new, joint = _joint.joint_update(
-                plan, x_sub, g_sub, torch.cat([d_old, ext]), torch.cat([q_eff, ext]),
+                plan, x_sub, g_sub, torch.cat([d_old, ext]), torch.cat([q_m, ext]),
                 torch.cat([t, ext]), self._signed, self.schedule.b_l, self.schedule.b_u(k),
                 self.schedule.forget_rate(k), lr, self.layout.num_groups)
             log_d = torch.where(joint[:n_l], d_new[:n_l].log(), log_d)
-        torch._foreach_copy_(qp, torch.cat([log_d, q_m, t]).split(1))
+        torch._foreach_copy_(qp, torch.cat([log_d, log_q_m, t]).split(1))
         return delta
 
     def _bit_bounds(self, k: int) -> tuple[Tensor, Tensor]:
@@ -370,7 +382,8 @@ class QASSO(torch.optim.Optimizer):
 
     def _freeze_bits(self, vals: Tensor, k: int) -> None:
         n_l = self._num_layers
-        bits = bit_width(vals[:n_l].exp(), vals[n_l:2 * n_l], vals[2 * n_l:], self._signed[:n_l])
+        bits = bit_width(vals[:n_l].exp(), _q_m(vals[n_l:2 * n_l]), vals[2 * n_l:],
+                         self._signed[:n_l])
         lo, hi = self._bit_bounds(k)
         frozen = torch.minimum(torch.maximum(torch.round(bits), lo.ceil()), hi.floor())
         self._frozen_bits = self._broadcast(frozen)
@@ -385,8 +398,10 @@ class QASSO(torch.optim.Optimizer):
             self._redundant = torch.zeros_like(self._pruned)
             self._plan = None
             return
-        x = torch.cat([p.detach().view(-1) for p in lay.params])
-        g = torch.cat([self._dir_or_zero(dirs, weights, i).view(-1) for i in self._stats_widx])
+        # float32 statistics, also for float16/bfloat16 weights (no-op copies for float32)
+        x = torch.cat([p.detach().view(-1).float() for p in lay.params])
+        g = torch.cat([self._dir_or_zero(dirs, weights, i).view(-1).float()
+                       for i in self._stats_widx])
         stats = _saliency.unit_stats(x, g, lay.pair_elem, lay.pair_unit, lay.num_units)
         scores = _saliency.importance_scores(stats, lay.unit_numel, self.importance,
                                              ~self._pruned)
@@ -479,7 +494,7 @@ class QASSO(torch.optim.Optimizer):
         if n_l == 0:
             return torch.zeros(0)
         vals = torch.cat([p.detach().view(-1) for p in self._qparams])
-        return bit_width(vals[:n_l].exp(), vals[n_l:2 * n_l], vals[2 * n_l:],
+        return bit_width(vals[:n_l].exp(), _q_m(vals[n_l:2 * n_l]), vals[2 * n_l:],
                          self._signed[:n_l]).cpu()
 
     # ================================================================== state
@@ -502,8 +517,13 @@ class QASSO(torch.optim.Optimizer):
         extra = state_dict.pop("qasso", None)
         if extra is None:
             raise InputError("QASSO.load_state_dict: not a QASSO state dict (no 'qasso' entry)")
-        if extra.get("version") != _STATE_VERSION:
-            raise InputError(f"QASSO.load_state_dict: unsupported version {extra.get('version')}")
+        version = extra.get("version")
+        if version != _STATE_VERSION:
+            why = (": it was written when QASSO stepped a raw q_m, and its quantizer moments do "
+                   "not carry over to log_q_m (restart the optimizer from the module's state)"
+                   if version == 1 else "")
+            raise InputError(f"QASSO.load_state_dict: unsupported version {version} "
+                             f"(this QASSO writes {_STATE_VERSION}){why}")
         if extra["signature"] != self.layout.signature() or \
                 list(extra["quantizers"]) != self._quant_names:
             raise InputError("QASSO.load_state_dict: the state belongs to a model with other "
