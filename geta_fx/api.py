@@ -86,8 +86,10 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
     module = GetaModule(result.graph_module, training=cap.training, flat_io=cap.flat_io,
                         in_spec=cap.in_spec, out_spec=cap.out_spec)
     if calibrate and any(q.kind == "act" for q in module.quantizers.values()):
+        from geta_fx.passes.normalize import keep_refolded
         from geta_fx.quantizer import calibrate as _calibrate
 
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        _calibrate(module, [tuple(args)])
+        with keep_refolded(module):  # a second round keeps its learned act ranges
+            _calibrate(module, [tuple(args)])
     return module

@@ -34,9 +34,11 @@ import torch.fx
 
 from geta_fx.errors import NodeError
 from geta_fx.ir import meta
+from geta_fx.ir.branches import branch_uses
 from geta_fx.ir.channels import Label, UnionFind, concrete, size_expr
-from geta_fx.ir.ops_table import IGNORED, RULES
+from geta_fx.ir.ops_table import IGNORED, RULES, is_geta_op, quantizer_module
 from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.passes.lower_quant import HOLDER as LOWBIT_HOLDER
 from geta_fx.pipeline import PassResult
 
 logger = logging.getLogger(__name__)
@@ -69,10 +71,34 @@ def _weight_permutes() -> dict[Any, str]:
 _WEIGHT_PERMUTES = _weight_permutes()
 
 
-def _is_quantizer_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
-    if node.op != "call_module":
-        return False
-    return bool(getattr(gm.get_submodule(str(node.target)), "is_geta_quantizer", False))
+def _is_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A quantizer module call, or a bare ``geta::quantize`` (Q(0) = 0: transparent)."""
+    return quantizer_module(gm, node) is not None or (
+        node.op == "call_function" and is_geta_op(node.target, "quantize"))
+
+
+#: Deployment ops whose weights are packed integer levels (geta_fx.deploy.lower).
+_LOWBIT_OPS = ("lowbit_linear", "unpack_weight")
+
+
+def _reject_lowered(gm: torch.fx.GraphModule) -> None:
+    """A lowered model's weights are packed (or frozen) buffers: nothing left to train or
+    prune, so say so instead of returning groups no parameter can move."""
+    found = next(((n, f"packed low-bit weights (geta::{n.target.__name__.split('.')[0]})")
+                  for n in gm.graph.nodes if n.op == "call_function"
+                  and is_geta_op(n.target, *_LOWBIT_OPS)), None) or next(
+        ((n, "weights frozen by geta_fx.lower") for n in gm.graph.nodes
+         if n.op == "get_attr" and str(n.target).startswith(f"{LOWBIT_HOLDER}.")), None)
+    if found is None:
+        return
+    node, what = found
+    held = str(node.target) if node.op == "get_attr" else next(
+        (str(a.target) for a in node.all_input_nodes if a.op == "get_attr"), "?")
+    raise NodeError(node, f"the model computes with {what} reading {held!r}, which cannot "
+                          "be trained or pruned again. Transform the model from before "
+                          "lowering instead: gm.compress() without lower=True (or the model "
+                          "compress(lower=True) was called on); lower the result of the new "
+                          "round with geta_fx.lower")
 
 
 class _Analyzer:
@@ -142,7 +168,7 @@ class _Analyzer:
             val = tensor_val(x)
             nd = val.dim() if val is not None else 0
             cur = perm if perm is not None else list(range(nd))
-            if _is_quantizer_module(self.gm, x) or x.target in _WEIGHT_TRANSPARENT or (
+            if _is_quantizer(self.gm, x) or x.target in _WEIGHT_TRANSPARENT or (
                     x.target is aten.expand.default and tensor_val(x.args[0]) is not None
                     and tensor_val(x.args[0]).dim() == nd):
                 x = x.args[0]
@@ -231,7 +257,7 @@ class _Analyzer:
                         if isinstance(part, Label):
                             self.pin(part, node, "reaches a graph output")
                 continue
-            if node.op == "call_module" and _is_quantizer_module(self.gm, node):
+            if _is_quantizer(self.gm, node):
                 lab = self.label(node.args[0])  # Q(0) = 0: transparent pass-through
                 if lab is not None:
                     self.labels[node] = lab
@@ -271,16 +297,59 @@ class DependencyGroups:
     invalidates: ClassVar[frozenset[str]] = frozenset()
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        _reject_lowered(gm)
         an = _Analyzer(gm)
         an.run()
         groups, analysis, node_groups = _build_groups(an)
         gm.meta[meta.GROUPS] = groups
+        gm.meta[meta.UNGROUPED] = _ungrouped(gm, groups)
         gm.meta[meta.CHANNELS] = analysis
         for node in gm.graph.nodes:
             node.meta.pop(meta.GROUP, None)
             if node.name in node_groups:
                 node.meta[meta.GROUP] = node_groups[node.name]
         return PassResult(gm, False)
+
+
+def _ungrouped(gm: torch.fx.GraphModule, groups: tuple[meta.PruneGroup, ...]
+               ) -> tuple[meta.ParamNote, ...]:
+    """A reason for every trainable parameter (quantizers' own excepted) in no group."""
+    grouped = {m.fqn for g in groups for m in g.members}
+    quant = {name for name, m in gm.named_modules() if getattr(m, "is_geta_quantizer", False)}
+    hop = {}
+    for use in branch_uses(gm):
+        hop.setdefault(use.fqn, []).append(use.describe())
+    readers: dict[str, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            readers.setdefault(str(node.target), []).extend(_op_name(u) for u in node.users)
+    aliases: dict[int, list[str]] = {}  # a tied parameter is read under any of its names
+    params: dict[int, torch.nn.Parameter] = {}
+    for fqn, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(fqn)
+        params[id(p)] = p
+    notes = []
+    for key, names in aliases.items():
+        fqn = next((n for n in names if readers.get(n)), names[0])
+        if not params[key].requires_grad or grouped.intersection(names) or \
+                fqn.rsplit(".", 1)[0] in quant:
+            continue
+        if fqn in hop:
+            reason = "; ".join(hop[fqn]) + "; not analysed"
+        elif not readers.get(fqn):
+            reason = "not read by the graph"
+        else:
+            ops = ", ".join(sorted(set(readers[fqn])))
+            reason = f"read only by {ops}, which carry no channel of any layer"
+        notes.append(meta.ParamNote(fqn, reason))
+    hop_notes = [n for n in notes if n.fqn in hop]
+    if hop_notes:
+        logger.warning("dependency_groups: %d parameter(s) are in no prune group: %s",
+                       len(hop_notes), "; ".join(f"{n.fqn} ({n.reason})" for n in hop_notes))
+    if len(notes) > len(hop_notes):
+        logger.info("dependency_groups: parameters in no prune group: %s",
+                    "; ".join(f"{n.fqn} ({n.reason})" for n in notes if n.fqn not in hop))
+    return tuple(notes)
 
 
 def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.ChannelAnalysis,

@@ -16,6 +16,7 @@ transparent, Q(0) = 0).  ``modified`` is True iff a quantizer was inserted.
 from __future__ import annotations
 
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -26,9 +27,12 @@ from torch import nn
 
 from geta_fx.errors import InputError
 from geta_fx.ir import meta
+from geta_fx.ir.branches import branch_uses
+from geta_fx.ir.ops_table import quantizer_module
 from geta_fx.ir.query import get_attr_tensor, tensor_val
 from geta_fx.pipeline import PassResult
 
+logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 #: layer op -> index of its weight argument.
@@ -158,25 +162,12 @@ class InsertQuantizers:
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         from geta_fx.quantizer import Quantizer  # NOTE: lazy; it loads the op kernels
 
-        layers = []
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in QUANT_LAYERS:
-                continue
-            w = node.args[QUANT_LAYERS[node.target]] if len(node.args) > QUANT_LAYERS[
-                node.target] else None
-            attr = _weight_attr(gm, w)
-            if attr is None:
-                continue
-            if self.policy.wants(_op_name(node.target), str(attr.target)):
-                layers.append((node, attr))
-        if not self.policy.quantize_first and layers:
-            layers = layers[1:]
-        if not self.policy.quantize_last and layers:
-            layers = layers[:-1]
+        layers, kept, notes = self._select(gm)
         weight_q: dict[str, torch.fx.Node] = {}
+        inserted = False
         for node, attr in layers:
             fqn = str(attr.target)
-            qnode = weight_q.get(fqn)
+            qnode = weight_q.get(fqn) or kept.get(fqn)
             if qnode is None:
                 w = get_attr_tensor(gm, fqn)
                 qid = _safe(fqn)
@@ -186,16 +177,61 @@ class InsertQuantizers:
                 q.param_fqn = fqn  # type: ignore[attr-defined]
                 qnode = new_quant_node(gm, node, attr, q, qid, "weight", fqn)
                 weight_q[fqn] = qnode
-            node.replace_input_with(attr, qnode)
+                inserted = True
+            if qnode is not _weight_arg(node):
+                node.replace_input_with(attr, qnode)
             if self.mode == "weight_act" and not node.target is aten.embedding.default:
-                self._quantize_input(gm, node, fqn)
-        return PassResult(gm, bool(layers))
+                inserted |= self._quantize_input(gm, node, fqn)
+        if kept:
+            logger.info("insert_quantizers: kept %d quantizer(s) the model already has (no "
+                        "second quantizer on the same weight): %s", len(kept),
+                        ", ".join(sorted(kept)))
+        _record_unquantized(gm, notes)
+        return PassResult(gm, inserted)
 
-    def _quantize_input(self, gm: torch.fx.GraphModule, node: torch.fx.Node, fqn: str) -> None:
+    def _select(self, gm: torch.fx.GraphModule) -> tuple[
+            list[tuple[torch.fx.Node, torch.fx.Node]], dict[str, torch.fx.Node],
+            list[meta.ParamNote]]:
+        """(layer, weight get_attr) pairs to quantize, the weights' existing quantizer
+        nodes, and a note per weight the policy leaves float."""
+        layers: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+        kept: dict[str, torch.fx.Node] = {}
+        notes: list[meta.ParamNote] = []
+        for node in gm.graph.nodes:
+            if node.op != "call_function" or node.target not in QUANT_LAYERS:
+                continue
+            w = _weight_arg(node)
+            attr = _weight_attr(gm, w)
+            existing = None
+            if attr is None and quantizer_module(gm, w) is not None:
+                existing, attr = w, _weight_attr(gm, w.args[0])  # type: ignore[union-attr]
+            if attr is None:
+                continue
+            fqn = str(attr.target)
+            if existing is not None:
+                kept.setdefault(fqn, existing)
+                layers.append((node, attr))
+            elif self.policy.wants(_op_name(node.target), fqn):
+                layers.append((node, attr))
+            else:
+                notes.append(meta.ParamNote(fqn, f"left float by the policy ("
+                                                 f"{_op_name(node.target)} at {node.name})"))
+        for pos, keep in ((0, self.policy.quantize_first), (-1, self.policy.quantize_last)):
+            if not keep and layers and str(layers[pos][1].target) not in kept:
+                node, attr = layers.pop(pos)
+                which = "first" if pos == 0 else "last"
+                notes.append(meta.ParamNote(str(attr.target), f"left float by the policy "
+                                            f"(quantize_{which}=False: {node.name})"))
+        notes += _branch_notes(gm)
+        return layers, kept, notes
+
+    def _quantize_input(self, gm: torch.fx.GraphModule, node: torch.fx.Node, fqn: str) -> bool:
         x = node.args[DATA_ARG[node.target]]
         val = tensor_val(x)
         if not isinstance(x, torch.fx.Node) or val is None or not val.is_floating_point():
-            return
+            return False
+        if quantizer_module(gm, x) is not None:  # already quantized (a second round)
+            return False
         qid = _safe(fqn.rsplit(".", 1)[0] or fqn) + "_input"
         from geta_fx.quantizer import Quantizer
 
@@ -205,3 +241,34 @@ class InsertQuantizers:
             q.to(val.device)
         qnode = new_quant_node(gm, node, x, q, qid, "act", None)
         node.replace_input_with(x, qnode)
+        return True
+
+
+def _weight_arg(node: torch.fx.Node) -> Any:
+    i = QUANT_LAYERS[node.target]
+    return node.args[i] if len(node.args) > i else None
+
+
+def _branch_notes(gm: torch.fx.GraphModule) -> list[meta.ParamNote]:
+    """Layer weights inside higher-order-op branches: left float, each with the reason."""
+    notes = []
+    for use in branch_uses(gm):
+        as_weight = any(ph is None or any(u.op == "call_function" and u.target in QUANT_LAYERS
+                                          and _weight_arg(u) is ph for u in ph.users)
+                        for ph in use.inputs)
+        if as_weight:  # a layer's weight there (or the branch mapping is unknown)
+            notes.append(meta.ParamNote(use.fqn, f"{use.describe()}; quantizers are not "
+                                                 "inserted inside higher-order-op branches"))
+    return notes
+
+
+def _record_unquantized(gm: torch.fx.GraphModule, notes: list[meta.ParamNote]) -> None:
+    notes = list({n.fqn: n for n in notes}.values())
+    gm.meta[meta.UNQUANTIZED] = tuple(notes)
+    branch = [n for n in notes if "higher-order" in n.reason]
+    if branch:
+        logger.warning("insert_quantizers: %d weight(s) left unquantized: %s", len(branch),
+                       "; ".join(f"{n.fqn} ({n.reason})" for n in branch))
+    if len(notes) > len(branch):
+        logger.info("insert_quantizers: weights left float: %s",
+                    "; ".join(f"{n.fqn} ({n.reason})" for n in notes if n not in branch))

@@ -20,6 +20,8 @@ GROUPS = "geta.groups"          # gm.meta: tuple[PruneGroup, ...]
 CHANNELS = "geta.channels"      # gm.meta: ChannelAnalysis (dependency_groups' full result)
 LOG = "geta.log"                # gm.meta: list[PassRecord]
 FACTS = "geta.facts"            # gm.meta: frozenset[str] of established facts
+UNGROUPED = "geta.ungrouped"    # gm.meta: tuple[ParamNote, ...] trainable params in no group
+UNQUANTIZED = "geta.unquantized"  # gm.meta: tuple[ParamNote, ...] weights left float, and why
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ class QuantizerInfo:
 
 
 @dataclass(frozen=True)
+class ParamNote:
+    """Why parameter ``fqn`` is in no prune group / has no quantizer."""
+
+    fqn: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class PassRecord:
     name: str
     modified: bool
@@ -115,6 +125,14 @@ def replace(obj: Any, **changes: Any) -> Any:
 
 def get_groups(gm: torch.fx.GraphModule) -> tuple[PruneGroup, ...]:
     return gm.meta.get(GROUPS, ())
+
+
+def get_ungrouped(gm: torch.fx.GraphModule) -> tuple[ParamNote, ...]:
+    return gm.meta.get(UNGROUPED, ())
+
+
+def get_unquantized(gm: torch.fx.GraphModule) -> tuple[ParamNote, ...]:
+    return gm.meta.get(UNQUANTIZED, ())
 
 
 def log(gm: torch.fx.GraphModule) -> list[PassRecord]:

@@ -906,3 +906,22 @@ for _name in ("sym_constrain_range_for_size", "sym_constrain_range", "_assert_as
     _pk = getattr(aten, _name, None)
     if _pk is not None:
         IGNORED |= {getattr(_pk, o) for o in _pk.overloads()}
+
+
+# --------------------------------------------------------------------------- geta's own
+
+
+def is_geta_op(target: Any, *names: str) -> bool:
+    """``target`` is one of the ``geta::<name>`` ops (checked without importing geta_fx.ops,
+    which loads the kernels)."""
+    return getattr(target, "namespace", None) == "geta" and \
+        str(getattr(target, "__name__", "")).split(".")[0] in names
+
+
+def quantizer_module(gm: torch.fx.GraphModule, x: Any) -> torch.nn.Module | None:
+    """The geta quantizer module ``x`` calls, if ``x`` is such a ``call_module`` node."""
+    if isinstance(x, torch.fx.Node) and x.op == "call_module":
+        mod = gm.get_submodule(str(x.target))
+        if getattr(mod, "is_geta_quantizer", False):
+            return mod
+    return None
