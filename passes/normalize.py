@@ -4,11 +4,13 @@
   (``_assert_tensor_metadata``, ``_assert_scalar``, ``sym_constrain_range*``);
 * re-folds geta quantizers: re-exporting a quantized model (a second ``transform`` of a
   ``compress()``-ed GetaModule) traces each :class:`~geta_fx.quantizer.Quantizer` into
-  ``geta::quantize(x, exp(P.log_d), clamp_min(abs(P.q_m), Q_M_MIN), P.t, signed)`` over a
-  plain module ``P`` holding the three parameters.  That pattern becomes a
-  ``call_module`` quantizer node again (``P`` a Quantizer owning the *same* parameters,
-  so the learned bit width is kept and the numerics are unchanged), with
-  ``geta.quantizer`` metadata, so later passes see the quantizers as if inserted here;
+  ``geta::quantize(x, f(P.log_d), g(P.log_q_m), P.t, signed)`` (``f``, ``g``: short chains
+  of unary ops such as ``exp``, ``clamp_min``) over a plain module ``P`` holding exactly a
+  Quantizer's parameters.  When a Quantizer owning *those same* parameters reproduces the
+  three operands bit for bit (checked by replaying the chains), the call becomes a
+  ``call_module`` quantizer node again: learned bit width kept, numerics unchanged, with
+  ``geta.quantizer`` metadata, so later passes see it as if inserted here.  Anything
+  else stays a bare ``geta::quantize`` (dependency_groups treats it as transparent);
 * removes dead pure nodes (no users, no side effects) and the ``get_attr`` nodes a
   re-fold left unused.
 
@@ -35,9 +37,6 @@ from geta_fx.pipeline import PassResult
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-#: The three learnable tensors of a traced Quantizer, and how each reaches geta::quantize.
-_QUANT_OPERANDS = {1: ("log_d", aten.exp.default), 2: ("q_m", aten.clamp_min.default),
-                   3: ("t", None)}
 
 
 def _assert_targets() -> set:
@@ -78,49 +77,56 @@ def _mutates(node: torch.fx.Node) -> bool:
 
 
 # ------------------------------------------------------------------ quantizer re-folding
-def _operand_attr(arg: Any, leaf: str, via: Any) -> torch.fx.Node | None:
-    """The ``get_attr`` of ``<owner>.<leaf>`` that ``arg`` computes from, or None."""
-    if via is aten.exp.default:  # d = exp(log_d)
-        if not (isinstance(arg, torch.fx.Node) and arg.target is via):
-            return None
-        arg = arg.args[0]
-    elif via is aten.clamp_min.default:  # max(|q_m|, Q_M_MIN)
-        if not (isinstance(arg, torch.fx.Node) and arg.target is via
-                and isinstance(arg.args[0], torch.fx.Node)
-                and arg.args[0].target is aten.abs.default):
-            return None
-        from geta_fx.quantizer import Q_M_MIN
+#: geta::quantize(x, d, q_m, t, signed): operands 1..3 come from the Quantizer's parameters.
+_OPERANDS = (1, 2, 3)
+#: At most this many unary ops between a quantizer parameter and the op (exp, abs, clamp).
+_MAX_CHAIN = 4
 
-        if float(arg.args[1]) != Q_M_MIN:
+
+def _chain(arg: Any) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """(get_attr, the unary ops from it to ``arg`` in order) if ``arg`` is such a chain."""
+    chain: list[torch.fx.Node] = []
+    while isinstance(arg, torch.fx.Node) and arg.op == "call_function":
+        if len(chain) == _MAX_CHAIN or arg.all_input_nodes != [arg.args[0]]:
             return None
-        arg = arg.args[0].args[0]
-    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and \
-            str(arg.target).rsplit(".", 1)[-1] == leaf:
-        return arg
+        chain.append(arg)
+        arg = arg.args[0]
+    if isinstance(arg, torch.fx.Node) and arg.op == "get_attr":
+        return arg, chain[::-1]
     return None
 
 
-def _traced_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node
-                      ) -> tuple[str, list[torch.fx.Node]] | None:
-    """(owner path, its three get_attrs) if ``node`` is a traced Quantizer's quantize call."""
+def _replay(t: torch.Tensor, chain: list[torch.fx.Node]) -> torch.Tensor:
+    for n in chain:
+        t = n.target(t, *n.args[1:], **n.kwargs)  # type: ignore[operator]
+    return t
+
+
+def _candidate(gm: torch.fx.GraphModule, node: torch.fx.Node
+               ) -> tuple[str, nn.Module, list[tuple[torch.fx.Node, list[torch.fx.Node]]]] | None:
+    """(owner path, Quantizer, operand chains) when ``node`` is a traced Quantizer's
+    ``geta::quantize`` whose operands the Quantizer reproduces bit for bit."""
     if node.op != "call_function" or not is_geta_op(node.target, "quantize") or \
-            len(node.args) != 5 or node.kwargs:
+            len(node.args) != 5 or node.kwargs or not isinstance(node.args[4], bool):
         return None
-    attrs = [_operand_attr(node.args[i], leaf, via) for i, (leaf, via) in
-             _QUANT_OPERANDS.items()]
-    if any(a is None for a in attrs):
+    chains = [_chain(node.args[i]) for i in _OPERANDS]
+    if any(c is None for c in chains):
         return None
-    owners = {str(a.target).rsplit(".", 1)[0] for a in attrs if a is not None}
-    if len(owners) != 1 or "." not in str(attrs[0].target):  # type: ignore[union-attr]
+    targets = [str(c[0].target) for c in chains if c is not None]
+    owners = {t.rpartition(".")[0] for t in targets}
+    if len(owners) != 1 or not next(iter(owners)):
         return None
     owner_path = owners.pop()
-    owner = gm.get_submodule(owner_path)
-    if getattr(owner, "is_geta_quantizer", False):
-        return owner_path, attrs  # type: ignore[return-value]
-    names = {n for n, _ in owner.named_parameters(recurse=False)}
-    if names != {"log_d", "q_m", "t"} or any(True for _ in owner.children()):
+    q = _as_quantizer(gm, owner_path, node)
+    if q is None:
         return None
-    return owner_path, attrs  # type: ignore[return-value]
+    with torch.no_grad():
+        want = (q.d, q.effective_q_m(), q.t)
+        got = [_replay(get_attr_tensor(gm, t), c[1]) for t, c in zip(targets, chains)
+               if c is not None]
+        if not all(torch.equal(a, b) for a, b in zip(want, got, strict=True)):
+            return None
+    return owner_path, q, chains  # type: ignore[return-value]
 
 
 def _is_param_attr(gm: torch.fx.GraphModule, x: Any) -> bool:
@@ -128,8 +134,10 @@ def _is_param_attr(gm: torch.fx.GraphModule, x: Any) -> bool:
         isinstance(get_attr_tensor(gm, str(x.target)), nn.Parameter)
 
 
-def _rebuild(gm: torch.fx.GraphModule, owner_path: str, node: torch.fx.Node) -> nn.Module:
-    """A Quantizer at ``owner_path`` owning the traced module's own parameters."""
+def _as_quantizer(gm: torch.fx.GraphModule, owner_path: str,
+                  node: torch.fx.Node) -> nn.Module | None:
+    """A Quantizer owning the parameters of the module at ``owner_path`` (not installed),
+    or None when that module does not hold exactly a Quantizer's parameters."""
     from geta_fx.quantizer import Quantizer
 
     owner = gm.get_submodule(owner_path)
@@ -137,15 +145,18 @@ def _rebuild(gm: torch.fx.GraphModule, owner_path: str, node: torch.fx.Node) -> 
         return owner
     x, signed = node.args[0], bool(node.args[4])
     weight = _is_param_attr(gm, x)
-    qid = owner_path.removeprefix("geta_quant.")
     q = Quantizer("weight" if weight else "act", signed=signed,
-                  name=str(x.target) if weight else qid)  # type: ignore[union-attr]
-    for leaf in ("log_d", "q_m", "t"):  # the same Parameter objects: values, grads, identity
-        q.register_parameter(leaf, getattr(owner, leaf))
+                  name=str(x.target) if weight else owner_path.removeprefix("geta_quant."))
+    own = dict(owner.named_parameters(recurse=False))
+    fresh = dict(q.named_parameters())
+    if set(own) != set(fresh) or any(True for _ in owner.children()) or any(
+            own[k].shape != v.shape for k, v in fresh.items()):
+        return None
+    for leaf, p in own.items():  # the same Parameter objects: values, grads, identity
+        q.register_parameter(leaf, p)
     if weight:
         q.param_fqn = str(x.target)  # type: ignore[attr-defined,union-attr]
     q.refolded = True  # type: ignore[attr-defined]  # learned, not fresh: see keep_refolded
-    gm.set_submodule(owner_path, q)
     return q
 
 
@@ -172,11 +183,12 @@ def _refold_quantizers(gm: torch.fx.GraphModule) -> bool:
     """Re-fold every traced Quantizer into a ``call_module`` quantizer node; True if any."""
     folded: list[str] = []
     for node in list(gm.graph.nodes):
-        found = _traced_quantizer(gm, node)
+        found = _candidate(gm, node)
         if found is None:
             continue
-        owner_path, attrs = found
-        q = _rebuild(gm, owner_path, node)
+        owner_path, q, chains = found
+        if gm.get_submodule(owner_path) is not q:
+            gm.set_submodule(owner_path, q)
         with gm.graph.inserting_before(node):
             qnode = gm.graph.call_module(owner_path, (node.args[0],))
         qnode.meta.update({k: v for k, v in node.meta.items() if k != meta.QUANTIZER})
@@ -185,27 +197,12 @@ def _refold_quantizers(gm: torch.fx.GraphModule) -> bool:
             qid=owner_path.removeprefix("geta_quant."), target=q.kind, param_fqn=param_fqn)
         node.replace_all_uses_with(qnode)
         gm.graph.erase_node(node)
-        for a in attrs:
-            _erase_dead_chain(gm, a)
+        for attr, ops in chains:
+            for n in [*ops[::-1], attr]:  # the operand chains, now unused
+                if not n.users:
+                    gm.graph.erase_node(n)
         folded.append(owner_path)
     if folded:
         logger.info("normalize: re-folded %d traced geta quantizer(s) into quantizer modules "
                     "(bit widths kept): %s", len(folded), ", ".join(folded))
     return bool(folded)
-
-
-def _erase_dead_chain(gm: torch.fx.GraphModule, attr: torch.fx.Node) -> None:
-    """Erase the now-unused exp/abs/clamp_min nodes above ``attr``'s users, then ``attr``."""
-    changed = True
-    while changed:
-        changed = False
-        for user in list(attr.users):
-            chain = [user]
-            while chain[-1].users and len(chain[-1].users) == 1:
-                chain.append(next(iter(chain[-1].users)))
-            if not chain[-1].users and all(n.op == "call_function" for n in chain):
-                for n in reversed(chain):
-                    gm.graph.erase_node(n)
-                changed = True
-    if not attr.users:
-        gm.graph.erase_node(attr)
