@@ -221,3 +221,23 @@ def test_per_head_attention_bias_keeps_heads_prunable(table: bool) -> None:
     if table:
         assert slim.rel.weight.shape == (7, 2)
     torch.testing.assert_close(slim(x), gm(x), atol=1e-6, rtol=1e-5)
+
+
+def test_parameters_in_no_group_each_get_a_reason() -> None:
+    class ScaledByCumsum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+            self.scale = nn.Parameter(torch.ones(6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(x) * self.scale.cumsum(0))
+
+    gm = geta_fx.transform(ScaledByCumsum(), (torch.randn(3, 4),))
+    grouped = {s.fqn for g in gm.groups for s in g.members}
+    assert {"fc.weight", "out.weight"} <= grouped
+    assert [(n.fqn, n.reason) for n in meta.get_ungrouped(gm.graph_module)] == [
+        ("scale", "read only by cumsum.default, which carry no channel of any layer")]
+    plain = geta_fx.transform(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
+                              (torch.randn(3, 4),))
+    assert meta.get_ungrouped(plain.graph_module) == ()

@@ -101,3 +101,30 @@ def test_diverged_quantizer_is_reported_by_name() -> None:
         q.log_q_m.fill_(-1e4)  # q_m = exp(log_q_m) > 0 by construction; this underflows
     with pytest.raises(geta_fx.QuantizerError, match="q_m"):
         gm.validate()
+
+
+def test_second_run_keeps_existing_quantizers_and_adds_only_missing_act_ones() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    gm = geta_fx.transform(ConvNet(), (x,), quantize="weight")
+    g = gm.graph_module
+    names = sorted(gm.quantizers)
+    assert InsertQuantizers(mode="weight")(g).modified is False  # no second weight quantizer
+    assert sorted(gm.quantizers) == names
+    assert InsertQuantizers(mode="weight_act")(g).modified is True
+    kinds = sorted(q.kind for q in gm.quantizers.values())
+    assert kinds == ["act", "act", "weight", "weight"]
+    assert len(_quant_nodes(g)) == 4  # each weight read through exactly one quantizer
+    assert InsertQuantizers(mode="weight_act")(g).modified is False
+
+
+def test_weights_left_float_are_recorded_with_the_reason() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    gm = geta_fx.transform(ConvNet(), (x,), quantize="weight",
+                           policy=QuantPolicy(skip=("fc.*",)))
+    assert [(n.fqn, n.reason) for n in meta.get_unquantized(gm.graph_module)] == [
+        ("fc.weight", "left float by the policy (linear.default at linear)")]
+    gm = geta_fx.transform(ConvNet(), (x,), quantize="weight", quantize_first=False)
+    (note,) = meta.get_unquantized(gm.graph_module)
+    assert note.fqn == "conv.weight" and "quantize_first=False" in note.reason
+    gm = geta_fx.transform(ConvNet(), (x,), quantize="weight")
+    assert meta.get_unquantized(gm.graph_module) == ()

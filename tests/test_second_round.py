@@ -225,3 +225,21 @@ def test_plain_model_has_no_ungrouped_parameters() -> None:
     gm = geta_fx.transform(Net().eval(), X, quantize="weight")
     assert meta.get_ungrouped(gm.graph_module) == ()
     assert meta.get_unquantized(gm.graph_module) == ()
+
+
+def test_second_round_trains_with_qasso_and_compresses_again() -> None:
+    from geta_fx.optim import QASSO
+
+    again = geta_fx.transform(_slim("weight"), X, quantize="weight")
+    opt = QASSO(again, variant="adam", lr=1e-2, lr_quant=1e-2, target_sparsity=0.3,
+                bit_range=(4, 8), start_pruning_step=1, pruning_steps=2)
+    log_d = {n: float(q.log_d) for n, q in again.quantizers.items()}
+    for _ in range(4):
+        opt.zero_grad()
+        again(X).square().mean().backward()
+        opt.step()
+    assert any(float(q.log_d) != log_d[n] for n, q in again.quantizers.items())
+    third = again.compress()
+    torch.testing.assert_close(third(X), again(X))
+    assert sum(p.numel() for p in third.parameters()) < sum(
+        p.numel() for p in again.parameters())
