@@ -58,7 +58,8 @@ def _layer_rows(slim: torch.fx.GraphModule, reference: Any, example_inputs: Any
         logger.warning("geta_fx.lower: no per-layer report (%s: %s)", type(e).__name__, e)
         return [], {"report_error": f"{type(e).__name__}: {e}"}
     rows = [dataclasses.asdict(r) for r in rep.layers]
-    totals = {"params": rep.params, "macs": rep.macs, "bops": rep.bops,
+    totals = {"params": rep.params, "param_bytes": rep.param_bytes,
+              "avg_weight_bits": rep.avg_weight_bits, "macs": rep.macs, "bops": rep.bops,
               "fp32_macs": rep.fp32_macs, "fp32_bops": rep.fp32_bops,
               "relative_bops": rep.relative_bops, "group_sparsity": rep.group_sparsity,
               "reference": rep.reference, "batch": rep.batch, "shapes_from": rep.shapes_from}

@@ -1,4 +1,4 @@
-"""``geta_fx.report``: what a (transformed or slim) model costs.
+"""``geta_fx.report``: what a (transformed, slim, lowered or loaded) model costs.
 
 Counts, per compute layer of the ATen graph and in total (GETA_SPEC §E, with the reference's
 metric defects of §G.2 #3 and #15 fixed):
@@ -19,7 +19,16 @@ metric defects of §G.2 #3 and #15 fixed):
 The FP32 reference is the same graph at 32 x 32 bits unless ``reference=`` names another model
 (e.g. ``report(gm.compress(), reference=gm)``: the slim model vs the unpruned FP32 model).
 The reference is read, never modified (the reference GETA prunes in place and then reports
-"full" numbers that equal the compressed ones, §E).
+"full" numbers that equal the compressed ones, §E).  A slim graph knows its dense origin without
+``reference=``: ``GetaModule.compress`` records it (:func:`dense_origin`, ``meta["geta.dense"]``)
+and ``geta_fx.lower``/``save``/``load`` carry it, with the lowering records, into the artifact.
+
+So a slim model, the lowered model (packed weights, ``geta`` low-bit ops) and the loaded artifact
+of the same network report the same parameters (a packed weight counts its logical elements),
+``param_bytes``, bits per layer and on average, MACs/BOPs (also vs the dense FP32 model) and
+channels kept/total; the cost model behind them is :mod:`geta_fx.ir.cost`.  What differs is
+honest: node names and ops (``lowbit_linear`` for ``linear``), and the quantizer scalars (a
+slim model's quantizers learn ``d``, ``q_m`` and ``t``; a lowered weight keeps only its step).
 
 Symbolic (dynamic) sizes take the example inputs' sizes when ``example_inputs`` is given, else
 the sizes of the inputs the graph was captured with (the symbols' hints).
@@ -490,7 +499,7 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         avg_weight_bits=st.bits / st.params if st.params else None,
         group_sparsity=sparsity, zero_units=zero_units, prunable_units=prunable_units,
         sparsity_from=sparsity_from, layers=rows, groups=group_rows or [],
-        quantizers=_quant_rows(gm), notes=notes)
+        quantizers=_quant_rows(gm, stored), notes=notes)
 
 
 def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
@@ -517,7 +526,10 @@ def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
         macs=lay.macs + lay.extra_macs, w_bits=w_bits, a_bits=a_bits, bops=layer_bops)
 
 
-def _quant_rows(gm: torch.fx.GraphModule) -> list[QuantRow]:
+def _quant_rows(gm: torch.fx.GraphModule, stored: dict[str, cost.StoredWeight]
+                ) -> list[QuantRow]:
+    """Quantizer modules; in a lowered graph, the quantizers its lowered weights and frozen
+    ``geta::quantize`` calls stand for (named by their ``geta_lowbit`` holder)."""
     consumers: dict[str, list[str]] = {}
     for node in gm.graph.nodes:
         if cost.quantizer_module(gm, node) is not None:
@@ -527,6 +539,16 @@ def _quant_rows(gm: torch.fx.GraphModule) -> list[QuantRow]:
         bits = quantizer_bits(q)
         target = getattr(q, "param_fqn", None) or ", ".join(consumers.get(name, [])) or None
         rows.append(QuantRow(name, str(getattr(q, "kind", "?")), target, bits, int(round(bits))))
+    for s in stored.values():
+        if s.learned_bits is not None:
+            rows.append(QuantRow(s.path.rpartition(".")[0], "weight", s.param, s.learned_bits,
+                                 s.bits))
+    for node in gm.graph.nodes:
+        act_bits = cost.frozen_quantize_bits(gm, node)
+        if act_bits is not None:
+            holder = str(node.args[1].target).rpartition(".")[0]  # type: ignore[union-attr]
+            rows.append(QuantRow(holder, "act", ", ".join(u.name for u in node.users) or None,
+                                 act_bits, int(round(act_bits))))
     return rows
 
 
@@ -536,9 +558,10 @@ def _notes(layers: list[cost.Layer], st: cost.Storage, macs_a: int) -> list[str]
         notes.append("activation x activation matmuls (attention) are counted in MACs/BOPs "
                      f"at {FP_BITS} bits unless their inputs are quantized")
     if st.unlearned:
-        notes.append(f"{len(st.unlearned)} packed weight(s) without a lowering record "
-                     f"(meta[{cost.LOWBIT!r}]): their bits are the packed storage bits, which "
-                     f"may exceed the learned bit width ({', '.join(st.unlearned)})")
+        notes.append(f"{len(st.unlearned)} lowered weight(s) without a lowering record "
+                     f"(meta[{cost.LOWBIT!r}]): their bits are the storage bits (packed bits "
+                     "may exceed the learned bit width by one; a frozen float weight counts at "
+                     f"its dtype width): {', '.join(st.unlearned)}")
     if not layers:
         notes.append("no compute layer with known shapes: MACs and BOPs are 0 (the graph has "
                      "no ATen conv/linear/matmul/attention nodes with meta['val']; capture "

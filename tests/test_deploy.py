@@ -311,3 +311,37 @@ def test_module_lowbit_constants() -> None:
     assert (lowbit.MIN_BITS, lowbit.MAX_BITS) == (2, 8)
     assert lowbit.bits_for_level(7, True) == 4 and lowbit.bits_for_level(8, True) == 5
     assert lowbit.bits_for_level(7, False) == 3 and lowbit.bits_for_level(0, True) == 2
+
+
+def test_artifact_carries_what_report_reads(tmp_path: Path) -> None:
+    """The dense origin (``meta["geta.dense"]``) and the lowering records (``meta["geta.lowbit"]``)
+    go from the slim graph through lower and save into geta_fx.json, and load restores them."""
+    from geta_fx.passes.lower_quant import LOWBIT
+    from geta_fx.report import DENSE, dense_origin
+
+    gm, x = _trained_like("weight")
+    slim = gm.compress()
+    assert slim.meta[DENSE] == dense_origin(gm)
+    assert slim.meta[DENSE]["channels"]["conv.weight"] == 12
+    low = deploy.lower(slim)  # no reference=: the slim graph's own record
+    md = low.meta[deploy.META_KEY]
+    assert md["dense"] == slim.meta[DENSE] == low.meta[DENSE]
+    assert md["totals"]["params"] == geta_fx.report(slim).params
+    deploy.save(low, tmp_path / "m.pt2")
+    assert deploy.load_metadata(tmp_path / "m.pt2")["dense"] == md["dense"]
+    m = deploy.load(tmp_path / "m.pt2")
+    assert m.meta[DENSE] == md["dense"]
+    assert [w["param"] for w in m.meta[LOWBIT]] == [w.param for w in low.meta[LOWBIT]] == [
+        "conv.weight", "fc1.weight", "fc2.weight"]
+    # reference= (here at another batch size) replaces the slim graph's record
+    x5 = torch.randn(5, 3, 8, 8)
+    low5 = deploy.lower(slim, reference=gm, example_inputs=(x5,))
+    assert low5.meta[DENSE]["input_sizes"] == [[5, 3, 8, 8]]
+    assert low5.meta[deploy.META_KEY]["totals"]["fp32_macs"] == geta_fx.report(gm, (x5,)).macs
+    # a slim graph saved as it is still records its dense origin
+    deploy.save(slim, tmp_path / "slim.pt2", lower_first=False)
+    assert deploy.load_metadata(tmp_path / "slim.pt2")["dense"] == slim.meta[DENSE]
+    # an artifact from before the record (no "dense"): loads, reports against itself
+    plain = deploy.load(tmp_path / "m.pt2")
+    plain.meta.pop(DENSE)
+    assert geta_fx.report(plain).group_sparsity is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -212,3 +213,147 @@ def test_public_name_is_the_function() -> None:
     assert geta_fx.report(gm).macs == module.report(gm).macs == CONV_MACS + FC_MACS
     assert geta_fx.report(gm).macs == CONV_MACS + FC_MACS          # second use too
     assert geta_fx.Report is Report
+
+
+# ------------------------------------------ slim, lowered and loaded models report the same
+class ConvBNNet(nn.Module):
+    """x[2,3,8,8] -> conv(3->8)+bn+relu -> conv(8->8, no bias)+relu -> mean -> fc(8->5)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.conv1(x)))
+        return self.fc(F.relu(self.conv2(h)).mean((2, 3)))
+
+
+def _cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    return ConvBNNet().eval(), (torch.randn(2, 3, 8, 8),), (torch.randn(5, 3, 8, 8),)
+
+
+def _gpt() -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    from zoo import GPTBlock
+
+    return (GPTBlock(d=16, heads=2, vocab=20).eval(), (torch.randint(0, 20, (2, 6)),),
+            (torch.randint(0, 20, (3, 6)),))
+
+
+#: Bits set on the weight quantizers in turn: 3.4 rounds to 3 but is stored in 4 bits, 12 is
+#: wider than a packed weight (lowered as a frozen float buffer).
+_BITS = (3.4, 4, 12, 2.6, 6)
+_COUNTS = ("params", "macs", "macs_weight_layers", "macs_act_matmuls", "bops",
+           "bops_act_matmuls", "fp32_macs", "fp32_bops", "fp32_weight_bytes", "zero_units",
+           "prunable_units", "batch", "shapes_from")
+_FLOATS = ("param_bytes", "avg_weight_bits", "relative_bops", "relative_macs",
+           "relative_param_bytes", "group_sparsity")
+_LAYER = ("kind", "module", "weight", "in_channels", "out_channels", "kept_channels",
+          "ref_channels", "params", "macs", "w_bits", "a_bits", "bops")
+
+
+def _trained(build: Any, mode: str = "weight"
+             ) -> tuple[geta_fx.GetaModule, nn.Module, tuple, tuple]:
+    torch.manual_seed(0)
+    model, x, x_other = build()
+    gm = geta_fx.transform(model, x, quantize=mode)
+    for i, q in enumerate(gm.quantizers.values()):
+        q.set_bit_width(_BITS[i % len(_BITS)])
+    for g in gm.prunable_groups():  # a third of every group's units (at least one)
+        gm.zero_units(g.id, list(range(0, g.num_units, 3)))
+    return gm.eval(), model, x, x_other
+
+
+def _slim_lowered_loaded(gm: geta_fx.GetaModule, tmp_path: Any) -> list[torch.fx.GraphModule]:
+    slim = gm.compress()
+    low = geta_fx.lower(slim)
+    geta_fx.save(low, tmp_path / "m.pt2")
+    return [slim, low, geta_fx.load(tmp_path / "m.pt2")]
+
+
+def _assert_same(a: Report, b: Report, what: str) -> None:
+    for f in _COUNTS:
+        assert getattr(a, f) == getattr(b, f), (what, f)
+    for f in _FLOATS:
+        assert getattr(b, f) == pytest.approx(getattr(a, f), rel=1e-12), (what, f)
+    def rows(rep: Report) -> list[list[tuple[str, Any]]]:
+        return [[(f, getattr(row, f)) for f in _LAYER] for row in rep.layers]
+
+    assert rows(a) == rows(b), what
+    assert sorted((q.kind, q.bits_rounded) for q in a.quantizers) == sorted(
+        (q.kind, q.bits_rounded) for q in b.quantizers), what
+    assert [q.bits for q in a.quantizers if q.kind == "weight"] == pytest.approx(
+        [q.bits for q in b.quantizers if q.kind == "weight"]), what
+
+
+@pytest.mark.parametrize(("build", "mode"), [(_cnn, "weight"), (_gpt, "weight"),
+                                             (_cnn, "weight_act")],
+                         ids=["cnn", "gpt_block", "cnn-weight_act"])
+def test_slim_lowered_loaded_report_the_same(build: Any, mode: str, tmp_path: Any) -> None:
+    gm, model, x, x_other = _trained(build, mode)
+    models = _slim_lowered_loaded(gm, tmp_path)
+    slim, low, loaded = models
+    assert not any(getattr(m, "is_geta_quantizer", False) for m in low.modules())
+    assert any(n.target is torch.ops.geta.unpack_weight.default or
+               n.target is torch.ops.geta.lowbit_linear.default for n in loaded.graph.nodes)
+    for inputs in (None, x_other):  # capture-time sizes, then another batch
+        truth = report(slim, inputs, reference=gm)   # the dense model at hand
+        reps = [report(m, inputs) for m in models]
+        for what, r in zip(("slim", "lowered", "loaded"), reps, strict=True):
+            _assert_same(truth, r, what)
+        # against the user's eager model and the slim model's own tensors
+        dense = report(model, x if inputs is None else inputs)
+        assert truth.fp32_macs == dense.macs and truth.macs < dense.macs
+        assert truth.fp32_weight_bytes == 4 * sum(p.numel() for p in model.parameters())
+    r = reps[0]
+    assert r.params == sum(p.numel() for n, p in slim.named_parameters()
+                           if not n.startswith("geta_quant"))
+    want = {q.param_fqn: round(float(q.bit_width())) for q in gm.quantizers.values()
+            if q.kind == "weight"}
+    for row in r.layers:
+        if row.weight in want:
+            assert row.w_bits == want[row.weight]
+            assert (row.a_bits == 32) == (mode == "weight")
+    ref_out = {n + ".weight": getattr(mod, "out_features", getattr(mod, "out_channels", None))
+               for n, mod in model.named_modules()}
+    assert all(row.ref_channels == ref_out[row.weight] for row in r.layers
+               if row.weight in want)
+    assert any(row.ref_channels > row.out_channels for row in r.layers if row.weight in want)
+    assert r.group_sparsity == pytest.approx(
+        sum(len(range(0, g.num_units, 3)) for g in gm.prunable_groups())
+        / sum(g.num_units for g in gm.prunable_groups()))
+    assert r.relative_bops == pytest.approx(r.bops / (dense.macs * 32 * 32))
+    # the 3.4-bit weight is stored in 4 bits, yet every form reports its learned 3 bits
+    assert any(w.bits == 4 and round(w.learned_bits) == 3 for w in low.meta["geta.lowbit"])
+    assert 3 in {row.w_bits for row in r.layers if row.weight in want}
+
+
+def test_lowered_graph_without_metadata_still_reports(tmp_path: Any) -> None:
+    """An artifact loaded with plain torch.export.load (no geta_fx.load, so no geta metadata)
+    is costed from its lowbit ops alone, and the report says what that could not know."""
+    gm, _, _, _ = _trained(_cnn)
+    slim, _, _ = _slim_lowered_loaded(gm, tmp_path)
+    bare = torch.export.load(tmp_path / "m.pt2").module()
+    assert not any(k.startswith("geta.") for k in bare.meta)
+    r, r_slim = report(bare), report(slim)
+    assert (r.params, r.macs) == (r_slim.params, r_slim.macs)  # logical elements, not bytes
+    # bits: the packed storage bits (4 where 3.4 was learned: rounded, 3) and 32 for weights
+    # that were frozen as float buffers (their learned 12 bits are not in the graph)
+    assert [row.w_bits for row in r.layers] == [4, 4, 32]
+    assert [row.w_bits for row in r_slim.layers] == [3, 4, 12]
+    assert any("without a lowering record" in n for n in r.notes)
+    assert any("no dense-origin metadata" in n for n in r.notes)
+    assert r.group_sparsity is None and r.fp32_macs == r.macs
+    assert all(row.ref_channels is None for row in r.layers)
+    # a torch.fx.symbolic_trace graph: no ATen nodes with shapes, still a report
+    traced = report(torch.fx.symbolic_trace(nn.Sequential(nn.Linear(3, 2))))
+    assert traced.params == 8 and traced.macs == 0
+    assert any("no compute layer" in n for n in traced.notes)
+
+
+def test_cost_model_constants_match_lower_quant() -> None:
+    from geta_fx.ir import cost
+    from geta_fx.passes import lower_quant
+
+    assert (cost.LOWBIT, cost.HOLDER) == (lower_quant.LOWBIT, lower_quant.HOLDER)

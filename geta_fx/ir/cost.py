@@ -39,7 +39,7 @@ from geta_fx.ir.query import get_attr_tensor, tensor_val
 
 __all__ = [
     "FP_BITS", "LAYER_OPS", "Layer", "Operand", "PackedRef", "Sizes", "Storage", "StoredWeight",
-    "bits_of", "find_layers", "kept_channels", "module_path", "quantizer_bits", "storage",
+    "bits_of", "find_layers", "frozen_quantize_bits", "kept_channels", "module_path", "quantizer_bits", "storage",
     "stored_weights", "weight_bits", "weight_fqn", "weight_numel", "weight_shape",
 ]
 
@@ -173,9 +173,11 @@ def quantizer_bits(q: nn.Module) -> float:
     return float(torch.as_tensor(b).detach().float().reshape(-1)[0])
 
 
-def _frozen_quantize_bits(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int | None:
-    """Rounded bit width of a lowered activation quantizer ``geta::quantize(x, d, q_m, t, s)``
-    on frozen buffers (the formula of :func:`geta_fx.quantizer.bit_width`)."""
+def frozen_quantize_bits(gm: torch.fx.GraphModule, node: torch.fx.Node) -> float | None:
+    """Continuous bit width of a lowered activation quantizer ``geta::quantize(x, d, q_m, t,
+    signed)`` on frozen buffers (the formula of :func:`geta_fx.quantizer.bit_width`)."""
+    if _geta_op(node) != "quantize":
+        return None
     from geta_fx.quantizer import bit_width
 
     consts = node.args[1:4]
@@ -186,7 +188,7 @@ def _frozen_quantize_bits(gm: torch.fx.GraphModule, node: torch.fx.Node) -> int 
     signed = bool(node.args[4]) if len(node.args) > 4 else True
     with torch.no_grad():
         b = bit_width(d.detach().float(), q_m.detach().float(), t.detach().float(), signed)
-    return int(round(float(torch.as_tensor(b).reshape(-1)[0])))
+    return float(torch.as_tensor(b).reshape(-1)[0])
 
 
 @dataclass(frozen=True)
@@ -229,8 +231,9 @@ def trace_operand(gm: torch.fx.GraphModule, arg: Any) -> Operand:
             if op.quantizer is None and op.bits is None:
                 op.bits = int(bits)
         elif geta == "quantize":
-            if op.quantizer is None and op.bits is None:
-                op.bits = _frozen_quantize_bits(gm, node)
+            bits = frozen_quantize_bits(gm, node)
+            if op.quantizer is None and op.bits is None and bits is not None:
+                op.bits = int(round(bits))
         elif not (node.op == "call_function" and packet(node) in _TRANSPARENT):
             return op
         elif packet(node) in _FLIPS:
@@ -523,7 +526,12 @@ class StoredWeight:
     mode: str        # "packed" | "float"
     bits: int        # rounded learned bits (storage bits when not ``learned``)
     numel: int       # logical elements
-    learned: bool    # ``bits`` come from the lowering record, not just the op
+    learned_bits: float | None  # the quantizer's continuous bits (None: no lowering record)
+
+    @property
+    def learned(self) -> bool:
+        """``bits`` come from the lowering record, not just from the graph."""
+        return self.learned_bits is not None
 
 
 def _record(rec: Any) -> Mapping[str, Any]:
@@ -541,7 +549,8 @@ def stored_weights(gm: torch.fx.GraphModule) -> dict[str, StoredWeight]:
     """Graph attribute -> the weight stored there, for every lowered weight of ``gm``.
 
     From the lowering records (``gm.meta["geta.lowbit"]``), then every packed buffer a lowbit
-    op reads that has no record (its storage bits stand in for the learned ones).
+    op reads and every frozen ``<holder>.weight`` that has no record (storage bits stand in for
+    the learned ones).
     """
     out: dict[str, StoredWeight] = {}
     for rec in map(_record, gm.meta.get(LOWBIT) or ()):
@@ -549,7 +558,8 @@ def stored_weights(gm: torch.fx.GraphModule) -> dict[str, StoredWeight]:
         if _has_attr(gm, path):
             out[path] = StoredWeight(path, str(rec["param"]), str(rec["mode"]),
                                      int(round(float(rec["learned_bits"]))),
-                                     numel([int(s) for s in rec["shape"]]), True)
+                                     numel([int(s) for s in rec["shape"]]),
+                                     float(rec["learned_bits"]))
     for node in gm.graph.nodes:
         geta = _geta_op(node)
         if geta not in ("unpack_weight", "lowbit_linear"):
@@ -562,7 +572,10 @@ def stored_weights(gm: torch.fx.GraphModule) -> dict[str, StoredWeight]:
             size = int(get_attr_tensor(gm, op.param).shape[0]) * int(node.args[4]) \
                 if op.param else 0
         if op.param is not None and op.param not in out:
-            out[op.param] = StoredWeight(op.param, op.param, "packed", bits, size, False)
+            out[op.param] = StoredWeight(op.param, op.param, "packed", bits, size, None)
+    for name, b in gm.named_buffers():  # frozen float weights (wider than a packed one)
+        if name.startswith(f"{HOLDER}.") and name.endswith(".weight") and name not in out:
+            out[name] = StoredWeight(name, name, "float", b.element_size() * 8, b.numel(), None)
     return out
 
 
