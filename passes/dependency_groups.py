@@ -17,9 +17,14 @@ Invariants after the pass:
 * ``gm.meta["geta.groups"]``: tuple[PruneGroup], ids in graph order.
 * ``gm.meta["geta.channels"]``: ChannelAnalysis for physical_prune.
 * ``node.meta["geta.group"]``: tuple[GroupMember] on channel-carrying nodes.
+* ``gm.meta["geta.ungrouped"]``: tuple[ParamNote], a reason for every trainable
+  parameter in no group (e.g. "used inside torch.cond branch 'true_graph_0'; not
+  analysed": higher-order-op bodies are not analysed); branch ones are logged as a warning.
 * The graph is not modified (``modified=False``).
-* Quantizer call_module nodes are transparent: groups are identical with and
-  without them.
+* Quantizer call_module nodes and bare ``geta::quantize`` calls are transparent:
+  groups are identical with and without them.
+* A lowered model (``geta::lowbit_linear`` / ``unpack_weight``, ``geta_lowbit.*``
+  buffers) raises a NodeError that says to transform the model from before lowering.
 """
 
 from __future__ import annotations

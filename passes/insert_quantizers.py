@@ -8,9 +8,13 @@ data input gets one too (unsigned where the producer is provably non-negative,
 quantizer node is a leaf ``call_module`` that re-exports as ``geta::quantize``.
 
 Invariants: a weight parameter has one quantizer even when shared by several
-layers; new nodes carry ``val`` (same as their input), ``nn_module_stack`` of the
-layer and ``geta.quantizer``; dependency grouping is unchanged (quantizers are
-transparent, Q(0) = 0).  ``modified`` is True iff a quantizer was inserted.
+layers, and across rounds: a weight already read through a quantizer (one a second
+round's ``normalize`` re-folded) keeps it, and only a missing act quantizer is added;
+new nodes carry ``val`` (same as their input), ``nn_module_stack`` of the layer and
+``geta.quantizer``; dependency grouping is unchanged (quantizers are transparent,
+Q(0) = 0).  ``gm.meta["geta.unquantized"]`` gives a reason per weight left float
+(policy, or inside a higher-order-op branch: logged as a warning).  ``modified`` is
+True iff a quantizer was inserted.
 """
 
 from __future__ import annotations

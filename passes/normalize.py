@@ -182,6 +182,7 @@ def keep_refolded(model: nn.Module) -> Iterator[None]:
 def _refold_quantizers(gm: torch.fx.GraphModule) -> bool:
     """Re-fold every traced Quantizer into a ``call_module`` quantizer node; True if any."""
     folded: list[str] = []
+    nodes: dict[tuple[str, torch.fx.Node], torch.fx.Node] = {}  # one node per (Q, input)
     for node in list(gm.graph.nodes):
         found = _candidate(gm, node)
         if found is None:
@@ -189,12 +190,15 @@ def _refold_quantizers(gm: torch.fx.GraphModule) -> bool:
         owner_path, q, chains = found
         if gm.get_submodule(owner_path) is not q:
             gm.set_submodule(owner_path, q)
-        with gm.graph.inserting_before(node):
-            qnode = gm.graph.call_module(owner_path, (node.args[0],))
-        qnode.meta.update({k: v for k, v in node.meta.items() if k != meta.QUANTIZER})
-        param_fqn = getattr(q, "param_fqn", None) if q.kind == "weight" else None
-        qnode.meta[meta.QUANTIZER] = meta.QuantizerInfo(
-            qid=owner_path.removeprefix("geta_quant."), target=q.kind, param_fqn=param_fqn)
+        qnode = nodes.get((owner_path, node.args[0]))
+        if qnode is None:
+            with gm.graph.inserting_before(node):
+                qnode = gm.graph.call_module(owner_path, (node.args[0],))
+            qnode.meta.update({k: v for k, v in node.meta.items() if k != meta.QUANTIZER})
+            param_fqn = getattr(q, "param_fqn", None) if q.kind == "weight" else None
+            qnode.meta[meta.QUANTIZER] = meta.QuantizerInfo(
+                qid=owner_path.removeprefix("geta_quant."), target=q.kind, param_fqn=param_fqn)
+            nodes[(owner_path, node.args[0])] = qnode
         node.replace_all_uses_with(qnode)
         gm.graph.erase_node(node)
         for attr, ops in chains:

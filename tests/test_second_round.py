@@ -243,3 +243,33 @@ def test_second_round_trains_with_qasso_and_compresses_again() -> None:
     torch.testing.assert_close(third(X), again(X))
     assert sum(p.numel() for p in third.parameters()) < sum(
         p.numel() for p in again.parameters())
+
+
+class TwoCalls(nn.Module):
+    """The user's own Quantizer, called twice on one weight: traced into two quantize calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from geta_fx.quantizer import Quantizer
+
+        self.fc, self.out = nn.Linear(4, 6), nn.Linear(6, 2)
+        self.q = Quantizer("weight", bits=6).init_from_tensor(self.fc.weight.detach(), 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.fc.weight
+        h = F.linear(x, self.q(w), self.fc.bias) + F.linear(2 * x, self.q(w))
+        return self.out(torch.relu(h))
+
+
+def test_one_quantizer_called_twice_is_refolded_once() -> None:
+    m = TwoCalls()
+    cap = geta_fx.capture(m, (torch.randn(3, 4),)).graph_module
+    assert sum(n.target is torch.ops.geta.quantize.default for n in cap.graph.nodes) == 2
+    gm = geta_fx.transform(m, torch.randn(3, 4), quantize="weight")
+    assert _quant_readers(gm) == {"fc.weight": 1, "out.weight": 1}
+    assert round(float(gm.quantizers["q"].bit_width().detach()), 4) == 6.0
+    assert [g.num_units for g in gm.groups] == [6, 2]
+    x = torch.randn(3, 4)
+    ref = m.out(torch.relu(F.linear(x, m.q(m.fc.weight), m.fc.bias) +
+                           F.linear(2 * x, m.q(m.fc.weight))))
+    torch.testing.assert_close(gm(x), ref, rtol=1e-3, atol=1e-3)  # out.weight at 16 bits
