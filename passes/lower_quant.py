@@ -18,8 +18,15 @@ quantizer's step ``d`` (``geta_fx.ops.lowbit`` defines the packed format), and c
   their fake-quant value is frozen into a buffer (exact) and the quantizer goes away.
 * Activation quantizers keep their semantics: the module call becomes the same
   ``geta::quantize`` with its ``d``, ``max(|q_m|, Q_M_MIN)`` and ``t`` frozen into buffers.
-* Packed weights and frozen constants live under ``geta_lowbit.<quantizer id>``; the float
-  parameter of a lowered weight is deleted when nothing else reads it.
+* Packed weights and frozen constants live under ``geta_lowbit.<quantizer id>``
+  (a :class:`LowbitHolder`); the float parameter of a lowered weight is deleted when nothing
+  else reads it.
+* Reduced precision: the ops' float32 scalar operands (``scale``, ``d``, ``q_m``, ``t``) stay
+  float32 when the lowered model is converted (``.half()``, ``.to(torch.bfloat16)``), and an
+  unpacked weight is cast to the dtype of ``dtype_like``, an empty buffer of the weight's dtype
+  that follows such a conversion (``aten.type_as``; a no-op until the model is converted), so
+  a converted lowered model computes like the converted fake-quant model.  ``lowbit_linear``
+  computes in ``x``'s dtype (under autocast: the autocast dtype, as ``aten.linear`` does).
 
 Invariants: the lowered graph has no ``is_geta_quantizer`` module left; new nodes carry ``val``
 (fake tensors of the graph's fake mode), ``nn_module_stack``/``stack_trace`` of the layer and
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -93,6 +101,32 @@ def _find_quantizers(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.M
     return [(n, m) for n in gm.graph.nodes if (m := _is_quantizer(gm, n)) is not None]
 
 
+#: Holder buffers that are float32 scalar operands of the ``geta`` ops.
+FLOAT32_CONSTANTS = frozenset({"scale", "d", "q_m", "t"})
+
+
+class LowbitHolder(nn.Module):
+    """The constants of one lowered quantizer, read by ``get_attr`` nodes (no forward).
+
+    Packed weight: ``packed`` (uint8), ``scale`` and, when a layer reads the unpacked weight,
+    ``dtype_like``; frozen float weight: ``weight``; frozen activation quantizer: ``d``,
+    ``q_m``, ``t``.  A dtype conversion of the model leaves the float32 scalar operands
+    (:data:`FLOAT32_CONSTANTS`) float32 and only moves them; ``weight`` and ``dtype_like``
+    follow it like any float tensor.
+    """
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor],
+               recurse: bool = True) -> LowbitHolder:
+        # NOTE: private nn.Module hook, as in geta_fx.quantizer.Quantizer._apply (imported
+        # lazily: importing geta_fx.passes must not register the ops).
+        from geta_fx.quantizer import keep_float32
+
+        keep = [b for name, b in self._buffers.items()
+                if name in FLOAT32_CONSTANTS and b is not None]
+        super()._apply(keep_float32(fn, keep), recurse)
+        return self
+
+
 def _holder(gm: torch.fx.GraphModule, qid: str) -> tuple[nn.Module, str]:
     if not hasattr(gm, HOLDER):
         gm.add_submodule(HOLDER, nn.Module())
@@ -100,7 +134,7 @@ def _holder(gm: torch.fx.GraphModule, qid: str) -> tuple[nn.Module, str]:
     while hasattr(getattr(gm, HOLDER), name):
         k += 1
         name = f"{qid}_{k}"
-    h = nn.Module()
+    h = LowbitHolder()
     gm.add_submodule(f"{HOLDER}.{name}", h)
     return h, f"{HOLDER}.{name}"
 
@@ -255,7 +289,8 @@ def _maybe_lower_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, q: nn.Mod
                                 "fake-quant weight")
             holder.register_buffer("packed", packed)
             holder.register_buffer("scale", d.detach().clone().reshape(1))
-            _rewrite_weight_users(gm, node, path, bits, signed, shape, w.dtype, mode, cfg)
+            _rewrite_weight_users(gm, node, holder, path, bits, signed, shape, w.dtype, mode,
+                                  cfg)
             stored, rec_mode, rec_bits = packed.numel(), "packed", bits
     _drop_quantizer(gm, node)
     _drop_param(gm, attr)
@@ -271,9 +306,21 @@ def _is_fusable_linear(user: torch.fx.Node, qnode: torch.fx.Node, ndim: int) -> 
             and not user.kwargs.get("weight") and user.args[2:3] != (qnode,))
 
 
-def _rewrite_weight_users(gm: torch.fx.GraphModule, node: torch.fx.Node, path: str, bits: int,
-                          signed: bool, shape: tuple[int, ...], dtype: torch.dtype, mode: Any,
-                          cfg: LowerQuant) -> None:
+def _unpacked_weight(gm: torch.fx.GraphModule, node: torch.fx.Node, holder: nn.Module, path: str,
+                     args: tuple[Any, ...], dtype: torch.dtype, mode: Any) -> torch.fx.Node:
+    """``type_as(unpack_weight(*args), dtype_like)``: the weight in the model's current dtype."""
+    holder.register_buffer("dtype_like", torch.empty(0, dtype=dtype,
+                                                     device=holder.packed.device))
+    unpacked = _new_node(gm, node, "call_function", torch.ops.geta.unpack_weight.default, args,
+                         val=node.meta.get("val"))
+    like = _get_attr(gm, node, f"{path}.dtype_like", mode)
+    return _new_node(gm, node, "call_function", aten.type_as.default, (unpacked, like),
+                     val=node.meta.get("val"))
+
+
+def _rewrite_weight_users(gm: torch.fx.GraphModule, node: torch.fx.Node, holder: nn.Module,
+                          path: str, bits: int, signed: bool, shape: tuple[int, ...],
+                          dtype: torch.dtype, mode: Any, cfg: LowerQuant) -> None:
     """Point every reader of the quantizer ``node`` at the packed weight (nodes go before it)."""
     packed = _get_attr(gm, node, f"{path}.packed", mode)
     scale = _get_attr(gm, node, f"{path}.scale", mode)
@@ -289,9 +336,9 @@ def _rewrite_weight_users(gm: torch.fx.GraphModule, node: torch.fx.Node, path: s
             gm.graph.erase_node(user)
             continue
         if unpacked is None:
-            unpacked = _new_node(gm, node, "call_function", torch.ops.geta.unpack_weight.default,
-                                 (packed, scale, bits, signed, list(shape), dtype),
-                                 val=node.meta.get("val"))
+            unpacked = _unpacked_weight(gm, node, holder, path,
+                                        (packed, scale, bits, signed, list(shape), dtype), dtype,
+                                        mode)
         user.replace_input_with(node, unpacked)
 
 

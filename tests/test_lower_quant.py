@@ -1,7 +1,8 @@
 """lower_quant: fake-quant weights -> packed integer levels + geta low-bit ops (issue #7).
 
     W -> Q_w -> linear(x, ., b)     ==>   packed, scale -> geta.lowbit_linear(x, ., ., b)
-    W -> Q_w -> conv2d(x, ., ...)   ==>   packed, scale -> geta.unpack_weight -> conv2d
+    W -> Q_w -> conv2d(x, ., ...)   ==>   packed, scale -> geta.unpack_weight
+                                          -> type_as(., dtype_like) -> conv2d
     x -> Q_a -> ...                 ==>   geta.quantize(x, d, q_m, t) (frozen buffers)
 
 Dequantized weights must equal the fake-quant weights bit for bit (torch.equal), so lowered and
@@ -24,7 +25,7 @@ from geta_fx.errors import InputError, PipelineOrderError
 from geta_fx.ir import meta
 from geta_fx.ir.query import count_calls, get_attr_tensor
 from geta_fx.ops.lowbit import lowbit_linear_reference, unpack_weight_reference
-from geta_fx.passes.lower_quant import HOLDER, LOWBIT, LowerQuant
+from geta_fx.passes.lower_quant import HOLDER, LOWBIT, LowbitHolder, LowerQuant
 from geta_fx.pipeline import PassResult, Pipeline
 
 geta = torch.ops.geta
@@ -153,7 +154,13 @@ def test_conv_reads_unpack_weight_and_matches_exactly() -> None:
     low = Pipeline([LowerQuant(fuse_linear=False)])(slim).graph_module
     assert count_calls(low, geta.unpack_weight.default) == 3
     assert count_calls(low, geta.lowbit_linear.default) == 0
-    FileCheck().check("geta.unpack_weight").check("aten.conv2d").run(low.code)
+    FileCheck().check("geta.unpack_weight").check("aten.type_as").check("aten.conv2d").run(
+        low.code)
+    assert count_calls(low, torch.ops.aten.type_as.default) == 3
+    holders = list(getattr(low, HOLDER).children())
+    assert len(holders) == 3 and all(isinstance(h, LowbitHolder) for h in holders)
+    assert all(h.dtype_like.dtype == torch.float32 and h.dtype_like.numel() == 0
+               for h in holders)
     assert low.meta[meta.LOG][-1].name == "lower_quant"
     assert torch.equal(low(x), expected)  # unpacked weights are bit-identical; same ATen ops
 
@@ -212,6 +219,32 @@ def test_tied_weight_packed_once_fused_and_unpacked() -> None:
     assert count_calls(low, geta.unpack_weight.default) == 1  # the embedding
     assert "emb.weight" not in dict(low.named_parameters())
     torch.testing.assert_close(low(idx), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_converted_lowered_model_keeps_op_scalars_float32(dtype: torch.dtype) -> None:
+    """``.to(dtype)``: holder scalars stay float32, the unpacked embedding follows dtype_like."""
+    idx = torch.randint(0, 20, (3, 5))
+    gm = geta_fx.transform(TiedLM().eval(), (idx,), quantize="weight", embedding=True, bits=4)
+    low = _lower(gm.compress()).graph_module
+    expected = low(idx)
+    scalars = {n: b.clone() for n, b in low.named_buffers() if n.endswith(".scale")}
+    half = copy.deepcopy(low).to(dtype)
+    for n, b in half.named_buffers():
+        if n in scalars:
+            assert b.dtype == torch.float32 and torch.equal(b, scalars[n]), n
+        elif n.endswith(".dtype_like"):
+            assert b.dtype == dtype, n
+    out = half(idx)  # embedding (unpacked, cast) -> lowbit_linear x2 in dtype
+    assert out.dtype == dtype
+    tol = 2e-3 if dtype == torch.float16 else 1e-2
+    assert float((out.float() - expected).abs().max()) < tol * float(expected.abs().max())
+    # without LowbitHolder's float32 scalars the op refuses the converted model
+    plain = copy.deepcopy(half)
+    for h in getattr(plain, HOLDER).children():
+        h.scale = h.scale.to(dtype)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        plain(idx)
 
 
 def test_unsigned_weight_quantizer() -> None:

@@ -43,7 +43,7 @@ Inference only: no autograd formula is registered (the packed weight is not trai
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +223,34 @@ def lowbit_linear_reference(x: Tensor, packed: Tensor, scale: Tensor, bits: int,
 
 lib.impl("unpack_weight", unpack_weight_reference, "CompositeExplicitAutograd")
 lib.impl("lowbit_linear", lowbit_linear_reference, "CompositeExplicitAutograd")
+
+
+# ------------------------------------------------------------------------------------ autocast
+def _lowbit_linear_autocast(device_type: str) -> Callable[..., Tensor]:
+    """Autocast rule of ``lowbit_linear``, the one of ``aten.linear`` (lower-precision op).
+
+    Under ``torch.autocast(device_type)``, ``x`` and ``bias`` are cast to the autocast dtype
+    and the op runs with autocast off, so it computes and returns that dtype, as the linear it
+    replaced does (``bias`` is a float32 parameter while ``x`` may already be bfloat16).
+    ``packed`` and ``scale`` keep their dtypes.
+    """
+
+    def kernel(x: Tensor, packed: Tensor, scale: Tensor, bits: int, in_features: int,
+               signed: bool, bias: Tensor | None) -> Tensor:
+        dtype = torch.get_autocast_dtype(device_type)
+        x = x.to(dtype) if x.dtype in X_DTYPES else x  # other dtypes: the op's check names them
+        if bias is not None and bias.dtype in X_DTYPES:
+            bias = bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            y: Tensor = torch.ops.geta.lowbit_linear.default(x, packed, scale, bits,
+                                                             in_features, signed, bias)
+        return y
+
+    return kernel
+
+
+lib.impl("lowbit_linear", _lowbit_linear_autocast("cpu"), "AutocastCPU")
+lib.impl("lowbit_linear", _lowbit_linear_autocast("cuda"), "AutocastCUDA")
 
 
 # -------------------------------------------------------------------------------------- fakes
