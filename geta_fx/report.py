@@ -37,6 +37,7 @@ the sizes of the inputs the graph was captured with (the symbols' hints).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -50,7 +51,9 @@ from geta_fx.ir import cost, meta
 from geta_fx.ir.cost import FP_BITS, module_path, quantizer_bits
 
 __all__ = ["DENSE", "GroupRow", "LayerRow", "Report", "dense_origin", "module_path",
-           "quantizer_bits", "report"]
+           "quantizer_bits", "record_dense_origin", "report"]
+
+logger = logging.getLogger(__name__)
 
 #: gm.meta key of a slim/lowered/loaded graph's dense origin (:func:`dense_origin`, JSON-able).
 #: NOTE: belongs in geta_fx/ir/meta.py with the others (as passes.lower_quant.LOWBIT does).
@@ -362,6 +365,17 @@ def dense_origin(m: Any, example_inputs: Any = None) -> dict[str, Any]:
         "format": DENSE_FORMAT, "model": kind, "input_sizes": ref.sizes, "params": ref.params,
         "channels": ref.channels, "layers": ref.layers,
         "groups": None if ref.groups is None else [asdict(g) for g in ref.groups]}))
+
+
+def record_dense_origin(slim: torch.fx.GraphModule, dense: Any) -> None:
+    """``slim.meta["geta.dense"] = dense_origin(dense)``; a dense graph the cost model cannot
+    read leaves no record (logged as a warning) instead of failing the caller (``compress``)."""
+    try:
+        slim.meta[DENSE] = dense_origin(dense)
+    except Exception as e:  # noqa: BLE001 - metadata is informative; compress must not fail
+        slim.meta.pop(DENSE, None)
+        logger.warning("no dense-origin record for the slim graph (%s: %s); report(slim) "
+                       "needs reference= for vs-dense numbers", type(e).__name__, e)
 
 
 def _from_origin(d: Any) -> _Reference | None:

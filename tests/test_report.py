@@ -357,3 +357,15 @@ def test_cost_model_constants_match_lower_quant() -> None:
     from geta_fx.passes import lower_quant
 
     assert (cost.LOWBIT, cost.HOLDER) == (lower_quant.LOWBIT, lower_quant.HOLDER)
+
+
+def test_record_dense_origin_never_fails_its_caller(caplog: pytest.LogCaptureFixture) -> None:
+    from geta_fx.report import record_dense_origin
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    gm = geta_fx.transform(model, (torch.randn(4, 6),))
+    slim = gm.compress()
+    assert slim.meta[DENSE]["channels"] == {"0.weight": 8, "2.weight": 3}
+    with caplog.at_level("WARNING", logger="geta_fx.report"):
+        record_dense_origin(slim, 42)  # nothing the cost model can read
+    assert DENSE not in slim.meta and "no dense-origin record" in caplog.text
