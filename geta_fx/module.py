@@ -508,9 +508,9 @@ class GetaModule(nn.Module):
         slim = copy.deepcopy(self.graph_module)
         PhysicalPrune(removed_units=removed_units, align=align)(slim)
         slim.meta.setdefault(meta.LOG, [])
-        from geta_fx.report import DENSE, dense_origin
+        from geta_fx.report import record_dense_origin
 
-        slim.meta[DENSE] = dense_origin(self)  # report(slim) compares with this dense model
+        record_dense_origin(slim, self)  # report(slim) compares with this dense model
         if lower:  # pack quantized weights at their learned bit widths (geta_fx.deploy)
             from geta_fx.deploy import lower as _lower
 
