@@ -347,6 +347,10 @@ def _ungrouped(gm: torch.fx.GraphModule, groups: tuple[meta.PruneGroup, ...]
             ops = ", ".join(sorted(set(readers[fqn])))
             reason = f"read only by {ops}, which carry no channel of any layer"
         notes.append(meta.ParamNote(fqn, reason))
+    if notes and not groups:  # never 0 groups silently
+        logger.warning("dependency_groups: found no prune group; %d trainable parameter(s) in "
+                       "none: %s", len(notes), "; ".join(f"{n.fqn} ({n.reason})" for n in notes))
+        return tuple(notes)
     hop_notes = [n for n in notes if n.fqn in hop]
     if hop_notes:
         logger.warning("dependency_groups: %d parameter(s) are in no prune group: %s",

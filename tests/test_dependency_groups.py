@@ -241,3 +241,19 @@ def test_parameters_in_no_group_each_get_a_reason() -> None:
     plain = geta_fx.transform(nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2)),
                               (torch.randn(3, 4),))
     assert meta.get_ungrouped(plain.graph_module) == ()
+
+
+def test_no_group_at_all_is_a_warning_naming_each_parameter(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class OnlyCumsum(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.w.cumsum(0)
+
+    with caplog.at_level("WARNING", logger="geta_fx.passes.dependency_groups"):
+        gm = geta_fx.transform(OnlyCumsum(), (torch.randn(2, 3),))
+    assert gm.groups == ()
+    assert "found no prune group" in caplog.text and "w (read only by cumsum" in caplog.text

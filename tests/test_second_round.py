@@ -273,3 +273,26 @@ def test_one_quantizer_called_twice_is_refolded_once() -> None:
     ref = m.out(torch.relu(F.linear(x, m.q(m.fc.weight), m.fc.bias) +
                            F.linear(2 * x, m.q(m.fc.weight))))
     torch.testing.assert_close(gm(x), ref, rtol=1e-3, atol=1e-3)  # out.weight at 16 bits
+
+
+def test_while_loop_body_parameters_get_a_reason_each() -> None:
+    from torch._higher_order_ops.while_loop import while_loop  # NOTE: no public alias yet
+
+    class Loop(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pre, self.body, self.post = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            i = torch.zeros((), dtype=torch.int64)
+            _, h = while_loop(lambda i, h: i < 3, lambda i, h: (i + 1, torch.tanh(self.body(h))),
+                              (i, torch.relu(self.pre(x))))
+            return self.post(h)
+
+    m, x = Loop(), torch.randn(2, 4)
+    gm = geta_fx.transform(m, x, quantize="weight")
+    body = "used inside torch.while_loop body 'while_loop_body_graph_0'"
+    assert {n.fqn: n.reason for n in meta.get_ungrouped(gm.graph_module)} == {
+        "body.weight": f"{body}; not analysed", "body.bias": f"{body}; not analysed"}
+    assert [n.fqn for n in meta.get_unquantized(gm.graph_module)] == ["body.weight"]
+    torch.testing.assert_close(gm(x), m(x), rtol=1e-3, atol=1e-3)
