@@ -17,7 +17,7 @@ quantizer's step ``d`` (``geta_fx.ops.lowbit`` defines the packed format), and c
   learned bit width rounded up; at least 2).  Wider weights (``bits > max_bits``) stay float:
   their fake-quant value is frozen into a buffer (exact) and the quantizer goes away.
 * Activation quantizers keep their semantics: the module call becomes the same
-  ``geta::quantize`` with its ``d``, ``max(|q_m|, Q_M_MIN)`` and ``t`` frozen into buffers.
+  ``geta::quantize`` with its ``d``, ``max(q_m, Q_M_MIN)`` and ``t`` frozen into buffers.
 * Packed weights and frozen constants live under ``geta_lowbit.<quantizer id>``
   (a :class:`LowbitHolder`); the float parameter of a lowered weight is deleted when nothing
   else reads it.
@@ -25,7 +25,9 @@ quantizer's step ``d`` (``geta_fx.ops.lowbit`` defines the packed format), and c
   float32 when the lowered model is converted (``.half()``, ``.to(torch.bfloat16)``), and an
   unpacked weight is cast to the dtype of ``dtype_like``, an empty buffer of the weight's dtype
   that follows such a conversion (``aten.type_as``; a no-op until the model is converted), so
-  a converted lowered model computes like the converted fake-quant model.  ``lowbit_linear``
+  a converted lowered model computes like the converted fake-quant model.
+  :func:`adopt_holders` restores the holder class on a model rebuilt from its buffers
+  (``torch.export.load(...).module()``).  ``lowbit_linear``
   computes in ``x``'s dtype (under autocast: the autocast dtype, as ``aten.linear`` does).
 
 Invariants: the lowered graph has no ``is_geta_quantizer`` module left; new nodes carry ``val``
@@ -125,6 +127,34 @@ class LowbitHolder(nn.Module):
                 if name in FLOAT32_CONSTANTS and b is not None]
         super()._apply(keep_float32(fn, keep), recurse)
         return self
+
+
+def adopt_holders(gm: nn.Module) -> int:
+    """Make every ``geta_lowbit.<qid>`` submodule of ``gm`` a :class:`LowbitHolder`.
+
+    For a lowered model rebuilt from its buffers, where the holders came back as plain
+    ``nn.Module`` s (``torch.export.load(...).module()``, as in ``geta_fx.load``): afterwards
+    ``.half()`` / ``.to(torch.bfloat16)`` keep its float32 op scalars, as on the model that was
+    lowered.  Buffers (and their persistence) are kept as they are.  Returns how many holders
+    were replaced; 0 if ``gm`` has none or they already are LowbitHolders (idempotent).
+    """
+    parent = getattr(gm, HOLDER, None)
+    if not isinstance(parent, nn.Module):
+        return 0
+    replaced = 0
+    for name, child in list(parent.named_children()):
+        if isinstance(child, LowbitHolder):
+            continue
+        if next(child.children(), None) is not None or next(child.parameters(), None) is not None:
+            raise InputError(f"adopt_holders: {HOLDER}.{name} holds submodules or parameters; "
+                             f"a lowered holder holds only buffers")
+        holder = LowbitHolder()
+        persistent = set(child.state_dict(keep_vars=True))
+        for bname, buf in child.named_buffers(recurse=False):
+            holder.register_buffer(bname, buf, persistent=bname in persistent)
+        setattr(parent, name, holder)
+        replaced += 1
+    return replaced
 
 
 def _holder(gm: torch.fx.GraphModule, qid: str) -> tuple[nn.Module, str]:

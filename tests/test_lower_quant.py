@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from helpers import max_rel_err
 from torch.testing import FileCheck
 
 import geta_fx
@@ -25,7 +26,7 @@ from geta_fx.errors import InputError, PipelineOrderError
 from geta_fx.ir import meta
 from geta_fx.ir.query import count_calls, get_attr_tensor
 from geta_fx.ops.lowbit import lowbit_linear_reference, unpack_weight_reference
-from geta_fx.passes.lower_quant import HOLDER, LOWBIT, LowbitHolder, LowerQuant
+from geta_fx.passes.lower_quant import HOLDER, LOWBIT, LowbitHolder, LowerQuant, adopt_holders
 from geta_fx.pipeline import PassResult, Pipeline
 
 geta = torch.ops.geta
@@ -245,6 +246,30 @@ def test_converted_lowered_model_keeps_op_scalars_float32(dtype: torch.dtype) ->
         h.scale = h.scale.to(dtype)
     with pytest.raises(RuntimeError, match="scale must be float32"):
         plain(idx)
+
+
+def test_adopt_holders_makes_a_loaded_lowered_model_convertible(tmp_path) -> None:
+    """``torch.export`` round trip: holders come back as plain modules; adopting them restores
+    float32 op scalars under ``.half()`` (and ``dtype_like`` survives the export)."""
+    x = torch.randn(2, 3, 8, 8)
+    _, slim = _slim(ConvNet(), x, [5, 2, 6], mode="weight_act")
+    low = Pipeline([LowerQuant()])(slim).graph_module
+    geta_fx.save(low, tmp_path / "m.pt2")
+    loaded = geta_fx.load(tmp_path / "m.pt2")
+    assert count_calls(loaded, torch.ops.aten.type_as.default) == 2  # the two convs
+    n_holders = len(list(getattr(loaded, HOLDER).children()))
+    if not all(isinstance(h, LowbitHolder) for h in getattr(loaded, HOLDER).children()):
+        with pytest.raises(RuntimeError, match="must be float32"):  # plain holders: rounded
+            copy.deepcopy(loaded).half()(x.half())
+    assert adopt_holders(loaded) in (0, n_holders) and adopt_holders(loaded) == 0
+    keys = set(loaded.state_dict())
+    expected = loaded(x)
+    half = copy.deepcopy(loaded).half()
+    assert set(half.state_dict()) == keys
+    out = half(x.half())
+    assert out.dtype == torch.float16
+    assert max_rel_err(out, expected) < 4e-2  # activation levels at 2-6 bits may flip
+    assert adopt_holders(nn.Linear(2, 2)) == 0
 
 
 def test_unsigned_weight_quantizer() -> None:

@@ -15,8 +15,9 @@ the same conditions)
     (shape ``[]`` or ``[1]``), on ``x``'s device.
     Preconditions that are *not* checked, because checking a value would sync the host with the
     device on every call (GETA_SPEC G.2 #16): ``d > 0``, ``q_m > 0``, all three finite.
-    ``geta_fx.quantizer.Quantizer`` guarantees them (``d = exp(log_d)``, ``q_m`` kept positive)
-    and its ``validate()`` reports violations.  With ``q_m <= 0`` every output element is 0
+    ``geta_fx.quantizer.Quantizer`` guarantees them (``d = exp(log_d)``,
+    ``q_m = exp(log_q_m)``, both kept float32 under module dtype conversions) and its
+    ``validate()`` reports violations.  With ``q_m <= 0`` every output element is 0
     (NaN ``x`` aside) and all gradients are finite; ``d <= 0`` is undefined behaviour.
 
 Arithmetic
