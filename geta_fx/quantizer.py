@@ -286,6 +286,19 @@ class Quantizer(nn.Module):
         return self
 
     # -- serialisation -----------------------------------------------------------------------
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickle; a Quantizer pickled with a raw ``q_m`` parameter gets ``log_q_m``."""
+        params = state.get("_parameters", {})
+        legacy = "q_m" in params and "log_q_m" not in params
+        if legacy:
+            state = {**state, "_parameters": dict(params)}
+            fixed: dict[str, Any] = {"q_m": state["_parameters"].pop("q_m").detach()}
+        super().__setstate__(state)
+        if legacy:
+            _upgrade_legacy_q_m(self, fixed, "")
+            self.log_q_m = nn.Parameter(fixed["log_q_m"])
+            self.register_load_state_dict_pre_hook(_upgrade_legacy_q_m)
+
     def get_extra_state(self) -> dict[str, Any]:
         """Keep ``signed`` in ``state_dict`` (``calibrate`` may change it; ``d`` relies on it)."""
         return {"signed": self.signed}

@@ -198,6 +198,26 @@ def test_legacy_state_dict_with_raw_q_m_loads_or_fails_clearly() -> None:
         r.load_state_dict(legacy)
 
 
+def test_legacy_pickle_with_raw_q_m_parameter_unpickles() -> None:
+    """A Quantizer pickled before log_q_m (``q_m`` in ``_parameters``) comes back upgraded."""
+    import pickle
+
+    q = Quantizer("weight", bits=6.0, q_m=0.6, t=1.2, name="fc.weight")
+    x = torch.randn(40)
+    expected = q(x)
+    old = Quantizer("weight", name="fc.weight")
+    old.load_state_dict(q.state_dict())
+    del old._parameters["log_q_m"]
+    old._parameters["q_m"] = nn.Parameter(q.q_m.detach().clone())  # the legacy layout
+    new = pickle.loads(pickle.dumps(old))
+    assert {n for n, _ in new.named_parameters()} == {"log_d", "log_q_m", "t"}
+    torch.testing.assert_close(new(x), expected)
+    new.load_state_dict(q.state_dict())  # and it still loads current state dicts
+    old._parameters["q_m"] = nn.Parameter(torch.tensor([-0.0025]))
+    with pytest.raises(QuantizerError, match=r"fc\.weight.*legacy 'q_m' = -0\.0025,"):
+        pickle.loads(pickle.dumps(old))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_dtype_conversion_keeps_scalars_float32(dtype: torch.dtype) -> None:
     """``.to(dtype)`` converts nothing of a Quantizer: its scalars stay exact float32."""
