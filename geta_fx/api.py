@@ -17,7 +17,8 @@ QuantizeMode = Literal["weight", "weight_act"] | None
 
 
 def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> list[GraphPass]:
-    """shape_prop -> normalize [-> insert_quantizers -> fold_quant] -> dependency_groups.
+    """tie_weights -> shape_prop -> normalize [-> insert_quantizers -> fold_quant] ->
+    dependency_groups.
 
     NOTE: dependency_groups runs last so its channel labels cover the quantizer and
     view nodes fold_quant creates; the groups themselves are identical with and
@@ -25,7 +26,7 @@ def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> lis
     """
     from geta_fx import passes
 
-    pipeline: list[GraphPass] = [passes.ShapeProp(), passes.Normalize()]
+    pipeline: list[GraphPass] = [passes.TieWeights(), passes.ShapeProp(), passes.Normalize()]
     if quantize is not None:
         policy = quant_options.pop("policy", None) or passes.QuantPolicy(**quant_options)
         pipeline += [passes.InsertQuantizers(mode=quantize, policy=policy), passes.FoldQuant()]
@@ -36,22 +37,32 @@ def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> lis
 
 
 def _own_weights(gm: torch.fx.GraphModule) -> None:
-    """Give the graph its own parameter/buffer tensors so training never touches the user's."""
+    """Give the graph its own parameter/buffer tensors so training never touches the user's.
+
+    Tensors the model shares (tied weights) stay shared: one copy per tensor.
+    """
+    copies: dict[int, torch.Tensor] = {}
+
+    def own(t: torch.Tensor, param: bool) -> torch.Tensor:
+        if id(t) not in copies:
+            clone = t.detach().clone()
+            copies[id(t)] = nn.Parameter(clone, requires_grad=t.requires_grad) if param else clone
+        return copies[id(t)]
+
     for module in gm.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
-                module._parameters[name] = nn.Parameter(p.detach().clone(),
-                                                        requires_grad=p.requires_grad)
+                module._parameters[name] = own(p, True)  # type: ignore[assignment]
         for name, b in list(module._buffers.items()):
             if b is not None:
-                module._buffers[name] = b.detach().clone()
+                module._buffers[name] = own(b, False)
 
 
 def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode = None,
               pipeline: Sequence[GraphPass] | None = None, capture_method: str = "export",
               strict: bool = False, example_kwargs: dict | None = None,
               copy_weights: bool = True, observers: Sequence[Any] = (), calibrate: bool = True,
-              dump_dir: Any = None,
+              dump_dir: Any = None, dynamic_shapes: Any = None,
               **quant_options: Any) -> GetaModule:
     """Capture ``model`` and run the pass pipeline; returns a trainable GetaModule.
 
@@ -62,6 +73,11 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
         quantize: None, "weight" or "weight_act".
         pipeline: explicit list of passes (replaces the default pipeline).
         capture_method: "export" (default) or "symbolic_trace".
+        dynamic_shapes: which input sizes stay symbolic (export capture).  ``None``
+            (default): every dim the model allows (batch, sequence length, resolution),
+            found by ``torch.export.Dim.AUTO``; channel dims that meet a weight stay static.
+            ``"batch"``: only dim 0; ``"static"``: none; or an explicit ``torch.export``
+            ``dynamic_shapes`` spec, passed through.
         calibrate: with activation quantizers, set their ranges (and signedness) from
             ``example_inputs`` (call ``geta_fx.calibrate`` with real batches for better ones).
         dump_dir: a directory (or a configured ``geta_fx.viz.DotDumper``) for before/after
@@ -74,7 +90,8 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
                                                                            **quant_options)
     Pipeline(passes_).validate(frozenset({"graph"}))  # order errors before any work
     cap = capture(model, example_inputs, example_kwargs=example_kwargs,
-                  method=capture_method, strict=strict)  # type: ignore[arg-type]
+                  method=capture_method, strict=strict,  # type: ignore[arg-type]
+                  dynamic_shapes=dynamic_shapes)
     gm = cap.graph_module
     if copy_weights:
         _own_weights(gm)

@@ -48,6 +48,42 @@ def set_graph_training(gm: torch.fx.GraphModule, mode: bool) -> bool:
     return changed
 
 
+_Blend = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _advance_batch_norms(gm: torch.fx.GraphModule,
+                         states: tuple[meta.BatchNormState, ...]) -> _Blend:
+    """Before a train-mode call: ``num_batches_tracked += 1`` for every BatchNorm (as
+    ``nn.BatchNorm*.forward`` does), and for ``momentum=None`` ones the running statistics to
+    blend with (their batch_norm node runs with momentum 1.0: running := batch statistics).
+
+    Returns ``[(running_stat, previous_value, weight 1/num_batches_tracked)]``.
+    """
+    blend: _Blend = []
+    if not states:
+        return blend
+    with torch.no_grad():
+        for s in states:
+            count = gm.get_buffer(s.num_batches_tracked) if s.num_batches_tracked else None
+            if count is not None:
+                count.add_(1)
+            if s.cumulative:
+                weight = 1.0 / count.to(torch.float32) if count is not None else \
+                    torch.tensor(0.0)
+                for fqn in (s.running_mean, s.running_var):
+                    stat = gm.get_buffer(fqn)
+                    blend.append((stat, stat.clone(), weight.to(stat)))
+    return blend
+
+
+def _blend_cumulative_stats(gm: torch.fx.GraphModule, blend: _Blend) -> None:
+    """After a train-mode call: ``stat = lerp(previous, batch stat, 1/num_batches_tracked)``,
+    PyTorch's cumulative moving average for ``momentum=None``."""
+    with torch.no_grad():
+        for stat, previous, weight in blend:
+            stat.copy_(torch.lerp(previous, stat, weight))
+
+
 def _as_device(value: Any) -> torch.device | None:
     """``value`` as a torch.device if it names one (a torch.device or a device string)."""
     if isinstance(value, torch.device):
@@ -385,11 +421,16 @@ class GetaModule(nn.Module):
 
     # ---------------------------------------------------------------- calling
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        states = self.graph_module.meta.get(meta.BATCHNORM, ()) if self.training else ()
+        previous = _advance_batch_norms(self.graph_module, states)
         if self._flat_io:
             flat, _ = pytree.tree_flatten((args, kwargs))
             out = self.graph_module(*flat)
-            return pytree.tree_unflatten(list(out), self._out_spec)
-        return self.graph_module(*args, **kwargs)
+            out = pytree.tree_unflatten(list(out), self._out_spec)
+        else:
+            out = self.graph_module(*args, **kwargs)
+        _blend_cumulative_stats(self.graph_module, previous)
+        return out
 
     def train(self, mode: bool = True) -> GetaModule:
         super().train(mode)
@@ -505,6 +546,12 @@ class GetaModule(nn.Module):
         if isinstance(align, bool) or not isinstance(align, int) or align < 1:
             raise InputError(f"compress: align must be an int >= 1, got {align!r}")
         self.validate()
+        if self.training and self.graph_module.meta.get(meta.BATCHNORM):
+            warnings.warn("compress() of a GetaModule in train mode: the slim graph's "
+                          "BatchNorms normalise with batch statistics, but only a GetaModule "
+                          "advances num_batches_tracked and cumulative (momentum=None) "
+                          "averages; call gm.eval() first for an inference graph",
+                          RuntimeWarning, stacklevel=2)
         slim = copy.deepcopy(self.graph_module)
         PhysicalPrune(removed_units=removed_units, align=align)(slim)
         slim.meta.setdefault(meta.LOG, [])

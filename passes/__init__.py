@@ -7,6 +7,7 @@ from geta_fx.passes.lower_quant import LowerQuant
 from geta_fx.passes.normalize import Normalize
 from geta_fx.passes.physical_prune import PhysicalPrune
 from geta_fx.passes.shape_prop import ShapeProp
+from geta_fx.passes.tie_weights import TieWeights
 
 __all__ = ["DependencyGroups", "FoldQuant", "InsertQuantizers", "LowerQuant", "Normalize",
-           "PhysicalPrune", "QuantPolicy", "ShapeProp"]
+           "PhysicalPrune", "QuantPolicy", "ShapeProp", "TieWeights"]

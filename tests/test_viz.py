@@ -235,8 +235,8 @@ def test_dot_dumper_through_transform_observers(tmp_path: Path) -> None:
     geta_fx.transform(Block().eval(), (torch.randn(2, 4, 6, 6),), quantize="weight",
                       observers=[dumper])
     names = sorted(p.name for p in tmp_path.glob("*.dot"))
-    assert "02_insert_quantizers_after.dot" in names
-    after = (tmp_path / "02_insert_quantizers_after.dot").read_text()
+    assert "03_insert_quantizers_after.dot" in names
+    after = (tmp_path / "03_insert_quantizers_after.dot").read_text()
     assert _node_attrs(after, "geta_quant_conv1_weight")["fillcolor"] == CREATED_FILL
     assert all(p.parent == tmp_path for p in dumper.files)
 

@@ -137,3 +137,27 @@ def get_unquantized(gm: torch.fx.GraphModule) -> tuple[ParamNote, ...]:
 
 def log(gm: torch.fx.GraphModule) -> list[PassRecord]:
     return gm.meta.setdefault(LOG, [])
+
+
+# ------------------------------------------------------------------ capture-time facts
+BATCHNORM = "geta.batchnorm"    # gm.meta: tuple[BatchNormState, ...]
+TIED = "geta.tied"              # gm.meta: dict[str, str] alias fqn -> canonical fqn
+INPUTS = "geta.inputs"          # gm.meta: tuple[InputShape, ...] (see geta_fx.guards)
+
+
+@dataclass(frozen=True)
+class BatchNormState:
+    """How a captured BatchNorm keeps its running statistics (PyTorch's semantics).
+
+    ``num_batches_tracked``: its buffer's fqn (None when the module has none); advanced by
+    ``GetaModule`` once per train-mode call, never in eval mode.  ``cumulative``: the module
+    had ``momentum=None`` (cumulative moving average): the graph's batch_norm runs with
+    momentum 1.0 (running stats := batch stats) and ``GetaModule`` blends them into the
+    previous statistics with weight ``1 / num_batches_tracked``.
+    """
+
+    module: str
+    running_mean: str
+    running_var: str
+    num_batches_tracked: str | None
+    cumulative: bool
