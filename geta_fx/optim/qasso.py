@@ -93,8 +93,9 @@ class QASSO(torch.optim.Optimizer):
             (decoupled weight decay).
         lr: learning rate of the weights (``param_groups[0]["lr"]``; LR schedulers change it).
         lr_quant: learning rate of every quantizer scalar (``log_d``, ``log_q_m``, ``t``;
-            weight and activation quantizers; the two logs make its steps relative).  Kept in ``param_groups[1]["lr_quant"]`` and never
-            scheduled (GETA_SPEC C.2); schedulers only touch the ``"lr"`` keys.
+            weight and activation quantizers; the two logs make its steps relative).  Kept
+            in ``param_groups[1]["lr_quant"]`` and never scheduled (GETA_SPEC C.2);
+            schedulers only touch the ``"lr"`` keys.
         weight_decay: default per variant (sgd 0, adam 0, adamw 1e-2); never applied to
             quantizer scalars.
         momentum, dampening: SGD heavy ball (default 0, 0).
