@@ -14,7 +14,9 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import max_rel_err
 from torch import nn
+from zoo import ZOO
 
 import geta_fx
 from geta_fx.errors import GetaFxError
@@ -296,3 +298,14 @@ def test_while_loop_body_parameters_get_a_reason_each() -> None:
         "body.weight": f"{body}; not analysed", "body.bias": f"{body}; not analysed"}
     assert [n.fqn for n in meta.get_unquantized(gm.graph_module)] == ["body.weight"]
     torch.testing.assert_close(gm(x), m(x), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_block", "gpt_block", "multi_io"])
+def test_zoo_second_round_is_the_first_round(name: str) -> None:
+    model, args = ZOO[name]()
+    first = geta_fx.transform(model, args, quantize="weight_act")
+    slim = first.compress()  # nothing zeroed: the same sizes
+    again = geta_fx.transform(slim, args, quantize="weight_act")
+    assert _shape(again) == _shape(first)
+    assert _bits(again) == _bits(first)
+    assert max_rel_err(again(*args), slim(*args)) == 0.0
