@@ -324,11 +324,20 @@ class _Reference:
     """The model whose FP32 cost and channel counts the relative numbers compare with."""
 
     name: str
-    channels: dict[str, int]                    # weight FQN -> output channels
+    channels: dict[str, int]                    # _channel_key(weight, dim) -> output channels
     layers: list[tuple[str, str | None, int]]   # (kind, weight FQN, MACs), graph order
     params: int
     groups: list[GroupRow] | None
     sizes: list[list[int]]                      # the input sizes its MACs are at
+
+
+def _channel_key(gm: torch.fx.GraphModule, lay: cost.Layer, fqn: str | None) -> str | None:
+    """``"<weight FQN>:<output dim>"``: a tied weight has other output channels in each of its
+    layers (an embedding's dim 1, the tied head's dim 0)."""
+    if fqn is None or lay.weight is None or lay.w_out_dim is None:
+        return None
+    shape = cost.weight_shape(gm, lay.weight)
+    return f"{fqn}:{lay.w_out_dim % len(shape)}" if shape else None
 
 
 def _measure(gm: torch.fx.GraphModule, name: str, sz: cost.Sizes) -> _Reference:
@@ -338,8 +347,9 @@ def _measure(gm: torch.fx.GraphModule, name: str, sz: cost.Sizes) -> _Reference:
     for lay in cost.find_layers(gm, sz):
         fqn = cost.weight_fqn(lay.weight, stored) if lay.weight is not None else None
         shape = cost.weight_shape(gm, lay.weight) if lay.weight is not None else None
-        if fqn is not None and shape and lay.w_out_dim is not None:
-            channels[fqn] = int(shape[lay.w_out_dim])
+        key = _channel_key(gm, lay, fqn)
+        if key is not None and shape and lay.w_out_dim is not None:
+            channels[key] = int(shape[lay.w_out_dim])
         layers.append((lay.kind, fqn, lay.macs + lay.extra_macs))
     return _Reference(name, channels, layers, cost.storage(gm).params, _group_rows(gm),
                       sz.inputs)
@@ -536,7 +546,7 @@ def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
         name=lay.node.name, module=cost.module_path(lay.node), op=cost.packet(lay.node),
         kind=lay.kind, weight=wfqn, in_channels=lay.in_channels,
         out_channels=lay.out_channels, kept_channels=kept,
-        ref_channels=ref_channels.get(wfqn) if wfqn else None, params=n_params,
+        ref_channels=ref_channels.get(_channel_key(gm, lay, wfqn) or ""), params=n_params,
         macs=lay.macs + lay.extra_macs, w_bits=w_bits, a_bits=a_bits, bops=layer_bops)
 
 

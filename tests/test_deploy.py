@@ -322,7 +322,7 @@ def test_artifact_carries_what_report_reads(tmp_path: Path) -> None:
     gm, x = _trained_like("weight")
     slim = gm.compress()
     assert slim.meta[DENSE] == dense_origin(gm)
-    assert slim.meta[DENSE]["channels"]["conv.weight"] == 12
+    assert slim.meta[DENSE]["channels"]["conv.weight:0"] == 12
     low = deploy.lower(slim)  # no reference=: the slim graph's own record
     md = low.meta[deploy.META_KEY]
     assert md["dense"] == slim.meta[DENSE] == low.meta[DENSE]

@@ -234,6 +234,22 @@ def _cnn() -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...
     return ConvBNNet().eval(), (torch.randn(2, 3, 8, 8),), (torch.randn(5, 3, 8, 8),)
 
 
+class TiedLM(nn.Module):
+    """idx[2,6] -> emb(20x8) -> fc(8->8)+relu -> logits with the embedding's weight (tied head:
+    quantized for the head, read as float by the embedding)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(20, 8), nn.Linear(8, 8)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.relu(self.fc(self.emb(idx))), self.emb.weight)
+
+
+def _tied() -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    return TiedLM().eval(), (torch.randint(0, 20, (2, 6)),), (torch.randint(0, 20, (3, 6)),)
+
+
 def _gpt() -> tuple[nn.Module, tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     from zoo import GPTBlock
 
@@ -281,15 +297,18 @@ def _assert_same(a: Report, b: Report, what: str) -> None:
         return [[(f, getattr(row, f)) for f in _LAYER] for row in rep.layers]
 
     assert rows(a) == rows(b), what
-    assert sorted((q.kind, q.bits_rounded) for q in a.quantizers) == sorted(
-        (q.kind, q.bits_rounded) for q in b.quantizers), what
-    assert [q.bits for q in a.quantizers if q.kind == "weight"] == pytest.approx(
-        [q.bits for q in b.quantizers if q.kind == "weight"]), what
+    def quant(rep: Report) -> list[tuple[str, str | None, int, float]]:  # weight: its param
+        return sorted((q.kind, q.target if q.kind == "weight" else None, q.bits_rounded, q.bits)
+                      for q in rep.quantizers)
+
+    qa, qb = quant(a), quant(b)
+    assert [q[:3] for q in qa] == [q[:3] for q in qb], what
+    assert [q[3] for q in qa] == pytest.approx([q[3] for q in qb], rel=1e-6), what
 
 
 @pytest.mark.parametrize(("build", "mode"), [(_cnn, "weight"), (_gpt, "weight"),
-                                             (_cnn, "weight_act")],
-                         ids=["cnn", "gpt_block", "cnn-weight_act"])
+                                             (_cnn, "weight_act"), (_tied, "weight")],
+                         ids=["cnn", "gpt_block", "cnn-weight_act", "tied_head"])
 def test_slim_lowered_loaded_report_the_same(build: Any, mode: str, tmp_path: Any) -> None:
     gm, model, x, x_other = _trained(build, mode)
     models = _slim_lowered_loaded(gm, tmp_path)
@@ -311,22 +330,23 @@ def test_slim_lowered_loaded_report_the_same(build: Any, mode: str, tmp_path: An
                            if not n.startswith("geta_quant"))
     want = {q.param_fqn: round(float(q.bit_width())) for q in gm.quantizers.values()
             if q.kind == "weight"}
-    for row in r.layers:
-        if row.weight in want:
-            assert row.w_bits == want[row.weight]
-            assert (row.a_bits == 32) == (mode == "weight")
-    ref_out = {n + ".weight": getattr(mod, "out_features", getattr(mod, "out_channels", None))
-               for n, mod in model.named_modules()}
-    assert all(row.ref_channels == ref_out[row.weight] for row in r.layers
-               if row.weight in want)
-    assert any(row.ref_channels > row.out_channels for row in r.layers if row.weight in want)
+    quantized = [row for row in r.layers if row.weight in want and row.kind != "embedding"]
+    for row in quantized:
+        assert row.w_bits == want[row.weight]
+        assert (row.a_bits == 32) == (mode == "weight")
+    dense_params = dict(model.named_parameters())
+    for row in r.layers:  # channels total: the eager model's weight, along the output dim
+        if row.weight is not None:
+            out_dim = 1 if row.kind == "embedding" else 0
+            assert row.ref_channels == dense_params[row.weight].shape[out_dim], row
+    assert any(row.ref_channels > row.kept_channels for row in quantized)
     assert r.group_sparsity == pytest.approx(
         sum(len(range(0, g.num_units, 3)) for g in gm.prunable_groups())
         / sum(g.num_units for g in gm.prunable_groups()))
     assert r.relative_bops == pytest.approx(r.bops / (dense.macs * 32 * 32))
     # the 3.4-bit weight is stored in 4 bits, yet every form reports its learned 3 bits
     assert any(w.bits == 4 and round(w.learned_bits) == 3 for w in low.meta["geta.lowbit"])
-    assert 3 in {row.w_bits for row in r.layers if row.weight in want}
+    assert 3 in {row.w_bits for row in quantized}
 
 
 def test_lowered_graph_without_metadata_still_reports(tmp_path: Any) -> None:
@@ -365,7 +385,7 @@ def test_record_dense_origin_never_fails_its_caller(caplog: pytest.LogCaptureFix
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     gm = geta_fx.transform(model, (torch.randn(4, 6),))
     slim = gm.compress()
-    assert slim.meta[DENSE]["channels"] == {"0.weight": 8, "2.weight": 3}
+    assert slim.meta[DENSE]["channels"] == {"0.weight:0": 8, "2.weight:0": 3}
     with caplog.at_level("WARNING", logger="geta_fx.report"):
         record_dense_origin(slim, 42)  # nothing the cost model can read
     assert DENSE not in slim.meta and "no dense-origin record" in caplog.text

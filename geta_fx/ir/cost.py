@@ -603,21 +603,32 @@ class Storage:
 
 
 def storage(gm: torch.fx.GraphModule) -> Storage:
-    """Model parameters and their bits; tied parameters once, quantizer scalars apart."""
+    """Model parameters and their bits; tied parameters once, quantizer scalars apart.
+
+    A parameter that a lowered graph keeps as a float parameter (a tied weight another layer
+    reads unquantized) *and* as a stored weight counts once, at the stored weight's learned
+    bits: as the slim model counts it (at its quantizer's bits).
+    """
     quant_prefixes = tuple(f"{n}." for n in quantizers(gm))
     wq = weight_quantizer_by_fqn(gm)
     wq_by_tensor = {id(get_attr_tensor(gm, fqn)): q for fqn, q in wq.items()
                     if _has_attr(gm, fqn)}
+    stored = stored_weights(gm)
+    replaced = {s.param for s in stored.values()}
+    aliases: dict[int, set[str]] = {}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), set()).add(name)
     n = scalars = 0
     bits = 0.0
     for name, p in gm.named_parameters():
         if quant_prefixes and name.startswith(quant_prefixes):
             scalars += p.numel()
             continue
+        if aliases[id(p)] & replaced:
+            continue
         q = wq_by_tensor.get(id(p))  # by tensor: tied weights have several FQNs
         n += p.numel()
         bits += p.numel() * (round(quantizer_bits(q)) if q is not None else p.element_size() * 8)
-    stored = stored_weights(gm)
     for s in stored.values():
         n += s.numel
         bits += s.numel * s.bits
