@@ -16,6 +16,12 @@ the lowered graph with :func:`torch.export.export` (batch dims that were dynamic
 dynamic) and writes it with :func:`torch.export.save`, the metadata as the extra file
 ``geta_fx.json``.  :func:`load` needs only ``geta_fx`` installed (for the ``geta`` op
 registrations), never the original model's code.
+
+The metadata also carries what :func:`geta_fx.report` needs to cost the artifact as it costs the
+slim model: ``"weights"`` (the lowering records: each packed weight's parameter, shape and
+learned bit width) and ``"dense"`` (the dense origin, :func:`geta_fx.report.dense_origin`:
+channels, MACs and parameters of the unpruned model).  :func:`load` restores them as
+``meta["geta.lowbit"]`` and ``meta["geta.dense"]``, where a lowered graph keeps them.
 """
 
 from __future__ import annotations
