@@ -324,20 +324,25 @@ class _Reference:
     """The model whose FP32 cost and channel counts the relative numbers compare with."""
 
     name: str
-    channels: dict[str, int]                    # _channel_key(weight, dim) -> output channels
+    channels: dict[str, int]                    # "<weight FQN>:<output dim>" -> channels
     layers: list[tuple[str, str | None, int]]   # (kind, weight FQN, MACs), graph order
     params: int
     groups: list[GroupRow] | None
     sizes: list[list[int]]                      # the input sizes its MACs are at
 
 
-def _channel_key(gm: torch.fx.GraphModule, lay: cost.Layer, fqn: str | None) -> str | None:
-    """``"<weight FQN>:<output dim>"``: a tied weight has other output channels in each of its
-    layers (an embedding's dim 1, the tied head's dim 0)."""
+def _out_channels(gm: torch.fx.GraphModule, lay: cost.Layer, fqn: str | None
+                  ) -> tuple[str, int] | None:
+    """(``"<weight FQN>:<output dim>"``, output channels) of a weight layer; keyed by the dim
+    too because a tied weight has other output channels in each of its layers (an embedding's
+    dim 1, the tied head's dim 0)."""
     if fqn is None or lay.weight is None or lay.w_out_dim is None:
         return None
     shape = cost.weight_shape(gm, lay.weight)
-    return f"{fqn}:{lay.w_out_dim % len(shape)}" if shape else None
+    if not shape:
+        return None
+    dim = lay.w_out_dim % len(shape)
+    return f"{fqn}:{dim}", int(shape[dim])
 
 
 def _measure(gm: torch.fx.GraphModule, name: str, sz: cost.Sizes) -> _Reference:
@@ -346,10 +351,9 @@ def _measure(gm: torch.fx.GraphModule, name: str, sz: cost.Sizes) -> _Reference:
     layers = []
     for lay in cost.find_layers(gm, sz):
         fqn = cost.weight_fqn(lay.weight, stored) if lay.weight is not None else None
-        shape = cost.weight_shape(gm, lay.weight) if lay.weight is not None else None
-        key = _channel_key(gm, lay, fqn)
-        if key is not None and shape and lay.w_out_dim is not None:
-            channels[key] = int(shape[lay.w_out_dim])
+        out = _out_channels(gm, lay, fqn)
+        if out is not None:
+            channels[out[0]] = out[1]
         layers.append((lay.kind, fqn, lay.macs + lay.extra_macs))
     return _Reference(name, channels, layers, cost.storage(gm).params, _group_rows(gm),
                       sz.inputs)
@@ -389,8 +393,16 @@ def record_dense_origin(slim: torch.fx.GraphModule, dense: Any) -> None:
 
 
 def _from_origin(d: Any) -> _Reference | None:
+    """The reference a :func:`dense_origin` record describes (None: not such a record)."""
     if not isinstance(d, dict) or d.get("format") != DENSE_FORMAT:
         return None
+    try:
+        return _parse_origin(d)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _parse_origin(d: dict[str, Any]) -> _Reference:
     groups = d.get("groups")
     return _Reference(
         f"the dense {d.get('model', 'model')} (slim-graph metadata)",
@@ -537,6 +549,7 @@ def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
     if lay.value is not None:  # sdpa: softmax(QK^T) (unquantized) @ V
         layer_bops += lay.extra_macs * FP_BITS * cost.bits_of(lay.value)
     wfqn = cost.weight_fqn(lay.weight, stored) if lay.weight is not None else None
+    out = _out_channels(gm, lay, wfqn)
     n_params = 0
     kept = None
     if lay.weight is not None and lay.weight.param is not None:
@@ -546,7 +559,7 @@ def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
         name=lay.node.name, module=cost.module_path(lay.node), op=cost.packet(lay.node),
         kind=lay.kind, weight=wfqn, in_channels=lay.in_channels,
         out_channels=lay.out_channels, kept_channels=kept,
-        ref_channels=ref_channels.get(_channel_key(gm, lay, wfqn) or ""), params=n_params,
+        ref_channels=ref_channels.get(out[0]) if out else None, params=n_params,
         macs=lay.macs + lay.extra_macs, w_bits=w_bits, a_bits=a_bits, bops=layer_bops)
 
 

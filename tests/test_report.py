@@ -389,3 +389,17 @@ def test_record_dense_origin_never_fails_its_caller(caplog: pytest.LogCaptureFix
     with caplog.at_level("WARNING", logger="geta_fx.report"):
         record_dense_origin(slim, 42)  # nothing the cost model can read
     assert DENSE not in slim.meta and "no dense-origin record" in caplog.text
+
+
+def test_malformed_dense_origin_is_ignored_with_a_note() -> None:
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    gm = geta_fx.transform(model, (torch.randn(4, 6),))
+    gm.zero_units(gm.prunable_groups()[0].id, [0, 1])
+    slim = gm.compress()
+    good = report(slim)
+    assert good.fp32_macs == 4 * (8 * 6 + 3 * 8) and good.group_sparsity == pytest.approx(2 / 8)
+    for bad in ({"format": 1, "channels": {}}, {"format": 99}, "dense"):
+        slim.meta[DENSE] = bad
+        r = report(slim)  # reports against the graph itself and says why
+        assert r.fp32_macs == r.macs == 4 * (6 * 6 + 3 * 6) and r.group_sparsity is None
+        assert any("ignored" in n for n in r.notes)
