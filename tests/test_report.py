@@ -403,3 +403,19 @@ def test_malformed_dense_origin_is_ignored_with_a_note() -> None:
         r = report(slim)  # reports against the graph itself and says why
         assert r.fp32_macs == r.macs == 4 * (6 * 6 + 3 * 6) and r.group_sparsity is None
         assert any("ignored" in n for n in r.notes)
+
+
+def test_dense_macs_follow_the_report_sizes() -> None:
+    """The dense origin is costed at capture-time sizes; at other sizes each dense layer scales
+    as its slim layer does (exact: pruning changes only channel dims), and a record whose
+    layers do not match the graph's stays at its own sizes, with a note."""
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    gm = geta_fx.transform(model, (torch.randn(4, 6),))
+    gm.zero_units(gm.prunable_groups()[0].id, [0, 1])
+    slim = gm.compress()
+    x7 = (torch.randn(7, 6),)
+    assert report(slim, x7).fp32_macs == report(model, x7).macs == 7 * (8 * 6 + 3 * 8)
+    slim.meta[DENSE]["layers"][0][0] = "conv"  # no longer the graph's layers
+    r = report(slim, x7)
+    assert r.fp32_macs == 4 * (8 * 6 + 3 * 8) and any("do not match" in n for n in r.notes)
+    assert report(slim).fp32_macs == 4 * (8 * 6 + 3 * 8)  # at its own sizes: no scaling needed
