@@ -127,10 +127,12 @@ def _entangled_dims(gm: torch.fx.GraphModule, args: tuple,
     A flatten into a Linear leaves ``6*(H-2)*(W-2) == 216``: H and W are symbols, but the
     graph takes one resolution.  Such dims would only make every analysis symbolic for
     nothing, so they are made static.  Probe: torch's guards for the example sizes with every
-    dim of one symbol changed (doubled, +1 or -1; meta tensors, nothing runs); a symbol no
-    change passes is re-probed together with the other failing ones (``H == W`` may change
-    together) and made static if that fails too.  (A bounded range, as a stride-32 CNN
-    captured at 32x32 gets, stays symbolic.)
+    dim of one symbol doubled (meta tensors, nothing runs); a symbol that fails is re-probed
+    together with the other failing ones (``H == W`` may double together) and made static if
+    that fails too.  NOTE: doubling, not +-1: floor divisions accept small intervals
+    (``H // 8 == 4`` takes 32..39), which keep a flatten's size symbolic and so cost
+    precision in every channel analysis for sizes nobody deploys; a tiny example (a stride-32
+    CNN at 32x32 pools to 1x1) can freeze a resolution that a realistic one keeps dynamic.
     """
     guards = getattr(gm, "_guards_fn", None)
     leaves = pytree.tree_leaves((args, kwargs))
@@ -151,19 +153,17 @@ def _entangled_dims(gm: torch.fx.GraphModule, args: tuple,
                 dims_of.setdefault(str(expr), []).append((i, d))
 
     def accepts(symbols: list[str]) -> bool:
-        for change in (lambda n: 2 * n, lambda n: n + 1, lambda n: n - 1):
-            probe = [list(s) for s in sizes]
-            for sym in symbols:
-                for i, d in dims_of[sym]:
-                    probe[i][d] = change(probe[i][d])
-            try:
-                guards(*_meta_inputs(probe))
-            except AssertionError:
-                continue
-            except Exception:  # noqa: BLE001 - a guard that cannot run on meta proves nothing
-                return True
+        probe = [list(s) for s in sizes]
+        for sym in symbols:
+            for i, d in dims_of[sym]:
+                probe[i][d] *= 2
+        try:
+            guards(*_meta_inputs(probe))
+        except AssertionError:
+            return False
+        except Exception:  # noqa: BLE001 - a guard that cannot run on meta proves nothing
             return True
-        return False
+        return True
 
     failing = [sym for sym in dims_of if not accepts([sym])]
     if not failing or accepts(failing):
