@@ -277,7 +277,9 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     ``meta["geta.deploy"]`` set to the artifact's metadata, and the parts
     :func:`geta_fx.report` reads restored where a lowered graph keeps them: the lowering records
     (``meta["geta.lowbit"]``, as JSON dicts) and the dense origin (``meta["geta.dense"]``), so
-    the loaded model reports what the lowered one does.
+    the loaded model reports what the lowered one does.  The ``geta_lowbit`` holders come back
+    as :class:`~geta_fx.passes.lower_quant.LowbitHolder` s, so ``.half()`` converts the loaded
+    model as it converts the lowered one.
     """
     import geta_fx.ops  # noqa: F401  (geta:: schemas, reference and fake impls)
     from geta_fx.lowbit_kernels import ensure_loaded
@@ -289,8 +291,10 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     raw = extra.get(EXTRA_FILE) or ""
     metadata: dict[str, Any] = json.loads(raw) if raw else {}
     module.meta[META_KEY] = metadata
-    from geta_fx.passes.lower_quant import LOWBIT
+    from geta_fx.passes.lower_quant import LOWBIT, adopt_holders
     from geta_fx.report import DENSE
+
+    adopt_holders(module)  # .half()/.to(bf16) keep the float32 op scalars, as before saving
 
     if metadata.get("weights"):
         module.meta[LOWBIT] = tuple(metadata["weights"])

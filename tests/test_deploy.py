@@ -316,7 +316,7 @@ def test_module_lowbit_constants() -> None:
 def test_artifact_carries_what_report_reads(tmp_path: Path) -> None:
     """The dense origin (``meta["geta.dense"]``) and the lowering records (``meta["geta.lowbit"]``)
     go from the slim graph through lower and save into geta_fx.json, and load restores them."""
-    from geta_fx.passes.lower_quant import LOWBIT
+    from geta_fx.passes.lower_quant import HOLDER, LOWBIT, LowbitHolder
     from geta_fx.report import DENSE, dense_origin
 
     gm, x = _trained_like("weight")
@@ -331,6 +331,9 @@ def test_artifact_carries_what_report_reads(tmp_path: Path) -> None:
     assert deploy.load_metadata(tmp_path / "m.pt2")["dense"] == md["dense"]
     m = deploy.load(tmp_path / "m.pt2")
     assert m.meta[DENSE] == md["dense"]
+    holders = list(getattr(m, HOLDER).children())  # adopted: .half() keeps op scalars fp32
+    assert len(holders) == 3 and all(isinstance(h, LowbitHolder) for h in holders)
+    torch.testing.assert_close(m.half()(x.half()).float(), low(x), rtol=5e-2, atol=5e-2)
     assert [w["param"] for w in m.meta[LOWBIT]] == [w.param for w in low.meta[LOWBIT]] == [
         "conv.weight", "fc1.weight", "fc2.weight"]
     # reference= (here at another batch size) replaces the slim graph's record
