@@ -231,9 +231,9 @@ def trace_operand(gm: torch.fx.GraphModule, arg: Any) -> Operand:
             if op.quantizer is None and op.bits is None:
                 op.bits = int(bits)
         elif geta == "quantize":
-            bits = frozen_quantize_bits(gm, node)
-            if op.quantizer is None and op.bits is None and bits is not None:
-                op.bits = int(round(bits))
+            act_bits = frozen_quantize_bits(gm, node)
+            if op.quantizer is None and op.bits is None and act_bits is not None:
+                op.bits = int(round(act_bits))
         elif not (node.op == "call_function" and packet(node) in _TRANSPARENT):
             return op
         elif packet(node) in _FLIPS:
