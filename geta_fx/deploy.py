@@ -174,8 +174,8 @@ def _inputs_from_placeholders(gm: torch.fx.GraphModule
                               ) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
     """Example inputs (zeros at the capture-time sizes) and dynamic_shapes from placeholder vals.
 
-    Dims that were symbolic at capture (the batch) become ``Dim.AUTO`` (their example size is at
-    least 2, so export does not specialise them to 0/1).
+    Dims that were symbolic at capture (batch, sequence, resolution) become ``Dim.AUTO`` (their
+    example size is at least 2, so export does not specialise them to 0/1).
     """
     inputs: list[torch.Tensor] = []
     dynamic: list[Any] = []
@@ -188,8 +188,8 @@ def _inputs_from_placeholders(gm: torch.fx.GraphModule
                              "pass example_inputs=")
         sizes, dims = [], {}
         for i, s in enumerate(val.shape):
-            if isinstance(s, int):
-                sizes.append(s)
+            if isinstance(s, int) or getattr(s.node.expr, "is_number", False):
+                sizes.append(int(s))  # static (also a SymInt export specialised to a constant)
             else:
                 sizes.append(max(_hint(s), 2))
                 dims[i] = torch.export.Dim.AUTO

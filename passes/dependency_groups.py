@@ -117,6 +117,7 @@ class _Analyzer:
         self.spaces: list[tuple[int, int, str]] = []  # (first atom, count, node name)
         self.pins: list[tuple[np.ndarray, str, str]] = []
         self.externals: list[tuple[str, int, int, str]] = []
+        self.fixed_reads: list[tuple[str, int, torch.fx.Node]] = []
         self.node: torch.fx.Node | None = None
 
     # ------------------------------------------------------------- rule API
@@ -200,6 +201,21 @@ class _Analyzer:
 
     def param_atoms(self, fqn: str, dim: int) -> np.ndarray | None:
         return self.params.get((fqn, dim))
+
+    def reads_fixed_channels(self, fqn: str, dim: int, node: torch.fx.Node) -> None:
+        """Dim ``dim`` of ``fqn`` meets channels no group owns (a graph input) at ``node``.
+
+        Only a tied weight can also be labelled by another use; whatever atoms that use gives
+        it are pinned once the graph is done (``_pin_fixed_reads``).
+        """
+        self.fixed_reads.append((fqn, dim, node))
+
+    def _pin_fixed_reads(self) -> None:
+        for fqn, dim, node in self.fixed_reads:
+            atoms = self.params.get((fqn, dim))
+            if atoms is not None:
+                self.pin(atoms, node, f"parameter {fqn} dim {dim} (a tied weight) also reads "
+                                      "channels that cannot be pruned (a graph input)")
 
     def label_param(self, fqn: str, dim: int, atoms: np.ndarray, role: str) -> None:
         key = (fqn, dim)
@@ -285,6 +301,7 @@ class _Analyzer:
                 out = None
             if out is not None:
                 self.labels[node] = out
+        self._pin_fixed_reads()
 
 
 def _op_name(node: torch.fx.Node) -> str:

@@ -105,3 +105,30 @@ def test_pass_is_honest_and_idempotent() -> None:
                              (torch.randn(2, 6),)).graph_module
     code = untied.code
     assert not TieWeights()(untied).modified and untied.code == code
+
+
+class TiedAcrossRoles(nn.Module):
+    """One [6, 6] weight W used twice, so its dim 1 is both x's features and mid's outputs:
+
+        x --enc(W)--> relu --mid--> relu --dec(W)-->
+    mid's output channels meet the graph input through W: they must not be pruned.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 6, bias=False)
+        self.mid = nn.Linear(6, 6)
+        self.dec = nn.Linear(6, 6, bias=False)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dec(torch.relu(self.mid(torch.relu(self.enc(x)))))
+
+
+def test_a_tie_couples_the_channel_spaces_of_both_uses() -> None:
+    model = TiedAcrossRoles().eval()
+    gm = geta_fx.transform(model, (torch.randn(4, 6),))
+    mid = next(g for g in gm.groups if any(m.fqn == "mid.bias" for m in g.members))
+    assert not mid.prunable and "tied weight" in str(mid.reason)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(gm.compress()(x), model(x))

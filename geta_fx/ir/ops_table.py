@@ -242,6 +242,7 @@ def _bias(an: Any, b: Any, atoms: np.ndarray) -> None:
 def _consume(an: Any, node: torch.fx.Node, lab: Label | None, src: Any, wdim: int) -> None:
     """The stem's input channel dimension reads ``lab``: weight dim ``wdim`` is sliced."""
     if lab is None:
+        an.reads_fixed_channels(src[0], src[1][wdim], node)
         return
     if not lab.ok:
         an.pin(lab, node, f"{node.target}: input channels are not zero when pruned "
