@@ -522,7 +522,7 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         prunable_units = zero_units = None
         sparsity = None
         sparsity_from = None
-    notes += _notes(layers, st, macs_a)
+    notes += _notes(layers, st, macs_a) + _param_notes(gm)
     return Report(
         model=kind, batch=sz.batch,
         shapes_from="example inputs" if sz.from_inputs else "capture-time sizes",
@@ -587,6 +587,13 @@ def _quant_rows(gm: torch.fx.GraphModule, stored: dict[str, cost.StoredWeight]
             rows.append(QuantRow(holder, "act", ", ".join(u.name for u in node.users) or None,
                                  act_bits, int(round(act_bits))))
     return rows
+
+
+def _param_notes(gm: torch.fx.GraphModule) -> list[str]:
+    """Parameters the passes left out of every group or unquantized, with their reasons."""
+    notes = [f"{n.fqn} is in no prunable group: {n.reason}" for n in meta.get_ungrouped(gm)]
+    notes += [f"{n.fqn} is not quantized: {n.reason}" for n in meta.get_unquantized(gm)]
+    return notes
 
 
 def _notes(layers: list[cost.Layer], st: cost.Storage, macs_a: int) -> list[str]:

@@ -220,6 +220,10 @@ def test_cond_branch_parameters_get_a_reason_each(caplog: pytest.LogCaptureFixtu
     assert sorted(q.param_fqn for q in gm.quantizers.values()) == ["post.weight", "pre.weight"]
     text = caplog.text
     assert "a.weight" in text and "b.bias" in text and "true_graph_0" in text
+    notes = geta_fx.report(gm).notes  # and the report says so
+    assert any(n.startswith("a.weight is in no prunable group: used inside torch.cond")
+               for n in notes)
+    assert any(n.startswith("b.weight is not quantized") for n in notes)
     torch.testing.assert_close(gm(x), m(x), rtol=1e-3, atol=1e-3)
 
 
