@@ -8,7 +8,7 @@ from typing import Any
 from geta_fx.api import default_pipeline, transform
 from geta_fx.capture import Captured, capture
 from geta_fx.errors import (CaptureError, GetaFxError, InputError, NodeError, PassError,
-                            PipelineOrderError, QuantizerError)
+                            PipelineOrderError, QuantizerError, TrainingError)
 from geta_fx.ir.meta import ParamSlice, PruneGroup
 from geta_fx.module import GetaModule
 from geta_fx.pipeline import GraphPass, PassResult, Pipeline
@@ -39,5 +39,6 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CaptureError", "Captured", "GetaFxError", "GetaModule", "GraphPass", "InputError",
     "NodeError", "ParamSlice", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
-    "PruneGroup", "QuantizerError", "capture", "default_pipeline", "transform", *_LAZY,
+    "PruneGroup", "QuantizerError", "TrainingError", "capture", "default_pipeline", "transform",
+    *_LAZY,
 ]

@@ -49,3 +49,8 @@ class NodeError(GetaFxError):
 
 class QuantizerError(GetaFxError):
     """A quantizer holds invalid parameters (NaN, non-positive step or range)."""
+
+
+class TrainingError(GetaFxError):
+    """Training cannot go on as asked (e.g. non-finite gradients step after step); names the
+    step and what was non-finite."""

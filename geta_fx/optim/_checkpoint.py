@@ -84,6 +84,9 @@ def load_checkpoint(path: str | os.PathLike[str], gm: nn.Module | None = None, *
     gm.load_state_dict(payload["module_state"])
     gm.train(payload["training"])
     opt_state = payload["optimizer"]
-    opt = QASSO(gm, **opt_state["qasso"]["config"])
+    config = dict(opt_state["qasso"]["config"])
+    if opt_state["qasso"].get("version") == 2:  # written before per-group limits existed:
+        config.setdefault("min_kept", 1)        # keep its rule (one unit per group) on resume
+    opt = QASSO(gm, **config)
     opt.load_state_dict(opt_state)
     return Checkpoint(module=gm, optimizer=opt, extra=payload["extra"])

@@ -92,15 +92,17 @@ def _segment_rank(keys: Tensor, unit_group: Tensor, group_start: Tensor,
 
 
 def select_units(scores: Tensor, pruned: Tensor, unit_group: Tensor, group_start: Tensor,
-                 group_size: Tensor, n_new: Tensor, divisible: int = 1) -> Tensor:
+                 group_size: Tensor, n_new: Tensor, divisible: int = 1,
+                 keep_min: Tensor | None = None) -> Tensor:
     """The ``n_new`` lowest-scoring units that may still be pruned, as a bool mask ``[U]``.
 
     GETA_SPEC G.2 #11 fixed: already-pruned units are excluded *before* ranking, then the
     ``n_new`` lowest scores are taken globally (the reference truncates an index-sorted set).
 
-    "At least one unit per group" is enforced up front: in every group the highest-scoring
-    unit that is not pruned is protected, so the global selection never has to be undone and
-    only runs short when fewer than ``n_new`` units are selectable at all.  With
+    "At least ``keep_min[g]`` units per group" (default one; see :mod:`geta_fx.optim._limits`)
+    is enforced up front: in every group the ``keep_min[g]`` highest-scoring units that are not
+    pruned are protected, so the global selection never has to be undone and only runs short
+    when fewer than ``n_new`` units are selectable at all.  With
     ``divisible > 1`` each group's count is then rounded down so that the units it keeps are a
     multiple of ``divisible`` (the reference's ``group_divisible``), and the slots that frees go,
     a block of ``divisible`` units at a time, to the groups with the cheapest next block; what
@@ -109,9 +111,10 @@ def select_units(scores: Tensor, pruned: Tensor, unit_group: Tensor, group_start
     """
     big = torch.finfo(scores.dtype).max
     alive_scores = torch.where(pruned, -big, scores)
-    _, by_group = _segment_rank(alive_scores, unit_group, group_start, descending=True)
-    protected = torch.zeros_like(pruned)
-    protected[by_group[group_start]] = True
+    if keep_min is None:
+        keep_min = torch.ones_like(group_size)
+    alive_rank, _ = _segment_rank(alive_scores, unit_group, group_start, descending=True)
+    protected = alive_rank < keep_min[unit_group]
     excluded = pruned | protected
     masked = torch.where(excluded, big, scores)
     order = torch.argsort(masked, stable=True)
@@ -137,7 +140,7 @@ def select_units(scores: Tensor, pruned: Tensor, unit_group: Tensor, group_start
     remaining = (n_new - allowed.sum()).clamp_min(0)
     gap = kept_before - allowed
     block = torch.where(gap % divisible == 0, torch.full_like(gap, divisible), gap % divisible)
-    can = gap - block >= divisible
+    can = (gap - block >= divisible) & (gap - block >= keep_min)
     last = (group_start + allowed + block - 1).clamp(max=len(scores) - 1)
     block_score = torch.where(can, masked[by_group[last]], torch.full_like(masked[last], big))
     order_g = torch.argsort(block_score, stable=True)

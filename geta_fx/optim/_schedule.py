@@ -171,3 +171,87 @@ class Schedule:
         if period >= self.pruning_periods - 1:
             return k_total
         return (period + 1) * (k_total // self.pruning_periods)
+
+
+# ---------------------------------------------------------------------- schedule from a budget
+#: Stage shares of a step budget used by :func:`schedule` (cool-down takes the rest, 40%).
+STAGE_SHARES: dict[str, float] = {"warmup": 0.05, "projection": 0.20, "pruning": 0.35}
+#: The six step arguments of QASSO that :func:`schedule` fills in.
+STEP_ARGS: tuple[str, ...] = ("start_projection_step", "projection_steps", "projection_periods",
+                              "start_pruning_step", "pruning_steps", "pruning_periods")
+
+
+def schedule(total_steps: int, *, warmup: float = STAGE_SHARES["warmup"],
+             projection: float = STAGE_SHARES["projection"],
+             pruning: float = STAGE_SHARES["pruning"], projection_periods: int = 1,
+             pruning_periods: int | None = None) -> dict[str, int]:
+    """QASSO's six step arguments for a budget of ``total_steps`` optimizer steps.
+
+    ``QASSO(gm, **schedule(1000))`` (or ``QASSO(gm, total_steps=1000)``) runs::
+
+        warm-up     5%  (k <= 50)      the quantizer scalars and Adam moments settle on the
+                                        (pretrained) weights before any constraint applies
+        projection 20%  (50 < k <= 250) bit widths are projected into the shrinking range;
+                                        the weights adapt to each reduction before pruning
+        pruning    35%  (250 < k <= 600) P periods of T steps: each period's units are faded
+                                        out by the forget term over T-1 steps, not cut at once,
+                                        so longer periods remove units more gently
+        cool-down  40%  (k > 600)      bits frozen, nothing removed any more: plain fine-tuning
+                                        that recovers the accuracy the removal cost
+
+    ``pruning_periods`` defaults to ``pruning_steps // 10`` clamped to ``[1, 10]`` (periods of
+    at least 10 steps where the budget allows, at most 10 of them, as in GETA's recipes).
+    Shares are fractions of ``total_steps``; they must sum to at most 1 (the rest is cool-down).
+    """
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 2:
+        raise InputError(f"schedule: total_steps must be an int >= 2, got {total_steps!r}")
+    shares = {"warmup": warmup, "projection": projection, "pruning": pruning}
+    for name, v in shares.items():
+        if not 0.0 <= float(v) <= 1.0:
+            raise InputError(f"schedule: {name} share must lie in [0, 1], got {v}")
+    if sum(shares.values()) > 1.0 + 1e-9:
+        raise InputError(f"schedule: stage shares sum to {sum(shares.values()):.3f} > 1 "
+                         f"({shares}); the rest of the budget is the cool-down")
+    s_b = int(round(warmup * total_steps))
+    k_b = int(round(projection * total_steps))
+    k_p = max(1, int(round(pruning * total_steps)))
+    s_p = s_b + k_b
+    if s_p + k_p > total_steps:
+        k_p = max(1, total_steps - s_p)
+        s_p = min(s_p, total_steps - k_p)
+        s_b, k_b = min(s_b, s_p), min(k_b, s_p - min(s_b, s_p))
+    p = max(1, min(10, k_p // 10)) if pruning_periods is None else pruning_periods
+    return {"start_projection_step": s_b, "projection_steps": k_b,
+            "projection_periods": projection_periods, "start_pruning_step": s_p,
+            "pruning_steps": k_p, "pruning_periods": p}
+
+
+def resolve_steps(total_steps: int | None, given: dict[str, int | None],
+                  defaults: dict[str, int]) -> dict[str, int]:
+    """The six step arguments of QASSO: explicit ones win, the rest come from ``total_steps``
+    (:func:`schedule`) or, without a budget, from ``defaults``.  A combination that does not fit
+    the budget is an InputError naming which values were given and which derived."""
+    explicit = {k: v for k, v in given.items() if v is not None}
+    if total_steps is None:
+        return {k: explicit.get(k, defaults[k]) for k in STEP_ARGS}
+    derived = schedule(total_steps, **({"pruning_periods": explicit["pruning_periods"]}
+                                       if "pruning_periods" in explicit else {}),
+                       **({"projection_periods": explicit["projection_periods"]}
+                          if "projection_periods" in explicit else {}))
+    out = derived | explicit
+
+    def where(name: str) -> str:
+        return f"{name}={out[name]} ({'given' if name in explicit else 'from total_steps'})"
+    end = out["start_pruning_step"] + out["pruning_steps"]
+    if end > total_steps:
+        raise InputError(f"QASSO: the pruning stage ends at step {end}, after total_steps="
+                         f"{total_steps}: {where('start_pruning_step')} + "
+                         f"{where('pruning_steps')}")
+    if out["start_pruning_step"] < out["start_projection_step"]:
+        raise InputError(f"QASSO: {where('start_pruning_step')} < "
+                         f"{where('start_projection_step')}; with total_steps pass both or "
+                         "neither")
+    if out["pruning_steps"] < out["pruning_periods"]:
+        raise InputError(f"QASSO: {where('pruning_steps')} < {where('pruning_periods')} "
+                         f"(total_steps={total_steps}); each period needs a step")
+    return out

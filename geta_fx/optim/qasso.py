@@ -50,18 +50,20 @@ implemented:
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from geta_fx.errors import InputError
-from geta_fx.optim import _directions, _joint, _saliency
+from geta_fx.errors import InputError, TrainingError
+from geta_fx.optim import _directions, _joint, _limits, _saliency
 from geta_fx.optim._layout import Layout, build_layout
-from geta_fx.optim._schedule import Schedule, Stage
+from geta_fx.optim._schedule import STEP_ARGS, Schedule, Stage, resolve_steps
 from geta_fx.quantizer import Q_M_MIN, bit_width, d_for_bits
 
 __all__ = ["QASSO"]
@@ -75,7 +77,26 @@ _VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"betas": (0.9, 0.999), "weight_decay": 1e-2},
 }
 #: 2: the quantizer moments are those of ``log_q_m`` (version 1 stepped a raw ``q_m``).
-_STATE_VERSION = 2
+#: 3: adds the non-finite step counters; version 2 states load with both at 0.
+_STATE_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
+#: QASSO's step arguments without ``total_steps`` (the historic defaults).
+_STEP_DEFAULTS = {"start_projection_step": 0, "projection_steps": 1, "projection_periods": 1,
+                  "start_pruning_step": 1, "pruning_steps": 1, "pruning_periods": 1}
+
+logger = logging.getLogger("geta_fx.optim")
+
+
+def _as_float(x: Any) -> float | None:
+    if x is None:
+        return None
+    return float(x.detach().float().mean()) if isinstance(x, Tensor) else float(x)
+
+
+def _warn(msg: str, stacklevel: int) -> None:
+    """A user-facing warning: ``warnings.warn`` (pointing at the user's line) and the log."""
+    warnings.warn(msg, UserWarning, stacklevel=stacklevel + 1)
+    logger.warning(msg)
 
 
 def _q_m(log_q_m: Tensor) -> Tensor:
@@ -105,10 +126,28 @@ class QASSO(torch.optim.Optimizer):
         bit_reduction: how much ``b_u`` drops per projection period.
         act_bit_range: fixed bit range of activation quantizers; ``None``: they follow the
             weights' shrinking range.
+        total_steps: the run's step budget; the six step arguments below that are not given
+            come from :func:`geta_fx.optim.schedule` (warm-up 5%, projection 20%, pruning 35%,
+            cool-down 40%).  Given ones win; a pruning stage that ends after ``total_steps``
+            is an InputError.  Without it the step arguments default to 0, 1, 1, 1, 1, 1.
         start_projection_step, projection_steps, projection_periods: ``s_b``, ``K_b``, ``B``.
         start_pruning_step, pruning_steps, pruning_periods: ``s_p``, ``K_p``, ``P``.
         importance: saliency criterion -> weight (default: the five criteria at 0.2 each).
         group_divisible: units kept per group must be a multiple of this.
+        min_kept: fewest units every group keeps: an int (units) or a float in (0, 1) (share
+            of the group's units).  ``max_sparsity``: largest share of any group's units that
+            may go.  With neither, a group keeps at least ``ceil((1 - target_sparsity) / 2 *
+            units)`` (never below half the average kept share); always at least one unit.
+            Rule and reasons: :mod:`geta_fx.optim._limits`.
+        skip: fnmatch patterns on parameter names or module paths (``"conv1"``,
+            ``"layers.0.*"``, ``"*.downsample.*"``); a group any of whose pruned ("out")
+            slices they name is never pruned (it still counts in ``target_sparsity``'s
+            units).  A pattern that names nothing in the model is an InputError.
+        nonfinite_patience: a step whose gradients (or closure loss) are not all finite is
+            skipped -- no parameter, moment or counter changes -- and counted; that many in a
+            row raise :class:`geta_fx.TrainingError` naming the step and the first non-finite
+            gradient.  The check costs one host sync per step (as ``GradScaler`` does);
+            ``None`` turns it off (non-finite values then flow into the weights).
         process_group: DDP group whose rank 0 broadcasts selections and frozen bit widths
             (default: the default group when ``torch.distributed`` is initialised).
     """
@@ -119,10 +158,13 @@ class QASSO(torch.optim.Optimizer):
                  betas: tuple[float, float] | None = None, eps: float = 1e-8,
                  target_sparsity: float = 0.5, bit_range: tuple[float, float] = (4, 16),
                  bit_reduction: float = 2, act_bit_range: tuple[float, float] | None = None,
-                 start_projection_step: int = 0, projection_steps: int = 1,
-                 projection_periods: int = 1, start_pruning_step: int = 1,
-                 pruning_steps: int = 1, pruning_periods: int = 1,
+                 total_steps: int | None = None, start_projection_step: int | None = None,
+                 projection_steps: int | None = None, projection_periods: int | None = None,
+                 start_pruning_step: int | None = None, pruning_steps: int | None = None,
+                 pruning_periods: int | None = None,
                  importance: Mapping[str, float] | None = None, group_divisible: int = 1,
+                 min_kept: int | float | None = None, max_sparsity: float | None = None,
+                 skip: Sequence[str] = (), nonfinite_patience: int | None = 5,
                  process_group: Any = None) -> None:
         if variant not in _VARIANT_DEFAULTS:
             raise InputError(f"QASSO: variant must be 'sgd', 'adam' or 'adamw', got {variant!r}")
@@ -141,12 +183,21 @@ class QASSO(torch.optim.Optimizer):
         mom = vd.get("momentum", 0.0) if momentum is None else float(momentum)
         damp = vd.get("dampening", 0.0) if dampening is None else float(dampening)
         b1, b2 = vd.get("betas", (0.9, 0.999)) if betas is None else betas
-        self.schedule = Schedule(
-            start_projection_step=start_projection_step, projection_steps=projection_steps,
-            projection_periods=projection_periods, start_pruning_step=start_pruning_step,
-            pruning_steps=pruning_steps, pruning_periods=pruning_periods,
-            bit_range=(float(bit_range[0]), float(bit_range[1])),
-            bit_reduction=float(bit_reduction))
+        if nonfinite_patience is not None and (isinstance(nonfinite_patience, bool) or not
+                                               isinstance(nonfinite_patience, int) or
+                                               nonfinite_patience < 1):
+            raise InputError(f"QASSO: nonfinite_patience must be an int >= 1 or None, got "
+                             f"{nonfinite_patience!r}")
+        if isinstance(skip, str):
+            skip = (skip,)
+        steps = resolve_steps(total_steps, {
+            "start_projection_step": start_projection_step, "projection_steps": projection_steps,
+            "projection_periods": projection_periods, "start_pruning_step": start_pruning_step,
+            "pruning_steps": pruning_steps, "pruning_periods": pruning_periods}, _STEP_DEFAULTS)
+        self.schedule = Schedule(**steps, bit_range=(float(bit_range[0]), float(bit_range[1])),
+                                 bit_reduction=float(bit_reduction))
+        self.total_steps = total_steps
+        self.nonfinite_patience = nonfinite_patience
         if act_bit_range is not None and not 0.0 < act_bit_range[0] <= act_bit_range[1]:
             raise InputError(f"QASSO: act_bit_range must satisfy 0 < lo <= hi, "
                              f"got {act_bit_range}")
@@ -162,11 +213,10 @@ class QASSO(torch.optim.Optimizer):
             "momentum": mom, "dampening": damp, "betas": (b1, b2), "eps": eps,
             "target_sparsity": self.target_sparsity, "bit_range": tuple(bit_range),
             "bit_reduction": bit_reduction, "act_bit_range": act_bit_range,
-            "start_projection_step": start_projection_step,
-            "projection_steps": projection_steps, "projection_periods": projection_periods,
-            "start_pruning_step": start_pruning_step, "pruning_steps": pruning_steps,
-            "pruning_periods": pruning_periods, "importance": dict(self.importance),
-            "group_divisible": group_divisible}
+            "total_steps": total_steps, **steps, "importance": dict(self.importance),
+            "group_divisible": group_divisible, "min_kept": min_kept,
+            "max_sparsity": max_sparsity, "skip": tuple(skip),
+            "nonfinite_patience": nonfinite_patience}
 
         # ---- parameters: quantizer scalars vs everything else
         self._quant_names = list(gm.quantizers)
@@ -213,8 +263,17 @@ class QASSO(torch.optim.Optimizer):
         self._stats_widx = [widx[id(p)] for p in self.layout.params]
         self.num_units = self.layout.num_units
         self.k_target = math.floor(self.target_sparsity * self.num_units)
-        self.max_prunable = _saliency.max_prunable(self.layout.group_size.cpu(),
-                                                   group_divisible)
+        by_id = {g.id: g for g in gm.groups}
+        names = [n for n, _ in gm.graph_module.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in gm.graph_module.named_buffers(remove_duplicate=False)]
+        self.limits = _limits.resolve(
+            [by_id[i] for i in self.layout.group_ids], target=self.target_sparsity,
+            min_kept=min_kept, max_sparsity=max_sparsity, skip=tuple(skip),
+            divisible=group_divisible, names=names)
+        self._keep_min = torch.tensor(self.limits.keep_min, dtype=torch.long, device=device)
+        self.max_prunable = self.limits.max_prunable
+        self._warn_unreachable()
+        self._param_names = self._name_params(gm, weights)
 
         # ---- optimizer state (tensors on the parameters' device; counters are ints)
         self._k = 0
@@ -224,6 +283,8 @@ class QASSO(torch.optim.Optimizer):
         self._frozen_bits: Tensor | None = None
         self._zero_lists: list[tuple[Tensor, Tensor]] = []
         self._qstate: dict[str, Any] = {"step": 0}
+        self._skipped = 0            # steps skipped for non-finite values, in all
+        self._nonfinite_streak = 0   # ... in a row, up to now
         if variant != "sgd":
             for p in weights:
                 self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p),
@@ -232,7 +293,35 @@ class QASSO(torch.optim.Optimizer):
             self._qstate.update(exp_avg=torch.zeros(n, device=device),
                                 exp_avg_sq=torch.zeros(n, device=device))
 
+    # ------------------------------------------------------------------ construction helpers
+    def _warn_unreachable(self) -> None:
+        """Warn (and log) when the limits leave fewer removable units than the target asks."""
+        if self.k_target <= self.max_prunable:
+            return
+        if self.num_units == 0:
+            msg = (f"QASSO: target_sparsity={self.target_sparsity:.1%} but the model has no "
+                   "prunable groups (see gm.groups[i].reason); nothing will be removed")
+        else:
+            msg = _limits.shortfall_message(self.limits, self.layout.group_ids,
+                                            self.target_sparsity, self.k_target, self.num_units)
+        _warn(msg, stacklevel=3)  # _warn_unreachable <- __init__ <- the user's QASSO(...)
+
+    def _name_params(self, gm: nn.Module, weights: list[nn.Parameter]) -> list[str]:
+        """Names of the checked parameters, in :meth:`_grads_to_check` order."""
+        by_id: dict[int, str] = {}
+        for n, p in gm.named_parameters():
+            by_id.setdefault(id(p), n)
+        names = [by_id.get(id(p), f"weight #{i}") for i, p in enumerate(weights)]
+        for field in ("log_d", "log_q_m", "t"):
+            names += [f"quantizer {q!r} {field}" for q in self._quant_names]
+        return names
+
     # ================================================================== public helpers
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped so far because a gradient (or the closure loss) was not finite."""
+        return self._skipped
+
     @property
     def step_count(self) -> int:
         """Number of ``step()`` calls so far (the spec's ``k``)."""
@@ -268,6 +357,8 @@ class QASSO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.nonfinite_patience is not None and self._skip_nonfinite(loss):
+            return loss
         self._k += 1
         k, sch = self._k, self.schedule
         stage = sch.stage(k)
@@ -308,6 +399,48 @@ class QASSO(torch.optim.Optimizer):
         for t, idx in self._zero_lists:
             t.view(-1).index_fill_(0, idx, 0.0)
         return loss
+
+    # ------------------------------------------------------------------ non-finite steps
+    def _skip_nonfinite(self, loss: Any) -> bool:
+        """True (and counted) when this step must be skipped: one fused max-abs reduction over
+        every gradient and one host sync; raises TrainingError after ``nonfinite_patience``."""
+        params = [p for g in self.param_groups for p in g["params"]]
+        grads = [p.grad for p in params if p.grad is not None]
+        checks = list(torch._foreach_norm(grads, float("inf"))) if grads else []
+        if isinstance(loss, Tensor):
+            checks.append(loss.detach().abs().max().to(checks[0].device if checks else
+                                                      loss.device, torch.float32))
+        if not checks:
+            return False
+        finite = torch.stack([c.float() for c in checks]).isfinite()
+        if bool(finite.all()):
+            self._nonfinite_streak = 0
+            return False
+        self._skipped += 1
+        self._nonfinite_streak += 1
+        what = self._first_nonfinite(params, finite, loss)
+        step = self._k + 1
+        if self._nonfinite_streak >= self.nonfinite_patience:  # type: ignore[operator]
+            raise TrainingError(
+                f"QASSO: step {step} is the {self._nonfinite_streak}th in a row with non-finite "
+                f"values ({what}); {self._skipped} steps skipped in all, nothing was applied. "
+                "Check the batch and the loss of these steps, lower lr, or clip gradients "
+                "(opt.grad_clipping / torch.nn.utils.clip_grad_norm_)")
+        logger.warning("QASSO: step %d skipped (%s); %d in a row, %d in all", step, what,
+                       self._nonfinite_streak, self._skipped)
+        return True
+
+    def _first_nonfinite(self, params: list[nn.Parameter], finite: Tensor, loss: Any) -> str:
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        bad = (~finite).nonzero().flatten().tolist()
+        if bad[0] >= len(with_grad):
+            return f"the loss is {float(loss.detach().float().reshape(-1)[0])}"
+        i = with_grad[bad[0]]
+        g = params[i].grad
+        kind = "nan" if bool(g.isnan().any()) else "inf"
+        n = len(bad) - (1 if bad[-1] >= len(with_grad) else 0)
+        return (f"the gradient of {self._param_names[i]} has {kind} values first; {n} of "
+                f"{len(with_grad)} gradients are not finite")
 
     # ------------------------------------------------------------------ directions
     @staticmethod
@@ -409,7 +542,8 @@ class QASSO(torch.optim.Optimizer):
         target = self.schedule.cumulative_target(pos[0], self.k_target)
         n_new = (target - self._pruned.sum()).clamp_min(0)
         selected = _saliency.select_units(scores, self._pruned, lay.unit_group, lay.group_start,
-                                          lay.group_size, n_new, self.group_divisible)
+                                          lay.group_size, n_new, self.group_divisible,
+                                          self._keep_min)
         self._redundant = self._broadcast(selected)
         self._plan = _joint.build_plan(self._redundant, lay.pair_elem, lay.pair_unit,
                                        lay.unit_group, lay.elem_layer, lay.numels)
@@ -419,6 +553,14 @@ class QASSO(torch.optim.Optimizer):
         self._redundant = torch.zeros_like(self._pruned)
         self._plan = None
         self._rebuild_zero_lists()
+        if self.schedule.committed_periods(self._k) == self.schedule.pruning_periods:
+            n = int(self._pruned.sum())  # the last commit: one sync, once per run
+            if n < self.k_target <= self.max_prunable:
+                _warn(f"QASSO: pruning ended with {n} of the {self.k_target} target units "
+                      f"removed ({n / self.num_units:.1%} vs target "
+                      f"{self.target_sparsity:.1%}): group_divisible={self.group_divisible} "
+                      "blocks left too few units to fill the last period's share",
+                      stacklevel=4)  # _commit <- step <- Optimizer's step wrapper <- user
 
     def _rebuild_zero_lists(self) -> None:
         """Flat indices of committed elements per tensor (host sync: once per commit)."""
@@ -446,10 +588,16 @@ class QASSO(torch.optim.Optimizer):
 
     # ================================================================== metrics
     @torch.no_grad()
-    def metrics(self) -> dict[str, Any]:
-        """Where training stands (host syncs; call it for logging, not every step).
+    def metrics(self, loss: Any = None) -> dict[str, Any]:
+        """Where training stands (a few host syncs and one pass over the pruned tensors: cheap
+        enough every step for small models; :class:`geta_fx.optim.Progress` calls it every N).
 
-        Keys: ``step``, ``stage``, ``period``, ``num_units`` (prunable), ``K`` (target),
+        ``loss`` (a tensor or number the caller computed) is reported as ``loss`` (float, or
+        None).  Keys: ``step``, ``stage``, ``period`` (0-based, or None), ``pruning_periods``,
+        ``target_sparsity``, ``sparsity`` (committed units / prunable units),
+        ``reachable_sparsity`` (``max_prunable / num_units``: the most the limits allow),
+        ``skipped_steps`` / ``nonfinite_streak`` (non-finite steps, in all / in a row),
+        ``num_units`` (prunable), ``K`` (target),
         ``num_pruned`` (committed), ``num_zero_units`` (measured: every "out" slice exactly 0),
         ``group_sparsity`` (zero units / prunable units), ``shortfall`` (units of the cumulative
         target of the committed periods that the "keep one unit per group" or divisibility
@@ -469,6 +617,11 @@ class QASSO(torch.optim.Optimizer):
         shortfall = sch.cumulative_target(done - 1, self.k_target) - num_pruned if done else 0
         out: dict[str, Any] = {
             "step": k, "stage": sch.stage(k), "period": None if pos is None else pos[0],
+            "pruning_periods": sch.pruning_periods, "loss": _as_float(loss),
+            "target_sparsity": self.target_sparsity,
+            "sparsity": num_pruned / lay.num_units if lay.num_units else 0.0,
+            "reachable_sparsity": self.max_prunable / lay.num_units if lay.num_units else 0.0,
+            "skipped_steps": self._skipped, "nonfinite_streak": self._nonfinite_streak,
             "num_units": lay.num_units, "K": self.k_target, "num_pruned": num_pruned,
             "num_zero_units": num_zero,
             "group_sparsity": num_zero / lay.num_units if lay.num_units else 0.0,
@@ -510,6 +663,7 @@ class QASSO(torch.optim.Optimizer):
             "frozen_bits": None if self._frozen_bits is None else self._frozen_bits.clone(),
             "quant_state": qs, "config": dict(self._config),
             "signature": self.layout.signature(), "quantizers": list(self._quant_names),
+            "skipped_steps": self._skipped, "nonfinite_streak": self._nonfinite_streak,
         }
         return sd
 
@@ -519,7 +673,7 @@ class QASSO(torch.optim.Optimizer):
         if extra is None:
             raise InputError("QASSO.load_state_dict: not a QASSO state dict (no 'qasso' entry)")
         version = extra.get("version")
-        if version != _STATE_VERSION:
+        if version not in _READABLE_VERSIONS:
             why = (": it was written when QASSO stepped a raw q_m, and its quantizer moments do "
                    "not carry over to log_q_m (restart the optimizer from the module's state)"
                    if version == 1 else "")
@@ -532,6 +686,8 @@ class QASSO(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         dev = self._device
         self._k = int(extra["step"])
+        self._skipped = int(extra.get("skipped_steps", 0))          # absent in version 2
+        self._nonfinite_streak = int(extra.get("nonfinite_streak", 0))
         self._pruned = extra["pruned"].to(dev, torch.bool).clone()
         self._redundant = extra["redundant"].to(dev, torch.bool).clone()
         fb = extra["frozen_bits"]
