@@ -36,6 +36,23 @@ def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> lis
     return pipeline
 
 
+def compress_pipeline(*, removed_units: Any = None, align: int = 1) -> list[GraphPass]:
+    """What ``GetaModule.compress()`` runs on a copy of its graph: physical_prune."""
+    from geta_fx import passes
+
+    return [passes.PhysicalPrune(removed_units=removed_units, align=align)]
+
+
+def lower_pipeline(*, max_bits: int = 8, fuse_linear: bool = True,
+                   freeze_act: bool = True) -> list[GraphPass]:
+    """What ``geta_fx.lower`` runs on a slim graph: eval flags, then lower_quant."""
+    from geta_fx import passes
+
+    return [passes.SetTrainingMode(False),
+            passes.LowerQuant(max_bits=max_bits, fuse_linear=fuse_linear,
+                              freeze_act=freeze_act)]
+
+
 def _own_weights(gm: torch.fx.GraphModule) -> None:
     """Give the graph its own parameter/buffer tensors so training never touches the user's.
 

@@ -111,9 +111,11 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         ``GetaModule.eval()`` does); ``meta["geta.deploy"]`` holds the metadata, and the lowered
         model computes with the fake-quant model's weights bit for bit.
     """
+    from geta_fx.api import lower_pipeline
     from geta_fx.lowbit_kernels import ensure_loaded
-    from geta_fx.module import GetaModule, set_graph_training
-    from geta_fx.passes.lower_quant import LOWBIT, LowerQuant
+    from geta_fx.module import GetaModule
+    from geta_fx.passes.lower_quant import LOWBIT
+    from geta_fx.passes.train_mode import SetTrainingMode
     from geta_fx.pipeline import Pipeline
 
     ensure_loaded()  # the fused CPU kernel, when a compiler is (or was) available
@@ -125,9 +127,6 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     else:
         raise InputError(f"geta_fx.lower: expected a slim GraphModule or a GetaModule, got "
                          f"{type(model).__name__}")
-    # A deployed model is an inference model: eval flags baked into the graph (batch_norm,
-    # dropout), whatever mode the trained model was in.
-    set_graph_training(gm, False)
     gm.eval()
     from geta_fx.report import DENSE
 
@@ -135,13 +134,11 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     if dense is not None:
         gm.meta[DENSE] = dense
     layers, totals = _layer_rows(gm, reference, example_inputs)
-    if _has_quantizers(gm):
-        from geta_fx.ir import meta as _meta
-
-        facts = set(gm.meta.get(_meta.FACTS, {"graph"}))
-        gm.meta[_meta.FACTS] = frozenset(facts | {"geta.quantizer"})
-        gm = Pipeline([LowerQuant(max_bits=max_bits, fuse_linear=fuse_linear,
-                                  freeze_act=freeze_act)])(gm).graph_module
+    # A deployed model is an inference model: eval flags baked into the graph (batch_norm,
+    # dropout), whatever mode the trained model was in; then the packing (lower_quant).
+    passes = lower_pipeline(max_bits=max_bits, fuse_linear=fuse_linear, freeze_act=freeze_act) \
+        if _has_quantizers(gm) else [SetTrainingMode(False)]
+    gm = Pipeline(passes)(gm).graph_module
     weights = [dataclasses.asdict(w) for w in gm.meta.get(LOWBIT, ())]
     by_param = {w["param"]: w for w in weights}
     for row in layers:
@@ -231,15 +228,11 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
     if dynamic_shapes is None and len(auto) == len(example_inputs):
         # dims symbolic at capture (the batch) stay dynamic, whatever the example sizes
         dynamic_shapes = auto if any(d is not None for d in auto) else None
-    from geta_fx.module import _TRAIN_FLAGS
+    from geta_fx.passes.train_mode import SetTrainingMode, graph_is_training
+    from geta_fx.pipeline import Pipeline
 
-    if any(n.op == "call_function" and n.target in _TRAIN_FLAGS and len(n.args) >
-           _TRAIN_FLAGS[n.target] and n.args[_TRAIN_FLAGS[n.target]] is True
-           for n in gm.graph.nodes):  # exported in train mode: save an eval copy instead
-        from geta_fx.module import set_graph_training
-
-        gm = copy.deepcopy(gm)
-        set_graph_training(gm, False)
+    if graph_is_training(gm):  # exported in train mode: save an eval copy instead
+        gm = Pipeline([SetTrainingMode(False)])(copy.deepcopy(gm)).graph_module
     was_training = gm.training
     gm.eval()
     try:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
-import pickle
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,34 +16,26 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from geta_fx.errors import InputError
+from geta_fx.graph_pickle import GraphModuleState
 from geta_fx.ir import meta
 from geta_fx.ir import units as _units
 
-aten = torch.ops.aten
-
-# (op, index of its train flag): flags that export bakes in and train()/eval() must flip.
-_TRAIN_FLAGS = {
-    aten.dropout.default: 2, aten.feature_dropout.default: 2, aten.alpha_dropout.default: 2,
-    aten.feature_alpha_dropout.default: 2, aten.native_dropout.default: 2,
-    aten.batch_norm.default: 5,
-}
-
-
 def set_graph_training(gm: torch.fx.GraphModule, mode: bool) -> bool:
-    """Rewrite dropout/batch_norm train flags in ``gm``; returns whether anything changed."""
-    changed = False
-    for node in gm.graph.nodes:
-        idx = _TRAIN_FLAGS.get(node.target) if node.op == "call_function" else None
-        if idx is None:
-            continue
-        if len(node.args) > idx and node.args[idx] != mode:
-            args = list(node.args)
-            args[idx] = mode
-            node.args = tuple(args)
-            changed = True
-    if changed:
-        gm.recompile()
-    return changed
+    """Set ``gm``'s baked-in train flags (the ``train_mode`` pass, run by a Pipeline, not
+    logged: modes switch every epoch); returns whether anything changed."""
+    from geta_fx.passes.train_mode import SetTrainingMode
+    from geta_fx.pipeline import Pipeline
+
+    return Pipeline([SetTrainingMode(mode)], log=False)(gm).modified
+
+
+def retarget_graph_devices(gm: torch.fx.GraphModule, device: torch.device | str) -> bool:
+    """Point every device ``gm``'s graph recorded at ``device`` (the ``retarget_device``
+    pass, see :mod:`geta_fx.passes.retarget_device`); returns whether anything changed."""
+    from geta_fx.passes.retarget_device import RetargetDevice
+    from geta_fx.pipeline import Pipeline
+
+    return Pipeline([RetargetDevice(torch.device(device))], log=False)(gm).modified
 
 
 _Blend = list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -84,92 +74,13 @@ def _blend_cumulative_stats(gm: torch.fx.GraphModule, blend: _Blend) -> None:
             stat.copy_(torch.lerp(previous, stat, weight))
 
 
-def _as_device(value: Any) -> torch.device | None:
-    """``value`` as a torch.device if it names one (a torch.device or a device string)."""
-    if isinstance(value, torch.device):
-        return value
-    if isinstance(value, str):
-        try:
-            return torch.device(value)
-        except (RuntimeError, ValueError):
-            return None
-    return None
-
-
-def _move_val(val: Any, device: torch.device) -> Any:
-    """``meta["val"]`` (a FakeTensor, or a structure of them) with every tensor on ``device``."""
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t if t.device == device else t.to(device)
-
-    try:
-        return pytree.tree_map_only(torch.Tensor, move, val)
-    except Exception:  # noqa: BLE001 - vals are metadata; the graph itself is already moved
-        return val
-
-
-def retarget_graph_devices(gm: torch.fx.GraphModule, device: torch.device | str) -> bool:
-    """Point every device that ``gm``'s graph (and its sub-graphs) records at ``device``.
-
-    Factory ops captured by ``torch.export`` (``torch.arange(n, device=x.device)`` becomes
-    ``aten.arange.default(n, device=cpu)``) bake in the capture device; after a device move
-    they would still create their tensors there.  This rewrites the ``device`` kwarg of every
-    node, the device argument of ``aten.to.device``, moves constant tensors that are plain
-    attributes (``lifted_tensor_0``; ``nn.Module.to`` moves only parameters and buffers) and
-    moves ``meta["val"]``, then recompiles.  Like ``torch.export.passes.move_to_device_pass``
-    it retargets *every* recorded device, including an explicit ``x.to("cpu")`` in the
-    model.  Returns whether anything changed.
-    """
-    device = torch.device(device)
-    changed = False
-    for sub in gm.modules():
-        if not isinstance(sub, torch.fx.GraphModule):
-            continue
-        sub_changed = False
-        for node in sub.graph.nodes:
-            dev = _as_device(node.kwargs.get("device"))
-            if dev is not None and dev != device:
-                node.update_kwarg("device", device)
-                sub_changed = True
-            if (node.op == "call_function" and node.target is aten.to.device
-                    and len(node.args) > 1):
-                dev = _as_device(node.args[1])
-                if dev is not None and dev != device:
-                    node.update_arg(1, device)
-                    sub_changed = True
-            if node.op == "get_attr":
-                sub_changed |= _move_constant(sub, str(node.target), device)
-            if "val" in node.meta:
-                node.meta["val"] = _move_val(node.meta["val"], device)
-        if sub_changed:
-            sub.recompile()
-            changed = True
-    return changed
-
-
-def _move_constant(gm: torch.fx.GraphModule, target: str, device: torch.device) -> bool:
-    """Move the plain tensor attribute ``target`` (not a parameter/buffer) to ``device``."""
-    *path, name = target.split(".")
-    owner: Any = gm
-    for part in path:
-        owner = getattr(owner, part, None)
-        if owner is None:
-            return False
-    if not isinstance(owner, nn.Module) or name in owner._parameters or name in owner._buffers:
-        return False
-    value = owner.__dict__.get(name)
-    if not isinstance(value, torch.Tensor) or value.device == device:
-        return False
-    setattr(owner, name, value.to(device))
-    return True
-
-
 def move_to_device(gm: torch.fx.GraphModule, device: torch.device | str) -> torch.fx.GraphModule:
     """Move a plain GraphModule (e.g. the slim model from ``GetaModule.compress``) to ``device``.
 
     ``gm.to(device)`` alone moves only the parameters and buffers; factory ops in the graph
     would still create tensors on the capture device.  This moves the parameters, buffers and
-    constant tensors, retargets every device recorded in the graph (see
-    :func:`retarget_graph_devices`) and recompiles.  In place; returns ``gm``.  (A
+    constant tensors and retargets every device recorded in the graph (the
+    ``retarget_device`` pass).  In place; returns ``gm``.  (A
     ``GetaModule`` does this by itself on ``.to(device)``/``.cuda()``/``.cpu()``.)
     """
     if not isinstance(gm, torch.fx.GraphModule):
@@ -185,219 +96,6 @@ def move_to_device(gm: torch.fx.GraphModule, device: torch.device | str) -> torc
 
 def _tensor_devices(module: nn.Module) -> set[torch.device]:
     return {t.device for t in itertools.chain(module.parameters(), module.buffers())}
-
-
-# ---------------------------------------------------------------- pickling
-# ``pickle`` of a torch.fx.GraphModule re-traces its generated code, which renames nodes and
-# drops node.meta (groups, quantizer info, shapes); an exported graph module also carries
-# local-lambda hooks and an exec-generated guards module that do not pickle at all.  So a
-# GetaModule pickles its graph module as a _GraphModuleState: the module's own state plus the
-# graph as a flat node list (node names, args and the picklable meta kept as they are), and
-# ``meta["val"]`` re-derived by fake propagation on load.
-
-_DERIVED_META = frozenset({"val", "tensor_meta", "example_value", "unbacked_bindings"})
-# GraphModule.__dict__ entries regenerated on load (code, line map) or not picklable.
-_DERIVED_ATTRS = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", "shape_env"})
-_HOOK_DICTS = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
-               ("_forward_hooks", ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")))
-
-
-@dataclass(frozen=True)
-class _NodeRef:  # not a NamedTuple: map_aggregate would recurse into it
-    """A node argument, by node name."""
-
-    name: str
-
-
-@dataclass(frozen=True)
-class _OpRef:
-    """An operator (``torch.ops.<ns>.<name>[.<overload>]``), by name: OpOverloads do not pickle."""
-
-    qualname: str           # "aten::linear"; "higher_order::cond" for a HigherOrderOperator
-    overload: str | None    # "default"; None for an OpOverloadPacket / HigherOrderOperator
-
-    def resolve(self) -> Any:
-        ns, name = self.qualname.split("::", 1)
-        op = getattr(getattr(torch.ops, ns), name)
-        return op if self.overload is None else getattr(op, self.overload)
-
-
-@dataclass
-class _NodeRecord:
-    name: str
-    op: str
-    target: Any
-    args: Any
-    kwargs: Any
-    meta: dict[str, Any]
-
-
-@dataclass
-class _InputSpec:
-    """A tensor placeholder's ``meta["val"]``: sizes (``dims[i]`` the capture-time sympy symbol
-    of a symbolic size, else None), dtype and device."""
-
-    sizes: tuple[int, ...]
-    dims: tuple[Any, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-
-def _encode(value: Any) -> Any:
-    def enc(v: Any) -> Any:
-        if isinstance(v, torch.fx.Node):
-            return _NodeRef(v.name)
-        if isinstance(v, torch._ops.OpOverload):
-            return _OpRef(v._schema.name, v._overloadname)
-        if isinstance(v, torch._ops.OpOverloadPacket):
-            return _OpRef(v._qualified_op_name, None)
-        if isinstance(v, torch._ops.HigherOrderOperator):
-            return _OpRef(f"higher_order::{v.name()}", None)
-        return v
-
-    return torch.fx.node.map_aggregate(value, enc)
-
-
-def _decode(value: Any, env: dict[str, torch.fx.Node]) -> Any:
-    def dec(v: Any) -> Any:
-        if isinstance(v, _NodeRef):
-            return env[v.name]
-        if isinstance(v, _OpRef):
-            return v.resolve()
-        return v
-
-    return torch.fx.node.map_aggregate(value, dec)
-
-
-def _picklable(value: Any) -> bool:
-    try:
-        pickle.dumps(value)
-    except Exception:  # noqa: BLE001 - anything that does not pickle is left out
-        return False
-    return True
-
-
-def _input_spec(val: Any) -> _InputSpec | None:
-    if not isinstance(val, torch.Tensor):
-        return None
-    sizes, dims = [], []
-    for s in val.shape:
-        if isinstance(s, torch.SymInt):
-            sizes.append(int(s.node.hint) if s.node.hint is not None else
-                         int(torch.fx.experimental.symbolic_shapes.guard_int(s)))
-            dims.append(s.node.expr)
-        else:
-            sizes.append(int(s))
-            dims.append(None)
-    return _InputSpec(tuple(sizes), tuple(dims), val.dtype, val.device)
-
-
-def _is_guards_fn(module: nn.Module) -> bool:
-    from torch.export import _unlift
-
-    return isinstance(module, getattr(_unlift, "GuardsFn", ()))
-
-
-@dataclass
-class _GraphModuleState:
-    """A GraphModule in picklable form; :meth:`build` makes it a GraphModule again."""
-
-    cls: type
-    body: dict[str, Any]
-    codegen: Any
-    nodes: list[_NodeRecord]
-    meta: dict[str, Any]
-    inputs: list[_InputSpec | None]
-
-    @classmethod
-    def of(cls, gm: torch.fx.GraphModule) -> _GraphModuleState:
-        # export's guards module is exec-generated code: it is dropped (with its call), and
-        # _check_input_constraints_pre_hook checks the inputs from range_constraints instead.
-        guards = {name for name, m in gm.named_children() if _is_guards_fn(m)}
-        body = {k: v for k, v in gm.__dict__.items() if k not in _DERIVED_ATTRS}
-        body["_modules"] = OrderedDict((k, v) for k, v in gm._modules.items() if k not in guards)
-        for hooks, flags in _HOOK_DICTS:  # export's local-lambda hooks do not pickle
-            kept = OrderedDict((k, h) for k, h in body[hooks].items() if _picklable(h))
-            body[hooks] = kept
-            for f in flags:
-                body[f] = {k: v for k, v in body[f].items() if k in kept}
-        body.pop("meta", None)
-        nodes = [_NodeRecord(n.name, n.op, _encode(n.target), _encode(n.args), _encode(n.kwargs),
-                             {k: v for k, v in n.meta.items()
-                              if k not in _DERIVED_META and _picklable(v)})
-                 for n in gm.graph.nodes
-                 if not (n.op == "call_module" and n.target in guards and not n.users)]
-        inputs = [_input_spec(n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
-        base = next(t for t in type(gm).__mro__
-                    if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
-        return cls(base, body, gm.graph._codegen, nodes,
-                   {k: v for k, v in gm.meta.items() if _picklable(v)}, inputs)
-
-    def build(self) -> torch.fx.GraphModule:
-        gm = self.cls.__new__(self.cls)  # GraphModule.__new__: a per-instance class, as usual
-        gm.__dict__.update(self.body)
-        gm.meta = dict(self.meta)
-        graph = torch.fx.Graph()
-        graph.set_codegen(self.codegen)
-        env: dict[str, torch.fx.Node] = {}
-        for rec in self.nodes:
-            node = graph.create_node(rec.op, _decode(rec.target, env), _decode(rec.args, env),
-                                     _decode(rec.kwargs, env), name=rec.name)
-            if node.name != rec.name:
-                raise RuntimeError(f"unpickling GetaModule: node {rec.name!r} came back as "
-                                   f"{node.name!r}")
-            node.meta.update(rec.meta)
-            env[rec.name] = node
-        gm.graph = graph  # the setter recompiles
-        self._restore_vals(gm)
-        return gm
-
-    def _restore_vals(self, gm: torch.fx.GraphModule) -> None:
-        """Fake-propagate fresh ``meta["val"]``; symbolic input sizes stay symbolic and
-        ``range_constraints`` is rekeyed to the new symbols."""
-        from torch._dynamo.source import LocalSource
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import (
-            DimDynamic,
-            ShapeEnv,
-            StatelessSymbolicContext,
-        )
-        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        if len(placeholders) != len(self.inputs) or any(s is None for s in self.inputs):
-            return  # non-tensor inputs: no vals (the passes that need them run at capture)
-        devices = _tensor_devices(gm)
-        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-        rename: dict[Any, Any] = {}
-        vals = []
-        for node, spec in zip(placeholders, self.inputs):
-            assert spec is not None
-            ctx = StatelessSymbolicContext(
-                dynamic_sizes=[DimDynamic.STATIC if d is None else DimDynamic.DYNAMIC
-                               for d in spec.dims],
-                constraint_sizes=[None] * len(spec.dims))
-            fake = mode.from_tensor(torch.empty(spec.sizes, dtype=spec.dtype),
-                                    source=LocalSource(node.name), symbolic_context=ctx)
-            # a moved module (map_location, .to) takes its inputs on its own device
-            device = next(iter(devices)) if len(devices) == 1 else spec.device
-            if device != fake.device:
-                fake = fake.to(device)
-            for old, new in zip(spec.dims, fake.shape):
-                if old is not None and isinstance(new, torch.SymInt):
-                    rename.setdefault(old, new.node.expr)
-            node.meta["val"] = fake
-            vals.append(fake)
-        try:
-            with mode:
-                FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
-        except Exception as e:  # noqa: BLE001 - the module runs without vals; say what is lost
-            warnings.warn(f"unpickling GetaModule: could not re-derive meta['val'] ({e}); "
-                          "the module runs, but compress()/geta_fx.save may need them",
-                          RuntimeWarning, stacklevel=2)
-        ranges = getattr(gm, "range_constraints", None)
-        if isinstance(ranges, dict):
-            gm.range_constraints = {rename.get(k, k): v for k, v in ranges.items()}
 
 
 class GetaModule(nn.Module):
@@ -459,16 +157,16 @@ class GetaModule(nn.Module):
     # by the equivalent input checks of its forward pre-hook (mismatching static sizes raise
     # RuntimeError instead of AssertionError).  copy/deepcopy do not take this path.
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable state: the graph module travels as a :class:`_GraphModuleState`."""
+        """Picklable state: the graph module travels as a :class:`GraphModuleState`."""
         state = self.__dict__.copy()
         modules = OrderedDict(state["_modules"])
-        modules["graph_module"] = _GraphModuleState.of(modules["graph_module"])
+        modules["graph_module"] = GraphModuleState.of(modules["graph_module"])
         state["_modules"] = modules
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         modules = state["_modules"]
-        if isinstance(modules.get("graph_module"), _GraphModuleState):
+        if isinstance(modules.get("graph_module"), GraphModuleState):
             modules = OrderedDict(modules)
             modules["graph_module"] = modules["graph_module"].build()
             state = {**state, "_modules": modules}
@@ -541,7 +239,8 @@ class GetaModule(nn.Module):
         factory ops (``torch.arange(..., device=x.device)``) recorded at capture: move it with
         :func:`geta_fx.module.move_to_device` instead.
         """
-        from geta_fx.passes.physical_prune import PhysicalPrune
+        from geta_fx.api import compress_pipeline
+        from geta_fx.pipeline import Pipeline
 
         if isinstance(align, bool) or not isinstance(align, int) or align < 1:
             raise InputError(f"compress: align must be an int >= 1, got {align!r}")
@@ -553,8 +252,8 @@ class GetaModule(nn.Module):
                           "averages; call gm.eval() first for an inference graph",
                           RuntimeWarning, stacklevel=2)
         slim = copy.deepcopy(self.graph_module)
-        PhysicalPrune(removed_units=removed_units, align=align)(slim)
-        slim.meta.setdefault(meta.LOG, [])
+        slim = Pipeline(compress_pipeline(removed_units=removed_units,
+                                          align=align))(slim).graph_module
         from geta_fx.report import record_dense_origin
 
         record_dense_origin(slim, self)  # report(slim) compares with this dense model

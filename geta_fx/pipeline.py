@@ -55,10 +55,41 @@ class Pipeline:
     """An explicit, ordered list of passes; validated before it runs."""
 
     def __init__(self, passes: Sequence[GraphPass], *, verify: bool = True,
-                 observers: Iterable[Observer] = ()) -> None:
+                 observers: Iterable[Observer] = (), log: bool = True) -> None:
+        """``verify``: lint after every pass and run the checker of every fact it provides
+        (``geta_fx.ir.meta.FACT_CHECKS``).  ``log``: append a PassRecord per pass to
+        ``gm.meta["geta.log"]`` (off for frequent small rewrites such as train/eval flags)."""
         self.passes = list(passes)
         self.verify = verify
         self.observers = list(observers)
+        self.log = log
+
+    def _derive(self, gm: torch.fx.GraphModule, available: frozenset[str]) -> frozenset[str]:
+        """``available`` plus every fact some pass requires, no earlier pass provides and the
+        graph satisfies as it is (its checker passes): a slim graph handed to ``lower``
+        carries its quantizers whatever facts were recorded on it."""
+        facts = set(available)
+        derived = set()
+        for p in self.passes:
+            _, requires, provides, invalidates = _attrs(p)
+            for fact in sorted(requires - facts):
+                if meta.derivable(gm, fact):
+                    derived.add(fact)
+                    facts.add(fact)
+            facts = (facts - invalidates) | provides
+        return frozenset(available | derived)
+
+    def _verify(self, name: str, done: list[str], gm: torch.fx.GraphModule,
+                provides: frozenset[str]) -> None:
+        try:
+            gm.graph.lint()
+        except Exception as e:  # noqa: BLE001
+            raise PassError(name, done, e) from e
+        for fact in sorted(provides):
+            problem = meta.check_fact(gm, fact)
+            if problem is not None:
+                raise PassError(name, done, GetaFxError(
+                    f"it provides {fact!r}, but its checker says: {problem}"))
 
     def validate(self, available: frozenset[str]) -> frozenset[str]:
         facts = set(available)
@@ -76,7 +107,7 @@ class Pipeline:
         return frozenset(facts)
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
-        available = frozenset(gm.meta.get(meta.FACTS, BASE_FACTS))
+        available = self._derive(gm, frozenset(gm.meta.get(meta.FACTS, BASE_FACTS)))
         self.validate(available)
         facts = set(available)
         done: list[str] = []
@@ -99,20 +130,18 @@ class Pipeline:
             if gm_out is not gm:
                 gm_out.meta.update({k: v for k, v in gm.meta.items() if k not in gm_out.meta})
             seconds = time.perf_counter() - t0
-            if self.verify:
-                try:
-                    gm_out.graph.lint()
-                except Exception as e:  # noqa: BLE001
-                    raise PassError(name, done, e) from e
             if result.modified:
                 gm_out.recompile()
+            if self.verify:
+                self._verify(name, done, gm_out, provides)
             names_after = {n.name for n in gm_out.graph.nodes}
             record = meta.PassRecord(
                 name=name, modified=bool(result.modified), seconds=seconds,
                 nodes_before=n_before, nodes_after=len(gm_out.graph.nodes),
                 created=tuple(sorted(names_after - names_before)),
                 erased=tuple(sorted(names_before - names_after)))
-            meta.log(gm_out).append(record)
+            if self.log:
+                meta.log(gm_out).append(record)
             facts -= invalidates
             facts |= provides
             gm_out.meta[meta.FACTS] = frozenset(facts)

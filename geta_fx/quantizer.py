@@ -159,6 +159,8 @@ class Quantizer(nn.Module):
         self.kind: QuantKind = kind
         self.signed: bool = bool(signed)
         self.name: str = name
+        #: The weight this quantizer quantizes (set by insert_quantizers; None for activations).
+        self.param_fqn: str | None = None
         if not (math.isfinite(q_m) and q_m > 0):
             raise QuantizerError(f"{self._who()}: q_m must be finite and > 0, got {q_m}")
         if not math.isfinite(t):
@@ -288,6 +290,7 @@ class Quantizer(nn.Module):
     # -- serialisation -----------------------------------------------------------------------
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickle; a Quantizer pickled with a raw ``q_m`` parameter gets ``log_q_m``."""
+        state = {"param_fqn": None, **state}  # pickled before param_fqn was declared
         params = state.get("_parameters", {})
         legacy = "q_m" in params and "log_q_m" not in params
         if legacy:

@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from geta_fx.errors import GetaFxError
+from geta_fx.ir import meta
 from geta_fx.pipeline import PassResult
 
 
@@ -30,8 +31,7 @@ class ShapeProp:
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         # call_module nodes without users (export's _guards_fn) produce no tensor.
-        missing = [n for n in gm.graph.nodes if "val" not in n.meta and n.op != "output"
-                   and not (n.op == "call_module" and not n.users)]
+        missing = [n for n in gm.graph.nodes if "val" not in n.meta and meta.needs_val(n, gm)]
         if not missing:
             return PassResult(gm, False)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

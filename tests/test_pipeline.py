@@ -70,3 +70,38 @@ def test_passes_run_standalone() -> None:
     gm = _gm()
     assert DependencyGroups()(gm).modified is False
     assert len(gm.meta[meta.GROUPS]) == 2
+
+
+def test_every_provided_fact_has_a_checker() -> None:
+    from geta_fx import passes
+
+    provided = set()
+    for name in passes.__all__:
+        provided |= set(getattr(getattr(passes, name), "provides", ()))
+    assert provided and provided <= set(meta.FACT_CHECKS), provided - set(meta.FACT_CHECKS)
+    with pytest.raises(ValueError, match="already has a checker"):
+        meta.fact_check("val")(lambda gm: None)
+
+
+def test_required_fact_is_derived_from_the_graph_when_it_holds() -> None:
+    """A slim quantized graph whose recorded facts lack 'geta.quantizer' still lowers (its
+    quantizer nodes are the evidence); a graph without quantizers does not."""
+    from geta_fx.passes import LowerQuant
+
+    x = torch.randn(2, 4)
+    slim = geta_fx.transform(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval(),
+                             (x,), quantize="weight").compress()
+    slim.meta[meta.FACTS] = frozenset({"graph"})
+    low = Pipeline([LowerQuant()])(slim).graph_module
+    assert "geta.lowbit" in low.meta[meta.FACTS]
+    plain = geta_fx.transform(nn.Linear(4, 2).eval(), (x,)).compress()
+    with pytest.raises(geta_fx.PipelineOrderError, match="lower_quant requires"):
+        Pipeline([LowerQuant()])(plain)
+
+
+def test_compress_is_a_pipeline_and_logged() -> None:
+    gm = geta_fx.transform(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval(),
+                           (torch.randn(2, 4),))
+    slim = gm.compress()
+    assert [r.name for r in slim.meta[meta.LOG]][-1] == "physical_prune"
+    assert "slim" in slim.meta[meta.FACTS] and "geta.group" not in slim.meta[meta.FACTS]
