@@ -118,7 +118,7 @@ def resolve(groups: Sequence[PruneGroup], *, target: float, min_kept: int | floa
             reason, k = max(need.items(), key=lambda kv: kv[1])
             k = max(1, k)
             if n == 1:
-                reason = "one unit"
+                reason = "one-unit group"
         f = k
         if divisible > 1 and k % divisible:
             f = -(-k // divisible) * divisible
@@ -145,8 +145,12 @@ def shortfall_message(lim: Limits, group_ids: Sequence[int], target: float, k_ta
             by_reason.setdefault(r, []).append((gid, n, f))
     parts = []
     for reason, rows in sorted(by_reason.items(), key=lambda kv: -sum(f for _, _, f in kv[1])):
-        kept = sum(f for _, _, f in rows)
-        shown = ", ".join(f"group {gid} ({n} units) keeps {f}" for gid, n, f in rows[:4])
+        shown = ", ".join(f"group {gid} ({_units(n)}) keeps {f}" for gid, n, f in rows[:4])
         more = f", ... {len(rows) - 4} more" if len(rows) > 4 else ""
-        parts.append(f"{reason}: {shown}{more} [{kept} units in all]")
+        total = f" [{_units(sum(f for _, _, f in rows))} kept in all]" if len(rows) > 1 else ""
+        parts.append(f"{reason}: {shown}{more}{total}")
     return head + ": " + "; ".join(parts) if parts else head
+
+
+def _units(n: int) -> str:
+    return f"{n} unit" if n == 1 else f"{n} units"

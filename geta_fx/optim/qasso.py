@@ -18,8 +18,11 @@ construction, see :mod:`geta_fx.quantizer`); every bit-width formula, the projec
 joint ``d*`` use ``q_m = exp(log_q_m)``.
 
 Structure of one ``step()`` (no Python loop over units or groups, no host sync except once
-per pruning period when units are selected and committed)::
+per pruning period when units are selected and committed, and one per step for the
+non-finite check unless ``nonfinite_patience=None``)::
 
+    finite      max |g| of every gradient (one _foreach_norm) all finite?  else skip the step:
+                nothing changes, the skip is counted, N in a row raise TrainingError
     directions  g^ for all weights (foreach SGD/Adam) and for the stacked quantizer scalars
     select      (first step of a period) unit statistics with one index_add_, scores, the
                 global selection, the period's JointPlan
@@ -28,6 +31,12 @@ per pruning period when units are selected and committed)::
     weights     (adamw decay), p -= lr * g^, minus the forget term on the redundant elements
     commit      (last joint step of a period) pruned |= redundant
     hard zero   index_fill_ 0 into every committed element
+
+Recipe options (issue #12): ``total_steps`` fills in the step arguments
+(:func:`geta_fx.optim.schedule`); ``min_kept`` / ``max_sparsity`` / ``skip`` bound what each
+group may lose (:mod:`geta_fx.optim._limits`; a small-group protection applies by default) and
+a target those bounds make unreachable is warned about at construction, stating what can be
+reached; ``metrics(loss)`` and :class:`geta_fx.optim.Progress` report a run's state.
 
 Departures from the reference implementation (GETA_SPEC G.2), each also noted where it is
 implemented:
@@ -296,14 +305,14 @@ class QASSO(torch.optim.Optimizer):
     # ------------------------------------------------------------------ construction helpers
     def _warn_unreachable(self) -> None:
         """Warn (and log) when the limits leave fewer removable units than the target asks."""
-        if self.k_target <= self.max_prunable:
-            return
-        if self.num_units == 0:
+        if self.num_units == 0 and self.target_sparsity > 0:
             msg = (f"QASSO: target_sparsity={self.target_sparsity:.1%} but the model has no "
                    "prunable groups (see gm.groups[i].reason); nothing will be removed")
-        else:
+        elif self.k_target > self.max_prunable:
             msg = _limits.shortfall_message(self.limits, self.layout.group_ids,
                                             self.target_sparsity, self.k_target, self.num_units)
+        else:
+            return
         _warn(msg, stacklevel=3)  # _warn_unreachable <- __init__ <- the user's QASSO(...)
 
     def _name_params(self, gm: nn.Module, weights: list[nn.Parameter]) -> list[str]:
