@@ -5,7 +5,7 @@ touches one channel (conv rows, BN entries, consumer columns, attention heads,
 concat offsets, flatten blocks...).  This pass finds those sets for any graph.
 
 How: every stem output channel is an *atom* (``geta_fx.ir.channels``); the rule
-table (``geta_fx.ir.ops_table``) says, per ATen OpOverload, how a tensor's channel
+registry (``geta_fx.ir.ops_table``) says, per ATen OpOverload, how a tensor's channel
 label flows and which atoms must be pruned together (union-find).  Units are the
 connected components; a group is a set of units born from stems that got tied
 together.  A group is prunable only if it is *zero-invariant*: zeroing the
@@ -41,7 +41,9 @@ from geta_fx.errors import NodeError
 from geta_fx.ir import meta
 from geta_fx.ir.branches import branch_uses
 from geta_fx.ir.channels import Label, UnionFind, concrete, size_expr
-from geta_fx.ir.ops_table import IGNORED, RULES, is_geta_op, quantizer_module
+from geta_fx.ir import op_sets
+from geta_fx.ir.args import arg
+from geta_fx.ir.ops_table import IGNORED, is_geta_op, quantizer_module, rule_for
 from geta_fx.ir.query import get_attr_tensor, tensor_val
 from geta_fx.passes.lower_quant import HOLDER as LOWBIT_HOLDER
 from geta_fx.pipeline import PassResult
@@ -50,30 +52,26 @@ logger = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 #: Ops a weight may flow through between its get_attr and the layer using it.
-_WEIGHT_TRANSPARENT = {
-    aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.clone.default,
-    aten.contiguous.default, aten.detach.default, aten.alias.default, aten.to.device,
-    aten.lift_fresh_copy.default,
-}
+_WEIGHT_TRANSPARENT = op_sets.COPIES
 
 
-def _weight_permutes() -> dict[Any, str]:
-    """Dim-reordering views a weight may flow through (``W.t()``, ``W.T``, ``W.mT``,
-    ``W.transpose(a, b)``, ``W.permute(...)``, and their ``_copy`` forms): op -> kind."""
-    table = {"t.default": "t", "t_copy.default": "t", "numpy_T.default": "t",
-             "mT.default": "mT", "transpose.int": "transpose", "transpose_copy.int": "transpose",
-             "swapaxes.default": "transpose", "swapdims.default": "transpose",
-             "permute.default": "permute", "permute_copy.default": "permute"}
-    out: dict[Any, str] = {}
-    for name, kind in table.items():
-        packet, overload = name.split(".")
-        op = getattr(getattr(aten, packet, None), overload, None)
-        if op is not None:
-            out[op] = kind
-    return out
-
-
-_WEIGHT_PERMUTES = _weight_permutes()
+def _weight_order(x: torch.fx.Node, nd: int) -> list[int] | None:
+    """For a dim-reordering view of a weight (``W.t()``, ``W.T``, ``W.mT``,
+    ``W.transpose(a, b)``, ``W.permute(...)``): output dim i == input dim order[i]."""
+    if x.target in op_sets.TRANSPOSES:
+        order = list(range(nd))
+        if x.target in (aten.t.default, aten.t_copy.default, aten.numpy_T.default):
+            return order[::-1]  # t, and .T (numpy_T: all dims reversed) of a 2-D weight
+        d0, d1 = (d % nd for d in x.args[1:3])
+        order[d0], order[d1] = order[d1], order[d0]
+        return order
+    if x.target in op_sets.MATRIX_TRANSPOSES:
+        order = list(range(nd))
+        order[-2], order[-1] = order[-1], order[-2]
+        return order
+    if x.target in op_sets.PERMUTES:
+        return [d % nd for d in arg(x, "dims")]
+    return None
 
 
 def _is_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
@@ -179,19 +177,7 @@ class _Analyzer:
                     and tensor_val(x.args[0]).dim() == nd):
                 x = x.args[0]
                 perm = cur
-            elif x.target in _WEIGHT_PERMUTES:
-                kind = _WEIGHT_PERMUTES[x.target]
-                if kind == "t":  # t, and .T (numpy_T: all dims reversed) of a 2-D weight
-                    order = list(range(nd))[::-1]
-                elif kind == "mT":
-                    order = list(range(nd))
-                    order[-2], order[-1] = order[-1], order[-2]
-                elif kind == "transpose":
-                    order = list(range(nd))
-                    d0, d1 = (d % nd for d in x.args[1:3])
-                    order[d0], order[d1] = order[d1], order[d0]
-                else:
-                    order = [d % nd for d in x.args[1]]
+            elif (order := _weight_order(x, nd)) is not None:
                 # node dim i == input dim order[i]; compose with the outer map
                 perm = [order[i] for i in cur] if perm is not None else order
                 x = x.args[0]
@@ -285,13 +271,13 @@ class _Analyzer:
                 continue
             if node.op == "call_function" and node.target in IGNORED:
                 continue
-            rule = RULES.get(node.target) if node.op == "call_function" else None
+            rule = rule_for(node.target) if node.op == "call_function" else None
             if rule is None:
                 if any(isinstance(self.labels.get(i), (Label, list)) for i in node.all_input_nodes):
                     self.pin_inputs(node, f"unsupported op {_op_name(node)}")
                 continue
             try:
-                out = rule(self, node)
+                out = rule.analyze(self, node)
             except NodeError:
                 raise
             except Exception as e:  # noqa: BLE001 - an op rule must never crash the pass

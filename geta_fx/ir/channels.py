@@ -15,10 +15,12 @@ outermost channel dimension and every pruned tensor stays rectangular.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import sympy
 import torch
+import torch.fx
 
 
 class UnionFind:
@@ -80,6 +82,40 @@ class Label:
 
     def moved(self, dim: int, ok: bool | None = None) -> Label:
         return Label(dim, self.atoms, self.ok if ok is None else ok)
+
+
+class KeptChannels:
+    """Which channels of each labelled tensor survive physical pruning.
+
+    ``labels`` maps node names to ``(dim, atoms)`` (a list of them for multi-output
+    nodes, see ``ChannelAnalysis.node_labels``); ``removed_atom`` marks the atoms removed.
+    Rewrites that replace a node copy its entry to the replacement's name.
+    """
+
+    def __init__(self, removed_atom: np.ndarray, labels: dict[str, Any]) -> None:
+        self.removed_atom = removed_atom
+        self.labels = labels
+
+    def of(self, node: Any, index: int | None = None) -> tuple[int, np.ndarray] | None:
+        """(dim, kept indices) of a node's label, or None if it carries no channels."""
+        if not isinstance(node, torch.fx.Node):
+            return None
+        lab = self.labels.get(node.name)
+        if isinstance(lab, list):
+            lab = lab[index] if index is not None and index < len(lab) else None
+        if lab is None:
+            return None
+        dim, atoms = lab
+        return dim, np.nonzero(~self.removed_atom[atoms])[0]
+
+    def changed(self, node: Any, index: int | None = None) -> tuple[int, np.ndarray, int] | None:
+        """(dim, kept indices, original count) when pruning removed some of its channels."""
+        k = self.of(node, index)
+        if k is None:
+            return None
+        lab = self.labels[node.name]
+        n = len((lab[index] if isinstance(lab, list) else lab)[1])
+        return (k[0], k[1], n) if len(k[1]) != n else None
 
 
 def size_expr(s: object) -> sympy.Expr:

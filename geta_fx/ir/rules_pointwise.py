@@ -1,0 +1,181 @@
+"""Channel rules of pointwise ops: unary, binary elementwise (with broadcasting), clamps.
+
+Pass-through ops keep a tensor's channel label; ``ok`` (zero-invariance) survives only ops
+with f(0) = 0.  Binary ops unify the channels of their operands; a parameter operand is
+sliced along them, a computed one is recorded as an external (index_select'ed by
+physical_prune).  None of these ops has a shape constant, so none needs a rewrite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from geta_fx.ir import op_sets
+from geta_fx.ir.args import arg
+from geta_fx.ir.channels import Label, concrete
+from geta_fx.ir.registry import Analysis, channel_rule, register_all
+
+aten = torch.ops.aten
+
+#: Why pointwise ops need no rewrite: their output shape follows their operands'.
+SAME_SHAPE = "pointwise: the output shape follows the operands' (pruned) shapes"
+BROADCAST = ("elementwise: shapes follow the operands; computed operands along the channels "
+             "are index_select'ed by physical_prune (an.external)")
+
+
+@channel_rule(*op_sets.ZERO_PRESERVING, no_rewrite=SAME_SHAPE)
+def _unary_zero(an: Any, node: torch.fx.Node) -> Label | None:
+    return an.label(node.args[0])
+
+
+@channel_rule(*op_sets.NOT_ZERO_PRESERVING, no_rewrite=SAME_SHAPE)
+def _unary_nonzero(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    return lab.moved(lab.dim, ok=False) if lab else None
+
+
+@channel_rule(aten.native_dropout.default, no_rewrite=SAME_SHAPE)
+def _native_dropout(an: Any, node: torch.fx.Node) -> list[Label | None]:
+    lab = an.label(node.args[0])
+    return [lab, lab.moved(lab.dim, ok=False) if lab else None]
+
+
+@channel_rule(aten.zeros_like.default, aten.empty_like.default, no_rewrite=SAME_SHAPE)
+def _zeros_like(an: Any, node: torch.fx.Node) -> Label | None:
+    return an.label(node.args[0])
+
+
+# --------------------------------------------------------------------------- elementwise
+
+ADD, MUL, DIV, MAX, CMP = "add", "mul", "div", "max", "cmp"
+
+
+def _labelled_operands(an: Any, node: torch.fx.Node, nd: int
+                       ) -> list[tuple[int, Any, Label]]:
+    """(arg index, operand, label aligned to the output's dims) of each labelled operand."""
+    labels = []
+    for i, a in enumerate(node.args):
+        if isinstance(a, torch.fx.Node):
+            lab = an.label(a)
+            if lab is not None:
+                labels.append((i, a, lab.moved(lab.dim + nd - len(an.shape(a)))))
+    return labels
+
+
+def _other_operands(an: Any, node: torch.fx.Node, kind: str, dim: int, nd: int,
+                    atoms: Any, labeled_idx: set[int]) -> bool:
+    """Slice parameter operands along ``atoms``, record computed ones as externals; True if
+    any of them may be non-zero where the channels are zero."""
+    extra_nonzero = False
+    for i, a in enumerate(node.args):
+        if not isinstance(a, torch.fx.Node) or i in labeled_idx:
+            continue
+        shp = an.shape(a)
+        if shp is None:
+            continue
+        od = dim - (nd - len(shp))
+        if od < 0 or concrete(shp[od]) == 1:
+            extra_nonzero = True
+            continue
+        src = an.param(a)
+        if src is not None:
+            fqn, perm, trainable = src
+            role = "out" if kind in (ADD, MUL) and trainable else "in"
+            an.label_param(fqn, perm[od], atoms, role)
+            if role == "in":
+                extra_nonzero = True
+        else:
+            an.external(node, i, od)
+            extra_nonzero = True
+    return extra_nonzero
+
+
+def _zero_invariant(kind: str, node: torch.fx.Node, labels: list[tuple[int, Any, Label]],
+                    full: list[Label], nonzero: bool) -> bool:
+    """Whether the output is zero where the labelled channels are (by how zeros combine)."""
+    ok_labeled = [lab.ok for lab in full]
+    labeled_idx = {i for i, _, _ in labels}
+    if kind == ADD:
+        return all(ok_labeled) and not nonzero
+    if kind == MUL:
+        return any(ok_labeled)
+    if kind == DIV:
+        return 0 in labeled_idx and full[0].ok and len(full) == 1 and labels[0][0] == 0
+    if kind == MAX:
+        if node.target in op_sets.WHERES:  # the condition's zeros select, they are not values
+            return all(lab.ok for i, _, lab in labels if i != 0) and not nonzero
+        return all(ok_labeled) and not nonzero
+    return False
+
+
+def _elementwise(kind: str) -> Analysis:
+    def rule(an: Any, node: torch.fx.Node) -> Label | None:
+        out_shape = an.shape(node)
+        if out_shape is None:
+            return an.pin_inputs(node, "elementwise op with non-tensor output")
+        nd = len(out_shape)
+        labels = _labelled_operands(an, node, nd)
+        if not labels:
+            return None
+        dims = {lab.dim for _, _, lab in labels}
+        if len(dims) > 1:
+            return an.pin_inputs(node, f"{node.target}: operands carry channels on different dims")
+        (dim,) = dims
+        size = concrete(out_shape[dim])
+        full = [lab for _, _, lab in labels if len(lab.atoms) == size]
+        if not full:  # only broadcast (size-1) labeled operands: channels are replicated
+            return an.pin_inputs(node, f"{node.target}: channel dim is broadcast")
+        atoms = full[0].atoms
+        for lab in full[1:]:
+            an.unify(atoms, lab.atoms)
+        for _, _, lab in labels:
+            if len(lab.atoms) != size:
+                an.pin(lab, node, f"{node.target}: size-1 channel dim broadcast")
+        scalar_nonzero = any(not isinstance(a, torch.fx.Node) and a not in (0, 0.0, None)
+                             and not isinstance(a, bool) for a in node.args)
+        extra_nonzero = _other_operands(an, node, kind, dim, nd, atoms,
+                                        {i for i, _, _ in labels})
+        ok = _zero_invariant(kind, node, labels, full, extra_nonzero or scalar_nonzero)
+        return Label(dim, atoms, ok)
+    return rule
+
+
+for _ops, _kind in ((op_sets.ADDS, ADD), (op_sets.MULS, MUL), (op_sets.DIVS, DIV),
+                    (op_sets.SELECTS, MAX), (op_sets.COMPARISONS, CMP)):
+    register_all(_ops, _elementwise(_kind), no_rewrite=BROADCAST)
+
+
+@channel_rule(aten.pow.Tensor_Scalar, no_rewrite=SAME_SHAPE)
+def _pow(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    e = arg(node, "exponent")
+    return lab.moved(lab.dim, ok=lab.ok and isinstance(e, (int, float)) and e > 0)
+
+
+@channel_rule(aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
+              aten.clip.default, no_rewrite=SAME_SHAPE)
+def _clamp(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    lo = arg(node, "min") if node.target is not aten.clamp_max.default else None
+    hi = arg(node, "max") if node.target is not aten.clamp_min.default else None
+    ok = lab.ok and (lo is None or (not isinstance(lo, torch.fx.Node) and lo <= 0)) and (
+        hi is None or (not isinstance(hi, torch.fx.Node) and hi >= 0))
+    return lab.moved(lab.dim, ok=ok)
+
+
+@channel_rule(aten.masked_fill.Scalar, no_rewrite=SAME_SHAPE)
+def _masked_fill(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    mask = an.label(arg(node, "mask"))
+    if mask is not None:
+        return an.pin_inputs(node, "masked_fill with a channel-carrying mask")
+    if lab is None:
+        return None
+    return lab.moved(lab.dim, ok=lab.ok and arg(node, "value") == 0)

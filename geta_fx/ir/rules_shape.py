@@ -1,0 +1,406 @@
+"""Channel rules of index-moving ops: views/reshapes, permutes, slicing, split, cat, stack.
+
+A channel label is carried to wherever its dimension goes; a reshape that spreads it over
+several dims keeps the outermost one (inner dims made whole).  Shape constants baked into
+the graph (view/reshape/expand sizes, unflatten sizes, split sizes, slice/narrow bounds,
+select indices) are rewritten from the kept channel counts.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+
+from geta_fx.errors import NodeError
+from geta_fx.ir.args import arg, set_arg
+from geta_fx.ir.channels import KeptChannels, Label, concrete, reshape_groups
+from geta_fx.ir.query import tensor_val
+from geta_fx.ir.registry import channel_rule
+
+aten = torch.ops.aten
+
+DERIVED = "the output shape is derived from the input's (pruned) shape, no constant"
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+# --------------------------------------------------------------------------- reshapes
+
+#: Reshape-like ops with a size list, by the name of that argument.
+SIZE_ARG = {aten.view.default: "size", aten._unsafe_view.default: "size",
+            aten.reshape.default: "shape", aten.expand.default: "size",
+            aten.view_copy.default: "size", aten.expand_copy.default: "size"}
+
+
+def _rewrite_sizes(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
+    """view/reshape/expand sizes: the channel dim's entry becomes the kept count."""
+    out = kept.changed(node)
+    if out is not None:
+        dim, k, _ = out
+        name = SIZE_ARG[node.target]
+        sizes = list(arg(node, name))
+        sizes[dim] = len(k)
+        set_arg(node, name, sizes)
+
+
+def _rewrite_unflatten(gm: torch.fx.GraphModule, node: torch.fx.Node,
+                       kept: KeptChannels) -> None:
+    """unflatten sizes: the entry of the channel dim becomes the kept count."""
+    out = kept.changed(node)
+    if out is not None:
+        dim, k, _ = out
+        start = arg(node, "dim") % len(tensor_val(node.args[0]).shape)
+        sizes = list(arg(node, "sizes"))
+        if start <= dim < start + len(sizes):
+            sizes[dim - start] = len(k)
+            set_arg(node, "sizes", sizes)
+
+
+@channel_rule(*SIZE_ARG, rewrite=_rewrite_sizes)
+@channel_rule(aten.unflatten.int, rewrite=_rewrite_unflatten)
+@channel_rule(aten.view_as.default, aten.reshape_as.default, aten.flatten.using_ints,
+              aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+              aten.unsqueeze.default, aten.expand_as.default, aten.alias_copy.default,
+              no_rewrite=DERIVED)
+def _reshape(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    a = an.shape(node.args[0])
+    b = an.shape(node)
+    if node.target in (aten.expand.default, aten.expand_as.default, aten.expand_copy.default):
+        shift = len(b) - len(a)
+        d = lab.dim + shift
+        if concrete(b[d]) != len(lab.atoms):  # size-1 channel dim expanded
+            return Label(d, np.repeat(lab.atoms, concrete(b[d])), lab.ok)
+        return lab.moved(d)
+    groups = reshape_groups(a, b)
+    if groups is None:
+        return an.pin_inputs(node, f"{node.target}: cannot match reshape dims")
+    for gi, gj in groups:
+        if lab.dim not in gi:
+            continue
+        if gi == [lab.dim] and len(gj) == 1 and (a[gi[0]] - b[gj[0]]) == 0:
+            return lab.moved(gj[0])
+        sizes_in = [concrete(a[i]) for i in gi]
+        sizes_out = [concrete(b[j]) for j in gj]
+        if None in sizes_in or None in sizes_out or not gj:
+            an.pin(lab, node, f"{node.target}: reshape mixes the channel dim with a dynamic dim")
+            return None
+        shape = [1] * len(gi)
+        shape[gi.index(lab.dim)] = len(lab.atoms)
+        grid = np.broadcast_to(lab.atoms.reshape(shape), sizes_in).reshape(sizes_out)
+        return an.from_grid(grid, gj, lab.ok)
+    return an.pin_inputs(node, f"{node.target}: lost track of the channel dim")
+
+
+@channel_rule(aten.permute.default, aten.permute_copy.default, no_rewrite=DERIVED)
+def _permute(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    nd = len(an.shape(node.args[0]))
+    perm = [norm_dim(d, nd) for d in arg(node, "dims")]
+    return lab.moved(perm.index(lab.dim))
+
+
+@channel_rule(aten.transpose.int, aten.transpose_copy.int, aten.swapaxes.default,
+              aten.t.default, aten.numpy_T.default, aten.movedim.int, no_rewrite=DERIVED)
+def _transpose(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    nd = len(an.shape(node.args[0]))
+    if node.target in (aten.t.default,):
+        d0, d1 = 0, 1
+    elif node.target is aten.movedim.int:
+        src = norm_dim(arg(node, "source"), nd)
+        dst = norm_dim(arg(node, "destination"), nd)
+        order = [d for d in range(nd) if d != src]
+        order.insert(dst, src)
+        return lab.moved(order.index(lab.dim))
+    else:  # transpose(dim0, dim1), swapaxes(axis0, axis1): the two dims after self
+        d0, d1 = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+    return lab.moved({d0: d1, d1: d0}.get(lab.dim, lab.dim))
+
+
+@channel_rule(aten.repeat.default, no_rewrite=DERIVED + " (repeats count copies, not channels)")
+def _repeat(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    reps = list(arg(node, "repeats"))
+    nd_in = len(an.shape(node.args[0]))
+    d = lab.dim + len(reps) - nd_in
+    return Label(d, np.tile(lab.atoms, reps[d]), lab.ok)
+
+
+# --------------------------------------------------------------------------- slicing
+
+def _channel_input(node: torch.fx.Node, kept: KeptChannels
+                   ) -> tuple[int, np.ndarray, int] | None:
+    """(dim, kept, n) when the op slices its input's pruned channel dim, else None."""
+    inp = kept.changed(node.args[0])
+    if inp is None:
+        return None
+    nd = len(tensor_val(node.args[0]).shape)
+    dim = arg(node, "dim", 0) % nd
+    return (dim, inp[1], inp[2]) if dim == inp[0] else None
+
+
+def _rewrite_slice(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
+    """slice bounds over the channel dim, mapped onto the kept channels."""
+    found = _channel_input(node, kept)
+    if found is None:
+        return
+    dim, k, n = found
+    start, end = arg(node, "start"), arg(node, "end")
+    sl = range(n)[slice(*(min(v, n) if isinstance(v, int) and v > n else v
+                          for v in (start, end)))]
+    set_arg(node, "dim", dim)
+    set_arg(node, "start", int(np.searchsorted(k, sl.start)))
+    set_arg(node, "end", int(np.searchsorted(k, sl.stop)))
+
+
+def _rewrite_narrow(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
+    """narrow(start, length) over the channel dim, mapped onto the kept channels."""
+    found = _channel_input(node, kept)
+    if found is None:
+        return
+    dim, k, n = found
+    start, length = arg(node, "start") % n, arg(node, "length")
+    new_start = int(np.searchsorted(k, start))
+    new_end = int(np.searchsorted(k, start + length))
+    set_arg(node, "dim", dim)
+    set_arg(node, "start", new_start)
+    set_arg(node, "length", new_end - new_start)
+
+
+def _rewrite_select(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
+    """select's index over the channel dim becomes its position among the kept channels."""
+    found = _channel_input(node, kept)
+    if found is None:
+        return
+    _, k, n = found
+    idx = arg(node, "index") % n
+    pos = np.searchsorted(k, idx)
+    if pos >= len(k) or k[pos] != idx:
+        raise NodeError(node, "selects a channel that was pruned")
+    set_arg(node, "index", int(pos))
+
+
+@channel_rule(aten.slice.Tensor, aten.slice_copy.Tensor, rewrite=_rewrite_slice)
+@channel_rule(aten.narrow.default, rewrite=_rewrite_narrow)
+def _slice(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    nd = len(an.shape(node.args[0]))
+    dim = norm_dim(arg(node, "dim", 0), nd)
+    if dim != lab.dim:
+        return lab
+    n = len(lab.atoms)
+    if node.target is aten.narrow.default:
+        start, length = arg(node, "start"), arg(node, "length")
+        sl = slice(start, start + length, 1)
+    else:
+        sl = slice(arg(node, "start"), arg(node, "end"), arg(node, "step", 1))
+    if any(isinstance(v, torch.fx.Node) for v in (sl.start, sl.stop, sl.step)):
+        return an.pin_inputs(node, "slice of the channel dim with dynamic bounds")
+    idx = range(n)[slice(sl.start, None if sl.stop is not None and sl.stop > n else sl.stop,
+                         sl.step)]
+    if idx.step != 1:
+        return an.pin_inputs(node, "strided slice of the channel dim")
+    return Label(lab.dim, lab.atoms[idx.start: idx.stop], lab.ok)
+
+
+@channel_rule(aten.select.int, aten.select_copy.int, rewrite=_rewrite_select)
+def _select(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    nd = len(an.shape(node.args[0]))
+    dim = norm_dim(arg(node, "dim"), nd)
+    if dim == lab.dim:
+        index = arg(node, "index")
+        an.pin(lab.atoms[index: index + 1 or None], node, "select picks one channel")
+        return None
+    return lab.moved(lab.dim - (dim < lab.dim))
+
+
+@channel_rule(aten.index_select.default, aten.gather.default, aten.index.Tensor,
+              aten.take_along_dim.default,
+              no_rewrite="indexing along the channel dim is pinned; other dims keep them")
+def _index(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    nd = len(an.shape(node.args[0]))
+    if node.target is aten.index.Tensor:
+        idx = arg(node, "indices")
+        touched = [i for i, t in enumerate(idx) if t is not None]
+        if lab.dim in touched or len(touched) != 1 or lab.dim < touched[0]:
+            return an.pin_inputs(node, "advanced indexing touches the channel dim")
+        idx_nd = len(an.shape(idx[touched[0]]))
+        return lab.moved(lab.dim + idx_nd - 1)
+    if node.target is aten.take_along_dim.default:  # its indices may run along the channels
+        return an.pin_inputs(node, f"{node.target}: indices broadcast against the channels")
+    dim = norm_dim(arg(node, "dim"), nd)
+    if dim == lab.dim:
+        return an.pin_inputs(node, f"{node.target}: gathers along the channel dim")
+    return lab
+
+
+# --------------------------------------------------------------------------- split / cat
+
+def _rewrite_split(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
+    """A split along the channel dim becomes ``split_with_sizes`` of the kept counts."""
+    inp = kept.changed(node.args[0])
+    labels = kept.labels.get(node.name)
+    if inp is None or not isinstance(labels, list):
+        return
+    nd = len(tensor_val(node.args[0]).shape)
+    dim = arg(node, "dim", 0) % nd
+    if dim != inp[0]:
+        return
+    sizes = [len(kept.of(node, i)[1]) for i in range(len(labels))]
+    node.target = aten.split_with_sizes.default
+    node.args = (node.args[0], sizes, dim)
+    node.kwargs = {}
+
+
+@channel_rule(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default,
+              aten.unsafe_split.Tensor, aten.split_with_sizes_copy.default,
+              aten.tensor_split.sections, rewrite=_rewrite_split)
+@channel_rule(aten.unbind.int, no_rewrite="unbind along the channel dim is pinned")
+def _split(an: Any, node: torch.fx.Node) -> list[Label | None] | None:
+    outs = node.meta.get("val")
+    lab = an.label(node.args[0])
+    if not isinstance(outs, (list, tuple)):
+        return an.pin_inputs(node, "split with unknown outputs")
+    if lab is None:
+        return [None] * len(outs)
+    nd = len(an.shape(node.args[0]))
+    dim = norm_dim(arg(node, "dim", 0), nd)
+    if dim != lab.dim:
+        if node.target is aten.unbind.int:
+            return [lab.moved(lab.dim - (dim < lab.dim)) for _ in outs]
+        return [lab for _ in outs]
+    if node.target is aten.unbind.int:
+        an.pin(lab, node, "unbind along the channel dim")
+        return [None] * len(outs)
+    labels: list[Label | None] = []
+    start = 0
+    for o in outs:
+        size = concrete(an.shape_of_val(o)[dim])
+        labels.append(Label(lab.dim, lab.atoms[start: start + size], lab.ok))
+        start += size
+    return labels
+
+
+def _cat_lined_up(an: Any, node: torch.fx.Node, tensors: list, live: list,
+                  out_nd: int) -> Label | None:
+    """cat along a non-channel dim (e.g. ViT's [cls; patches] along tokens): the channel
+    dims must line up; a parameter input (cls token) joins the units."""
+    dims = {lab.dim for lab, _ in live if lab is not None}
+    if len(dims) != 1:
+        return an.pin_inputs(node, "cat of tensors whose channel dims do not line up")
+    d = dims.pop()
+    atoms = next(lab for lab, _ in live if lab is not None).atoms
+    for t, (lab, shp) in zip([t for t in tensors if len(an.shape(t)) == out_nd], live,
+                             strict=True):
+        if lab is not None:
+            an.unify(atoms, lab.atoms)
+            continue
+        src = an.param(t)
+        if src is None or concrete(shp[d]) != len(atoms):
+            return an.pin_inputs(node, "cat of a channel-carrying tensor with one "
+                                       "whose channels no layer produces")
+        an.label_param(src[0], src[1][d], atoms, "out" if src[2] else "in")
+    return Label(d, atoms, all(lab.ok for lab, _ in live if lab is not None))
+
+
+@channel_rule(aten.cat.default, aten.concat.default,
+              no_rewrite=DERIVED + " (the sizes of the pruned inputs)")
+def _cat(an: Any, node: torch.fx.Node) -> Label | None:
+    tensors = list(arg(node, "tensors"))
+    out_nd = len(an.shape(node))
+    dim = norm_dim(arg(node, "dim", 0), out_nd)
+    labels = [an.label(t) for t in tensors]
+    shapes = [an.shape(t) for t in tensors]
+    if all(lab is None for lab in labels):
+        return None
+    live = [(lab, shp) for lab, shp in zip(labels, shapes, strict=True) if len(shp) == out_nd]
+    if any(lab is not None and lab.dim != dim for lab, _ in live):
+        return _cat_lined_up(an, node, tensors, live, out_nd)
+    parts = []
+    for lab, shp in live:
+        if lab is None:
+            parts.append(np.zeros(concrete(shp[dim]), dtype=np.int64))  # untracked channels
+        else:
+            parts.append(lab.atoms)
+    ok = all(lab.ok for lab, _ in live if lab is not None)
+    return Label(dim, np.concatenate(parts), ok)
+
+
+@channel_rule(aten.stack.default, no_rewrite=DERIVED + " (the sizes of the pruned inputs)")
+def _stack(an: Any, node: torch.fx.Node) -> Label | None:
+    tensors = list(arg(node, "tensors"))
+    labels = [an.label(t) for t in tensors]
+    if all(lab is None for lab in labels):
+        return None
+    nd = len(an.shape(tensors[0]))
+    dim = norm_dim(arg(node, "dim", 0), nd + 1)
+    if any(lab is None for lab in labels) or len({lab.dim for lab in labels}) != 1:
+        return an.pin_inputs(node, "stack of tensors whose channels do not line up")
+    atoms = labels[0].atoms
+    for lab in labels[1:]:
+        an.unify(atoms, lab.atoms)
+    d = labels[0].dim
+    return Label(d if d < dim else d + 1, atoms, all(lab.ok for lab in labels))
+
+
+# --------------------------------------------------------------------------- pixel shuffle
+
+@channel_rule(aten.pixel_shuffle.default,
+              no_rewrite=DERIVED + " (a unit is a whole block of r*r channels)")
+def _pixel_shuffle(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    nd = len(an.shape(node.args[0]))
+    if lab.dim != nd - 3:
+        an.pin(lab, node, "pixel_shuffle over a channel-carrying spatial dim")
+        return None
+    r2 = arg(node, "upscale_factor") ** 2
+    blocks = lab.atoms.reshape(-1, r2)
+    an.unify(blocks, blocks[:, :1])
+    return Label(lab.dim, blocks[:, 0].copy(), lab.ok)
+
+
+@channel_rule(aten.pixel_unshuffle.default, no_rewrite=DERIVED)
+def _pixel_unshuffle(an: Any, node: torch.fx.Node) -> Label | None:
+    lab = an.label(node.args[0])
+    if lab is None:
+        return None
+    if lab.dim != len(an.shape(node.args[0])) - 3:
+        an.pin(lab, node, "pixel_unshuffle over a channel-carrying spatial dim")
+        return None
+    return Label(lab.dim, np.repeat(lab.atoms, arg(node, "downscale_factor") ** 2), lab.ok)
+
+
+# --------------------------------------------------------------------------- getitem
+
+@channel_rule(operator.getitem, no_rewrite="picks one output of a multi-output op")
+def _getitem(an: Any, node: torch.fx.Node) -> Label | None:
+    parent = node.args[0]
+    labels = an.labels.get(parent)
+    if isinstance(labels, list) and isinstance(node.args[1], int) and node.args[1] < len(labels):
+        return labels[node.args[1]]
+    return None
