@@ -1,7 +1,7 @@
 """Accuracy vs BOPs: GETA on scikit-learn's digits at several group-sparsity and bit-width
 targets, next to the dense FP32 model, in one run.
 
-Each row is ``geta_fx.demo.run_digits`` (the `geta-fx demo digits` job: a small CNN trained
+Each row is ``run_digits`` of examples/demo.py (the `geta-fx demo digits` job: a small CNN trained
 densely with AdamW, then GETA = QASSO from the partly trained dense model; 1,437 train / 360
 test images, fixed stratified split) with one target: ``--sparsity`` (fraction of prunable
 channels zeroed, exactly) x ``--bits`` (final weight/activation bit range b_l-b_u; b_u starts
@@ -24,7 +24,9 @@ import time
 import torch
 
 from _common import commit
-from geta_fx.demo import run_digits
+from geta_fx.cli import load_demos
+
+run_digits = load_demos().run_digits  # examples/demo.py of the checkout
 
 
 def main() -> None:

@@ -53,8 +53,7 @@ from geta_fx.passes.physical_prune import align_removed_units, removed_units_fro
 from geta_fx.ops.lowbit import level_offset, pack_levels, unpack_weight_reference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from zoo import BasicBlock  # noqa: E402  (the test zoo's ResNet block)
+from geta_fx.testing.models import BasicBlock  # the tests' ResNet block
 
 
 # --------------------------------------------------------------------------------- models

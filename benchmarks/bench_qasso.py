@@ -22,10 +22,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
@@ -35,11 +33,9 @@ from torch import Tensor, nn
 
 from _common import commit as _commit
 import geta_fx
-from geta_fx.demo import CharGPT
+from geta_fx.testing.models import CharGPT, ResNetCifar  # the tests' tiny models
 from geta_fx.optim import QASSO
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from zoo import ResNetCifar  # noqa: E402  (the test zoo's CIFAR ResNet; depth 20 here)
 
 STAGES = ("warmup", "projection", "pruning", "cooldown")
 

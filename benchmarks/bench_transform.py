@@ -26,12 +26,11 @@ import torch
 from _common import commit as _commit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
 def zoo_table() -> None:
-    from helpers import num_params, zero_random_units
-    from zoo import ZOO, vgg7_bn
+    from geta_fx.testing import num_params, zero_random_units
+    from geta_fx.testing.models import ZOO, vgg7_bn
 
     import geta_fx
 

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
-from helpers import max_rel_err, zero_random_units  # noqa: E402
-from zoo import ZOO  # noqa: E402
-
-import geta_fx  # noqa: E402
+import geta_fx
+from geta_fx.testing import max_rel_err, zero_random_units
+from geta_fx.testing.models import ZOO
 
 
 def _signature(gm: geta_fx.GetaModule) -> list:

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["HF_TINY", "UsageError", "build_hf", "load_model", "main", "parse_input_shape"]
+__all__ = ["HF_TINY", "UsageError", "build_hf", "load_demos", "load_model", "main",
+           "parse_input_shape"]
 
 PROG = "geta-fx"
 
@@ -298,10 +299,38 @@ def _inspect_cmd(args: argparse.Namespace) -> int:
 _DEMOS = ("digits", "charlm")
 
 
-def _demo_module() -> Any | None:
-    if importlib.util.find_spec("geta_fx.demo") is None:
+#: Where the demos are when they are not next to the installed package (a wheel install).
+_DEMO_HOME = "examples/demo.py of a geta_fx checkout"
+_DEMO_MODULE = "geta_fx_examples_demo"
+
+
+def _demo_path() -> Path | None:
+    """``examples/demo.py`` of the checkout in use (editable install) or under the cwd."""
+    checkout = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+    for path in (checkout, Path.cwd() / "examples" / "demo.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def load_demos() -> Any | None:
+    """The demos (``examples/demo.py``, not part of the library), or None where absent."""
+    if _DEMO_MODULE in sys.modules:
+        return sys.modules[_DEMO_MODULE]
+    path = _demo_path()
+    if path is None:
         return None
-    return importlib.import_module("geta_fx.demo")
+    spec = importlib.util.spec_from_file_location(_DEMO_MODULE, path)
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[_DEMO_MODULE] = module  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[_DEMO_MODULE]
+        raise
+    return module
 
 
 def _param_docs(fn: Callable[..., Any]) -> dict[str, str]:
@@ -355,15 +384,23 @@ def _add_function_flags(parser: argparse.ArgumentParser, fn: Callable[..., Any])
 
 
 def _demo_cmd(args: argparse.Namespace) -> int:
-    module = _demo_module()
-    fn = getattr(module, f"run_{args.demo}", None) if module is not None else None
+    module = load_demos()
+    if module is None:
+        raise UsageError(f"the demos are not installed with the package: they are "
+                         f"{_DEMO_HOME}; run `geta-fx demo {args.demo}` from a checkout "
+                         f"(pip install -e \".[examples]\")")
+    fn = getattr(module, f"run_{args.demo}", None)
     if fn is None:
-        raise RuntimeError(f"the {args.demo} demo is not available in this build "
-                           f"(geta_fx.demo.run_{args.demo} is missing)")
+        raise UsageError(f"{module.__file__} has no run_{args.demo}")
     opts = {k: getattr(args, k) for k in _inspect.signature(fn).parameters
             if hasattr(args, k)}
     opts = {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
-    result = fn(**opts)  # the demo prints its own table
+    try:
+        result = fn(**opts)  # the demo prints its own table
+    except ModuleNotFoundError as e:
+        extra = {"sklearn": "scikit-learn"}.get(e.name or "", e.name)
+        raise UsageError(f"the {args.demo} demo needs {extra}: pip install {extra} (or, in the "
+                         f"checkout, pip install -e \".[examples]\")") from e
     if args.save_json:
         Path(args.save_json).write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.save_json}")
@@ -371,6 +408,10 @@ def _demo_cmd(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ bench
+_NO_BENCHMARKS = ("no benchmarks/ directory found: the benchmarks are scripts in a geta_fx "
+                  "checkout, not installed with the package; run from the checkout's root")
+
+
 def _bench_dirs() -> list[Path]:
     here = Path(__file__).resolve().parent.parent / "benchmarks"
     return [p for p in (Path.cwd() / "benchmarks", here) if p.is_dir()]
@@ -390,14 +431,14 @@ def _bench_cmd(args: argparse.Namespace) -> int:
     available = _benchmarks()
     if args.list or not args.names:
         if not available:
-            raise UsageError("no benchmarks/ directory found (run from the repository root)")
+            raise UsageError(_NO_BENCHMARKS)
         print("\n".join(f"{name:<20} {path}" for name, path in available.items()))
         return 0
     unknown = [n for n in args.names if n.removeprefix("bench_").removesuffix(".py")
                not in available]
     if unknown:
         raise UsageError(f"unknown benchmark(s) {', '.join(unknown)}; available: "
-                         f"{', '.join(available) or 'none (no benchmarks/ directory found)'}")
+                         f"{', '.join(available) or 'none. ' + _NO_BENCHMARKS}")
     rc = 0
     for name in args.names:
         path = available[name.removeprefix("bench_").removesuffix(".py")]
@@ -408,29 +449,34 @@ def _bench_cmd(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------ kernels
 def _kernels_cmd(args: argparse.Namespace) -> int:
-    """Build (first use) and load the compiled kernels; print which implementation serves each
-    op set on each device and why.  Exit 1 with --require-fused when any device that has the
-    hardware (cpu; cuda where a GPU is visible) falls back to the reference."""
+    """Print which implementation serves each op set on each device and why (``--build`` first
+    JIT-compiles this machine's libraries: developers).  Exit 1 with --require-fused when any
+    device that has the hardware (cpu; cuda where a GPU is visible) runs the reference."""
     import torch
 
     import geta_fx.kernels as quant_kernels
     import geta_fx.lowbit_kernels as lowbit_kernels
 
+    if args.build:
+        for dev, outcome in quant_kernels.build().items():
+            print(f"build     {dev:5s} {outcome}")
+        print("(a new process loads the freshly built libraries)")
     rows = []
     for label, loader in (("quantize", quant_kernels), ("lowbit", lowbit_kernels)):
         for dev, st in loader.ensure_loaded().items():
             rows.append((label, dev, st["impl"], st["reason"]))
-    print(f"kernel cache: {quant_kernels.cache_dir()}")
+    print(f"libraries: {quant_kernels.library_dir()}")
     for label, dev, impl, reason in rows:
         print(f"{label:9s} {dev:5s} {impl:9s} {reason}")
-    if args.require_fused:
-        have = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
-        missing = [f"{label}/{dev}" for label, dev, impl, _ in rows
-                   if dev in have and impl != "fused"]
-        if missing:
-            sys.stderr.write(f"{PROG}: error: reference implementation in use for "
-                             f"{', '.join(missing)}\n")
-            return 1
+    have = {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+    missing = [f"{label}/{dev}" for label, dev, impl, _ in rows
+               if dev in have and impl != "fused"]
+    if missing and not args.build:
+        print(f"to build the kernels: {quant_kernels.HOW_TO_BUILD}")
+    if args.require_fused and missing:
+        sys.stderr.write(f"{PROG}: error: reference implementation in use for "
+                         f"{', '.join(missing)}\n")
+        return 1
     return 0
 
 
@@ -496,13 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo_sub.required = True
     module = None
     try:
-        module = _demo_module()
+        module = load_demos()
     except Exception:  # noqa: BLE001 - the demo module is optional; `demo` reports it
         module = None
     for name in _DEMOS:
         fn = getattr(module, f"run_{name}", None) if module is not None else None
         summary = (_inspect.getdoc(fn) or "").split("\n")[0] if fn is not None else \
-            "(not available in this build)"
+            f"(not installed: the demos are {_DEMO_HOME})"
         dp = demo_sub.add_parser(name, help=summary, description=summary)
         if fn is not None:
             _add_function_flags(dp, fn)
@@ -518,14 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the benchmarks")
     b.set_defaults(run=_bench_cmd, bench_args=[])
 
-    k = sub.add_parser("kernels", help="build/load the C++/CUDA kernels and say which "
-                       "implementation each device uses",
-                       description="Build the compiled kernels on first use (cached), load "
-                       "them, and print per op set (quantize, lowbit) and device whether the "
-                       "fused kernel or the pure-PyTorch reference serves it, and why. Run it "
-                       "once after installing to pre-build.")
+    k = sub.add_parser("kernels", help="say which implementation (compiled kernel or "
+                       "reference) serves each op set and device",
+                       description="Load the compiled kernels shipped with geta_fx and print per "
+                       "op set (quantize, lowbit) and device whether the fused kernel or the "
+                       "pure-PyTorch reference serves it, and why. Installing builds the "
+                       "kernels; --build JIT-compiles them for this machine (developers).")
     k.add_argument("--require-fused", action="store_true",
                    help="exit 1 if the reference serves a device that has the hardware")
+    k.add_argument("--build", action="store_true",
+                   help="JIT-build this machine's kernel libraries into the package first "
+                   "(needs a C++ compiler and ninja; CUDA where torch has CUDA and nvcc)")
     k.set_defaults(run=_kernels_cmd)
     return parser
 

@@ -1,378 +1,97 @@
-"""Loader for the fused C++/CUDA implementations of the ``geta`` ops.
+"""Loader for the compiled C++/CUDA implementations of the ``geta`` ops (shipped, never built here).
 
 ``kernels/csrc`` holds sources that register *implementations* for the op schemas defined once in
 :mod:`geta_fx.ops.schema` (``TORCH_LIBRARY_IMPL(geta, CPU|CUDA, m)``; no ``TORCH_LIBRARY`` def
-anywhere in C++).  A backend kernel takes precedence over the pure-PyTorch reference
+anywhere in C++).  ``pip install``/``pip wheel`` compile them ahead of time (``setup.py``, from
+the table in :mod:`geta_fx.kernels.build_config`) into libraries in this package:
+``_C_cpu_<tag>*.so`` (one per ATen CPU capability: ``default``, ``avx2``, ``avx512``) and
+``_C_cuda*.so``.  A backend kernel takes precedence over the pure-PyTorch reference
 (``CompositeExplicitAutograd``) on its device; where none is loaded, the reference runs.
 
-One loader serves every *op set* (:class:`OpSet`: its ops, sources per device and extra
-compiler flags; a :class:`KernelLoader` each).  This module's :func:`ensure_loaded` and
-:func:`status` load the quantizer kernels (:data:`QUANTIZE`: ``geta::quantize``,
-``geta::quantize_backward``); :mod:`geta_fx.lowbit_kernels` loads the low-bit deployment kernels
-(``geta::lowbit_linear``, ``geta::unpack_weight``) with the same machinery and cache.
+:func:`ensure_loaded` (called by :mod:`geta_fx.ops` at import) ``dlopen``\\ s, per device, the
+shipped library for the running CPU capability (:func:`torch.ops.load_library`, the torchao
+pattern) and checks that it registered every op of each *op set* (:class:`OpSet`, a
+:class:`KernelLoader` each): an op set is ``"fused"`` on a device only when all its ops have a
+kernel there.  It never compiles and never raises: a missing library (an editable checkout
+that was not built, a wheel without CUDA), a library that fails to load, or a missing op is
+recorded, the reference serves, and :func:`status` says why.  This module's loader serves the
+quantizer ops (:data:`QUANTIZE`); :mod:`geta_fx.lowbit_kernels` the low-bit ones.
 
-:func:`ensure_loaded` (called by :mod:`geta_fx.ops` at import time) builds each device's extension
-with :mod:`torch.utils.cpp_extension` (ninja) on first use into a cache directory, checks the fresh
-build in a subprocess, and loads it with :func:`torch.ops.load_library`.  Later processes find the
-checked ``.so`` in the cache by a content key (sources, flags, torch/CUDA/Python versions, CPU
-capability, GPU architectures) and only ``dlopen`` it, without importing the build machinery.
-It never raises: every failure (no compiler, no ninja, no CUDA toolkit, a failed build) is
-recorded, the reference keeps serving that device, and :func:`status` says why.
-
-Each device's ``.so`` registers all of its op set's ops for its dispatch key in one
-``TORCH_LIBRARY_IMPL`` block, and is loaded only after a subprocess (which defines the schemas
-from ``schema.py`` alone) loaded it and found a kernel for every op (then ``checked.json`` is
-written next to it): a device gets all fused ops of the set or none, never some.
+Developers: :func:`build` (``geta-fx kernels --build``) JIT-compiles this machine's libraries
+with :func:`torch.utils.cpp_extension.load` (ninja, incremental, build tree under
+:func:`cache_dir`), checks them in a subprocess, and installs them next to this file.
 
 Environment
-    ``GETA_FX_NO_KERNELS=1``   load nothing, for any op set; the reference serves every device.
-    ``GETA_FX_BUILD_CUDA=0``   skip the quantizer's CUDA extension (``1``, the default, builds it
-                              when torch has CUDA, a GPU is visible and a CUDA toolkit is found;
-                              each op set has its own switch, :attr:`OpSet.cuda_switch`).
-    ``GETA_FX_KERNEL_CACHE``   cache directory, shared by every op set (default
-                              ``$XDG_CACHE_HOME/geta_fx/kernels``, i.e.
-                              ``~/.cache/geta_fx/kernels``).
-    ``TORCH_CUDA_ARCH_LIST``   GPU architectures to build for (default: those of the visible GPUs).
-
-Pre-building (e.g. at install time, where a compiler is present):
-``python -c "import geta_fx.kernels as k; print(k.ensure_loaded())"`` (the low-bit kernels:
-``geta_fx.lowbit_kernels`` likewise).
+    ``GETA_FX_NO_KERNELS=1``   load nothing; the reference serves every device.
+    ``GETA_FX_KERNEL_CACHE``   :func:`build`'s build tree (default ``~/.cache/geta_fx/kernels``).
+    Build-time switches (``GETA_FX_BUILD_CUDA``, ``GETA_FX_BUILD_LOWBIT_CUDA``,
+    ``GETA_FX_CPU_TAGS``, ``TORCH_CUDA_ARCH_LIST``): :mod:`geta_fx.kernels.build_config`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
 import importlib.util
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["OPS", "QUANTIZE", "KernelLoader", "OpSet", "cache_dir", "ensure_loaded", "status"]
+from geta_fx.kernels import build_config
+
+__all__ = ["OPS", "QUANTIZE", "KernelLoader", "OpSet", "build", "cache_dir", "ensure_loaded",
+           "library_dir", "status"]
 
 logger = logging.getLogger(__name__)
 
-#: Bump to invalidate every cached build (e.g. when the build recipe below changes).
-_RECIPE_VERSION = "1"
-
 _HERE = Path(__file__).resolve().parent
-_CSRC = _HERE / "csrc"
 _DEVICES = ("cpu", "cuda")
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 _BUILD_TIMEOUT_S = 1800
+#: How to get compiled kernels into a checkout (printed by status reasons and the CLI).
+HOW_TO_BUILD = ("`pip install --no-build-isolation -e .` (or `geta-fx kernels --build`, "
+                "JIT for this machine)")
 
 
 @dataclass(frozen=True)
 class OpSet:
-    """Ops whose kernels are built, checked and loaded together, one library per device.
+    """Ops whose kernels are checked together: a device serves all of them fused, or none.
 
     Attributes:
         owner: module that loads the set; names it in status reasons and log lines.
-        stem: library name stem; a device's library is ``geta_fx_{stem}_{dev}_{tag}``.
-        cache_prefix: prefix of the set's cache subdirectories (``{cache_prefix}{dev}-{key}``).
-        ops: ops every library of the set must register, all of them, for its dispatch key.
-        sources: per device, the sources of its extension (relative to ``kernels/csrc``).
-        headers: headers the sources include (relative to ``kernels/csrc``; content-keyed).
-        cuda_switch: environment variable whose value ``0`` skips the set's CUDA extension.
-        x86_flags: extra compiler flags of the AVX2 / AVX-512 CPU builds (e.g. ``-mbmi2``).
-        cuda_flags: extra nvcc flags, each with the oldest CUDA version (major, minor) that
-            accepts it; older toolkits build without it.
+        name: the set's key in :data:`build_config.OPSETS` (its ops, sources, CUDA switch).
     """
 
     owner: str
-    stem: str
-    cache_prefix: str
-    ops: tuple[str, ...]
-    sources: Mapping[str, tuple[str, ...]]
-    headers: tuple[str, ...] = ()
-    cuda_switch: str = "GETA_FX_BUILD_CUDA"
-    x86_flags: tuple[str, ...] = ()
-    cuda_flags: tuple[tuple[str, tuple[int, int]], ...] = ()
+    name: str
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """Every op the set's libraries must register, per dispatch key."""
+        return build_config.OPSETS[self.name].ops
+
+    @property
+    def cuda_switch(self) -> str:
+        """Build-time variable whose value ``0`` leaves the set out of ``_C_cuda``."""
+        return build_config.OPSETS[self.name].cuda_switch
 
 
-class KernelLoader:
-    """Builds (first use), checks and loads one :class:`OpSet`'s libraries; holds its status."""
-
-    def __init__(self, opset: OpSet) -> None:
-        self.opset = opset
-        self._lock = threading.RLock()
-        self._schema_py = ""  # path of geta_fx/ops/schema.py, set before any build thread starts
-        self._done = False
-        self._in_progress = False
-        self._status: dict[str, dict[str, Any]] = {
-            dev: {"impl": "reference", "reason": f"{opset.owner}.ensure_loaded() has not run yet"}
-            for dev in _DEVICES
-        }
-
-    def status(self) -> dict[str, dict[str, Any]]:
-        """Which implementation serves each device, and why.
-
-        Returns ``{"cpu": {...}, "cuda": {...}}``; each entry has ``impl`` (``"fused"`` or
-        ``"reference"``) and ``reason`` (a sentence), plus ``library`` (the loaded ``.so``) and
-        ``load_s`` (seconds spent building/loading) where a library was loaded, and ``log`` (the
-        build log) where a build ran.
-        """
-        with self._lock:
-            return copy.deepcopy(self._status)
-
-    def ensure_loaded(self) -> dict[str, dict[str, Any]]:
-        """Build (first time) and load the fused kernels for every device that can have them.
-
-        Idempotent and thread-safe; cheap after the first call in a process, and well under a
-        second in a new process once the builds are cached.  Never raises: failures are recorded
-        in :meth:`status` and the reference implementation serves that device.  Returns
-        :meth:`status`.
-        """
-        if self._done:
-            return self.status()
-        with self._lock:
-            if self._done or self._in_progress:  # re-entered through the geta_fx.ops import
-                return self.status()
-            self._in_progress = True
-            try:
-                self._load_all()
-            except Exception as e:  # never raise out of the loader
-                logger.debug("%s: unexpected loader error", self.opset.owner, exc_info=True)
-                for entry in self._status.values():
-                    if entry["impl"] != "fused":
-                        entry.update(impl="reference",
-                                     reason=f"loader error: {type(e).__name__}: {e}")
-            finally:
-                self._in_progress = False
-                self._done = True
-        return self.status()
-
-    def _set(self, dev: str, impl: str, reason: str, **extra: Any) -> None:
-        self._status[dev] = {"impl": impl, "reason": reason, **extra}
-        logger.debug("%s: %s -> %s (%s)", self.opset.owner, dev, impl, reason)
-
-    def _load_all(self) -> None:
-        flag = os.environ.get("GETA_FX_NO_KERNELS", "").strip().lower()
-        if flag not in ("", "0", "false", "no", "off"):
-            for dev in _DEVICES:
-                self._set(dev, "reference", f"disabled by GETA_FX_NO_KERNELS={flag}")
-            return
-        # The schemas must exist before a library registers impls for them (the subprocess check
-        # imports schema.py on its own; here the normal package import does it).
-        try:
-            import geta_fx.ops.schema as schema_mod
-
-            self._schema_py = str(Path(schema_mod.__file__).resolve())
-        except Exception as e:
-            for dev in _DEVICES:
-                self._set(dev, "reference",
-                          f"cannot import geta_fx.ops.schema: {type(e).__name__}: {e}")
-            return
-        # Phase 1 (builds, if any, run concurrently: each is a compiler subprocess);
-        # phase 2 loads each device's checked library in this process.
-        plans: dict[str, dict[str, Any]] = {}
-
-        def prepare(dev: str) -> None:
-            try:
-                plans[dev] = self._prepare_device(dev)
-            except Exception as e:
-                logger.debug("%s: %s prepare failed", self.opset.owner, dev, exc_info=True)
-                plans[dev] = {"skip": f"loader error: {type(e).__name__}: {e}"}
-
-        threads = [threading.Thread(target=prepare, args=(dev,),
-                                    name=f"geta_fx-build-{self.opset.stem}-{dev}")
-                   for dev in _DEVICES]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        for dev in _DEVICES:
-            try:
-                self._load_device(dev, plans[dev])
-            except Exception as e:
-                logger.debug("%s: %s load failed", self.opset.owner, dev, exc_info=True)
-                self._set(dev, "reference", f"loader error: {type(e).__name__}: {e}")
-
-    def _registered(self, dev: str) -> list[str]:
-        """Ops of the set that have a kernel for ``dev``'s dispatch key."""
-        key = _DISPATCH_KEY[dev]
-        have = []
-        for op in self.opset.ops:
-            try:
-                if torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
-                    have.append(op)
-            except Exception:
-                pass
-        return have
-
-    def _spec(self, dev: str) -> dict[str, Any]:
-        """Name, sources, flags and content key of ``dev``'s extension."""
-        rels = self.opset.sources[dev]
-        sources = [str(_CSRC / s) for s in rels]
-        h = hashlib.sha256()
-        for rel in (*rels, *self.opset.headers):
-            h.update(rel.encode())
-            h.update((_CSRC / rel).read_bytes())
-        spec: dict[str, Any] = {"dev": dev, "sources": sources}
-        if dev == "cpu":
-            cflags, ldflags = _cpu_flags(self.opset.x86_flags)
-            tag = _cpu_capability().lower().replace(" ", "_")
-            spec.update(cflags=cflags, cuda_cflags=[], ldflags=ldflags, archs=[])
-        else:
-            cflags, ldflags = ["-O3", "-DNDEBUG", "-fvisibility=hidden"], []
-            archs = _cuda_archs()
-            tag = "sm" + "_".join(a.replace(".", "").replace("+", "") for a in archs)
-            spec.update(cflags=cflags, cuda_cflags=_cuda_flags(self.opset.cuda_flags),
-                        ldflags=ldflags, archs=archs)
-        for part in (
-            _RECIPE_VERSION, dev, torch.__version__, str(torch.version.cuda),
-            str(getattr(torch.version, "git_version", "")), sys.version, sys.platform,
-            platform.machine(), os.environ.get("CXX", ""), repr(spec["cflags"]),
-            repr(spec["cuda_cflags"]), repr(spec["ldflags"]), repr(spec["archs"]),
-        ):
-            h.update(b"\0" + part.encode())
-        key = h.hexdigest()[:16]
-        spec["name"] = f"geta_fx_{self.opset.stem}_{dev}_{tag}"
-        spec["key"] = key
-        spec["dir"] = _writable_cache() / f"{self.opset.cache_prefix}{dev}-{key}"
-        return spec
-
-    def _prepare_device(self, dev: str) -> dict[str, Any]:
-        """Find or build ``dev``'s checked library; returns a plan for :meth:`_load_device`."""
-        t0 = time.perf_counter()
-        if dev == "cuda":
-            skip = _cuda_skip_reason(self.opset.cuda_switch)
-            if skip is not None:
-                return {"skip": skip}
-        if len(self._registered(dev)) == len(self.opset.ops):
-            return {"already": True}
-        spec = self._spec(dev)
-        so, marker = _so_path(spec), _marker(spec)
-        built = False
-        if not (so.is_file() and marker.is_file()):
-            problem = _toolchain_problem(dev)
-            if problem is not None:
-                return {"skip": problem}
-            spec["dir"].mkdir(parents=True, exist_ok=True)
-            with _file_lock(spec["dir"] / "geta.lock"):
-                if not (so.is_file() and marker.is_file()):  # another process may have built it
-                    ok, reason = self._build(spec)
-                    if not ok:
-                        return {"skip": reason, "log": str(spec["dir"] / "build.log")}
-                    built = True
-        return {"spec": spec, "so": so, "built": built, "t0": t0}
-
-    def _load_device(self, dev: str, plan: dict[str, Any]) -> None:
-        if "skip" in plan:
-            extra = {"log": plan["log"]} if "log" in plan else {}
-            self._set(dev, "reference", plan["skip"], **extra)
-            return
-        if plan.get("already"):
-            self._set(dev, "fused",
-                      "kernels were already registered in this process (not by this loader)")
-            return
-        spec, so, built = plan["spec"], plan["so"], plan["built"]
-        torch.ops.load_library(str(so))
-        have = self._registered(dev)
-        if len(have) != len(self.opset.ops):  # cannot happen for a checked build; never half-use
-            self._set(dev, "reference",
-                      f"{so.name} loaded but registered only {have} of {list(self.opset.ops)} "
-                      f"for {_DISPATCH_KEY[dev]}")
-            return
-        how = "built and loaded" if built else "loaded from cache"
-        extra: dict[str, Any] = {"library": str(so),
-                                 "load_s": round(time.perf_counter() - plan["t0"], 3)}
-        if built:
-            extra["log"] = str(spec["dir"] / "build.log")
-        self._set(dev, "fused", f"{how}: {so.name} ({_describe(spec)})", **extra)
-
-    def _build(self, spec: dict[str, Any]) -> tuple[bool, str]:
-        """Build and check ``spec`` in a subprocess; on success write the marker file."""
-        # (No imports here: this runs in a worker thread while the main thread may be inside
-        # `import geta_fx.ops`, whose module lock a thread-side import would wait for forever.)
-        # cpp_extension's own lock file; only a crashed build leaves it, and we hold the flock.
-        stale = spec["dir"] / "lock"
-        if stale.exists():
-            stale.unlink()
-        payload = {
-            "name": spec["name"], "sources": spec["sources"], "cflags": spec["cflags"],
-            "cuda_cflags": spec["cuda_cflags"], "ldflags": spec["ldflags"],
-            "archs": spec["archs"], "dir": str(spec["dir"]), "schema": self._schema_py,
-            "ops": list(self.opset.ops), "key_name": _DISPATCH_KEY[spec["dev"]],
-        }
-        env = dict(os.environ, GETA_FX_NO_KERNELS="1")
-        log_path = spec["dir"] / "build.log"
-        logger.debug("%s: building %s in %s (first use; cached afterwards)",
-                     self.opset.owner, spec["name"], spec["dir"])
-        t0 = time.perf_counter()
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _CHILD, json.dumps(payload)],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                timeout=_BUILD_TIMEOUT_S, check=False,
-            )
-            out, rc = proc.stdout, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout if isinstance(e.stdout, str) else ""
-            rc = -1
-            out += f"\n[geta_fx] build timed out after {_BUILD_TIMEOUT_S} s"
-        elapsed = time.perf_counter() - t0
-        with contextlib.suppress(OSError):
-            log_path.write_text(out)
-        if rc != 0 or "GETA_FX_BUILD_OK" not in out:
-            tail = "\n".join(out.strip().splitlines()[-12:])
-            return False, f"build of {spec['name']} failed (exit {rc}; log {log_path}): {tail}"
-        with contextlib.suppress(OSError):
-            _marker(spec).write_text(json.dumps({
-                "name": spec["name"], "key": spec["key"], "torch": torch.__version__,
-                "build_s": round(elapsed, 1), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }))
-        logger.debug("%s: built %s in %.1f s", self.opset.owner, spec["name"], elapsed)
-        return True, "built"
-
-
-#: The quantizer kernels, loaded by this module's :func:`ensure_loaded`.
-QUANTIZE = OpSet(
-    owner="geta_fx.kernels", stem="kernels", cache_prefix="",
-    ops=("geta::quantize", "geta::quantize_backward"),
-    sources={"cpu": ("cpu/quantize_cpu.cpp",), "cuda": ("cuda/quantize_cuda.cu",)},
-    headers=("quantize_common.h", "cuda/quantize_kernels.cuh"),
-)
-
-#: Ops every quantizer kernel library must register, all of them, for its dispatch key.
-OPS: tuple[str, ...] = QUANTIZE.ops
-
-_LOADER = KernelLoader(QUANTIZE)
-
-
-def status() -> dict[str, dict[str, Any]]:
-    """Which implementation serves each device for the quantizer ops (:meth:`KernelLoader.status`).
-
-    ``{"cpu": {...}, "cuda": {...}}`` with ``impl`` (``"fused"``/``"reference"``), ``reason``
-    and, where a library was loaded or built, ``library``, ``load_s`` and ``log``.
-    """
-    return _LOADER.status()
-
-
-def ensure_loaded() -> dict[str, dict[str, Any]]:
-    """Build (first time) and load the fused quantizer kernels (:meth:`KernelLoader.ensure_loaded`).
-
-    Idempotent, thread-safe and never raises; returns :func:`status`.
-    """
-    return _LOADER.ensure_loaded()
+def library_dir() -> Path:
+    """Directory holding the compiled libraries (this package's directory)."""
+    return _HERE
 
 
 def cache_dir() -> Path:
-    """Directory holding the cached builds (one subdirectory per op set, device and key)."""
+    """Build tree of :func:`build` (``$GETA_FX_KERNEL_CACHE`` or ``~/.cache/geta_fx/kernels``)."""
     env = os.environ.get("GETA_FX_KERNEL_CACHE")
     if env:
         return Path(env).expanduser()
@@ -382,70 +101,27 @@ def cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------------------------
-# internals shared by every op set
+# one library per device, shared by every op set
 # --------------------------------------------------------------------------------------------
-def _cpu_capability() -> str:
-    try:
-        return str(torch.backends.cpu.get_cpu_capability())
-    except Exception:
-        return "DEFAULT"
+@dataclass(frozen=True)
+class _Library:
+    """Outcome of loading one device's library: ``path`` when loaded, else ``reason``."""
+
+    path: Path | None
+    reason: str
+    load_s: float = 0.0
 
 
-def _openmp() -> bool:
-    try:
-        return "OpenMP" in torch.__config__.parallel_info() and sys.platform.startswith("linux")
-    except Exception:
-        return False
+_LIB_LOCK = threading.RLock()
+_LIBRARIES: dict[str, _Library] = {}
 
 
-def _cpu_flags(x86_flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Compiler and linker flags of a CPU build; ``x86_flags`` join the AVX2/AVX-512 flags."""
-    # -fvisibility=hidden: torch loads op libraries RTLD_GLOBAL; nothing of ours may interpose
-    # on (or be interposed by) another library's inline/template copies.
-    cflags = ["-O3", "-DNDEBUG", "-fvisibility=hidden", "-fvisibility-inlines-hidden"]
-    ldflags: list[str] = []
-    cap = _cpu_capability()
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        # Same flags ATen uses for its AVX2 / AVX-512 kernel copies, so at::vec picks the
-        # matching Vectorized<float> (and Sleef exp/log, exported by libtorch_cpu).
-        if cap == "AVX512":
-            cflags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
-                       *x86_flags, "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-        elif cap == "AVX2":
-            cflags += ["-mavx2", "-mfma", "-mf16c", *x86_flags, "-DCPU_CAPABILITY=AVX2",
-                       "-DCPU_CAPABILITY_AVX2"]
-    if _openmp():  # at::parallel_for is inline OpenMP code in the headers
-        cflags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    return cflags, ldflags
+def _disabled() -> str | None:
+    flag = os.environ.get("GETA_FX_NO_KERNELS", "").strip().lower()
+    return None if flag in ("", "0", "false", "no", "off") else f"GETA_FX_NO_KERNELS={flag}"
 
 
-def _cuda_archs() -> list[str]:
-    env = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if env:
-        return sorted(set(env.replace(";", " ").split()))
-    caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-    return [f"{major}.{minor}" for major, minor in sorted(caps)]
-
-
-def _cuda_flags(extra: tuple[tuple[str, tuple[int, int]], ...]) -> list[str]:
-    """nvcc flags; each of ``extra`` is added where torch's CUDA is at least its version."""
-    # No --use_fast_math: expf/logf/IEEE division must match the reference's ATen ops.
-    flags = ["-O3", "-DNDEBUG", "--expt-relaxed-constexpr", "-Xcompiler", "-fvisibility=hidden",
-             "-Xcompiler", "-fvisibility-inlines-hidden"]
-    version = tuple(int(v) for v in (torch.version.cuda or "0.0").split(".")[:2])
-    return flags + [flag for flag, oldest in extra if version >= oldest]
-
-
-def _cuda_skip_reason(switch: str) -> str | None:
-    """Why no CUDA extension is built here (``switch`` is the op set's opt-out), or None.
-
-    ``GETA_FX_BUILD_CUDA=0`` turns off every op set's CUDA build; ``switch`` only its own.
-    """
-    for var in dict.fromkeys(("GETA_FX_BUILD_CUDA", switch)):
-        if os.environ.get(var, "1").strip() == "0":
-            return f"disabled by {var}=0"
+def _cuda_unavailable() -> str | None:
     if torch.version.cuda is None:
         hip = getattr(torch.version, "hip", None)
         return "torch is built for ROCm/HIP, not CUDA" if hip else "torch is built without CUDA"
@@ -454,80 +130,251 @@ def _cuda_skip_reason(switch: str) -> str | None:
     return None
 
 
-def _writable_cache() -> Path:
-    root = cache_dir()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if os.access(root, os.W_OK):
-            return root
-    except OSError:
-        pass
-    uid = os.getuid() if hasattr(os, "getuid") else "user"
-    fallback = Path(tempfile.gettempdir()) / f"geta_fx_kernels_{uid}"
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
-def _so_path(spec: dict[str, Any]) -> Path:
+def _find_library(dev: str) -> Path | None:
+    """The shipped (or ``--build``-installed) library for ``dev`` on this machine, if any."""
+    stem = build_config.library_stem(dev)
     suffix = ".pyd" if sys.platform == "win32" else ".so"
-    return spec["dir"] / f"{spec['name']}{suffix}"
+    found = sorted(p for p in _HERE.glob(f"{stem}*{suffix}")
+                   if p.name[len(stem)] in ".")  # _C_cpu_avx2 must not match _C_cpu_avx2x
+    return found[0] if found else None
 
 
-def _marker(spec: dict[str, Any]) -> Path:
-    return spec["dir"] / "checked.json"
+def _missing_reason(dev: str) -> str:
+    stem = build_config.library_stem(dev)
+    others = sorted(p.name for p in _HERE.glob("_C_*") if p.suffix in (".so", ".pyd"))
+    have = f" (found only {', '.join(others)})" if others else ""
+    if dev == "cuda":
+        return (f"no {stem} library in {_HERE}{have}: this install was built without CUDA "
+                "(torch without CUDA, no toolkit, or GETA_FX_BUILD_CUDA=0 at build time)")
+    return (f"no compiled {stem} library in {_HERE}{have}; build it with {HOW_TO_BUILD}")
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Inter-process lock (flock: released by the OS if the holder dies, so never stale)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: cpp_extension's own FileBaton still serialises builds
-        yield
-        return
-    with open(path, "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+def _load_library(dev: str) -> _Library:
+    """Load ``dev``'s library once per process (idempotent, thread-safe, never raises)."""
+    with _LIB_LOCK:
+        if dev in _LIBRARIES:
+            return _LIBRARIES[dev]
+        why = _disabled()
+        if why is not None:
+            lib = _Library(None, f"disabled by {why}")
+        elif dev == "cuda" and (why := _cuda_unavailable()) is not None:
+            lib = _Library(None, why)
+        elif (path := _find_library(dev)) is None:
+            lib = _Library(None, _missing_reason(dev))
+        else:
+            t0 = time.perf_counter()
+            try:
+                torch.ops.load_library(str(path))
+                lib = _Library(path, "loaded", round(time.perf_counter() - t0, 4))
+            except Exception as e:  # undefined symbols (another torch), a corrupt file, ...
+                lib = _Library(None, f"cannot load {path.name}: {type(e).__name__}: {e}")
+        logger.debug("geta_fx.kernels: %s library: %s (%s)", dev, lib.path, lib.reason)
+        _LIBRARIES[dev] = lib
+        return lib
+
+
+def _registered(ops: tuple[str, ...], dev: str) -> list[str]:
+    """Those of ``ops`` that have a kernel for ``dev``'s dispatch key."""
+    key = _DISPATCH_KEY[dev]
+    have = []
+    for op in ops:
         try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            if torch._C._dispatch_has_kernel_for_dispatch_key(op, key):
+                have.append(op)
+        except RuntimeError:  # no such op (its schema module was not imported)
+            pass
+    return have
 
 
-def _describe(spec: dict[str, Any]) -> str:
-    if spec["dev"] == "cpu":
-        return f"CPU capability {_cpu_capability()}, {'OpenMP' if _openmp() else 'serial'}"
-    return f"CUDA {torch.version.cuda}, archs {','.join(spec['archs'])}"
+class KernelLoader:
+    """Loads (once) the device libraries and says, for one :class:`OpSet`, who serves each device.
+    """
+
+    def __init__(self, opset: OpSet) -> None:
+        self.opset = opset
+        self._lock = threading.RLock()
+        self._status: dict[str, dict[str, Any]] = {
+            dev: {"impl": "reference", "reason": f"{opset.owner}.ensure_loaded() has not run yet"}
+            for dev in _DEVICES
+        }
+        self._done = False
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Which implementation serves each device, and why.
+
+        Returns ``{"cpu": {...}, "cuda": {...}}``; each entry has ``impl`` (``"fused"`` or
+        ``"reference"``) and ``reason`` (a sentence), plus ``library`` (the loaded file) and
+        ``load_s`` (seconds its ``dlopen`` took) where the set is fused.
+        """
+        with self._lock:
+            return copy.deepcopy(self._status)
+
+    def ensure_loaded(self) -> dict[str, dict[str, Any]]:
+        """Load each device's shipped library (first call) and check the set's ops; :meth:`status`.
+
+        Idempotent, thread-safe, never compiles and never raises.
+        """
+        with self._lock:
+            if not self._done:
+                for dev in _DEVICES:
+                    try:
+                        self._status[dev] = self._check(dev)
+                    except Exception as e:  # never raise out of the loader
+                        logger.debug("%s: %s check failed", self.opset.owner, dev, exc_info=True)
+                        self._status[dev] = {"impl": "reference",
+                                             "reason": f"loader error: {type(e).__name__}: {e}"}
+                    logger.debug("%s: %s -> %s", self.opset.owner, dev, self._status[dev])
+                self._done = True
+        return self.status()
+
+    def refresh(self) -> dict[str, dict[str, Any]]:
+        """Check again (after :func:`build` installed a library in this process)."""
+        with self._lock:
+            self._done = False
+        return self.ensure_loaded()
+
+    def _check(self, dev: str) -> dict[str, Any]:
+        ops = self.opset.ops
+        lib = _load_library(dev)
+        have = _registered(ops, dev)
+        if lib.path is None:
+            if len(have) == len(ops) and _disabled() is None:
+                return {"impl": "fused",
+                        "reason": "kernels were already registered in this process "
+                                  f"(not by geta_fx.kernels; {lib.reason})"}
+            return {"impl": "reference", "reason": lib.reason}
+        if len(have) == len(ops):
+            return {"impl": "fused", "reason": f"loaded {lib.path.name} ({_describe(dev)})",
+                    "library": str(lib.path), "load_s": lib.load_s}
+        missing = [op for op in ops if op not in have]
+        hint = (f" (built with {self.opset.cuda_switch}=0?)" if dev == "cuda" else "")
+        return {"impl": "reference",
+                "reason": f"{lib.path.name} registers no {_DISPATCH_KEY[dev]} kernel for "
+                          f"{missing}{hint}; the reference serves {self.opset.name}"}
 
 
-def _toolchain_problem(dev: str) -> str | None:
-    """Why ``dev``'s extension cannot be built here, or None."""
+def _describe(dev: str) -> str:
+    if dev == "cpu":
+        try:
+            cap = str(torch.backends.cpu.get_cpu_capability())
+        except Exception:
+            cap = "unknown"
+        return f"CPU capability {cap}, library {build_config.cpu_tag()}"
+    return f"CUDA {torch.version.cuda}"
+
+
+#: The quantizer kernels, loaded by this module's :func:`ensure_loaded`.
+QUANTIZE = OpSet(owner="geta_fx.kernels", name="quantize")
+
+#: Ops every quantizer kernel library must register, all of them, for its dispatch key.
+OPS: tuple[str, ...] = QUANTIZE.ops
+
+_LOADER = KernelLoader(QUANTIZE)
+
+
+def status() -> dict[str, dict[str, Any]]:
+    """Which implementation serves each device for the quantizer ops (:meth:`KernelLoader.status`).
+    """
+    return _LOADER.status()
+
+
+def ensure_loaded() -> dict[str, dict[str, Any]]:
+    """Load the shipped quantizer kernels (:meth:`KernelLoader.ensure_loaded`); never compiles.
+    """
+    return _LOADER.ensure_loaded()
+
+
+# --------------------------------------------------------------------------------------------
+# developer JIT build: geta-fx kernels --build
+# --------------------------------------------------------------------------------------------
+def toolchain_problem(dev: str) -> str | None:
+    """Why ``dev``'s library cannot be JIT-built here, or None."""
     if shutil.which("ninja") is None and importlib.util.find_spec("ninja") is None:
         return "ninja not found (pip install ninja); torch.utils.cpp_extension needs it"
     cxx = os.environ.get("CXX") or ("cl" if sys.platform == "win32" else "c++")
     if shutil.which(cxx.split()[0]) is None:
         return f"no C++ compiler ({cxx!r} not on PATH)"
     if dev == "cuda":
+        if (why := _cuda_unavailable()) is not None:
+            return why
         from torch.utils.cpp_extension import CUDA_HOME
 
         if CUDA_HOME is None:
             return "no CUDA toolkit found (CUDA_HOME unset and nvcc not on PATH)"
-        nvcc = Path(CUDA_HOME) / "bin" / ("nvcc.exe" if sys.platform == "win32" else "nvcc")
-        if not nvcc.is_file():
-            return f"no CUDA toolkit found (no {nvcc})"
     return None
 
 
+def build(devices: tuple[str, ...] = _DEVICES) -> dict[str, str]:
+    """JIT-build this machine's libraries and install them next to this file (developers).
+
+    Each library is compiled by :func:`torch.utils.cpp_extension.load` in a subprocess (which
+    defines the schemas from ``schema.py`` alone and checks that every op of every op set in
+    it got a kernel), then copied into :func:`library_dir` as the wheel would ship it.  A
+    library already loaded in this process is only replaced on disk: a new process uses it.
+
+    Returns ``{device: outcome}``, each a sentence (``"built ... in 12.3 s"`` or why not).
+    Raises nothing.
+    """
+    import geta_fx.ops.schema as schema_mod
+
+    out: dict[str, str] = {}
+    for dev in devices:
+        problem = toolchain_problem(dev)
+        out[dev] = problem if problem is not None else _build_one(dev, schema_mod.__file__)
+    return out
+
+
+def _build_one(dev: str, schema_py: str) -> str:
+    stem = build_config.library_stem(dev)
+    opsets = build_config.cuda_opsets() if dev == "cuda" else tuple(build_config.OPSETS)
+    if not opsets:
+        return "no op set to build (GETA_FX_BUILD_CUDA=0)"
+    name = f"geta_fx{stem}"
+    build_dir = cache_dir() / f"build-{stem.lstrip('_')}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if dev == "cpu":
+        cflags, ldflags = build_config.cpu_build_flags(build_config.cpu_tag())
+        cuda_cflags: list[str] = []
+    else:
+        cflags, ldflags, cuda_cflags = [], [], build_config.cuda_build_flags()
+    payload = {
+        "name": name, "dir": str(build_dir), "schema": schema_py, "key_name": _DISPATCH_KEY[dev],
+        "sources": [str(build_config.CSRC / s) for s in build_config.sources(dev, opsets)],
+        "cflags": cflags, "cuda_cflags": cuda_cflags, "ldflags": ldflags,
+        "ops": [op for n in opsets for op in build_config.OPSETS[n].ops],
+    }
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(payload)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=dict(os.environ, GETA_FX_NO_KERNELS="1"),
+                              timeout=_BUILD_TIMEOUT_S, check=False)
+        log, rc = proc.stdout, proc.returncode
+    except subprocess.TimeoutExpired:
+        log, rc = f"build timed out after {_BUILD_TIMEOUT_S} s", -1
+    (build_dir / "build.log").write_text(log)
+    if rc != 0 or "GETA_FX_BUILD_OK" not in log:
+        tail = "\n".join(log.strip().splitlines()[-12:])
+        return f"build of {stem} failed (exit {rc}; log {build_dir / 'build.log'}): {tail}"
+    suffix = ".pyd" if sys.platform == "win32" else ".so"
+    target = _HERE / f"{stem}{suffix}"
+    for old in _HERE.glob(f"{stem}.*{suffix}"):  # a setup.py build of the same library
+        old.unlink()
+    tmp = target.with_suffix(".tmp")
+    shutil.copy2(build_dir / f"{name}{suffix}", tmp)
+    os.replace(tmp, target)  # atomic: a running process keeps its mapped copy
+    return f"built {target} in {time.perf_counter() - t0:.1f} s (log {build_dir / 'build.log'})"
+
+
 # Runs in a fresh interpreter: defines the schemas from schema.py alone (not the geta_fx
-# package, so no loader re-entry), builds with cpp_extension (which also loads the library),
-# and checks that every op got a kernel for the device's dispatch key.
+# package, so no loader), builds with cpp_extension (which also loads the library), and checks
+# that every op got a kernel for the device's dispatch key.
 _CHILD = r"""
-import importlib.util, json, os, sys
+import importlib.util, json, sys
 spec = json.loads(sys.argv[1])
 import torch
 m = importlib.util.spec_from_file_location("_geta_fx_schema_for_build", spec["schema"])
 mod = importlib.util.module_from_spec(m); m.loader.exec_module(mod)
-if spec["archs"]:
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(spec["archs"])
 from torch.utils.cpp_extension import load
 load(name=spec["name"], sources=spec["sources"], extra_cflags=spec["cflags"],
      extra_cuda_cflags=spec["cuda_cflags"] or None, extra_ldflags=spec["ldflags"],
@@ -538,4 +385,3 @@ if missing:
     sys.exit("built library registers no %s kernel for %s" % (spec["key_name"], missing))
 print("GETA_FX_BUILD_OK")
 """
-

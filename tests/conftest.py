@@ -1,16 +1,16 @@
-"""Shared fixtures: deterministic seeds; `cuda` tests skip (saying why) without a GPU."""
+"""Shared fixtures: deterministic seeds; `cuda` tests skip (saying why) without a GPU.
+
+Test files import ``zoo`` and ``helpers`` (re-exports of :mod:`geta_fx.testing`) as top-level
+modules: pytest's default ``prepend`` import mode puts ``tests/`` on ``sys.path`` for them.
+"""
 
 from __future__ import annotations
 
-import os
 import random
-import sys
 
 import numpy as np
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/zoo.py is a plain helper module
 
 
 @pytest.fixture(autouse=True)

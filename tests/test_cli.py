@@ -160,23 +160,44 @@ def test_inspect_hf_llama(capsys: pytest.CaptureFixture[str], tmp_path: Path) ->
 
 
 def test_demo_command(capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
+    import inspect
 
     rc, out, err = run(capsys, "demo", "--help")
     assert rc == 0 and "digits" in out and "charlm" in out
-    if importlib.util.find_spec("geta_fx.demo") is None:
-        rc, _, err = run(capsys, "demo", "digits")
-        assert rc == 1 and "not available" in err and err.count("\n") == 1
-    else:
-        import inspect
+    demo = cli.load_demos()  # examples/demo.py of this checkout
+    assert demo is not None and Path(demo.__file__).parent.name == "examples"
+    rc, out, _ = run(capsys, "demo", "digits", "--help")
+    assert rc == 0
+    for name, p in inspect.signature(demo.run_digits).parameters.items():
+        if p.default is not p.empty:
+            assert "--" + name.replace("_", "-") in out
 
-        from geta_fx import demo
 
-        rc, out, _ = run(capsys, "demo", "digits", "--help")
-        assert rc == 0
-        for name, p in inspect.signature(demo.run_digits).parameters.items():
-            if p.default is not p.empty:
-                assert "--" + name.replace("_", "-") in out
+def test_demo_without_a_checkout_says_where_the_demos_are(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    import sys
+
+    monkeypatch.delitem(sys.modules, cli._DEMO_MODULE, raising=False)
+    monkeypatch.setattr(cli, "_demo_path", lambda: None)
+    rc, out, _ = run(capsys, "demo", "--help")
+    assert rc == 0 and "not installed: the demos are examples/demo.py" in out
+    rc, _, err = run(capsys, "demo", "digits")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "not installed with the package" in err and '".[examples]"' in err
+
+
+def test_demo_names_the_missing_extra(capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    demo = cli.load_demos()
+    assert demo is not None
+
+    def no_sklearn(**_: object) -> None:
+        raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
+
+    monkeypatch.setattr(demo, "run_digits", no_sklearn)
+    rc, _, err = run(capsys, "demo", "digits")
+    assert rc == 2 and "the digits demo needs scikit-learn: pip install scikit-learn" in err
 
 
 def test_bench_command(capsys: pytest.CaptureFixture[str], tmp_path: Path,
@@ -195,16 +216,48 @@ def test_bench_command(capsys: pytest.CaptureFixture[str], tmp_path: Path,
     monkeypatch.setattr(subprocess, "call", lambda argv: calls.append(argv) or 0)
     rc, out, _ = run(capsys, "bench", "hello", "--", "--repeat", "3")
     assert rc == 0 and calls[0][-3:] == [str(bench / "bench_hello.py"), "--repeat", "3"]
+    monkeypatch.setattr(cli, "_bench_dirs", lambda: [])
+    rc, _, err = run(capsys, "bench", "--list")
+    assert rc == 2 and "not installed with the package" in err
 
 
 def test_kernels_command_reports_every_op_set_and_device(capsys: pytest.CaptureFixture[str]
                                                          ) -> None:
     rc, out, _ = run(capsys, "kernels")
     assert rc == 0
-    lines = [ln.split(None, 3) for ln in out.splitlines()[1:]]
+    lines = [ln.split(None, 3) for ln in out.splitlines()[1:]
+             if ln.split(None, 1)[0] in ("quantize", "lowbit")]
     assert {(ln[0], ln[1]) for ln in lines} == {("quantize", "cpu"), ("quantize", "cuda"),
                                                 ("lowbit", "cpu"), ("lowbit", "cuda")}
     assert all(ln[2] in ("fused", "reference") and len(ln) == 4 for ln in lines)
     if shutil.which(os.environ.get("CXX", "c++").split()[0]):
         rc, _, err = run(capsys, "kernels", "--require-fused")
         assert rc == 0, err
+
+
+def test_kernels_command_says_how_to_build_when_the_reference_serves(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import geta_fx.kernels as kernels
+    import geta_fx.lowbit_kernels as lowbit_kernels
+
+    missing = {"impl": "reference", "reason": "no compiled _C_cpu_x library"}
+    for module in (kernels, lowbit_kernels):
+        monkeypatch.setattr(module, "ensure_loaded", lambda: {"cpu": missing, "cuda": missing})
+    rc, out, _ = run(capsys, "kernels")
+    assert rc == 0 and f"to build the kernels: {kernels.HOW_TO_BUILD}" in out
+    assert "quantize  cpu   reference no compiled _C_cpu_x library" in out
+    rc, _, err = run(capsys, "kernels", "--require-fused")
+    assert rc == 1 and "reference implementation in use for quantize/cpu, lowbit/cpu" in err
+
+
+def test_kernels_build_runs_the_jit_build_first(capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import geta_fx.kernels as kernels
+
+    monkeypatch.setattr(kernels, "build", lambda: {"cpu": "built /x/_C_cpu_y.so in 1.0 s",
+                                                   "cuda": "torch is built without CUDA"})
+    rc, out, _ = run(capsys, "kernels", "--build")
+    assert rc == 0
+    assert out.splitlines()[:2] == ["build     cpu   built /x/_C_cpu_y.so in 1.0 s",
+                                    "build     cuda  torch is built without CUDA"]
+    assert "to build the kernels" not in out

@@ -1,4 +1,6 @@
-"""Smoke tests of the two demos with tiny step counts (the full demos are not run in CI).
+"""Smoke tests of the two demos (examples/demo.py) with tiny step counts (the full demos are
+not run in CI).  The demos are loaded the way ``geta-fx demo`` loads them
+(:func:`geta_fx.cli.load_demos`: by path, no ``sys.path`` edit).
 
     run_digits / run_charlm  ->  dense + GETA runs  ->  printed table, dict of results
 """
@@ -7,7 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from geta_fx import demo
+from geta_fx.cli import load_demos
+
+demo = load_demos()
+assert demo is not None, "examples/demo.py not found next to the geta_fx checkout"
 
 
 def _check(res: dict, quality: str) -> None:

@@ -139,7 +139,7 @@ def test_pickle_round_trip(training: bool) -> None:
 
 
 def test_torch_save_load_and_qasso_on_the_loaded_module(tmp_path) -> None:
-    from geta_fx.demo import CharGPT
+    from geta_fx.testing.models import CharGPT
 
     torch.manual_seed(0)
     idx = torch.randint(0, 20, (2, 8))

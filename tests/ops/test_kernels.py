@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 import geta_fx.kernels as kernels
+from geta_fx.kernels import build_config
 import geta_fx.lowbit_kernels as lowbit_kernels
 import geta_fx.ops as ops
 from geta_fx.ops.reference import quantize_backward_reference, quantize_reference
@@ -183,7 +184,7 @@ def test_status_describes_every_device(loader: ModuleType, opset: kernels.OpSet)
     st = loader.ensure_loaded()
     assert st == loader.status() == loader.ensure_loaded()
     assert set(st) == {"cpu", "cuda"}
-    assert loader.OPS == opset.ops
+    assert loader.OPS == opset.ops == build_config.OPSETS[opset.name].ops
     for dev, entry in st.items():
         assert entry["impl"] in ("fused", "reference"), (dev, entry)
         assert isinstance(entry["reason"], str) and entry["reason"], (dev, entry)
@@ -193,11 +194,13 @@ def test_status_describes_every_device(loader: ModuleType, opset: kernels.OpSet)
 @pytest.mark.parametrize(("loader", "opset"), LOADERS)
 def test_cpu_kernel_is_in_use_when_a_compiler_is_present(loader: ModuleType,
                                                          opset: kernels.OpSet) -> None:
+    """An install with a compiler builds the CPU library; the one for this CPU serves."""
     if not has_cpu_toolchain():
         pytest.skip("no C++ compiler or ninja: the reference serves the CPU")
     st = loader.ensure_loaded()["cpu"]
     assert st["impl"] == "fused", st
-    assert Path(st["library"]).name.startswith(f"geta_fx_{opset.stem}_cpu"), st
+    assert Path(st["library"]).parent == kernels.library_dir(), st
+    assert Path(st["library"]).name.startswith(f"_C_cpu_{build_config.cpu_tag()}."), st
     for op in opset.ops:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op, "CPU"), op
 
@@ -212,27 +215,96 @@ def test_fused_device_has_every_op_registered(device: str) -> None:
 
 @pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
 @pytest.mark.parametrize(("loader", "opset"), LOADERS)
-def test_cuda_kernel_is_built_by_default(loader: ModuleType, opset: kernels.OpSet) -> None:
-    """Fused where a GPU and nvcc are present (unless the op set's switch is 0); else why not."""
+def test_cuda_kernel_serves_where_shipped(loader: ModuleType, opset: kernels.OpSet) -> None:
+    """Fused where a GPU is visible and the CUDA library holds the set; else it says why."""
     st = loader.ensure_loaded()["cuda"]
-    if os.environ.get(opset.cuda_switch, "1").strip() == "0":
-        assert st == {"impl": "reference", "reason": f"disabled by {opset.cuda_switch}=0"}
-        return
     if not HAS_CUDA:
         assert st["impl"] == "reference", st
         assert st["reason"].startswith(NO_CUDA_REASONS), st
         return
-    from torch.utils.cpp_extension import CUDA_HOME
+    if kernels._find_library("cuda") is None:
+        assert st["impl"] == "reference" and "without CUDA" in st["reason"], st
+        pytest.skip(f"this install has no CUDA library: {st['reason']}")
+    if st["impl"] != "fused":
+        assert f"{opset.cuda_switch}=0" in st["reason"], st
+        pytest.skip(st["reason"])
 
-    if CUDA_HOME is None or not has_cpu_toolchain():
-        pytest.skip(f"no CUDA toolkit or host compiler: {st['reason']}")
-    assert st["impl"] == "fused", st
+
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2", "DEFAULT", "ZVECTOR", "SVE256"])
+def test_every_cpu_capability_maps_to_a_built_library_tag(capability: str) -> None:
+    tag = build_config.cpu_tag(capability)
+    assert tag in build_config.CPU_TAGS
+    if capability in ("DEFAULT", "ZVECTOR", "SVE256"):
+        assert tag == "default"
+    flags, _ = build_config.cpu_build_flags(tag)
+    assert ("-mavx2" in flags) == (tag == "avx2") and ("-mavx512f" in flags) == (tag == "avx512")
+    with pytest.raises(ValueError, match="no CPU library"):
+        build_config.cpu_build_flags("avx9000")
+
+
+def test_every_op_set_source_exists_and_registers_its_ops() -> None:
+    """Each op set's sources exist, are shipped (package-data) and register each of its ops."""
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    for name, srcs in build_config.OPSETS.items():
+        for dev in ("cpu", "cuda"):
+            files = getattr(srcs, dev)
+            assert files, (name, dev)
+            text = "".join((build_config.CSRC / f).read_text() for f in files)
+            assert f"TORCH_LIBRARY_IMPL(geta, {dev.upper()}, m)" in text, (name, dev)
+            for op in srcs.ops:
+                assert f'm.impl("{op.split("::")[1]}"' in text, (name, dev, op)
+    for pattern in ("csrc/*.h", "csrc/cpu/*.cpp", "csrc/cuda/*.cu", "csrc/cuda/*.cuh"):
+        assert f'"{pattern}"' in pyproject, pattern
+    shipped = {p.relative_to(build_config.CSRC).as_posix()
+               for pat in ("*.h", "cpu/*.cpp", "cuda/*.cu", "cuda/*.cuh")
+               for p in build_config.CSRC.glob(pat)}
+    every = {p.relative_to(build_config.CSRC).as_posix()
+             for p in build_config.CSRC.rglob("*") if p.is_file()}
+    assert every == shipped, f"sources package-data would leave out: {every - shipped}"
+
+
+def test_missing_library_is_reported_with_how_to_build(monkeypatch: pytest.MonkeyPatch,
+                                                       tmp_path: Path) -> None:
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    monkeypatch.setattr(kernels, "_LIBRARIES", {})
+    monkeypatch.delenv("GETA_FX_NO_KERNELS", raising=False)
+    lib = kernels._load_library("cpu")
+    assert lib.path is None
+    assert f"no compiled _C_cpu_{build_config.cpu_tag()} library" in lib.reason, lib
+    assert kernels.HOW_TO_BUILD in lib.reason, lib
+    (tmp_path / "_C_cpu_other.so").write_bytes(b"")
+    monkeypatch.setattr(kernels, "_LIBRARIES", {})
+    assert "found only _C_cpu_other.so" in kernels._load_library("cpu").reason
+
+
+def test_unloadable_library_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / f"_C_cpu_{build_config.cpu_tag()}.abi3.so").write_bytes(b"not an ELF file")
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    monkeypatch.setattr(kernels, "_LIBRARIES", {})
+    monkeypatch.delenv("GETA_FX_NO_KERNELS", raising=False)
+    lib = kernels._load_library("cpu")
+    assert lib.path is None and lib.reason.startswith("cannot load _C_cpu_"), lib
+
+
+def test_library_without_an_op_of_the_set_serves_reference(monkeypatch: pytest.MonkeyPatch
+                                                           ) -> None:
+    """A loaded library lacking one op of a set: that set says reference, naming the op."""
+    ghost = build_config.OpSetSources(ops=("geta::quantize", "geta::no_such_op"), cpu=(),
+                                      cuda=(), cuda_switch="GETA_FX_BUILD_GHOST_CUDA")
+    monkeypatch.setitem(build_config.OPSETS, "ghost", ghost)
+    fake = kernels._Library(kernels.library_dir() / "_C_cpu_x.so", "loaded")
+    monkeypatch.setattr(kernels, "_LIBRARIES", {"cpu": fake, "cuda": fake})
+    st = kernels.KernelLoader(kernels.OpSet(owner="test", name="ghost")).ensure_loaded()
+    assert all(st[dev]["impl"] == "reference" for dev in ("cpu", "cuda")), st
+    assert "registers no CPU kernel for ['geta::no_such_op']" in st["cpu"]["reason"], st
+    assert "'geta::no_such_op'] (built with GETA_FX_BUILD_GHOST_CUDA=0?)" in st["cuda"]["reason"]
 
 
 _PROBE = """
-    import json, time
+    import json, sys, time
     import torch
     t0 = time.perf_counter()
+    import geta_fx
     import geta_fx.ops as ops
     import geta_fx.kernels as k
     st = k.ensure_loaded()
@@ -242,30 +314,23 @@ _PROBE = """
     p = [torch.tensor([v]) for v in (0.05, 1.0, 1.0)]
     same = torch.equal(ops.quantize(x, *p), quantize_reference(x, *p, True))
     import geta_fx.lowbit_kernels as lk
+    compiler = [m for m in ("torch.utils.cpp_extension", "setuptools") if m in sys.modules]
     print(json.dumps({"status": st, "elapsed": elapsed, "same": same,
-                      "lowbit": lk.ensure_loaded()}))
+                      "lowbit": lk.ensure_loaded(), "compiler": compiler}))
 """
 
 
 @pytest.fixture(scope="module")
-def fresh_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
-    """Import geta_fx.ops in fresh interpreters, concurrently, one per loader scenario.
+def fresh_processes() -> dict[str, dict]:
+    """Import geta_fx in fresh interpreters, concurrently, one per loader scenario.
 
-    Returns each child's ``status()``, the seconds ``import geta_fx.ops`` + ``ensure_loaded()``
-    took, whether ``ops.quantize`` still matched the reference there, and (``lowbit``) the
-    low-bit loader's ``ensure_loaded()``, called afterwards.
+    Returns each child's ``status()``, the seconds ``import geta_fx`` + ``ensure_loaded()``
+    took, whether ``ops.quantize`` still matched the reference there, the low-bit loader's
+    ``ensure_loaded()`` and which build machinery modules the import pulled in.
     """
-    lowbit_kernels.ensure_loaded()  # cached here first: the children only load it
-    false = shutil.which("false") or "false"
-    scenarios: dict[str, dict[str, str]] = {
-        "no_kernels": {"GETA_FX_NO_KERNELS": "1"},
-        "failed_build": {"GETA_FX_NO_KERNELS": "", "CXX": false, "GETA_FX_BUILD_CUDA": "0",
-                         "GETA_FX_BUILD_LOWBIT_CUDA": "0",
-                         "GETA_FX_KERNEL_CACHE": str(tmp_path_factory.mktemp("badcxx"))},
-    }
+    scenarios: dict[str, dict[str, str]] = {"no_kernels": {"GETA_FX_NO_KERNELS": "1"}}
     if not NO_KERNELS:
-        scenarios["cached"] = {}
-        scenarios["lowbit_cuda_off"] = {"GETA_FX_BUILD_LOWBIT_CUDA": "0"}
+        scenarios["shipped"] = {}
     procs = {
         name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PROBE)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -279,7 +344,6 @@ def fresh_processes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]
         # the loader logs at DEBUG and never prints
         assert err.strip() == "" or "Warning" in err, f"{name}: {err[-2000:]}"
         results[name] = json.loads(out.strip().splitlines()[-1])
-        results[name]["cache"] = scenarios[name].get("GETA_FX_KERNEL_CACHE")
     return results
 
 
@@ -293,46 +357,58 @@ def test_no_kernels_env_forces_reference(fresh_processes: dict[str, dict]) -> No
 
 
 @pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
-def test_lowbit_cuda_switch_skips_only_the_lowbit_cuda_library(
-        fresh_processes: dict[str, dict]) -> None:
-    out = fresh_processes["lowbit_cuda_off"]
-    # The switch is checked before the hardware, so it is the reason on every machine.
-    assert out["lowbit"]["cuda"] == {"impl": "reference",
-                                     "reason": "disabled by GETA_FX_BUILD_LOWBIT_CUDA=0"}, out
-    assert out["lowbit"]["cpu"]["impl"] == lowbit_kernels.status()["cpu"]["impl"], out
-    for dev in ("cpu", "cuda"):  # the quantizer kernels are unaffected
-        assert out["status"][dev]["impl"] == kernels.status()[dev]["impl"], out
-        assert "LOWBIT" not in out["status"][dev]["reason"], out
-
-
-@pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
-def test_cached_build_loads_fast_in_a_new_process(fresh_processes: dict[str, dict]) -> None:
+def test_import_loads_shipped_kernels_fast_and_never_compiles(fresh_processes: dict[str, dict]
+                                                             ) -> None:
     need_fused("cpu")
-    out = fresh_processes["cached"]
+    out = fresh_processes["shipped"]
+    assert out["compiler"] == [], f"import geta_fx imported build machinery: {out['compiler']}"
     for cpu in (out["status"]["cpu"], out["lowbit"]["cpu"]):
         assert cpu["impl"] == "fused", out
-        assert "cache" in cpu["reason"], out
-        assert cpu["load_s"] < 1.0, f"loading the cached CPU kernels took {cpu['load_s']} s"
-    assert out["elapsed"] < 10.0, f"import geta_fx.ops + ensure_loaded took {out['elapsed']} s"
+        assert cpu["reason"].startswith("loaded _C_cpu_"), out
+        assert cpu["load_s"] < 1.0, f"loading the CPU kernels took {cpu['load_s']} s"
+    assert out["status"]["cpu"]["library"] == out["lowbit"]["cpu"]["library"], out
+    assert out["elapsed"] < 20.0, f"import geta_fx + ensure_loaded took {out['elapsed']} s"
     assert out["same"]
 
 
 def test_missing_compiler_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CXX", "no-such-compiler-xyz")
-    reason = kernels._toolchain_problem("cpu")
+    reason = kernels.toolchain_problem("cpu")
     assert reason is not None and "compiler" in reason
+    assert kernels.build(("cpu",)) == {"cpu": reason}
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="uses `false` as the compiler")
-def test_failed_build_falls_back_to_reference(fresh_processes: dict[str, dict]) -> None:
+def test_failed_jit_build_leaves_the_installed_library_alone(monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
     if shutil.which("false") is None or not has_cpu_toolchain():
         pytest.skip("needs `false` and ninja")
-    out = fresh_processes["failed_build"]
-    for st in (out["status"]["cpu"], out["lowbit"]["cpu"]):
-        assert st["impl"] == "reference", out
-        assert "failed" in st["reason"] and "log" in st, out
-    assert out["same"]
-    assert not list(Path(out["cache"]).rglob("checked.json")), "failed build marked usable"
+    monkeypatch.setenv("CXX", shutil.which("false") or "false")
+    monkeypatch.setenv("GETA_FX_KERNEL_CACHE", str(tmp_path / "cache"))
+    lib_dir = tmp_path / "pkg"
+    lib_dir.mkdir()
+    (lib_dir / "_C_cpu_default.so").write_bytes(b"old")
+    monkeypatch.setattr(kernels, "_HERE", lib_dir)
+    outcome = kernels.build(("cpu",))["cpu"]
+    assert outcome.startswith("build of _C_cpu_") and "failed" in outcome, outcome
+    assert (tmp_path / "cache").is_dir()
+    assert sorted(p.name for p in lib_dir.iterdir()) == ["_C_cpu_default.so"]
+    assert (lib_dir / "_C_cpu_default.so").read_bytes() == b"old"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(NO_KERNELS, reason="GETA_FX_NO_KERNELS is set")
+def test_jit_build_installs_a_library_that_loads(monkeypatch: pytest.MonkeyPatch,
+                                                 tmp_path: Path) -> None:
+    """geta-fx kernels --build: compiles this CPU's library, checked, into the package dir."""
+    if not has_cpu_toolchain():
+        pytest.skip("no C++ compiler or ninja")
+    monkeypatch.setenv("GETA_FX_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    outcome = kernels.build(("cpu",))["cpu"]
+    lib = tmp_path / f"_C_cpu_{build_config.cpu_tag()}.so"
+    assert outcome.startswith(f"built {lib}"), outcome
+    assert kernels._find_library("cpu") == lib
 
 
 # ---------------------------------------------------------------------------------------------

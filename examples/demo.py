@@ -20,8 +20,9 @@ dense one: quality, group sparsity, weight bits (average over all parameters, an
 the weight quantizers), MACs, BOPs relative to FP32 (32x32-bit), parameter count and wall time
 (GETA's includes the shared dense part before it started).  MACs/BOPs/bits come from
 :func:`geta_fx.report.report`.  Progress goes to stderr as a one-line bar (hand-rolled; no tqdm
-dependency).  Run with ``geta-fx demo digits|charlm`` or ``python -m geta_fx.demo
-digits|charlm``; every keyword argument is a command-line flag.
+dependency).  Run from a checkout with ``geta-fx demo digits|charlm`` or ``python
+examples/demo.py digits|charlm``; every keyword argument is a command-line flag.  The digits demo
+needs scikit-learn (``pip install -e ".[examples]"``); the library itself does not.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["CharGPT", "DigitsCNN", "run_charlm", "run_digits"]
+from geta_fx.testing.models import CharGPT, DigitsCNN
+
+__all__ = ["CharGPT", "DigitsCNN", "run_charlm", "run_digits"]  # models: geta_fx.testing
 
 
 # =============================================================================== progress
@@ -70,61 +73,6 @@ class _Progress:
         if self.enabled:
             sys.stderr.write("\n")
             sys.stderr.flush()
-
-
-# =============================================================================== models
-class DigitsCNN(nn.Module):
-    """conv-bn-relu x2, pool, conv-bn-relu, pool, fc-relu-fc: 1x8x8 -> 10 classes."""
-
-    def __init__(self, c1: int = 32, c2: int = 64, c3: int = 64, hidden: int = 128) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(),
-            nn.MaxPool2d(2))
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c3 * 4, hidden), nn.ReLU(),
-                                        nn.Linear(hidden, 10))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, heads: int, mlp: int, dropout: float) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.fc2 = nn.Linear(d, mlp * d), nn.Linear(mlp * d, d)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(c, dim=2)
-        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, c)))
-        return x + self.drop(self.fc2(F.gelu(self.fc(self.ln2(x)))))
-
-
-class CharGPT(nn.Module):
-    """Pre-LN GPT: token + learned position embeddings, ``layers`` blocks, tied-free head."""
-
-    def __init__(self, vocab: int, block: int = 64, d: int = 128, heads: int = 4,
-                 layers: int = 2, mlp: int = 4, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(block, d)
-        self.blocks = nn.Sequential(*[_Block(d, heads, mlp, dropout) for _ in range(layers)])
-        self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, vocab)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        pos = torch.arange(idx.shape[1], device=idx.device)
-        x = self.tok(idx) + self.pos(pos)
-        return self.head(self.ln(self.blocks(x)))
 
 
 # =============================================================================== data
@@ -514,11 +462,11 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
 
 # =============================================================================== CLI
 def main(argv: list[str] | None = None) -> int:
-    """``python -m geta_fx.demo digits|charlm [--flag value ...]`` (flags = keyword args)."""
+    """``python examples/demo.py digits|charlm [--flag value ...]`` (flags = keyword args)."""
     import inspect
 
     demos = {"digits": run_digits, "charlm": run_charlm}
-    parser = argparse.ArgumentParser(prog="python -m geta_fx.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python examples/demo.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="demo", required=True)
     for name, fn in demos.items():
