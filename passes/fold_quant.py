@@ -21,18 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 import torch.fx
 
-from geta_fx.ir import meta
+from geta_fx.ir import meta, op_sets
 from geta_fx.pipeline import PassResult
-
-aten = torch.ops.aten
-
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-          aten.permute.default, aten.transpose.int, aten.flatten.using_ints,
-          aten.unflatten.int, aten.t.default, aten.contiguous.default,
-          aten.unsqueeze.default, aten.squeeze.dim}
 
 
 def _is_act_quant(node: torch.fx.Node) -> bool:
@@ -89,7 +81,7 @@ def _hoist_over_views(gm: torch.fx.GraphModule) -> bool:
             continue
         view = node.args[0]
         if not (isinstance(view, torch.fx.Node) and view.op == "call_function"
-                and view.target in _VIEWS):
+                and view.target in op_sets.VIEWS):
             continue
         if readers.get(_view_base(view), 0) < 2:
             continue
@@ -110,7 +102,7 @@ def _hoist_over_views(gm: torch.fx.GraphModule) -> bool:
 
 def _view_base(node: object) -> object:
     while isinstance(node, torch.fx.Node) and node.op == "call_function" and \
-            node.target in _VIEWS:
+            node.target in op_sets.VIEWS:
         node = node.args[0]
     return node
 
@@ -134,6 +126,6 @@ class FoldQuant:
             modified = True
         if modified:
             for node in reversed(list(gm.graph.nodes)):
-                if node.op == "call_function" and node.target in _VIEWS and not node.users:
+                if node.op == "call_function" and node.target in op_sets.VIEWS and not node.users:
                     gm.graph.erase_node(node)
         return PassResult(gm, modified)

@@ -30,7 +30,8 @@ import torch.fx
 from torch import nn
 
 from geta_fx.errors import InputError
-from geta_fx.ir import meta
+from geta_fx.ir import meta, op_sets
+from geta_fx.ir.args import arg
 from geta_fx.ir.branches import branch_uses
 from geta_fx.ir.ops_table import quantizer_module
 from geta_fx.ir.query import get_attr_tensor, tensor_val
@@ -38,30 +39,6 @@ from geta_fx.pipeline import PassResult
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-#: layer op -> index of its weight argument.
-QUANT_LAYERS: dict[Any, int] = {
-    aten.conv1d.default: 1, aten.conv2d.default: 1, aten.conv3d.default: 1,
-    aten.conv1d.padding: 1, aten.conv2d.padding: 1, aten.conv3d.padding: 1,
-    aten.conv_transpose1d.default: 1, aten.conv_transpose2d.input: 1,
-    aten.conv_transpose3d.input: 1, aten.convolution.default: 1,
-    aten.linear.default: 1, aten.matmul.default: 1, aten.mm.default: 1,
-    aten.addmm.default: 2, aten.embedding.default: 0,
-}
-#: index of the data (activation) argument of each layer op.
-DATA_ARG = {op: (1 if op is aten.addmm.default else 0) for op in QUANT_LAYERS}
-
-#: producers whose output is never negative (for unsigned activation quantizers).
-_NON_NEGATIVE = {aten.relu.default, aten.relu_.default, aten.relu6.default,
-                 aten.sigmoid.default, aten.softmax.int, aten._softmax.default,
-                 aten.hardsigmoid.default, aten.abs.default, aten.exp.default}
-_KEEPS_SIGN = {aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default,
-               aten.avg_pool2d.default, aten.adaptive_avg_pool2d.default,
-               aten.view.default, aten.reshape.default, aten.flatten.using_ints,
-               aten.dropout.default, aten.permute.default, aten.transpose.int,
-               aten.contiguous.default, aten.clone.default, aten.mean.dim,
-               aten.hardtanh.default, aten.upsample_nearest2d.vec}
-
 
 @dataclass(frozen=True)
 class QuantPolicy:
@@ -110,12 +87,11 @@ def non_negative(node: Any, depth: int = 0) -> bool:
     """Whether ``node``'s value is provably >= 0 (walks through sign-keeping ops)."""
     if not isinstance(node, torch.fx.Node) or depth > 8 or node.op != "call_function":
         return False
-    if node.target in _NON_NEGATIVE:
+    if node.target in op_sets.NON_NEGATIVE:
         return True
     if node.target is aten.hardtanh.default:
-        lo = node.args[1] if len(node.args) > 1 else -1.0
-        return lo >= 0
-    if node.target in _KEEPS_SIGN:
+        return arg(node, "min_val", -1.0) >= 0
+    if node.target in op_sets.KEEPS_SIGN:
         return non_negative(node.args[0], depth + 1)
     if node.target is aten.cat.default:
         return all(non_negative(a, depth + 1) for a in node.args[0])
@@ -202,7 +178,7 @@ class InsertQuantizers:
         kept: dict[str, torch.fx.Node] = {}
         notes: list[meta.ParamNote] = []
         for node in gm.graph.nodes:
-            if node.op != "call_function" or node.target not in QUANT_LAYERS:
+            if node.op != "call_function" or node.target not in op_sets.STEMS:
                 continue
             w = _weight_arg(node)
             attr = _weight_attr(gm, w)
@@ -230,7 +206,7 @@ class InsertQuantizers:
         return layers, kept, notes
 
     def _quantize_input(self, gm: torch.fx.GraphModule, node: torch.fx.Node, fqn: str) -> bool:
-        x = node.args[DATA_ARG[node.target]]
+        x = arg(node, op_sets.STEMS[node.target].data)
         val = tensor_val(x)
         if not isinstance(x, torch.fx.Node) or val is None or not val.is_floating_point():
             return False
@@ -249,15 +225,14 @@ class InsertQuantizers:
 
 
 def _weight_arg(node: torch.fx.Node) -> Any:
-    i = QUANT_LAYERS[node.target]
-    return node.args[i] if len(node.args) > i else None
+    return arg(node, op_sets.STEMS[node.target].weight)
 
 
 def _branch_notes(gm: torch.fx.GraphModule) -> list[meta.ParamNote]:
     """Layer weights inside higher-order-op branches: left float, each with the reason."""
     notes = []
     for use in branch_uses(gm):
-        as_weight = any(ph is None or any(u.op == "call_function" and u.target in QUANT_LAYERS
+        as_weight = any(ph is None or any(u.op == "call_function" and u.target in op_sets.STEMS
                                           and _weight_arg(u) is ph for u in ph.users)
                         for ph in use.inputs)
         if as_weight:  # a layer's weight there (or the branch mapping is unknown)

@@ -29,26 +29,12 @@ import torch
 import torch.fx
 from torch import nn
 
-from geta_fx.ir import meta
+from geta_fx.ir import meta, op_sets
 from geta_fx.ir.ops_table import is_geta_op
 from geta_fx.ir.query import get_attr_tensor
 from geta_fx.pipeline import PassResult
 
 logger = logging.getLogger(__name__)
-aten = torch.ops.aten
-
-
-
-def _assert_targets() -> set:
-    out = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
-    for name in ("sym_constrain_range_for_size", "sym_constrain_range", "_assert_async"):
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            out |= {getattr(packet, o) for o in packet.overloads()}
-    return out
-
-
-_ASSERTS = _assert_targets()
 
 
 @dataclass(frozen=True)
@@ -61,7 +47,7 @@ class Normalize:
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         modified = _refold_quantizers(gm)
         for node in reversed(list(gm.graph.nodes)):
-            if node.op == "call_function" and node.target in _ASSERTS:
+            if node.op == "call_function" and node.target in op_sets.ASSERTS:
                 gm.graph.erase_node(node)
                 modified = True
             elif (node.op == "call_function" and not node.users and not node.is_impure()
