@@ -134,9 +134,10 @@ def _find_library(dev: str) -> Path | None:
     """The shipped (or ``--build``-installed) library for ``dev`` on this machine, if any."""
     stem = build_config.library_stem(dev)
     suffix = ".pyd" if sys.platform == "win32" else ".so"
-    found = sorted(p for p in _HERE.glob(f"{stem}*{suffix}")
-                   if p.name[len(stem)] in ".")  # _C_cpu_avx2 must not match _C_cpu_avx2x
-    return found[0] if found else None
+    found = [p for p in _HERE.glob(f"{stem}*{suffix}")
+             if p.name[len(stem)] == "."]  # _C_cpu_avx2 must not match _C_cpu_avx2x
+    # setup.py names it _C_cpu_avx2.abi3.so, --build _C_cpu_avx2.so: the newer build wins
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
 
 
 def _missing_reason(dev: str) -> str:

@@ -277,6 +277,22 @@ def test_missing_library_is_reported_with_how_to_build(monkeypatch: pytest.Monke
     assert "found only _C_cpu_other.so" in kernels._load_library("cpu").reason
 
 
+def test_newest_library_of_this_cpu_is_found(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """setup.py's _C_cpu_<tag>.abi3.so and --build's _C_cpu_<tag>.so: the newer one loads."""
+    tag = build_config.cpu_tag()
+    old, new, other = (tmp_path / f"_C_cpu_{tag}.abi3.so", tmp_path / f"_C_cpu_{tag}.so",
+                       tmp_path / f"_C_cpu_{tag}x.so")
+    for i, path in enumerate((old, new, other)):
+        path.write_bytes(b"")
+        os.utime(path, (1000 + i, 1000 + i))
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    assert kernels._find_library("cpu") == new
+    os.utime(old, (2000, 2000))
+    assert kernels._find_library("cpu") == old
+    assert kernels._find_library("cuda") is None
+
+
 def test_unloadable_library_is_reported(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     (tmp_path / f"_C_cpu_{build_config.cpu_tag()}.abi3.so").write_bytes(b"not an ELF file")
     monkeypatch.setattr(kernels, "_HERE", tmp_path)
