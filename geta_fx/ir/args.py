@@ -51,16 +51,16 @@ def arg(node: torch.fx.Node, name: str, default: Any = None) -> Any:
 def set_arg(node: torch.fx.Node, name: str, value: Any, *, positional: bool = False) -> None:
     """Set argument ``name`` of ``node`` where the call has it.
 
-    An argument the call leaves out becomes a keyword, or, with ``positional`` (or when it
-    is the next positional slot), a positional argument after the schema defaults of the
-    slots before it.
+    An argument the call leaves out becomes a keyword, or, when it is the next positional
+    slot, a positional argument.  With ``positional`` it always ends up positional (moved
+    out of the keywords), after the values (or schema defaults) of the slots before it.
     """
     i = _index(node.target, name)
     schema = _arguments(node.target)
     kwarg_only = schema[i][1]
     if not kwarg_only and i < len(node.args):
         node.args = (*node.args[:i], value, *node.args[i + 1:])
-    elif not kwarg_only and name not in node.kwargs and (positional or i == len(node.args)):
+    elif not kwarg_only and (positional or (i == len(node.args) and name not in node.kwargs)):
         fill = []
         for n, _, default in schema[len(node.args): i]:
             if n in node.kwargs:
