@@ -364,15 +364,31 @@ def _ungrouped(gm: torch.fx.GraphModule, groups: tuple[meta.PruneGroup, ...]
     return tuple(notes)
 
 
-def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.ChannelAnalysis,
-                                          dict[str, tuple[meta.GroupMember, ...]]]:
-    uf = an.uf
-    n = uf.n
-    roots = uf.roots()
+@dataclass(frozen=True)
+class _Numbering:
+    """Where each atom went: its space's group, its unit, and each group's unit range."""
+
+    roots: np.ndarray          # atom -> union-find root (0: untracked)
+    group_of_space: np.ndarray  # space -> group id
+    group_of_atom: np.ndarray  # atom -> group id (-1: none)
+    root_group: np.ndarray     # root atom -> group id
+    unit_of_atom: np.ndarray   # atom -> global unit id (-1: none)
+    group_units: list[np.ndarray]  # group -> the roots of its units, in unit order
+    offsets: list[int]         # group -> its first global unit id
+    num_units: int
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_units)
+
+
+def _group_spaces(an: _Analyzer, roots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each space, group of each atom): spaces sharing a tracked root form one
+    group; ids follow the spaces' creation order (graph order: deterministic)."""
+    n = an.uf.n
     space_of = np.full(n, -1, dtype=np.int64)
     for s, (first, count, _) in enumerate(an.spaces):
         space_of[first: first + count] = s
-    # Spaces sharing a (non-untracked) root form one group.
     parent = list(range(len(an.spaces)))
 
     def find(i: int) -> int:
@@ -393,19 +409,22 @@ def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.Chan
             if ra != rb:
                 parent[max(ra, rb)] = min(ra, rb)
     comp = [find(i) for i in range(len(an.spaces))]
-    comp_ids = sorted(set(comp))  # spaces are created in graph order -> deterministic ids
-    gid_of_comp = {c: g for g, c in enumerate(comp_ids)}
+    gid_of_comp = {c: g for g, c in enumerate(sorted(set(comp)))}
     group_of_space = np.array([gid_of_comp[c] for c in comp], dtype=np.int64)
     group_of_atom = np.full(n, -1, dtype=np.int64)
     group_of_atom[1:] = np.where(space_of[1:] >= 0,
                                  group_of_space[np.maximum(space_of[1:], 0)], -1)
+    return group_of_space, group_of_atom
 
-    # Units: distinct roots per group, ordered by their smallest atom.
-    unit_of_atom = np.full(n, -1, dtype=np.int64)
-    num_groups = len(comp_ids)
+
+def _number_units(an: _Analyzer) -> _Numbering:
+    """Units: distinct roots per group, ordered by group, then by the unit's first atom."""
+    n = an.uf.n
+    roots = an.uf.roots()
+    group_of_space, group_of_atom = _group_spaces(an, roots)
+    num_groups = int(group_of_space.max()) + 1 if len(group_of_space) else 0
     first_atom_of_root = np.full(n, n, dtype=np.int64)
     np.minimum.at(first_atom_of_root, roots[1:], np.arange(1, n))
-    # One (group, root) pair per unit, ordered by group then by the unit's first atom.
     live = np.arange(1, n)
     live = live[(group_of_atom[live] >= 0) & (roots[live] != 0)]
     pair = np.unique(group_of_atom[live] * n + roots[live])
@@ -414,58 +433,75 @@ def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.Chan
     ug, ur = ug[order], ur[order]
     counts = np.bincount(ug, minlength=num_groups)
     offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
-    offset = int(counts.sum())
-    group_units = [ur[offsets[g]: offsets[g] + counts[g]] for g in range(num_groups)]
     root_group = np.full(n, -1, dtype=np.int64)
     root_group[roots[1:]] = group_of_atom[1:]
     unit_of_root = np.full(n, -1, dtype=np.int64)
     unit_of_root[ur] = np.arange(len(ur))
+    unit_of_atom = np.full(n, -1, dtype=np.int64)
     unit_of_atom[1:] = unit_of_root[roots[1:]]
     unit_of_atom[roots == 0] = -1
+    return _Numbering(
+        roots=roots, group_of_space=group_of_space, group_of_atom=group_of_atom,
+        root_group=root_group, unit_of_atom=unit_of_atom,
+        group_units=[ur[offsets[g]: offsets[g] + counts[g]] for g in range(num_groups)],
+        offsets=offsets, num_units=int(counts.sum()))
 
-    # Prunability: pinned atoms, untracked atoms, units without an "out" slice.
+
+def _unprunable(an: _Analyzer, nb: _Numbering) -> dict[int, str]:
+    """group -> why it is not prunable: pinned atoms, untracked atoms, units no "out" slice
+    produces (first reason wins)."""
+    roots, group_of_atom = nb.roots, nb.group_of_atom
     reasons: dict[int, str] = {}
     for atoms_, reason, where in an.pins:
         if len(atoms_) == 0:
             continue
         r = roots[atoms_]
-        gs = set(root_group[r[r != 0]].tolist()) | set(group_of_atom[atoms_[r == 0]].tolist())
+        gs = set(nb.root_group[r[r != 0]].tolist()) | set(group_of_atom[atoms_[r == 0]].tolist())
         for g in gs:
             if g >= 0 and g not in reasons:
                 reasons[g] = f"{reason} (at {where})"
     untracked = np.unique(group_of_atom[(roots == 0) & (group_of_atom >= 0)])
     for g in untracked.tolist():
         reasons.setdefault(g, "concatenated with channels no layer produces")
-    covered = np.zeros(offset, dtype=bool)
+    covered = np.zeros(nb.num_units, dtype=bool)
     for key, atoms_ in an.params.items():
         if an.roles[key] == "out":
-            u = unit_of_atom[atoms_]
+            u = nb.unit_of_atom[atoms_]
             covered[u[u >= 0]] = True
-    for g in range(num_groups):
-        if g not in reasons and len(group_units[g]) and not covered[
-                offsets[g]: offsets[g] + len(group_units[g])].all():
+    for g in range(nb.num_groups):
+        units = len(nb.group_units[g])
+        if g not in reasons and units and not covered[
+                nb.offsets[g]: nb.offsets[g] + units].all():
             reasons[g] = "no trainable parameter produces these channels"
-        if g not in reasons and len(group_units[g]) == 0:
+        if g not in reasons and units == 0:
             reasons[g] = "empty"
+    return reasons
 
-    # Members (parameter slices) per group.
-    members: dict[int, list[meta.ParamSlice]] = {g: [] for g in range(num_groups)}
+
+def _members(an: _Analyzer, nb: _Numbering) -> dict[int, list[meta.ParamSlice]]:
+    """The parameter slices of each group (indices along the dim, and their units)."""
+    members: dict[int, list[meta.ParamSlice]] = {g: [] for g in range(nb.num_groups)}
     for (fqn, dim), atoms_ in sorted(an.params.items()):
-        u = unit_of_atom[atoms_]
-        g_of = group_of_atom[atoms_]
+        u = nb.unit_of_atom[atoms_]
+        g_of = nb.group_of_atom[atoms_]
         is_param = an.trainable.get(fqn, False) or isinstance(
             get_attr_tensor(an.gm, fqn), torch.nn.Parameter)
         for g in np.unique(g_of[u >= 0]):
             sel = np.nonzero((g_of == g) & (u >= 0))[0]
             members[int(g)].append(meta.ParamSlice(
                 fqn=fqn, dim=dim, indices=torch.from_numpy(sel.astype(np.int64)),
-                units=torch.from_numpy((u[sel] - offsets[int(g)]).astype(np.int64)),
+                units=torch.from_numpy((u[sel] - nb.offsets[int(g)]).astype(np.int64)),
                 role=an.roles[(fqn, dim)], is_param=is_param))
+    return members
 
+
+def _node_groups(an: _Analyzer, nb: _Numbering) -> tuple[
+        dict[str, tuple[meta.GroupMember, ...]], dict[str, Any], dict[int, list[str]]]:
+    """(node -> its GroupMembers, node -> its (dim, atoms) labels, group -> its nodes)."""
     node_groups: dict[str, tuple[meta.GroupMember, ...]] = {}
     node_labels: dict[str, Any] = {}
-    group_nodes: dict[int, list[str]] = {g: [] for g in range(num_groups)}
-    first_space_node = {int(group_of_space[s]): an.spaces[s][2] for s in
+    group_nodes: dict[int, list[str]] = {g: [] for g in range(nb.num_groups)}
+    first_space_node = {int(nb.group_of_space[s]): an.spaces[s][2] for s in
                         reversed(range(len(an.spaces)))}
     for node, lab in an.labels.items():
         parts = lab if isinstance(lab, list) else [lab]
@@ -476,7 +512,7 @@ def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.Chan
         for p in parts:
             if not isinstance(p, Label):
                 continue
-            for g in np.unique(group_of_atom[p.atoms]):
+            for g in np.unique(nb.group_of_atom[p.atoms]):
                 if g < 0:
                     continue
                 role = "root" if first_space_node.get(int(g)) == node.name else "member"
@@ -484,26 +520,35 @@ def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.Chan
                 group_nodes[int(g)].append(node.name)
         if gm_:
             node_groups[node.name] = tuple(dict.fromkeys(gm_))
+    return node_groups, node_labels, group_nodes
 
+
+def _build_groups(an: _Analyzer) -> tuple[tuple[meta.PruneGroup, ...], meta.ChannelAnalysis,
+                                          dict[str, tuple[meta.GroupMember, ...]]]:
+    """PruneGroups, the ChannelAnalysis physical_prune reads, and each node's GroupMembers."""
+    nb = _number_units(an)
+    reasons = _unprunable(an, nb)
+    members = _members(an, nb)
+    node_groups, node_labels, group_nodes = _node_groups(an, nb)
     groups = []
-    for g in range(num_groups):
-        spaces = [s for s in range(len(an.spaces)) if group_of_space[s] == g]
+    for g in range(nb.num_groups):
+        spaces = [s for s in range(len(an.spaces)) if nb.group_of_space[s] == g]
         first, count, _ = an.spaces[spaces[0]]
-        nunits = len(group_units[g])
-        first_units = np.unique(unit_of_atom[first: first + count])
+        nunits = len(nb.group_units[g])
+        first_units = np.unique(nb.unit_of_atom[first: first + count])
         unit_size = count // max(1, len(first_units[first_units >= 0])) if nunits else count
         groups.append(meta.PruneGroup(
             id=g, num_units=nunits if nunits else count, prunable=g not in reasons,
             reason=reasons.get(g), members=tuple(members[g]),
             nodes=tuple(dict.fromkeys(group_nodes[g])), unit_size=max(1, unit_size),
-            unit_offset=offsets[g]))
+            unit_offset=nb.offsets[g]))
     analysis = meta.ChannelAnalysis(
-        unit_of_atom=unit_of_atom, node_labels=node_labels,
+        unit_of_atom=nb.unit_of_atom, node_labels=node_labels,
         param_labels={k: v.copy() for k, v in an.params.items()}, param_roles=dict(an.roles),
-        externals=list(an.externals), num_units=offset)
-    prunable_units = np.zeros(offset, dtype=bool)
-    for g in groups:
-        if g.prunable:
-            prunable_units[g.unit_offset: g.unit_offset + g.num_units] = True
+        externals=list(an.externals), num_units=nb.num_units)
+    prunable_units = np.zeros(nb.num_units, dtype=bool)
+    for grp in groups:
+        if grp.prunable:
+            prunable_units[grp.unit_offset: grp.unit_offset + grp.num_units] = True
     analysis.prunable_units = prunable_units  # type: ignore[attr-defined]
     return tuple(groups), analysis, node_groups
