@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import io
 import json
 import logging
 import os
+import zipfile
 from typing import Any
 
 import torch
@@ -38,6 +41,7 @@ import torch.fx
 from torch import nn
 
 from geta_fx.errors import InputError
+from geta_fx.graph_pickle import make_picklable
 
 __all__ = ["META_KEY", "load", "load_metadata", "lower", "save"]
 
@@ -153,7 +157,7 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     metadata = {"format": FORMAT, "torch": torch.__version__, "layers": layers,
                 "weights": weights, "totals": totals, "dense": dense}
     gm.meta[META_KEY] = json.loads(json.dumps(metadata))  # plain JSON values (lists, not tuples)
-    return gm
+    return make_picklable(gm)
 
 
 # ------------------------------------------------------------------------------------- export
@@ -246,17 +250,71 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
 
     if metadata.get("dense") is None and gm.meta.get(DENSE) is not None:
         metadata["dense"] = gm.meta[DENSE]  # a slim graph saved as is (lower_first=False)
+    # The content hash covers every entry but the metadata itself; torch.export.save writes
+    # the same entries for the same program, so a first in-memory save yields it.
+    staging = io.BytesIO()
+    torch.export.save(ep, staging, extra_files={EXTRA_FILE: json.dumps(metadata)})
+    metadata["sha256"] = _payload_digest(zipfile.ZipFile(staging))
     torch.export.save(ep, path, extra_files={EXTRA_FILE: json.dumps(metadata)})
     return ep
 
 
+def _is_metadata(name: str) -> bool:
+    return name.endswith(f"extra/{EXTRA_FILE}") or name.endswith(EXTRA_FILE)
+
+
+#: Entries torch.export.save writes differently on every save (a random id; the example
+#: inputs are a nested torch.save archive with its own id): outside the hash, but still under
+#: the archive's per-entry CRC check.
+_UNHASHED = ("/.data/serialization_id", "/data/sample_inputs/")
+
+
+def _payload_digest(archive: zipfile.ZipFile) -> str:
+    """sha256 over the program, weights and constants: every entry (name without the archive's
+    root folder, which follows the file name, and bytes, in name order) but the metadata and
+    the per-save entries."""
+    digest = hashlib.sha256()
+    for name in sorted(archive.namelist()):
+        rel = "/" + name.split("/", 1)[-1]
+        if _is_metadata(name) or rel.startswith(_UNHASHED):
+            continue
+        digest.update(rel.encode())
+        digest.update(archive.read(name))
+    return digest.hexdigest()
+
+
+def _open_artifact(path: str | os.PathLike[str]) -> zipfile.ZipFile:
+    """The artifact as a zip archive, or an InputError naming the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise InputError(f"geta_fx.load: no such file {os.fspath(path)!r}")
+    try:
+        archive = zipfile.ZipFile(path)
+        bad = archive.testzip()  # CRC of every entry: a flipped byte in any payload
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise InputError(f"geta_fx.load: {os.fspath(path)!r} is not a readable .pt2 archive "
+                         f"(truncated, or another kind of file): {e}") from None
+    if bad is not None:
+        raise InputError(f"geta_fx.load: {os.fspath(path)!r} is corrupted: entry {bad!r} does "
+                         "not match its checksum")
+    return archive
+
+
+def _verify_artifact(path: str | os.PathLike[str]) -> None:
+    """Check the archive and, when its metadata has one, its content hash."""
+    with _open_artifact(path) as archive:
+        names = [n for n in archive.namelist() if _is_metadata(n)]
+        metadata = json.loads(archive.read(names[0]).decode()) if names else {}
+        want = metadata.get("sha256")
+        if want is not None and _payload_digest(archive) != want:
+            raise InputError(f"geta_fx.load: {os.fspath(path)!r} was modified after "
+                             "geta_fx.save wrote it (its content hash does not match)")
+
+
 def load_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``geta_fx.json`` metadata of a saved artifact (``{}`` if it has none)."""
-    import zipfile
-
-    with zipfile.ZipFile(path) as z:
+    with _open_artifact(path) as z:
         for name in z.namelist():
-            if name.endswith(f"extra/{EXTRA_FILE}") or name.endswith(EXTRA_FILE):
+            if _is_metadata(name):
                 data: dict[str, Any] = json.loads(z.read(name).decode())
                 return data
     return {}
@@ -278,8 +336,13 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
     from geta_fx.lowbit_kernels import ensure_loaded
 
     ensure_loaded()
+    _verify_artifact(path)
     extra: dict[str, Any] = {EXTRA_FILE: ""}
-    ep = torch.export.load(path, extra_files=extra)
+    try:
+        ep = torch.export.load(path, extra_files=extra)
+    except Exception as e:  # noqa: BLE001 - a readable zip that is not an exported program
+        raise InputError(f"geta_fx.load: {os.fspath(path)!r} is not a torch.export artifact "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
     module = ep.module()
     raw = extra.get(EXTRA_FILE) or ""
     metadata: dict[str, Any] = json.loads(raw) if raw else {}
@@ -293,6 +356,6 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
         module.meta[LOWBIT] = tuple(metadata["weights"])
     if metadata.get("dense") is not None:
         module.meta[DENSE] = metadata["dense"]
-    return module
+    return make_picklable(module)
 
 

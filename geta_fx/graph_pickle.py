@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import pickle
+import types
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,7 +33,10 @@ __all__ = ["GraphModuleState"]
 # graph as a flat node list (node names, args and the picklable meta kept as they are), and
 # ``meta["val"]`` re-derived by fake propagation on load.
 
-_DERIVED_META = frozenset({"val", "tensor_meta", "example_value", "unbacked_bindings"})
+_DERIVED_META = frozenset({"val", "tensor_meta", "example_value", "unbacked_bindings",
+                           # provenance chains (NodeSource -> node -> graph ...): deep enough
+                           # to exhaust the recursion limit inside torch.save, and not needed
+                           "from_node"})
 # GraphModule.__dict__ entries regenerated on load (code, line map) or not picklable.
 _DERIVED_ATTRS = frozenset({"_graph", "_code", "_lineno_map", "_prologue_start", "shape_env"})
 _HOOK_DICTS = (("_forward_pre_hooks", ("_forward_pre_hooks_with_kwargs",)),
@@ -135,6 +139,12 @@ def _is_guards_fn(module: nn.Module) -> bool:
     return isinstance(module, getattr(_unlift, "GuardsFn", ()))
 
 
+def _mode_switch_unsupported(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+    raise NotImplementedError(
+        "train()/eval() of an exported graph module do not change the mode baked into its "
+        "graph; run geta_fx.passes.SetTrainingMode(training) in a geta_fx.Pipeline instead")
+
+
 @dataclass
 class GraphModuleState:
     """A GraphModule in picklable form; :meth:`build` makes it a GraphModule again."""
@@ -145,13 +155,18 @@ class GraphModuleState:
     nodes: list[_NodeRecord]
     meta: dict[str, Any]
     inputs: list[_InputSpec | None]
+    blocked: tuple[str, ...] = ()  # export's train()/eval() blockers (methods bound to gm)
 
     @classmethod
     def of(cls, gm: torch.fx.GraphModule) -> GraphModuleState:
         # export's guards module is exec-generated code: it is dropped (with its call), and
         # _check_input_constraints_pre_hook checks the inputs from range_constraints instead.
         guards = {name for name, m in gm.named_children() if _is_guards_fn(m)}
-        body = {k: v for k, v in gm.__dict__.items() if k not in _DERIVED_ATTRS}
+        # ExportedProgram.module() forbids train()/eval() with methods bound to the module
+        # itself: they would pickle the module inside its own state; re-made on load.
+        blocked = tuple(k for k, v in gm.__dict__.items() if getattr(v, "__self__", None) is gm)
+        body = {k: v for k, v in gm.__dict__.items()
+                if k not in _DERIVED_ATTRS and k not in blocked}
         body["_modules"] = OrderedDict((k, v) for k, v in gm._modules.items() if k not in guards)
         for hooks, flags in _HOOK_DICTS:  # export's local-lambda hooks do not pickle
             kept = OrderedDict((k, h) for k, h in body[hooks].items() if _picklable(h))
@@ -168,11 +183,13 @@ class GraphModuleState:
         base = next(t for t in type(gm).__mro__
                     if t.__qualname__.split(".")[-1] != "GraphModuleImpl")
         return cls(base, body, gm.graph._codegen, nodes,
-                   {k: v for k, v in gm.meta.items() if _picklable(v)}, inputs)
+                   {k: v for k, v in gm.meta.items() if _picklable(v)}, inputs, blocked)
 
     def build(self) -> torch.fx.GraphModule:
         gm = self.cls.__new__(self.cls)  # GraphModule.__new__: a per-instance class, as usual
         gm.__dict__.update(self.body)
+        for name in self.blocked:
+            setattr(gm, name, types.MethodType(_mode_switch_unsupported, gm))
         gm.meta = dict(self.meta)
         graph = torch.fx.Graph()
         graph.set_codegen(self.codegen)
@@ -236,3 +253,36 @@ class GraphModuleState:
         ranges = getattr(gm, "range_constraints", None)
         if isinstance(ranges, dict):
             gm.range_constraints = {rename.get(k, k): v for k, v in ranges.items()}
+
+
+def _rebuild(state: GraphModuleState) -> torch.fx.GraphModule:
+    gm = state.build()
+    make_picklable(gm)
+    return gm
+
+
+_IN_PROGRESS: set[int] = set()
+
+
+def _reduce_ex(self: torch.fx.GraphModule, protocol: int) -> tuple[Any, tuple[Any, ...]]:
+    if id(self) in _IN_PROGRESS:  # a hook or meta value bound to the module itself
+        raise pickle.PicklingError("refers back to the graph module being pickled")
+    _IN_PROGRESS.add(id(self))
+    try:
+        return _rebuild, (GraphModuleState.of(self),)
+    finally:
+        _IN_PROGRESS.discard(id(self))
+
+
+def make_picklable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Let ``pickle``/``torch.save`` take ``gm`` (a slim, lowered or loaded graph) through
+    :class:`GraphModuleState`, metadata included; in place, returns ``gm``.
+
+    A plain ``torch.save`` of an exported graph module fails on export's local-lambda hooks;
+    every GraphModule instance has a class of its own, so this changes no other module.
+    (``geta_fx.save`` remains the deployment format: no model code or pickle needed.)
+    """
+    cls = type(gm)
+    if cls is not torch.fx.GraphModule and cls.__dict__.get("__reduce_ex__") is not _reduce_ex:
+        cls.__reduce_ex__ = _reduce_ex  # type: ignore[method-assign,assignment]
+    return gm

@@ -16,7 +16,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from geta_fx.errors import InputError
-from geta_fx.graph_pickle import GraphModuleState
+from geta_fx.graph_pickle import GraphModuleState, make_picklable
 from geta_fx.ir import meta
 from geta_fx.ir import units as _units
 
@@ -261,7 +261,7 @@ class GetaModule(nn.Module):
             from geta_fx.deploy import lower as _lower
 
             slim = _lower(slim, reference=self, inplace=True)
-        return slim
+        return make_picklable(slim)  # torch.save(slim) works (geta_fx.save is for deploying)
 
     def extra_repr(self) -> str:
         groups = self.groups

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -271,7 +272,9 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     torch.testing.assert_close(out["y"], low(xb), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["y"], slim(xb), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["y1"], slim(xb[:1]), rtol=1e-5, atol=1e-5)
-    assert out["meta"] == low.meta[deploy.META_KEY]
+    saved = dict(out["meta"])
+    assert len(saved.pop("sha256")) == 64  # the content hash geta_fx.load verifies
+    assert saved == low.meta[deploy.META_KEY]
     assert deploy.load_metadata(path) == out["meta"]
 
 
@@ -348,3 +351,60 @@ def test_artifact_carries_what_report_reads(tmp_path: Path) -> None:
     plain = deploy.load(tmp_path / "m.pt2")
     plain.meta.pop(DENSE)
     assert geta_fx.report(plain).group_sparsity is None
+
+
+def _saved_mlp(tmp_path: Any) -> tuple[str, bytes]:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 8),), quantize="weight")
+    gm.eval()
+    path = str(tmp_path / "m.pt2")
+    geta_fx.save(gm.compress(lower=True), path)
+    return path, open(path, "rb").read()
+
+
+def test_load_names_the_file_for_missing_truncated_and_foreign_files(tmp_path: Any) -> None:
+    path, data = _saved_mlp(tmp_path)
+    assert geta_fx.load(path)(torch.randn(3, 8)).shape == (3, 4)
+    cut, junk = tmp_path / "cut.pt2", tmp_path / "junk.pt2"
+    cut.write_bytes(data[: len(data) // 2])
+    junk.write_bytes(bytes(range(256)) * 8)
+    for bad, what in [(cut, "not a readable .pt2"), (junk, "not a readable .pt2"),
+                      (tmp_path / "none.pt2", "no such file")]:
+        with pytest.raises(geta_fx.InputError, match=what) as info:
+            geta_fx.load(bad)
+        assert str(bad) in str(info.value)
+
+
+def test_a_changed_weight_byte_is_an_error(tmp_path: Any) -> None:
+    import zipfile
+
+    path, _ = _saved_mlp(tmp_path)
+    with zipfile.ZipFile(path) as z:
+        entries = [(i, z.read(i.filename)) for i in z.infolist()]
+    tampered = tmp_path / "tampered.pt2"
+    with zipfile.ZipFile(tampered, "w") as out:  # valid zip, valid CRCs, one byte changed
+        for info, payload in entries:
+            if info.filename.endswith("weights/weight_0"):
+                payload = bytes([payload[0] ^ 0xFF]) + payload[1:]
+            out.writestr(info, payload)
+    with pytest.raises(geta_fx.InputError, match="modified after geta_fx.save"):
+        geta_fx.load(tampered)
+
+
+def test_torch_save_of_slim_lowered_and_loaded_models(tmp_path: Any) -> None:
+    import io
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 8),), quantize="weight")
+    gm.zero_units(gm.prunable_groups()[0].id, [0, 3])
+    gm.eval()
+    path = str(tmp_path / "m.pt2")
+    geta_fx.save(gm.compress(lower=True), path)
+    x = torch.randn(5, 8)
+    for m in (gm.compress(), gm.compress(lower=True), geta_fx.load(path)):
+        buf = io.BytesIO()
+        torch.save(m, buf)
+        buf.seek(0)
+        back = torch.load(buf, weights_only=False)
+        torch.testing.assert_close(back(x), m(x))
+        assert back.meta.get(deploy.META_KEY) == m.meta.get(deploy.META_KEY)
