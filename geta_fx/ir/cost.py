@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from geta_fx.errors import InputError
-from geta_fx.ir import meta
+from geta_fx.ir import meta, op_sets
 from geta_fx.ir.query import get_attr_tensor, tensor_val
 
 __all__ = [
@@ -122,15 +122,6 @@ def numel(shape: Sequence[int]) -> int:
 
 
 # ------------------------------------------------------------------------------ graph walks
-# Ops that neither compute nor change which tensor a weight/activation operand is.
-_TRANSPARENT = {
-    "t", "transpose", "permute", "view", "_unsafe_view", "reshape", "expand", "contiguous",
-    "clone", "to", "_to_copy", "alias", "detach", "unsqueeze", "squeeze", "flatten",
-    "lift_fresh_copy", "type_as",
-}
-_FLIPS = {"t", "transpose", "permute"}
-
-
 def packet(node: torch.fx.Node) -> str:
     """aten op name without namespace/overload (``aten.conv2d.default`` -> ``conv2d``)."""
     target = node.target
@@ -234,9 +225,9 @@ def trace_operand(gm: torch.fx.GraphModule, arg: Any) -> Operand:
             act_bits = frozen_quantize_bits(gm, node)
             if op.quantizer is None and op.bits is None and act_bits is not None:
                 op.bits = int(round(act_bits))
-        elif not (node.op == "call_function" and packet(node) in _TRANSPARENT):
+        elif not (node.op == "call_function" and node.target in op_sets.OPERAND_TRANSPARENT):
             return op
-        elif packet(node) in _FLIPS:
+        elif node.target in op_sets.FLIPS:
             op.flips += 1
         if not node.args:
             return op

@@ -140,3 +140,13 @@ ELEMENTWISE: OpSet = ADDS | MULS | DIVS | SELECTS | COMPARISONS
 #: In-place variants among the categories above (their schema mutates ``self``).
 INPLACE: OpSet = frozenset(op for op in ZERO_PRESERVING | ELEMENTWISE
                            if op._schema.is_mutable)
+
+# ------------------------------------------------------------------ operand walks (cost model)
+#: Every overload of the ops between a weight/activation and the layer reading it that
+#: neither compute nor change which tensor the operand is (the cost model walks them).
+OPERAND_TRANSPARENT: OpSet = overloads(
+    aten.t, aten.transpose, aten.permute, aten.view, aten._unsafe_view, aten.reshape,
+    aten.expand, aten.contiguous, aten.clone, aten.to, aten._to_copy, aten.alias, aten.detach,
+    aten.unsqueeze, aten.squeeze, aten.flatten, aten.lift_fresh_copy, aten.type_as)
+#: Those of them that reorder dims (a transposed weight).
+FLIPS: OpSet = overloads(aten.t, aten.transpose, aten.permute)
