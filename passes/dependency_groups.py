@@ -40,7 +40,7 @@ import torch.fx
 from geta_fx.errors import NodeError
 from geta_fx.ir import meta
 from geta_fx.ir.branches import branch_uses
-from geta_fx.ir.channels import Label, UnionFind, concrete, size_expr
+from geta_fx.ir.channels import Label, UnionFind, size_expr
 from geta_fx.ir import op_sets
 from geta_fx.ir.args import arg
 from geta_fx.ir.ops_table import IGNORED, is_geta_op, quantizer_module, rule_for

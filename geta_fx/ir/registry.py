@@ -15,7 +15,9 @@ does::
     def _group_norm(an, node): ...
 
 Registering something that is not an ``OpOverload`` (a string, a packet) or an op twice
-raises :class:`RegistryError`.  An op with no rule pins every channel it touches.
+raises :class:`RegistryError`.  An op with no rule pins every channel it touches.  The rules
+live in ``geta_fx/ir/rules_*.py``; importing ``geta_fx.ir.ops_table`` loads them all (read
+``RULES`` after that import).
 """
 
 from __future__ import annotations
