@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from geta_fx.capture import capture
@@ -119,6 +120,13 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
     result = Pipeline(passes_, observers=observers)(gm)
     module = GetaModule(result.graph_module, training=cap.training, flat_io=cap.flat_io,
                         in_spec=cap.in_spec, out_spec=cap.out_spec)
+    module._source_shapes = {name: tuple(t.shape) for name, t in
+                             [*model.named_parameters(remove_duplicate=False),
+                              *model.named_buffers(remove_duplicate=False)]}
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) \
+        else (example_inputs,)
+    module._example_inputs = pytree.tree_map_only(
+        torch.Tensor, lambda t: t.detach().clone(), (args, dict(example_kwargs or {})))
     if calibrate and any(q.kind == "act" for q in module.quantizers.values()):
         from geta_fx.passes.normalize import keep_refolded
         from geta_fx.quantizer import calibrate as _calibrate

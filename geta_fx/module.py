@@ -224,8 +224,13 @@ class GetaModule(nn.Module):
         return [g for g in self.groups if g.prunable]
 
     # ---------------------------------------------------------------- compress
+    #: name -> shape of every parameter/buffer of the captured module (``compress(into=)``)
+    _source_shapes: dict[str, tuple[int, ...]] | None = None
+    #: (args, kwargs) the module was captured with (``compress(into=)`` verifies on them)
+    _example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+
     def compress(self, removed_units: np.ndarray | None = None, *,
-                 lower: bool = False, align: int = 1) -> torch.fx.GraphModule:
+                 lower: bool = False, align: int = 1, into: nn.Module | None = None) -> Any:
         """A slim GraphModule without the all-zero units; same outputs as this module.
 
         The slim graph keeps this module's current train/eval flags and its own copy of
@@ -233,6 +238,10 @@ class GetaModule(nn.Module):
         quantized weight at its learned bit width (``geta_fx.lower``).  ``align=8`` (say)
         keeps back a few zero units so that every prunable group keeps a multiple of 8
         channels (odd counts can be slower than dense on GPUs; outputs are unchanged).
+
+        ``into=model`` (the module that was captured) slices ``model`` itself in place and
+        returns it instead (:mod:`geta_fx.into`): its own class, ``forward`` and tooling, any
+        input shape; verified against this module before ``model`` is touched.
 
         The slim graph lives on this module's device at the time of the call.  Being a plain
         GraphModule, its ``.to(device)`` moves only parameters and buffers, not the devices its
@@ -245,6 +254,13 @@ class GetaModule(nn.Module):
         if isinstance(align, bool) or not isinstance(align, int) or align < 1:
             raise InputError(f"compress: align must be an int >= 1, got {align!r}")
         self.validate()
+        if into is not None:
+            if lower:
+                raise InputError("compress(into=..., lower=True): packed low-bit weights live "
+                                 "in the graph only; use one or the other")
+            from geta_fx.into import compress_into
+
+            return compress_into(self, into, removed_units=removed_units, align=align)
         if self.training and self.graph_module.meta.get(meta.BATCHNORM):
             warnings.warn("compress() of a GetaModule in train mode: the slim graph's "
                           "BatchNorms normalise with batch statistics, but only a GetaModule "

@@ -1,0 +1,359 @@
+"""``GetaModule.compress(into=model)``: the user's own eager module, physically smaller.
+
+The slim graph and the user's module are cut by the same slices: :func:`kept_indices` runs the
+physical-prune pass's own unit selection (zero units, ``align``, never an empty tensor) and maps
+it to ``(parameter fqn, dim) -> kept indices``; physical_prune slices the graph's attributes
+with exactly these.  Then:
+
+1. ``model`` must be the captured module (same parameter and buffer names and shapes);
+2. a deep copy of it gets GetaModule's current values (a quantized weight as its fake-quantized
+   value, the learned grid), sliced; tied names share one tensor; module attributes follow the
+   tensors (``in_features``, ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
+   ``normalized_shape``, ``num_groups``, ``embedding_dim``, ...);
+3. the copy is run on the example inputs against the GetaModule: an exception or a different
+   output is a ``CompressIntoError`` naming the module (a channel count written as a literal in
+   ``forward``) and ``model`` is left exactly as it was;
+4. only then are the same tensors and attributes written into ``model``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from geta_fx.errors import GetaFxError, InputError
+from geta_fx.ir import meta
+
+
+class CompressIntoError(GetaFxError):
+    """The sliced eager module does not compute what the GetaModule computes."""
+
+
+def kept_indices(gm: torch.fx.GraphModule, removed_units: Any = None,
+                 align: int = 1) -> dict[tuple[str, int], torch.Tensor]:
+    """``(fqn, dim) -> kept indices`` for every attribute dim physical_prune would slice."""
+    from geta_fx.passes.physical_prune import (_keep_every_tensor_nonempty, align_removed_units,
+                                               removed_units_from_zeros)
+
+    analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
+    removed = (np.asarray(removed_units, dtype=bool) if removed_units is not None
+               else removed_units_from_zeros(gm))
+    prunable = getattr(analysis, "prunable_units", np.ones(analysis.num_units, bool))
+    removed = align_removed_units(gm, removed & prunable, align)
+    removed_atom = _keep_every_tensor_nonempty(analysis, removed)
+    out = {}
+    for (fqn, dim), atoms in sorted(analysis.param_labels.items()):
+        kept = np.nonzero(~removed_atom[atoms])[0]
+        if len(kept) < len(atoms):
+            out[(fqn, dim)] = torch.from_numpy(kept)
+    return out
+
+
+def _tensors(m: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    for name, p in m.named_parameters(remove_duplicate=False):
+        yield name, p, True
+    for name, b in m.named_buffers(remove_duplicate=False):
+        yield name, b, False
+
+
+def _check_same_model(gm: Any, model: Any) -> None:
+    """``model`` has every attribute the captured graph reads, with the same shape."""
+    if not isinstance(model, nn.Module):
+        raise InputError(f"compress(into=...) needs the nn.Module that was captured, got "
+                         f"{type(model).__name__}")
+    source = gm._source_shapes
+    if source is None:
+        raise InputError("compress(into=...): this GetaModule does not know the module it was "
+                         "captured from (made before geta_fx recorded it)")
+    ours = {name: tuple(t.shape) for name, t, _ in _tensors(model)}
+    for name, shape in source.items():
+        if name not in ours:
+            raise InputError(f"compress(into={type(model).__name__}): it has no {name!r}; "
+                             "it is not the module this GetaModule was captured from")
+        if ours[name] != shape:
+            raise InputError(f"compress(into={type(model).__name__}): {name!r} has shape "
+                             f"{ours[name]}, the captured module's has {shape} (already "
+                             "compressed, or another model)")
+    extra = sorted(set(ours) - set(source))
+    if extra:
+        raise InputError(f"compress(into={type(model).__name__}): {extra[:3]} are not in the "
+                         "captured module; it is another model")
+
+
+def _current_values(gm: Any) -> dict[str, torch.Tensor]:
+    """GetaModule's current tensor per fqn; quantized weights as their fake-quantized value."""
+    g = gm.graph_module
+    quant = {q.param_fqn: q for q in gm.quantizers.values()
+             if q.kind == "weight" and getattr(q, "param_fqn", None)}
+    values = {}
+    with torch.no_grad():
+        for name, t, _ in _tensors(g):
+            if name.startswith("geta_quant.") or name.startswith("_guards_fn"):
+                continue
+            values[name] = quant[name](t).detach().clone() if name in quant else t.detach().clone()
+    return values
+
+
+def _sliced(values: dict[str, torch.Tensor],
+            kept: dict[tuple[str, int], torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = dict(values)
+    for (fqn, dim), idx in kept.items():
+        if fqn in out:
+            out[fqn] = out[fqn].index_select(dim, idx.to(out[fqn].device))
+    return out
+
+
+def _owner(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
+    path, _, name = fqn.rpartition(".")
+    return (model.get_submodule(path) if path else model), name
+
+
+def _write(model: nn.Module, values: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+    """Put ``values`` (and the tied aliases, as the same tensor) into ``model``."""
+    made: dict[str, torch.Tensor] = {}
+    for fqn, value in values.items():
+        owner, name = _owner(model, fqn)
+        if name in owner._parameters:
+            old = owner._parameters[name]
+            new: torch.Tensor = nn.Parameter(value.to(old.dtype).clone(),
+                                             requires_grad=bool(old.requires_grad))
+            owner._parameters[name] = new  # type: ignore[assignment]
+        else:
+            old_b = owner._buffers[name]
+            new = (value.to(old_b.dtype) if old_b is not None else value).clone()
+            owner._buffers[name] = new
+        made[fqn] = new
+    for alias, canonical in tied.items():
+        owner, name = _owner(model, alias)
+        target = made.get(canonical)
+        if target is not None:
+            if name in owner._parameters:
+                owner._parameters[name] = target  # type: ignore[assignment]
+            else:
+                owner._buffers[name] = target
+
+
+def _fix_attributes(model: nn.Module, original: dict[str, dict[str, Any]]) -> None:
+    """Module attributes follow the (sliced) tensors."""
+    for name, m in model.named_modules():
+        was = original.get(name, {})
+        if isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            transposed = m.transposed
+            out_ch = w.shape[1] * m.groups if transposed else w.shape[0]
+            per_group = was.get("out_channels", out_ch) // was.get("groups", m.groups)
+            groups = max(1, out_ch // per_group) if was.get("groups", 1) > 1 else 1
+            m.groups = groups
+            if transposed:
+                m.in_channels, m.out_channels = w.shape[0], w.shape[1] * groups
+            else:
+                m.out_channels, m.in_channels = w.shape[0], w.shape[1] * groups
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
+            ref = m.weight if m.weight is not None else m.running_mean
+            if ref is not None:
+                m.num_features = ref.shape[0]
+        elif isinstance(m, nn.GroupNorm):
+            if m.weight is not None:
+                per_group = was.get("num_channels", m.num_channels) // was.get("num_groups",
+                                                                               m.num_groups)
+                m.num_channels = m.weight.shape[0]
+                m.num_groups = max(1, m.num_channels // per_group)
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+            if m.weight is not None:
+                m.normalized_shape = tuple(m.weight.shape)
+        elif isinstance(m, nn.Embedding):
+            m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
+            m.nf = int(m.weight.shape[1])
+    for m in model.modules():
+        _fix_hf_attention(m)
+
+
+def _out_features(m: Any) -> int | None:
+    """Output width of a projection: nn.Linear, or transformers' Conv1D (weight [in, out])."""
+    if isinstance(m, nn.Linear):
+        return int(m.out_features)
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
+        return int(m.weight.shape[1])
+    return None
+
+
+_Q = ("q_proj", "query", "q", "q_lin")
+_K = ("k_proj", "key", "k", "k_lin")
+_FUSED = ("c_attn", "query_key_value", "qkv_proj", "Wqkv")
+
+
+def _fix_hf_attention(m: nn.Module) -> None:
+    """Head counts of a transformers-style attention module follow its projections.
+
+    The modules read ``num_heads``/``num_key_value_heads``/``split_size``/``all_head_size``
+    from ``self``; the head size itself (``head_dim``) never changes (heads are whole units).
+    """
+    hd = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
+    if not isinstance(hd, int) or hd <= 0:
+        return
+    children = dict(m.named_children())
+    q = next((_out_features(children[n]) for n in _Q if n in children), None)
+    k = next((_out_features(children[n]) for n in _K if n in children), None)
+    fused = next((_out_features(children[n]) for n in _FUSED if n in children), None)
+    if q is None and fused is not None and hasattr(m, "split_size"):
+        q = fused // 3  # GPT-2 style q|k|v in one projection
+        m.split_size = q
+    if q is None:
+        return
+    heads = q // hd
+    for name in ("num_heads", "num_attention_heads", "n_head"):
+        if isinstance(getattr(m, name, None), int):
+            setattr(m, name, heads)
+    for name in ("all_head_size", "inner_dim"):
+        if isinstance(getattr(m, name, None), int):
+            setattr(m, name, q)
+    if k is not None and isinstance(getattr(m, "num_key_value_heads", None), int):
+        m.num_key_value_heads = k // hd
+    if k is not None and isinstance(getattr(m, "num_key_value_groups", None), int) and k >= hd:
+        m.num_key_value_groups = heads // (k // hd)
+
+
+def _rescale_rms_norms(model: nn.Module, original: dict[str, int]) -> None:
+    """An RMSNorm over a pruned dim, exactly: the graph keeps the original count C in the mean
+    (zeros count); with r = kept/C, ``w x / sqrt(r*mean_kept(x^2) + eps)`` equals
+    ``(w / sqrt(r)) x / sqrt(mean_kept(x^2) + eps / r)``.  (LayerNorm's mean cannot be
+    rewritten so; a pruned LayerNorm fails verification instead.)"""
+    for name, m in model.named_modules():
+        width = original.get(name)
+        weight = getattr(m, "weight", None)
+        if width is None or "RMSNorm" not in type(m).__name__ or \
+                not isinstance(weight, torch.Tensor) or weight.shape[-1] == width:
+            continue
+        r = weight.shape[-1] / width
+        eps_name = next((n for n in ("variance_epsilon", "eps") if hasattr(m, n)), None)
+        if eps_name is None:
+            continue
+        eps = getattr(m, eps_name)
+        if eps is None:
+            eps = torch.finfo(weight.dtype).eps
+        setattr(m, eps_name, float(eps) / r)
+        with torch.no_grad():
+            if "1.0 + self.weight" in _source(type(m)) or "1 + self.weight" in _source(type(m)):
+                weight.copy_((1.0 + weight) / r ** 0.5 - 1.0)  # Gemma: (1 + w) x / rms
+            else:
+                weight.div_(r ** 0.5)
+
+
+def _source(cls: type) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _norm_widths(model: nn.Module) -> dict[str, int]:
+    return {name: int(m.weight.shape[-1]) for name, m in model.named_modules()
+            if "RMSNorm" in type(m).__name__ and isinstance(getattr(m, "weight", None),
+                                                             torch.Tensor)}
+
+
+def _module_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
+    keys = ("out_channels", "in_channels", "groups", "num_channels", "num_groups")
+    return {name: {k: getattr(m, k) for k in keys if isinstance(getattr(m, k, None), int)}
+            for name, m in model.named_modules()}
+
+
+def _first_failing_module(model: nn.Module, args: tuple, kwargs: dict
+                          ) -> tuple[str, BaseException | None]:
+    """Run ``model``; the innermost module whose forward raised, and the exception."""
+    stack: list[str] = []
+    failed: list[str] = []
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def pre(mod: nn.Module, _: Any) -> None:
+        stack.append(names.get(id(mod), "?"))
+
+    def post(mod: nn.Module, _: Any, __: Any) -> None:
+        stack.pop()
+
+    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles += [m.register_forward_hook(post) for m in model.modules()]
+    try:
+        model(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - reported with the module it came from
+        failed.append(stack[-1] if stack else "")
+        return failed[0], e
+    finally:
+        for h in handles:
+            h.remove()
+    return "", None
+
+
+def _verify(gm: Any, candidate: nn.Module) -> None:
+    args, kwargs = gm._example_inputs
+    device = next((p.device for p in gm.parameters()), None)
+    if device is not None:
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(device), (args, kwargs))
+    was_training = gm.training
+    gm.eval()
+    candidate.eval()
+    try:
+        with torch.no_grad():
+            want = gm(*args, **kwargs)
+            where, error = _first_failing_module(candidate, args, kwargs)
+            if error is not None:
+                raise CompressIntoError(
+                    f"compress(into={type(candidate).__name__}): the sliced model fails in "
+                    f"module {where or '<root>'!r} ({type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:200]}); its code may hold a channel count "
+                    "as a literal. The model was not changed.") from error
+            got = candidate(*args, **kwargs)
+    finally:
+        gm.train(was_training)
+    a = [t for t in pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
+    b = [t for t in pytree.tree_leaves(got.to_tuple() if hasattr(got, "to_tuple") else got)
+         if isinstance(t, torch.Tensor)]
+    if len(a) != len(b):
+        raise CompressIntoError(f"compress(into=...): the sliced model returns {len(b)} tensors, "
+                                f"the GetaModule {len(a)}. The model was not changed.")
+    for i, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x.shape != y.shape or not torch.allclose(x.double(), y.double(), rtol=1e-4,
+                                                    atol=1e-5 * (1 + float(x.abs().max()))):
+            diff = float((x.double() - y.double()).abs().max()) if x.shape == y.shape else None
+            raise CompressIntoError(
+                f"compress(into={type(candidate).__name__}): output {i} of the sliced model "
+                f"differs from the GetaModule's (shape {tuple(y.shape)} vs {tuple(x.shape)}, "
+                f"max abs diff {diff}); a module computes a statistic over pruned channels "
+                "(e.g. a LayerNorm/RMSNorm over a pruned hidden size) or uses a literal size. "
+                "The model was not changed.")
+
+
+def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
+                  align: int = 1) -> nn.Module:
+    """Slice ``model`` in place to what ``gm.compress()`` keeps; see the module docstring."""
+    _check_same_model(gm, model)
+    acts = [name for name, q in gm.quantizers.items() if q.kind == "act"]
+    if acts:
+        raise InputError(f"compress(into=...) cannot carry activation quantizers into the eager "
+                         f"model ({len(acts)}: {acts[:3]}); use gm.compress() (the graph) or a "
+                         "GetaModule transformed with quantize='weight'")
+    g = gm.graph_module
+    values = {k: v for k, v in _sliced(_current_values(gm),
+                                       kept_indices(g, removed_units, align)).items()
+              if k in gm._source_shapes}
+    tied = dict(g.meta.get(meta.TIED, {}))
+    attrs, widths = _module_attrs(model), _norm_widths(model)
+    candidate = copy.deepcopy(model)
+    for target in (candidate, model):  # the copy first; ``model`` only once it is verified
+        _write(target, values, tied)
+        _fix_attributes(target, attrs)
+        _rescale_rms_norms(target, widths)
+        if target is candidate:
+            _verify(gm, candidate)
+    return model

@@ -1,0 +1,166 @@
+"""compress(into=model): the user's own eager module, sliced in place, computes what the
+GetaModule computes (example and other shapes), has the slim graph's parameter count, keeps
+ties and its own generate(); anything that cannot be carried is an error and leaves the model
+exactly as it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import max_rel_err, num_params, zero_random_units
+from torch import nn
+from zoo import ZOO
+
+import geta_fx
+from geta_fx.into import CompressIntoError
+
+
+def _compressed(name: str, quantize: str | None = "weight") -> tuple[nn.Module, tuple,
+                                                                       geta_fx.GetaModule,
+                                                                       torch.fx.GraphModule]:
+    model, inputs = ZOO[name]()
+    gm = geta_fx.transform(model, inputs, quantize=quantize)
+    zero_random_units(gm, 1 / 3)
+    gm.eval()
+    slim = gm.compress()
+    assert gm.compress(into=model) is model
+    return model, inputs, gm, slim
+
+
+def _weights(m: nn.Module) -> int:
+    return sum(p.numel() for n, p in m.named_parameters() if not n.startswith("geta_quant."))
+
+
+def _attributes_match_tensors(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            assert (m.out_features, m.in_features) == tuple(m.weight.shape), name
+        elif isinstance(m, nn.Conv2d):
+            assert m.out_channels == m.weight.shape[0], name
+            assert m.in_channels == m.weight.shape[1] * m.groups, name
+        elif isinstance(m, nn.BatchNorm2d):
+            assert m.num_features == m.running_mean.shape[0] == m.weight.shape[0], name
+        elif isinstance(m, nn.GroupNorm):
+            assert m.num_channels == m.weight.shape[0] and m.num_channels % m.num_groups == 0
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2_block", "grouped_conv", "groupnorm",
+                                  "unet_convtranspose", "densenet", "glu_chunk", "vgg_bn"])
+def test_zoo_eager_equals_getamodule_at_any_batch(name: str) -> None:
+    model, inputs, gm, slim = _compressed(name)
+    assert max_rel_err(gm(*inputs), model(*inputs)) < 1e-5
+    other = tuple(torch.cat([x, x[:1]]) for x in inputs)  # another batch size
+    assert max_rel_err(gm(*other), model(*other)) < 1e-5
+    assert num_params(model) == _weights(slim) < _weights(gm.graph_module)
+    _attributes_match_tensors(model)
+
+
+def test_llama_heads_and_hidden_size_generate_with_their_own_cache() -> None:
+    pytest.importorskip("transformers")
+    model, (ids,), gm, slim = _compressed("hf_llama_gqa", quantize=None)
+    assert num_params(model) == _weights(slim)
+    longer = torch.randint(0, 64, (3, 13))  # another batch and sequence length
+    assert max_rel_err(gm(longer), model(longer)) < 1e-4
+    model.generation_config.pad_token_id = 0
+    with_cache = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
+    without = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert torch.equal(with_cache[:, ids.shape[1]], gm(ids).logits[:, -1].argmax(-1))
+
+
+def test_after_qasso_training_with_quantized_weights() -> None:
+    model, inputs = ZOO["vgg_bn"]()
+    model.train()
+    gm = geta_fx.transform(model, inputs, quantize="weight")
+    opt = geta_fx.QASSO(gm, lr=1e-2, target_sparsity=0.4, bit_range=(4, 8),
+                        start_projection_step=0, projection_steps=2, projection_periods=1,
+                        start_pruning_step=2, pruning_steps=4, pruning_periods=2)
+    x = torch.randn(8, 3, 32, 32)
+    for _ in range(8):
+        loss = gm(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gm.eval()
+    gm.compress(into=model)
+    model.eval()
+    assert max_rel_err(gm(x), model(x)) < 1e-5  # weights on the learned grid, trained BN stats
+
+
+def test_tied_weights_stay_tied() -> None:
+    from test_tie_weights import TiedLM
+
+    model = TiedLM().eval()
+    ids = torch.randint(0, 12, (4, 5))
+    gm = geta_fx.transform(model, (ids,))
+    zero_random_units(gm, 0.5)
+    gm.eval()
+    gm.compress(into=model)
+    assert model.head.weight is model.emb.weight
+    assert model.fc.out_features < 6
+    torch.testing.assert_close(model(ids), gm(ids))
+
+
+class LiteralWidth(nn.Module):
+    """forward reshapes with a literal channel count: it cannot follow a pruned conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).mean((2, 3))
+        return self.fc(y.view(-1, 8))
+
+
+def _state(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_literal_channel_count_is_an_error_and_the_model_is_untouched() -> None:
+    model = LiteralWidth().eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 3, 8, 8),))
+    gm.zero_units(gm.prunable_groups()[0].id, [1, 2])
+    gm.eval()
+    before = _state(model)
+    with pytest.raises(CompressIntoError, match="fails in module") as info:
+        gm.compress(into=model)
+    assert "not changed" in str(info.value)
+    after = _state(model)
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert model.conv.out_channels == 8
+
+
+def test_layernorm_over_a_pruned_hidden_size_is_an_error() -> None:
+    pytest.importorskip("transformers")
+    model, inputs = ZOO["hf_gpt2"]()
+    gm = geta_fx.transform(model, inputs)
+    hidden = next(g for g in gm.prunable_groups() if any("ln_f" in m.fqn for m in g.members))
+    gm.zero_units(hidden.id, [0, 1])
+    gm.eval()
+    before = _state(model)
+    with pytest.raises(CompressIntoError, match="LayerNorm"):
+        gm.compress(into=model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_other_objects_and_act_quantizers_are_refused() -> None:
+    model, inputs = ZOO["mlp"]()
+    gm = geta_fx.transform(model, inputs)
+    with pytest.raises(geta_fx.InputError, match="nn.Module"):
+        gm.compress(into="model")  # type: ignore[arg-type]
+    other, _ = ZOO["vgg_bn"]()
+    with pytest.raises(geta_fx.InputError, match="another model|not the module"):
+        gm.compress(into=other)
+    sliced = copy.deepcopy(model)
+    zero_random_units(gm, 0.5)
+    gm.compress(into=sliced)
+    with pytest.raises(geta_fx.InputError, match="already compressed"):
+        gm.compress(into=sliced)
+    with pytest.raises(geta_fx.InputError, match="lower"):
+        gm.compress(into=model, lower=True)
+    act = geta_fx.transform(model, inputs, quantize="weight_act")
+    with pytest.raises(geta_fx.InputError, match="activation quantizers"):
+        act.compress(into=model)
