@@ -230,8 +230,9 @@ def test_exact_k_bit_range_and_compress(which: str, request: pytest.FixtureReque
 def test_shortfall_when_k_exceeds_one_unit_per_group(resnet_q) -> None:
     base, x = resnet_q
     gm = copy.deepcopy(base).train()
-    opt = QASSO(gm, variant="sgd", lr=0.01, target_sparsity=0.99, start_pruning_step=1,
-                pruning_steps=2, pruning_periods=2)
+    with pytest.warns(UserWarning, match=r"asks for 79 of 80 .* at most 74 \(92.5%\)"):
+        opt = QASSO(gm, variant="sgd", lr=0.01, target_sparsity=0.99, start_pruning_step=1,
+                    pruning_steps=2, pruning_periods=2)
     _train(gm, opt, x, 3)
     m = opt.metrics()
     assert m["num_pruned"] == opt.max_prunable == m["num_zero_units"]

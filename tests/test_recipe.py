@@ -458,7 +458,7 @@ def test_nonfinite_streak_raises_training_error_naming_the_gradient(mlp_q) -> No
         if k < 2:
             opt.step()
         else:
-            with pytest.raises(TrainingError, match=r"step 3 is the 3th in a row.*"
+            with pytest.raises(TrainingError, match=r"3 steps in a row .* the last at step 3 .*"
                                                     r"gradient of graph_module.fc2.weight has "
                                                     r"inf values first; 1 of \d+ gradients"):
                 opt.step()

@@ -316,7 +316,8 @@ class QASSO(torch.optim.Optimizer):
         _warn(msg, stacklevel=3)  # _warn_unreachable <- __init__ <- the user's QASSO(...)
 
     def _name_params(self, gm: nn.Module, weights: list[nn.Parameter]) -> list[str]:
-        """Names of the checked parameters, in :meth:`_grads_to_check` order."""
+        """Names of ``param_groups``' parameters in order: weights, then every quantizer's
+        ``log_d``, ``log_q_m`` and ``t`` (as :meth:`_skip_nonfinite` lists them)."""
         by_id: dict[int, str] = {}
         for n, p in gm.named_parameters():
             by_id.setdefault(id(p), n)
@@ -436,8 +437,8 @@ class QASSO(torch.optim.Optimizer):
         step = self._k + 1
         if self._nonfinite_streak >= self.nonfinite_patience:  # type: ignore[operator]
             raise TrainingError(
-                f"QASSO: step {step} is the {self._nonfinite_streak}th in a row with non-finite "
-                f"values ({what}); {self._skipped} steps skipped in all, nothing was applied. "
+                f"QASSO: {self._nonfinite_streak} steps in a row had non-finite values, the last "
+                f"at step {step} ({what}); {self._skipped} skipped in all, none was applied. "
                 "Check the batch and the loss of these steps, lower lr, or clip gradients "
                 "(opt.grad_clipping / torch.nn.utils.clip_grad_norm_)")
         logger.warning("QASSO: step %d skipped (%s); %d in a row, %d in all", step, what,
@@ -616,7 +617,7 @@ class QASSO(torch.optim.Optimizer):
         ``num_units`` (prunable), ``K`` (target),
         ``num_pruned`` (committed), ``num_zero_units`` (measured: every "out" slice exactly 0),
         ``group_sparsity`` (zero units / prunable units), ``shortfall`` (units of the cumulative
-        target of the committed periods that the "keep one unit per group" or divisibility
+        target of the committed periods that the per-group limits or the divisibility
         rule left unpruned; ``K - num_pruned`` once the last period committed), ``max_prunable``,
         ``b_l``/``b_u`` (weight bit range in force), ``bits_min``/``bits_max``/``bits_mean``
         (continuous weight-quantizer bit widths), ``act_bits_min``/``act_bits_max`` (if any),
