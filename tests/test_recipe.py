@@ -250,6 +250,27 @@ def test_min_kept_and_max_sparsity(limit: dict, expect: tuple[int, int]) -> None
     assert opt.metrics()["num_pruned"] == min(opt.k_target, 56 - sum(expect))
 
 
+def test_limits_per_pattern(resnet) -> None:
+    base, _ = resnet
+    order = [g.id for g in base.groups if g.prunable]
+    owner = {m.fqn: order.index(g.id) for g in base.groups if g.prunable for m in g.out_members}
+    a, b = owner["blocks.1.conv1.weight"], owner["blocks.2.conv1.weight"]
+    blocks1 = {i for f, i in owner.items() if f.startswith("blocks.1.")} - {a}
+    opt = QASSO(_fresh(base), target_sparsity=0.5,
+                min_kept={"blocks.1.conv1": 12, "blocks.1.*": 0.5},
+                max_sparsity={"blocks.2.conv1": 0.25})
+    keep, sizes = opt.limits.keep_min, opt.limits.sizes
+    assert keep[a] == 12 and keep[b] == 12       # the strictest of two patterns; ceil(0.75 * 16)
+    assert blocks1 and all(keep[i] == sizes[i] // 2 for i in blocks1)   # "blocks.1.*": 0.5
+    rest = set(range(len(keep))) - blocks1 - {a, b}
+    assert rest and all(keep[i] == math.ceil(0.25 * sizes[i]) for i in rest)  # the default
+    assert opt.config["min_kept"] == {"blocks.1.conv1": 12, "blocks.1.*": 0.5}
+    with pytest.raises(InputError, match="min_kept pattern 'blocks.7.\\*' matches no"):
+        QASSO(_fresh(base), min_kept={"blocks.7.*": 2})
+    with pytest.raises(InputError, match="max_sparsity must lie in"):
+        QASSO(_fresh(base), max_sparsity={"blocks.1.*": 1.5})
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(min_kept=0), "at least one unit"), (dict(min_kept=1.5), r"\(0, 1\)"),
     (dict(min_kept=True), "int"), (dict(max_sparsity=0.0), "max_sparsity"),

@@ -96,6 +96,10 @@ _STEP_DEFAULTS = {"start_projection_step": 0, "projection_steps": 1, "projection
 logger = logging.getLogger("geta_fx.optim")
 
 
+def _copy_limit(v: _limits.Limit) -> _limits.Limit:
+    return dict(v) if isinstance(v, Mapping) else v
+
+
 def _as_float(x: Any) -> float | None:
     if x is None:
         return None
@@ -145,9 +149,10 @@ class QASSO(torch.optim.Optimizer):
         group_divisible: units kept per group must be a multiple of this.
         min_kept: fewest units every group keeps: an int (units) or a float in (0, 1) (share
             of the group's units).  ``max_sparsity``: largest share of any group's units that
-            may go.  With neither, a group keeps at least ``ceil((1 - target_sparsity) / 2 *
-            units)`` (never below half the average kept share); always at least one unit.
-            Rule and reasons: :mod:`geta_fx.optim._limits`.
+            may go.  Either may be ``{pattern: value}`` (patterns as for ``skip``) to limit
+            only the groups named.  A group no value applies to keeps at least
+            ``ceil((1 - target_sparsity) / 2 * units)`` (never below half the average kept
+            share); always at least one unit.  Rule: :mod:`geta_fx.optim._limits`.
         skip: fnmatch patterns on parameter names or module paths (``"conv1"``,
             ``"layers.0.*"``, ``"*.downsample.*"``); a group any of whose pruned ("out")
             slices they name is never pruned (it still counts in ``target_sparsity``'s
@@ -172,7 +177,7 @@ class QASSO(torch.optim.Optimizer):
                  start_pruning_step: int | None = None, pruning_steps: int | None = None,
                  pruning_periods: int | None = None,
                  importance: Mapping[str, float] | None = None, group_divisible: int = 1,
-                 min_kept: int | float | None = None, max_sparsity: float | None = None,
+                 min_kept: _limits.Limit = None, max_sparsity: _limits.Limit = None,
                  skip: Sequence[str] = (), nonfinite_patience: int | None = 5,
                  process_group: Any = None) -> None:
         if variant not in _VARIANT_DEFAULTS:
@@ -223,8 +228,8 @@ class QASSO(torch.optim.Optimizer):
             "target_sparsity": self.target_sparsity, "bit_range": tuple(bit_range),
             "bit_reduction": bit_reduction, "act_bit_range": act_bit_range,
             "total_steps": total_steps, **steps, "importance": dict(self.importance),
-            "group_divisible": group_divisible, "min_kept": min_kept,
-            "max_sparsity": max_sparsity, "skip": tuple(skip),
+            "group_divisible": group_divisible, "min_kept": _copy_limit(min_kept),
+            "max_sparsity": _copy_limit(max_sparsity), "skip": tuple(skip),
             "nonfinite_patience": nonfinite_patience}
 
         # ---- parameters: quantizer scalars vs everything else
