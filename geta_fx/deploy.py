@@ -208,7 +208,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         model: a lowered GraphModule (:func:`lower`), a slim GraphModule or a GetaModule (both
             lowered first unless ``lower_first=False``).  The artifact is always an inference
             graph: a graph with train-mode batch_norm/dropout flags is saved as an eval copy.
-        path: the ``.pt2`` file.
+        path: the ``.pt2`` file, or a ``.onnx`` file (:mod:`geta_fx.export_onnx`: the same
+            graph for ONNX Runtime; returns the ``torch.onnx.ONNXProgram`` then).
         example_inputs: tuple of inputs for export (default: zeros at the capture-time sizes,
             from the graph's placeholders).
         dynamic_shapes: as for :func:`torch.export.export` (default: the dims that were
@@ -240,6 +241,10 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
     was_training = gm.training
     gm.eval()
     try:
+        if os.fspath(path).endswith(".onnx"):  # ONNX Runtime/OpenVINO/TensorRT (export_onnx)
+            from geta_fx.export_onnx import save_onnx
+
+            return save_onnx(gm, path, tuple(example_inputs), dynamic_shapes)
         ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes,
                                  strict=False)
     finally:
