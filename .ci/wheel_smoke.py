@@ -31,7 +31,8 @@ CHECKOUT = Path(__file__).resolve().parent.parent
 def check_installed() -> None:
     where = Path(geta_fx.__file__).resolve()
     assert "site-packages" in where.parts, f"geta_fx imported from {where}, not the wheel"
-    assert CHECKOUT not in where.parents, f"geta_fx imported from the checkout: {where}"
+    assert Path.cwd() != CHECKOUT and CHECKOUT not in Path.cwd().parents, Path.cwd()
+    assert CHECKOUT / "geta_fx" not in where.parents, f"geta_fx imported from the checkout {where}"
     for loader in (kernels, lowbit_kernels):
         st = loader.ensure_loaded()["cpu"]
         assert st["impl"] == "fused", f"{loader.__name__}: {st}"
