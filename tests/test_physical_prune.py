@@ -148,3 +148,57 @@ def test_chained_norms_over_a_pruned_dim_stay_exact() -> None:
     slim = gm.compress()
     assert slim.fc1.weight.shape == (11, 8) and slim.ln2.weight.shape == (11,)
     torch.testing.assert_close(slim(x), gm(x), atol=1e-5, rtol=1e-5)
+
+
+def _call(slim: torch.fx.GraphModule, target: object) -> torch.fx.Node:
+    return next(n for n in slim.graph.nodes if n.op == "call_function" and n.target is target)
+
+
+class HeadsAndNarrow(nn.Module):
+    """a(8) -> unflatten(1, (2, 4)) -> relu -> flatten -> b;  a -> narrow(1, 2, 4) -> c"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return self.b(h.unflatten(1, (2, 4)).relu().flatten(1, 2)) + self.c(h.narrow(1, 2, 4))
+
+
+def test_unflatten_sizes_and_narrow_bounds_follow_the_kept_channels() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    gm = geta_fx.transform(HeadsAndNarrow().eval(), (x,))
+    (blocks,) = [g for g in gm.groups if g.prunable]
+    assert blocks.num_units == 2 and blocks.unit_size == 4  # unflatten makes 4-blocks whole
+    gm.zero_units(blocks.id, [0])
+    slim = gm.compress()
+    torch.testing.assert_close(slim(x), gm(x))
+    aten = torch.ops.aten
+    assert list(_call(slim, aten.unflatten.int).args[2]) == [1, 4]
+    assert _call(slim, aten.narrow.default).args[1:] == (1, 0, 2)  # channels 4, 5 of 2..5
+    assert slim.c.weight.shape == (2, 2, 1, 1)
+
+
+class SelectAfterCat(nn.Module):
+    """cat(a(4), b(4)) -> select(1, 6) (pins b's group) ; a's group pruned: index 6 moves"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.cat([self.a(x), self.b(x)], 1)
+        return self.c(h) + h.select(1, 6).unsqueeze(1)
+
+
+def test_select_index_follows_the_kept_channels() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    gm = geta_fx.transform(SelectAfterCat().eval(), (x,))
+    ga = next(g for g in gm.groups for m in g.members if m.fqn == "a.weight" and m.role == "out")
+    gb = next(g for g in gm.groups for m in g.members if m.fqn == "b.weight" and m.role == "out")
+    assert ga.prunable and not gb.prunable and "select picks one channel" in gb.reason
+    gm.zero_units(ga.id, [0, 2])
+    slim = gm.compress()
+    torch.testing.assert_close(slim(x), gm(x))
+    assert _call(slim, torch.ops.aten.select.int).args[1:] == (1, 4)
