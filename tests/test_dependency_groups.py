@@ -257,3 +257,34 @@ def test_no_group_at_all_is_a_warning_naming_each_parameter(
         gm = geta_fx.transform(OnlyCumsum(), (torch.randn(2, 3),))
     assert gm.groups == ()
     assert "found no prune group" in caplog.text and "w (read only by cumsum" in caplog.text
+
+
+class Lgamma(nn.Module):
+    """conv(4) -> lgamma (no rule) -> conv: the channels lgamma touches are pinned"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.lgamma(F.relu(self.a(x)) + 1))
+
+
+def test_an_op_without_a_rule_pins_its_channels_with_the_reason() -> None:
+    groups = _groups(Lgamma(), torch.randn(1, 3, 4, 4))
+    ga = _group_of(groups, "a.weight")
+    assert not ga.prunable and "unsupported op lgamma.default" in ga.reason
+
+
+def test_a_rule_that_fails_pins_its_channels_instead_of_crashing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from geta_fx.ir import ops_table, registry
+
+    def boom(an: object, node: torch.fx.Node) -> None:
+        raise RuntimeError("boom")
+
+    relu = torch.ops.aten.relu.default
+    assert ops_table.RULES[relu].analyze is not boom
+    monkeypatch.setitem(registry._RULES, relu, registry.ChannelRule(relu, boom, no_rewrite="t"))
+    ga = _group_of(_groups(Concat(), torch.randn(1, 3, 4, 4)), "a.weight")
+    assert not ga.prunable and "relu.default: could not analyse (RuntimeError: boom)" in ga.reason
