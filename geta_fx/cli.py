@@ -305,12 +305,14 @@ _DEMO_MODULE = "geta_fx_examples_demo"
 
 
 def _demo_path() -> Path | None:
-    """``examples/demo.py`` of the checkout in use (editable install) or under the cwd."""
-    checkout = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
-    for path in (checkout, Path.cwd() / "examples" / "demo.py"):
-        if path.is_file():
-            return path
-    return None
+    """``examples/demo.py`` of the checkout this geta_fx runs from (an editable install).
+
+    Only the checkout's own file: never an ``examples/`` of the current directory or of
+    site-packages (this runs while the parser is built, for every command).
+    """
+    root = Path(__file__).resolve().parent.parent
+    path = root / "examples" / "demo.py"
+    return path if (root / "pyproject.toml").is_file() and path.is_file() else None
 
 
 def load_demos() -> Any | None:

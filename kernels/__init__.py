@@ -48,8 +48,8 @@ import torch
 
 from geta_fx.kernels import build_config
 
-__all__ = ["OPS", "QUANTIZE", "KernelLoader", "OpSet", "build", "cache_dir", "ensure_loaded",
-           "library_dir", "status"]
+__all__ = ["HOW_TO_BUILD", "OPS", "QUANTIZE", "KernelLoader", "OpSet", "build", "cache_dir",
+           "ensure_loaded", "library_dir", "status", "toolchain_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +227,6 @@ class KernelLoader:
                     logger.debug("%s: %s -> %s", self.opset.owner, dev, self._status[dev])
                 self._done = True
         return self.status()
-
-    def refresh(self) -> dict[str, dict[str, Any]]:
-        """Check again (after :func:`build` installed a library in this process)."""
-        with self._lock:
-            self._done = False
-        return self.ensure_loaded()
 
     def _check(self, dev: str) -> dict[str, Any]:
         ops = self.opset.ops

@@ -187,6 +187,20 @@ def test_demo_without_a_checkout_says_where_the_demos_are(
     assert "not installed with the package" in err and '".[examples]"' in err
 
 
+def test_demo_never_runs_an_examples_dir_of_the_cwd(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    import sys
+
+    (tmp_path / "examples").mkdir()
+    (tmp_path / "examples" / "demo.py").write_text("raise SystemExit('ran the cwd demo')\n")
+    (tmp_path / "pyproject.toml").write_text("")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, cli._DEMO_MODULE, raising=False)
+    path = cli._demo_path()
+    assert path is not None and tmp_path not in path.parents
+    assert path == Path(cli.__file__).resolve().parent.parent / "examples" / "demo.py"
+
+
 def test_demo_names_the_missing_extra(capsys: pytest.CaptureFixture[str],
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     demo = cli.load_demos()
