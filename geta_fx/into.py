@@ -248,6 +248,45 @@ def _rescale_rms_norms(model: nn.Module, original: dict[str, int]) -> None:
                 weight.div_(r ** 0.5)
 
 
+class KeptCountLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` over a pruned last dim that still normalises over its original width.
+
+    The slim graph's layer_norm keeps the original count C (the pruned channels were zero):
+    ``mean = sum_kept(x) / C``, ``var = (sum_kept((x - mean)^2) + (C - k) mean^2) / C``.  A
+    stock LayerNorm over the k kept channels would divide by k and subtract another mean, so
+    ``compress(into=)`` gives a pruned ``nn.LayerNorm`` this class (same parameters and
+    state_dict keys, ``full_size`` = C).  Exact; inputs are normalised in float32.
+    """
+
+    full_size: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, k = self.full_size, x.shape[-1]
+        h = x.float()
+        mean = h.sum(-1, keepdim=True) / c
+        var = ((h - mean).square().sum(-1, keepdim=True) + (c - k) * mean.square()) / c
+        y = (h - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            y = y * self.weight.float()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, full_size={self.full_size}"
+
+
+def _keep_layer_norm_counts(model: nn.Module, original: dict[str, int]) -> None:
+    """Pruned ``nn.LayerNorm``s (over their last dim) become :class:`KeptCountLayerNorm`."""
+    for name, m in model.named_modules():
+        width = original.get(name)
+        if type(m) is not nn.LayerNorm or width is None or len(m.normalized_shape) != 1 \
+                or m.normalized_shape[0] == width:
+            continue
+        m.__class__ = KeptCountLayerNorm
+        m.full_size = width
+
+
 def _source(cls: type) -> str:
     import inspect
 
@@ -258,9 +297,13 @@ def _source(cls: type) -> str:
 
 
 def _norm_widths(model: nn.Module) -> dict[str, int]:
-    return {name: int(m.weight.shape[-1]) for name, m in model.named_modules()
-            if "RMSNorm" in type(m).__name__ and isinstance(getattr(m, "weight", None),
-                                                             torch.Tensor)}
+    """Last-dim width of every RMSNorm-like module and every nn.LayerNorm before slicing."""
+    widths = {name: int(m.weight.shape[-1]) for name, m in model.named_modules()
+              if "RMSNorm" in type(m).__name__ and isinstance(getattr(m, "weight", None),
+                                                              torch.Tensor)}
+    widths.update({name: int(m.normalized_shape[-1]) for name, m in model.named_modules()
+                   if type(m) is nn.LayerNorm and len(m.normalized_shape) == 1})
+    return widths
 
 
 def _module_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -354,6 +397,7 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
         _write(target, values, tied)
         _fix_attributes(target, attrs)
         _rescale_rms_norms(target, widths)
+        _keep_layer_norm_counts(target, widths)
         if target is candidate:
             _verify(gm, candidate)
     return model

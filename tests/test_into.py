@@ -133,17 +133,28 @@ def test_literal_channel_count_is_an_error_and_the_model_is_untouched() -> None:
     assert model.conv.out_channels == 8
 
 
-def test_layernorm_over_a_pruned_hidden_size_is_an_error() -> None:
+def test_gpt2_hidden_size_behind_layernorm_is_exact_and_generates() -> None:
+    """A LayerNorm over the pruned residual stream keeps its original count (the graph's
+    rewrite) as a KeptCountLayerNorm; generate() with and without GPT-2's cache agree."""
     pytest.importorskip("transformers")
-    model, inputs = ZOO["hf_gpt2"]()
-    gm = geta_fx.transform(model, inputs)
+    from geta_fx.into import KeptCountLayerNorm
+
+    model, (ids,) = ZOO["hf_gpt2"]()
+    gm = geta_fx.transform(model, (ids,))
     hidden = next(g for g in gm.prunable_groups() if any("ln_f" in m.fqn for m in g.members))
-    gm.zero_units(hidden.id, [0, 1])
+    gm.zero_units(hidden.id, [0, 1, 5])
     gm.eval()
-    before = _state(model)
-    with pytest.raises(CompressIntoError, match="LayerNorm"):
-        gm.compress(into=model)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    gm.compress(into=model)
+    assert isinstance(model.transformer.ln_f, KeptCountLayerNorm)
+    assert model.transformer.ln_f.weight.shape == (29,) and model.transformer.ln_f.full_size == 32
+    assert model.lm_head.weight is model.transformer.wte.weight  # still tied
+    longer = torch.randint(0, 64, (3, 11))
+    assert max_rel_err(gm(longer), model(longer)) < 1e-4
+    model.config.use_cache = True
+    model.generation_config.pad_token_id = 0
+    a = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=True)
+    b = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
+    assert torch.equal(a, b)
 
 
 def test_other_objects_and_act_quantizers_are_refused() -> None:
