@@ -26,6 +26,10 @@ _LAZY = {
     "load": "geta_fx.deploy",
     "to_dot": "geta_fx.viz",
     "move_to_device": "geta_fx.module",
+    "from_pretrained": "geta_fx.hf",
+    "CompressIntoError": "geta_fx.into",
+    "compress_pipeline": "geta_fx.api",
+    "lower_pipeline": "geta_fx.api",
 }
 
 

@@ -391,7 +391,10 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
                                        kept_indices(g, removed_units, align)).items()
               if k in gm._source_shapes}
     tied = dict(g.meta.get(meta.TIED, {}))
+    from geta_fx import hf
+
     attrs, widths = _module_attrs(model), _norm_widths(model)
+    shapes_before, attrs_before = dict(gm._source_shapes), hf.snapshot(model)
     candidate = copy.deepcopy(model)
     for target in (candidate, model):  # the copy first; ``model`` only once it is verified
         _write(target, values, tied)
@@ -400,4 +403,5 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
         _keep_layer_norm_counts(target, widths)
         if target is candidate:
             _verify(gm, candidate)
+    hf.record(model, shapes_before, attrs_before)  # transformers: per-layer widths in config
     return model

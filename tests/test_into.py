@@ -175,3 +175,19 @@ def test_other_objects_and_act_quantizers_are_refused() -> None:
     act = geta_fx.transform(model, inputs, quantize="weight_act")
     with pytest.raises(geta_fx.InputError, match="activation quantizers"):
         act.compress(into=model)
+
+
+@pytest.mark.parametrize("name", ["hf_llama_gqa", "hf_gpt2"])
+def test_save_pretrained_and_geta_fx_from_pretrained(name: str, tmp_path: object) -> None:
+    pytest.importorskip("transformers")
+    import transformers
+
+    model, (ids,), gm, _ = _compressed(name, quantize=None)
+    model.save_pretrained(str(tmp_path))
+    back = geta_fx.from_pretrained(str(tmp_path))
+    assert type(back) is type(model) and num_params(back) == num_params(model)
+    longer = torch.randint(0, 64, (2, 11))
+    torch.testing.assert_close(back(longer).logits, model(longer).logits)
+    assert back.config.geta_fx["shapes"]  # the documented per-layer record
+    with pytest.raises(Exception, match="mismatched_sizes"):  # never silently re-initialised
+        transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
