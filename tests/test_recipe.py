@@ -176,6 +176,35 @@ def test_distiller_teacher_is_the_untouched_original(mlp_q, caplog) -> None:
         assert float(distillation_loss(gm(x), model(x))) > 0  # the student did move
 
 
+def test_distiller_on_a_transformers_classifier() -> None:
+    """A tiny random BERT (nothing downloaded): the GetaModule and the teacher both return a
+    SequenceClassifierOutput; the loss reads .logits of both and trains the student only."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 50, (4, 8))
+    before = copy.deepcopy(model.state_dict())
+    gm = geta_fx.transform(model, (ids,), quantize="weight").train()
+    out = gm(ids)
+    assert logits_of(out)[1] == "output.logits" == logits_of(model(ids))[1]
+    distill = Distiller(model, kind="kl", temperature=2.0)
+    opt = QASSO(gm, variant="adamw", lr=1e-2, target_sparsity=0.3, total_steps=12)
+    losses = []
+    for _ in range(12):
+        loss = distill(gm(ids), ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[0] < 1e-4                       # the student starts as the teacher (16 bits)
+    assert all(math.isfinite(v) for v in losses) and max(losses) > 10 * losses[0]  # it moved
+    for n, v in model.state_dict().items():
+        assert torch.equal(v, before[n]), n
+    assert opt.metrics()["num_pruned"] == opt.k_target > 0
+
+
 # ----------------------------------------------------------------------------- limits
 
 
