@@ -46,7 +46,7 @@ def _attributes_match_tensors(model: nn.Module) -> None:
             assert m.num_channels == m.weight.shape[0] and m.num_channels % m.num_groups == 0
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2_block", "grouped_conv", "groupnorm",
+@pytest.mark.parametrize("name", ["mobilenetv2_block", "grouped_conv", "groupnorm",
                                   "unet_convtranspose", "densenet", "glu_chunk", "vgg_bn"])
 def test_zoo_eager_equals_getamodule_at_any_batch(name: str) -> None:
     model, inputs, gm, slim = _compressed(name)
@@ -64,20 +64,20 @@ def test_llama_heads_and_hidden_size_generate_with_their_own_cache() -> None:
     longer = torch.randint(0, 64, (3, 13))  # another batch and sequence length
     assert max_rel_err(gm(longer), model(longer)) < 1e-4
     model.generation_config.pad_token_id = 0
-    with_cache = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True)
-    without = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False)
+    with_cache = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=True)
+    without = model.generate(ids, max_new_tokens=4, do_sample=False, use_cache=False)
     assert torch.equal(with_cache, without)
     assert torch.equal(with_cache[:, ids.shape[1]], gm(ids).logits[:, -1].argmax(-1))
 
 
 def test_after_qasso_training_with_quantized_weights() -> None:
-    model, inputs = ZOO["vgg_bn"]()
+    model, inputs = ZOO["mobilenetv2_block"]()  # conv-BN-ReLU6, depthwise, residual
     model.train()
     gm = geta_fx.transform(model, inputs, quantize="weight")
     opt = geta_fx.QASSO(gm, lr=1e-2, target_sparsity=0.4, bit_range=(4, 8),
                         start_projection_step=0, projection_steps=2, projection_periods=1,
                         start_pruning_step=2, pruning_steps=4, pruning_periods=2)
-    x = torch.randn(8, 3, 32, 32)
+    x = torch.randn(8, 3, 8, 8)
     for _ in range(8):
         loss = gm(x).square().mean()
         opt.zero_grad()
