@@ -191,3 +191,21 @@ def test_save_pretrained_and_geta_fx_from_pretrained(name: str, tmp_path: object
     assert back.config.geta_fx["shapes"]  # the documented per-layer record
     with pytest.raises(Exception, match="mismatched_sizes"):  # never silently re-initialised
         transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
+
+
+def test_lora_adapter_trains_on_the_compressed_model() -> None:
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft", reason="peft not installed (pip install peft)")
+    model, (ids,), _, _ = _compressed("hf_llama_gqa", quantize=None)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainable = [p for p in lora.parameters() if p.requires_grad]
+    assert trainable and all("lora" in n for n, p in lora.named_parameters() if p.requires_grad)
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = lora(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
