@@ -417,11 +417,18 @@ def test_metrics_every_step_and_progress_line(mlp_q, caplog) -> None:
             if progress(loss) is not None:
                 lines.append(k)
     assert lines == [10, 20, 30, 40]
-    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("QASSO step")]
+    logged = [r.getMessage() for r in caplog.records if " | sparsity " in r.getMessage()]
     assert len(logged) == 4
     assert logged[-1].startswith("QASSO step 40/40 cooldown | sparsity 50.0%/50.0% (short 0) "
                                  "| bits ")
     assert " | loss " in logged[-1] and logged[-1].endswith("skipped 0")
+    stage_lines = [r.getMessage() for r in caplog.records if " starts" in r.getMessage()]
+    assert [ln.split(":")[0] for ln in stage_lines] == [
+        f"QASSO step {k}" for k in (1, 3, 11, 25)]        # schedule(40): 2 / 8 / 14 / 16 steps
+    assert "pruning starts (2 periods of 7 steps, 28 of 56 units to remove)" in stage_lines[2]
+    commits = [r.getMessage() for r in caplog.records if "committed" in r.getMessage()]
+    assert len(commits) == 2 and commits[-1].endswith("period 2/2 committed, 28 of 56 units "
+                                                      "removed")
     mid = format_metrics(opt.metrics() | {"stage": "pruning", "period": 1})
     assert "pruning p2/2" in mid and "loss" not in mid
     with pytest.raises(InputError, match="every"):
@@ -607,7 +614,7 @@ def test_readme_recipe_loop(caplog) -> None:
             opt.zero_grad(); loss.backward(); opt.step()  # noqa: E702  (as in the README)
             progress(loss)
     assert [r.getMessage().split(" ")[2] for r in caplog.records
-            if r.getMessage().startswith("QASSO step")] == [
+            if " | sparsity " in r.getMessage()] == [
         f"{k}/40" for k in (10, 20, 30, 40)]
     m = opt.metrics()
     assert m["stage"] == "cooldown" and m["num_pruned"] == opt.k_target == 40

@@ -377,6 +377,8 @@ class QASSO(torch.optim.Optimizer):
         self._k += 1
         k, sch = self._k, self.schedule
         stage = sch.stage(k)
+        if stage != sch.stage(k - 1) or k == 1:  # host arithmetic only
+            logger.info("QASSO step %d: %s starts%s", k, stage, self._stage_note(stage, k))
         group = self.param_groups[0]
         lr = float(group["lr"])
 
@@ -570,12 +572,30 @@ class QASSO(torch.optim.Optimizer):
         self._plan = _joint.build_plan(self._redundant, lay.pair_elem, lay.pair_unit,
                                        lay.unit_group, lay.elem_layer, lay.numels)
 
+    def _stage_note(self, stage: Stage, k: int) -> str:
+        sch = self.schedule
+        if stage == "projection":
+            shrink = f", b_u shrinking to {sch.final_b_u:g}" if sch.final_b_u != sch.b_u(k) else ""
+            return f" (weight bits projected into [{sch.b_l:g}, {sch.b_u(k):g}]{shrink})"
+        if stage == "pruning":
+            periods = "1 period" if sch.pruning_periods == 1 else f"{sch.pruning_periods} periods"
+            return (f" ({periods} of {sch.period_steps} steps, "
+                    f"{self.k_target} of {self.num_units} units to remove)")
+        if stage == "cooldown":
+            return " (bits frozen at their rounded values)"
+        return ""
+
     def _commit(self) -> None:
         self._pruned = self._pruned | self._redundant
         self._redundant = torch.zeros_like(self._pruned)
         self._plan = None
         self._rebuild_zero_lists()
-        if self.schedule.committed_periods(self._k) == self.schedule.pruning_periods:
+        done = self.schedule.committed_periods(self._k)
+        if logger.isEnabledFor(logging.INFO):  # one more sync per period, only when logged
+            logger.info("QASSO step %d: period %d/%d committed, %d of %d units removed",
+                        self._k, done, self.schedule.pruning_periods, int(self._pruned.sum()),
+                        self.num_units)
+        if done == self.schedule.pruning_periods:
             n = int(self._pruned.sum())  # the last commit: one sync, once per run
             if n < self.k_target <= self.max_prunable:
                 _warn(f"QASSO: pruning ended with {n} of the {self.k_target} target units "
