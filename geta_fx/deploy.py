@@ -200,8 +200,8 @@ def _inputs_from_placeholders(gm: torch.fx.GraphModule
 
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any = None,
-         dynamic_shapes: Any = None, lower_first: bool = True, reference: Any = None
-         ) -> torch.export.ExportedProgram:
+         dynamic_shapes: Any = None, lower_first: bool = True, reference: Any = None,
+         package: str = "export") -> Any:
     """Export ``model`` and write it with :func:`torch.export.save` plus ``geta_fx.json``.
 
     Args:
@@ -216,10 +216,15 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
             symbolic at capture, i.e. the batch, stay dynamic, also with ``example_inputs``;
             ``Dim.AUTO``, so an example size of 1 specialises instead of failing).
         reference: passed to :func:`lower` for the metadata.
+        package: ``"export"`` (the default: ``torch.export.save`` plus metadata) or ``"aoti"``
+            (compiled ahead of time with AOTInductor into a ``.pt2`` package; slow to build,
+            no Python graph at run time; :func:`load` returns the compiled runner).
 
     Returns:
         The saved ExportedProgram.
     """
+    if package not in ("export", "aoti"):
+        raise InputError(f"geta_fx.save: package must be 'export' or 'aoti', got {package!r}")
     gm = model
     if lower_first and (_has_quantizers(model) or not isinstance(model, torch.fx.GraphModule)):
         gm = lower(model, reference=reference, example_inputs=example_inputs)
@@ -249,6 +254,11 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
                                  strict=False)
     finally:
         gm.train(was_training)
+    if package == "aoti":
+        from geta_fx._compat import aoti_compile_and_package
+
+        aoti_compile_and_package(ep, path)
+        return ep
     metadata = dict(gm.meta.get(META_KEY) or {"format": FORMAT, "torch": torch.__version__,
                                               "layers": [], "weights": [], "totals": {}})
     from geta_fx.report import DENSE
@@ -342,6 +352,12 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
 
     ensure_loaded()
     _verify_artifact(path)
+    with zipfile.ZipFile(path) as archive:
+        aoti = any("/data/aotinductor/" in n for n in archive.namelist())
+    if aoti:  # an AOTInductor package (save(package="aoti")): the compiled runner
+        from geta_fx._compat import aoti_load_package
+
+        return aoti_load_package(path)  # type: ignore[no-any-return]
     extra: dict[str, Any] = {EXTRA_FILE: ""}
     try:
         ep = torch.export.load(path, extra_files=extra)

@@ -408,3 +408,32 @@ def test_torch_save_of_slim_lowered_and_loaded_models(tmp_path: Any) -> None:
         back = torch.load(buf, weights_only=False)
         torch.testing.assert_close(back(x), m(x))
         assert back.meta.get(deploy.META_KEY) == m.meta.get(deploy.META_KEY)
+
+
+@pytest.mark.slow
+def test_aoti_package_runs_in_a_fresh_process(tmp_path: Any) -> None:
+    """save(package="aoti") compiles the slim graph (quantized weights) ahead of time; a fresh
+    process loads it with geta_fx.load (no model code) and matches the slim model at another
+    batch and resolution.  ~1 min: the C++ build."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 3, 16, 16),), quantize="weight")
+    gm.zero_units(0, [1, 3])
+    gm.eval()
+    slim = gm.compress()
+    path = tmp_path / "m_aoti.pt2"
+    geta_fx.save(slim, path, lower_first=False, package="aoti")
+    x = torch.randn(5, 3, 20, 24)
+    torch.save({"x": x, "y": slim(x).detach()}, tmp_path / "io.pt")
+    code = textwrap.dedent(f"""
+        import torch, geta_fx
+        run = geta_fx.load({str(path)!r})
+        io = torch.load({str(tmp_path / "io.pt")!r})
+        torch.testing.assert_close(run(io["x"]), io["y"], rtol=1e-5, atol=1e-6)
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    with pytest.raises(geta_fx.InputError, match="package"):
+        geta_fx.save(slim, tmp_path / "x.pt2", package="tar")

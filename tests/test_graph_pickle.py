@@ -1,4 +1,4 @@
-"""The torch internals geta_fx.graph_pickle relies on still exist (version gate: a torch
+"""The torch internals geta_fx.graph_pickle and geta_fx._compat rely on still exist (version gate: a torch
 upgrade that moves one fails here, by name, not as a pickling bug somewhere else)."""
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ INTERNALS = [
     ("torch.fx.experimental.symbolic_shapes", "DimDynamic"),
     ("torch.fx.experimental.symbolic_shapes", "StatelessSymbolicContext"),
     ("torch.fx.passes.fake_tensor_prop", "FakeTensorProp"),
+    ("torch._inductor", "aoti_compile_and_package"),  # geta_fx._compat
+    ("torch._inductor", "aoti_load_package"),
 ]
 
 
