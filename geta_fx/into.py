@@ -1,9 +1,9 @@
 """``GetaModule.compress(into=model)``: the user's own eager module, physically smaller.
 
-The slim graph and the user's module are cut by the same slices: :func:`kept_indices` runs the
-physical-prune pass's own unit selection (zero units, ``align``, never an empty tensor) and maps
-it to ``(parameter fqn, dim) -> kept indices``; physical_prune slices the graph's attributes
-with exactly these.  Then:
+The slim graph and the user's module are cut by the same slices:
+``geta_fx.passes.physical_prune.kept_indices`` (the pass's own unit selection: zero units,
+``align``, never an empty tensor, as ``(parameter fqn, dim) -> kept indices``), which the pass
+itself slices the graph's attributes with.  Then:
 
 1. ``model`` must be the captured module (same parameter and buffer names and shapes);
 2. a deep copy of it gets GetaModule's current values (a quantized weight as its fake-quantized
@@ -22,7 +22,6 @@ import copy
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import nn
@@ -33,26 +32,6 @@ from geta_fx.ir import meta
 
 class CompressIntoError(GetaFxError):
     """The sliced eager module does not compute what the GetaModule computes."""
-
-
-def kept_indices(gm: torch.fx.GraphModule, removed_units: Any = None,
-                 align: int = 1) -> dict[tuple[str, int], torch.Tensor]:
-    """``(fqn, dim) -> kept indices`` for every attribute dim physical_prune would slice."""
-    from geta_fx.passes.physical_prune import (_keep_every_tensor_nonempty, align_removed_units,
-                                               removed_units_from_zeros)
-
-    analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
-    removed = (np.asarray(removed_units, dtype=bool) if removed_units is not None
-               else removed_units_from_zeros(gm))
-    prunable = getattr(analysis, "prunable_units", np.ones(analysis.num_units, bool))
-    removed = align_removed_units(gm, removed & prunable, align)
-    removed_atom = _keep_every_tensor_nonempty(analysis, removed)
-    out = {}
-    for (fqn, dim), atoms in sorted(analysis.param_labels.items()):
-        kept = np.nonzero(~removed_atom[atoms])[0]
-        if len(kept) < len(atoms):
-            out[(fqn, dim)] = torch.from_numpy(kept)
-    return out
 
 
 def _tensors(m: nn.Module) -> Iterator[tuple[str, torch.Tensor, bool]]:
@@ -387,6 +366,8 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
                          f"model ({len(acts)}: {acts[:3]}); use gm.compress() (the graph) or a "
                          "GetaModule transformed with quantize='weight'")
     g = gm.graph_module
+    from geta_fx.passes.physical_prune import kept_indices
+
     values = {k: v for k, v in _sliced(_current_values(gm),
                                        kept_indices(g, removed_units, align)).items()
               if k in gm._source_shapes}

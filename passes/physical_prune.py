@@ -95,15 +95,11 @@ class PhysicalPrune:
 
     def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
         analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
-        removed = (np.asarray(self.removed_units, dtype=bool) if self.removed_units is not None
-                   else removed_units_from_zeros(gm))
-        prunable = getattr(analysis, "prunable_units", np.ones(analysis.num_units, bool))
-        removed = align_removed_units(gm, removed & prunable, self.align)
-        if not removed.any():
+        removed_atom = removed_atoms(gm, self.removed_units, self.align)
+        if removed_atom is None:
             return PassResult(gm, False)
-        removed_atom = _keep_every_tensor_nonempty(analysis, removed)
         keep = KeptChannels(removed_atom, analysis.node_labels)
-        _slice_params(gm, analysis, removed_atom)
+        _slice_params(gm, kept_indices(gm, removed_atom=removed_atom))
         for node in list(gm.graph.nodes):
             try:
                 _rewrite_node(gm, node, keep)
@@ -146,16 +142,46 @@ def _keep_every_tensor_nonempty(analysis: meta.ChannelAnalysis, removed: np.ndar
             return removed_atom
 
 
-def _slice_params(gm: torch.fx.GraphModule, analysis: meta.ChannelAnalysis,
-                  removed_atom: np.ndarray) -> None:
+def removed_atoms(gm: torch.fx.GraphModule, removed_units: Any = None,
+                  align: int = 1) -> np.ndarray | None:
+    """The channel atoms physical pruning removes (None: nothing to remove).
+
+    Units: ``removed_units`` (global bool mask) or the all-zero units of prunable groups,
+    aligned (:func:`align_removed_units`), then one unit given back to any tensor that
+    would lose every channel.
+    """
+    analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
+    removed = (np.asarray(removed_units, dtype=bool) if removed_units is not None
+               else removed_units_from_zeros(gm))
+    prunable = getattr(analysis, "prunable_units", np.ones(analysis.num_units, bool))
+    removed = align_removed_units(gm, removed & prunable, align)
+    if not removed.any():
+        return None
+    return _keep_every_tensor_nonempty(analysis, removed)
+
+
+def kept_indices(gm: torch.fx.GraphModule, removed_units: Any = None, align: int = 1, *,
+                 removed_atom: np.ndarray | None = None) -> dict[tuple[str, int], torch.Tensor]:
+    """``(attribute fqn, dim) -> kept indices`` for every attribute dim that loses channels:
+    the one source of the slices, for this pass and for ``compress(into=model)``."""
+    analysis: meta.ChannelAnalysis = gm.meta[meta.CHANNELS]
+    if removed_atom is None:
+        removed_atom = removed_atoms(gm, removed_units, align)
+    if removed_atom is None:
+        return {}
+    out = {}
     for (fqn, dim), atoms in sorted(analysis.param_labels.items()):
         kept = np.nonzero(~removed_atom[atoms])[0]
-        if len(kept) == len(atoms):
-            continue
+        if len(kept) < len(atoms):
+            out[(fqn, dim)] = torch.from_numpy(kept)
+    return out
+
+
+def _slice_params(gm: torch.fx.GraphModule, kept: dict[tuple[str, int], torch.Tensor]) -> None:
+    for (fqn, dim), idx in kept.items():
         t = get_attr_tensor(gm, fqn)
-        idx = torch.from_numpy(kept).to(t.device)
         with torch.no_grad():
-            new = t.detach().index_select(dim, idx).clone()
+            new = t.detach().index_select(dim, idx.to(t.device)).clone()
         set_attr_tensor(gm, fqn, new)
 
 
