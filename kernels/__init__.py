@@ -299,13 +299,17 @@ def toolchain_problem(dev: str) -> str | None:
     return None
 
 
-def build(devices: tuple[str, ...] = _DEVICES) -> dict[str, str]:
+def build(devices: tuple[str, ...] = _DEVICES,
+          opsets: tuple[str, ...] | None = None) -> dict[str, str]:
     """JIT-build this machine's libraries and install them next to this file (developers).
 
     Each library is compiled by :func:`torch.utils.cpp_extension.load` in a subprocess (which
     defines the schemas from ``schema.py`` alone and checks that every op of every op set in
     it got a kernel), then copied into :func:`library_dir` as the wheel would ship it.  A
     library already loaded in this process is only replaced on disk: a new process uses it.
+
+    ``opsets`` limits the libraries to those op sets (default: every one; the others then
+    run the reference until the next full build).
 
     Returns ``{device: outcome}``, each a sentence (``"built ... in 12.3 s"`` or why not).
     Raises nothing.
@@ -315,15 +319,16 @@ def build(devices: tuple[str, ...] = _DEVICES) -> dict[str, str]:
     out: dict[str, str] = {}
     for dev in devices:
         problem = toolchain_problem(dev)
-        out[dev] = problem if problem is not None else _build_one(dev, schema_mod.__file__)
+        out[dev] = problem if problem is not None else _build_one(dev, schema_mod.__file__, opsets)
     return out
 
 
-def _build_one(dev: str, schema_py: str) -> str:
+def _build_one(dev: str, schema_py: str, only: tuple[str, ...] | None) -> str:
     stem = build_config.library_stem(dev)
     opsets = build_config.cuda_opsets() if dev == "cuda" else tuple(build_config.OPSETS)
+    opsets = opsets if only is None else tuple(n for n in opsets if n in only)
     if not opsets:
-        return "no op set to build (GETA_FX_BUILD_CUDA=0)"
+        return f"no op set to build for {dev} (GETA_FX_BUILD_CUDA=0, or none selected)"
     name = f"geta_fx{stem}"
     build_dir = cache_dir() / f"build-{stem.lstrip('_')}"
     build_dir.mkdir(parents=True, exist_ok=True)
