@@ -42,6 +42,7 @@ from torch import nn
 
 from geta_fx.errors import InputError
 from geta_fx.graph_pickle import make_picklable
+from geta_fx.ir.query import is_quantizer
 
 __all__ = ["META_KEY", "load", "load_metadata", "lower", "save"]
 
@@ -55,7 +56,7 @@ FORMAT = "geta_fx.deploy/1"
 
 
 def _has_quantizers(gm: nn.Module) -> bool:
-    return any(getattr(m, "is_geta_quantizer", False) for m in gm.modules())
+    return any(is_quantizer(m) for m in gm.modules())
 
 
 def _layer_rows(slim: torch.fx.GraphModule, reference: Any, example_inputs: Any

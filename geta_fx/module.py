@@ -19,6 +19,7 @@ from geta_fx.errors import InputError
 from geta_fx.graph_pickle import GraphModuleState, make_picklable
 from geta_fx.ir import meta
 from geta_fx.ir import units as _units
+from geta_fx.ir.query import is_quantizer
 
 def set_graph_training(gm: torch.fx.GraphModule, mode: bool) -> bool:
     """Set ``gm``'s baked-in train flags (the ``train_mode`` pass, run by a Pipeline, not
@@ -192,7 +193,7 @@ class GetaModule(nn.Module):
     @property
     def quantizers(self) -> dict[str, nn.Module]:
         return {name: m for name, m in self.graph_module.named_modules()
-                if getattr(m, "is_geta_quantizer", False)}
+                if is_quantizer(m)}
 
     def group(self, group_id: int) -> meta.PruneGroup:
         groups = self.groups

@@ -44,7 +44,7 @@ from geta_fx.ir.channels import Label, UnionFind, size_expr
 from geta_fx.ir import op_sets
 from geta_fx.ir.args import arg
 from geta_fx.ir.ops_table import IGNORED, is_geta_op, quantizer_module, rule_for
-from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.ir.query import get_attr_tensor, is_quantizer, tensor_val
 from geta_fx.passes.lower_quant import HOLDER as LOWBIT_HOLDER
 from geta_fx.pipeline import PassResult
 
@@ -323,7 +323,7 @@ def _ungrouped(gm: torch.fx.GraphModule, groups: tuple[meta.PruneGroup, ...]
                ) -> tuple[meta.ParamNote, ...]:
     """A reason for every trainable parameter (quantizers' own excepted) in no group."""
     grouped = {m.fqn for g in groups for m in g.members}
-    quant = {name for name, m in gm.named_modules() if getattr(m, "is_geta_quantizer", False)}
+    quant = {name for name, m in gm.named_modules() if is_quantizer(m)}
     hop = {}
     for use in branch_uses(gm):
         hop.setdefault(use.fqn, []).append(use.describe())

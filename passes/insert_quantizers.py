@@ -34,7 +34,7 @@ from geta_fx.ir import meta, op_sets
 from geta_fx.ir.args import arg
 from geta_fx.ir.branches import branch_uses
 from geta_fx.ir.ops_table import quantizer_module
-from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.ir.query import create_node_with_meta, get_attr_tensor, tensor_val
 from geta_fx.pipeline import PassResult
 
 logger = logging.getLogger(__name__)
@@ -113,15 +113,9 @@ def new_quant_node(gm: torch.fx.GraphModule, anchor: torch.fx.Node, source: torc
     path = f"geta_quant.{qid}"
     gm.add_submodule(path, q)
     with gm.graph.inserting_after(source):
-        node = gm.graph.call_module(path, (source,))
-    val = source.meta.get("val")
-    if val is not None:
-        node.meta["val"] = val
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in anchor.meta:
-            node.meta[key] = anchor.meta[key]
+        node = create_node_with_meta(gm.graph, "call_module", path, (source,), anchor=anchor,
+                                     val=source.meta.get("val"))
     node.meta[meta.QUANTIZER] = meta.QuantizerInfo(qid=qid, target=target, param_fqn=param_fqn)
-    node.meta[meta.ORIGIN] = (anchor.name,)
     return node
 
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from geta_fx.errors import InputError, NodeError
 from geta_fx.ir import meta
-from geta_fx.ir.query import get_attr_tensor
+from geta_fx.ir.query import create_node_with_meta, get_attr_tensor, is_quantizer
 from geta_fx.pipeline import PassResult
 
 aten = torch.ops.aten
@@ -96,7 +96,7 @@ def _is_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module | 
         mod = gm.get_submodule(str(node.target))
     except AttributeError:
         return None
-    return mod if getattr(mod, "is_geta_quantizer", False) else None
+    return mod if is_quantizer(mod) else None
 
 
 def _find_quantizers(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, nn.Module]]:
@@ -179,14 +179,7 @@ def _fake_mode(gm: torch.fx.GraphModule) -> Any:
 
 def _new_node(gm: torch.fx.GraphModule, anchor: torch.fx.Node, op: str, target: Any,
               args: tuple[Any, ...] = (), val: Any = None) -> torch.fx.Node:
-    node = gm.graph.create_node(op, target, args)
-    if val is not None:
-        node.meta["val"] = val
-    for key in ("nn_module_stack", "stack_trace"):
-        if key in anchor.meta:
-            node.meta[key] = anchor.meta[key]
-    node.meta[meta.ORIGIN] = (anchor.name,)
-    return node
+    return create_node_with_meta(gm.graph, op, target, args, anchor=anchor, val=val)
 
 
 def _get_attr(gm: torch.fx.GraphModule, anchor: torch.fx.Node, path: str, mode: Any

@@ -31,7 +31,7 @@ from torch import nn
 
 from geta_fx.ir import meta, op_sets
 from geta_fx.ir.ops_table import is_geta_op
-from geta_fx.ir.query import get_attr_tensor
+from geta_fx.ir.query import get_attr_tensor, is_quantizer
 from geta_fx.pipeline import PassResult
 
 logger = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _as_quantizer(gm: torch.fx.GraphModule, owner_path: str,
     from geta_fx.quantizer import Quantizer
 
     owner = gm.get_submodule(owner_path)
-    if getattr(owner, "is_geta_quantizer", False):
+    if is_quantizer(owner):
         return owner
     x, signed = node.args[0], bool(node.args[4])
     weight = _is_param_attr(gm, x)

@@ -32,7 +32,7 @@ from geta_fx.errors import NodeError
 from geta_fx.ir import meta
 from geta_fx.ir.channels import KeptChannels
 from geta_fx.ir.ops_table import rule_for
-from geta_fx.ir.query import get_attr_tensor, set_attr_tensor
+from geta_fx.ir.query import create_node_with_meta, get_attr_tensor, set_attr_tensor
 from geta_fx.ir.units import zero_mask
 from geta_fx.pipeline import PassResult
 
@@ -208,8 +208,9 @@ def _insert_index_selects(gm: torch.fx.GraphModule, analysis: meta.ChannelAnalys
         buf_name = f"_geta_keep_{k}"
         gm.register_buffer(buf_name, torch.from_numpy(kept.astype(np.int64)))
         with gm.graph.inserting_before(node):
-            idx = gm.graph.get_attr(buf_name)
-            sel = gm.graph.call_function(aten.index_select.default, (operand, dim, idx))
+            idx = create_node_with_meta(gm.graph, "get_attr", buf_name, anchor=node)
+            sel = create_node_with_meta(gm.graph, "call_function", aten.index_select.default,
+                                        (operand, dim, idx), anchor=node)
         args = list(node.args)
         args[arg_index] = sel
         node.args = tuple(args)

@@ -35,7 +35,7 @@ from torch import nn
 
 from geta_fx.errors import InputError
 from geta_fx.ir import meta, op_sets
-from geta_fx.ir.query import get_attr_tensor, tensor_val
+from geta_fx.ir.query import get_attr_tensor, is_quantizer, tensor_val
 
 __all__ = [
     "FP_BITS", "LAYER_OPS", "Layer", "Operand", "PackedRef", "Sizes", "Storage", "StoredWeight",
@@ -144,7 +144,7 @@ def quantizer_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module
             mod = gm.get_submodule(node.target)  # type: ignore[arg-type]
         except AttributeError:
             return None
-        if getattr(mod, "is_geta_quantizer", False):
+        if is_quantizer(mod):
             return mod
     info = node.meta.get(meta.QUANTIZER)
     if info is not None:
@@ -152,7 +152,7 @@ def quantizer_module(gm: torch.fx.GraphModule, node: torch.fx.Node) -> nn.Module
             mod = gm.get_submodule(info.qid)
         except AttributeError:
             return None
-        if getattr(mod, "is_geta_quantizer", False):
+        if is_quantizer(mod):
             return mod
     return None
 
@@ -486,7 +486,7 @@ def kept_channels(gm: torch.fx.GraphModule, op: Operand, dim: int | None) -> int
 
 def quantizers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
     return {name: mod for name, mod in gm.named_modules()
-            if getattr(mod, "is_geta_quantizer", False)}
+            if is_quantizer(mod)}
 
 
 def weight_quantizer_by_fqn(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:

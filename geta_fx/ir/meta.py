@@ -13,6 +13,8 @@ from typing import Any, Literal
 import torch
 import torch.fx
 
+from geta_fx.ir.query import is_quantizer
+
 GROUP = "geta.group"            # node.meta: tuple[GroupMember, ...]
 QUANTIZER = "geta.quantizer"    # node.meta: QuantizerInfo (on quantizer call_module nodes)
 ORIGIN = "geta.origin"          # node.meta: tuple[str, ...] source node names
@@ -269,7 +271,7 @@ def _quantizer_nodes(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, Any]
     out = []
     for node in gm.graph.find_nodes(op="call_module"):
         module = _attr(gm, str(node.target))
-        if getattr(module, "is_geta_quantizer", False):
+        if is_quantizer(module):
             out.append((node, module))
     return out
 

@@ -25,6 +25,7 @@ import torch
 
 from geta_fx.ir import rules_layers, rules_pointwise, rules_reduce, rules_shape  # noqa: F401
 from geta_fx.ir.op_sets import ASSERTS, SHAPE_QUERIES
+from geta_fx.ir.query import quantizer_of
 from geta_fx.ir.registry import RULES, ChannelRule, channel_rule, rule_for
 
 __all__ = ["IGNORED", "RULES", "ChannelRule", "channel_rule", "is_geta_op", "quantizer_module",
@@ -44,10 +45,5 @@ def is_geta_op(target: Any, *names: str) -> bool:
         str(getattr(target, "__name__", "")).split(".")[0] in names
 
 
-def quantizer_module(gm: torch.fx.GraphModule, x: Any) -> torch.nn.Module | None:
-    """The geta quantizer module ``x`` calls, if ``x`` is such a ``call_module`` node."""
-    if isinstance(x, torch.fx.Node) and x.op == "call_module":
-        mod = gm.get_submodule(str(x.target))
-        if getattr(mod, "is_geta_quantizer", False):
-            return mod
-    return None
+#: Kept for the callers of the old name; the one identity is ``geta_fx.ir.query.quantizer_of``.
+quantizer_module = quantizer_of
