@@ -249,13 +249,17 @@ def _is_buffer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
         return False
 
 
-def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
-              buffers: bool = False) -> _Snapshot:
-    if color_by not in COLOR_BY:
-        raise InputError(f"color_by must be one of {COLOR_BY}, got {color_by!r}")
-    snap = _Snapshot()
-    groups = {g.id: g for g in meta.get_groups(gm)}
-    # parameter FQN -> ids of groups whose rows ("out") / columns ("in") it holds
+@dataclass
+class _Used:
+    """What the drawn nodes use, for the legend."""
+
+    groups: set[int] = field(default_factory=set)
+    bits: set[int | None] = field(default_factory=set)
+    ops: set[str] = field(default_factory=set)
+
+
+def _param_sides(groups: dict[int, Any]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """parameter FQN -> ids of groups whose rows ("out") / columns ("in") it holds."""
     p_out: dict[str, list[int]] = {}
     p_in: dict[str, list[int]] = {}
     for g in groups.values():
@@ -263,7 +267,12 @@ def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
             side = p_out if m.role == "out" else p_in
             if g.id not in side.setdefault(m.fqn, []):
                 side[m.fqn].append(g.id)
-    bits = _layer_bits(gm) if color_by == "quant" else {}
+    return p_out, p_in
+
+
+def _visible_nodes(gm: torch.fx.GraphModule, snap: _Snapshot, params: bool, buffers: bool
+                   ) -> tuple[list[torch.fx.Node], set[str]]:
+    """The nodes to draw (and the module clusters they sit in)."""
     cluster_paths: set[str] = set()
     visible: list[torch.fx.Node] = []
     hidden: set[str] = set()
@@ -283,125 +292,154 @@ def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
         for path, typ in _module_stack(node):
             cluster_paths.add(path)
             snap.clusters.setdefault(path, f"{path}: {typ}")
-    used_groups: set[int] = set()
-    used_bits: set[int | None] = set()
-    used_ops: set[str] = set()
-    for node in visible:
-        op = _op_name(node)
-        lines = [node.name]
-        if node.op in ("call_function", "call_method") and not node.name.startswith(op):
-            lines.append(op)
-        shape = _shape_text(node.meta.get("val", tensor_val(node)))
-        if shape:
-            lines.append(shape)
-        attrs: dict[str, str] = {"shape": "box", "style": "filled", "fillcolor": "#ffffff"}
-        tooltip = [node.format_node() or node.name]
-        q = _quantizer(gm, node)
-        # ---- group tags (drawn in every mode, coloured in "group" mode)
-        fills: list[str] = []
-        unprunable: list[Any] = []
-        tags: list[str] = []
-        if node.op == "get_attr":
-            fqn = str(node.target)
-            outs, ins = p_out.get(fqn, []), p_in.get(fqn, [])
-            for gid in outs:
-                g = groups[gid]
-                tags.append(f"g{gid}: {g.num_units}x{g.unit_size} out")
-                (fills if g.prunable else unprunable).append(g)
-            if ins:
-                tags.append("in: " + ", ".join(f"g{i}" for i in ins))
-            used_groups.update(outs)
+    return visible, cluster_paths
+
+
+def _group_tags(node: torch.fx.Node, groups: dict[int, Any], sides: Any, used: _Used
+                ) -> tuple[list[str], list[Any], list[Any]]:
+    """(label tags, prunable groups, unprunable groups) of a node."""
+    p_out, p_in = sides
+    fills: list[Any] = []
+    unprunable: list[Any] = []
+    tags: list[str] = []
+    if node.op == "get_attr":
+        fqn = str(node.target)
+        outs, ins = p_out.get(fqn, []), p_in.get(fqn, [])
+        for gid in outs:
+            g = groups[gid]
+            tags.append(f"g{gid}: {g.num_units}x{g.unit_size} out")
+            (fills if g.prunable else unprunable).append(g)
+        if ins:
+            tags.append("in: " + ", ".join(f"g{i}" for i in ins))
+        used.groups.update(outs)
+        return tags, fills, unprunable
+    seen: list[int] = []
+    for member in node.meta.get(meta.GROUP, ()) or ():
+        if member.group_id in seen:
+            continue
+        seen.append(member.group_id)
+        g = groups.get(member.group_id)
+        if g is None:
+            tags.append(f"g{member.group_id}")
+            continue
+        tags.append(f"g{g.id}: {g.num_units}x{g.unit_size}"
+                    + ("" if g.prunable else " (unprunable)"))
+        (fills if g.prunable else unprunable).append(g)
+    used.groups.update(seen)
+    return tags, fills, unprunable
+
+
+def _quantizer_label(node: torch.fx.Node, q: Any, attrs: dict[str, str],
+                     tooltip: list[str]) -> list[str]:
+    rounded, cont = _quant_bits(q)
+    kind = getattr(q, "kind", "?")
+    sign = "" if getattr(q, "signed", True) else " unsigned"
+    attrs["shape"] = "hexagon"
+    attrs["margin"] = "0.02,0.02"
+    tooltip.append(f"{kind} quantizer, {cont:.3f} bits (rounded {rounded})"
+                   + (f", quantizes {q.param_fqn}" if getattr(q, "param_fqn", None) else ""))
+    return [f"Q{'w' if kind == 'weight' else 'a'} {rounded}b{sign}",
+            node.name.removeprefix("geta_quant_"), f"{cont:.2f} bits"]
+
+
+def _fill_by_group(attrs: dict[str, str], fills: list[Any], unprunable: list[Any],
+                   q: Any) -> None:
+    if fills:
+        colors = [group_color(g.id) for g in fills]
+        if len(colors) > 1:
+            attrs["style"] = "striped" if attrs["shape"] == "box" else "wedged"
+            attrs["fillcolor"] = ":".join(colors)
         else:
-            seen: list[int] = []
-            for member in node.meta.get(meta.GROUP, ()) or ():
-                if member.group_id in seen:
-                    continue
-                seen.append(member.group_id)
-                g = groups.get(member.group_id)
-                if g is None:
-                    tags.append(f"g{member.group_id}")
-                    continue
-                tags.append(f"g{g.id}: {g.num_units}x{g.unit_size}"
-                            + ("" if g.prunable else " (unprunable)"))
-                (fills if g.prunable else unprunable).append(g)
-            used_groups.update(seen)
-        for g in [*fills, *unprunable]:
-            state = "prunable" if g.prunable else f"unprunable: {g.reason}"
-            tooltip.append(f"group {g.id}: {g.num_units} units x {g.unit_size} channels, {state}")
-        # ---- quantizer nodes
-        if q is not None:
-            rounded, cont = _quant_bits(q)
-            kind = getattr(q, "kind", "?")
-            sign = "" if getattr(q, "signed", True) else " unsigned"
-            lines = [f"Q{'w' if kind == 'weight' else 'a'} {rounded}b{sign}",
-                     node.name.removeprefix("geta_quant_"), f"{cont:.2f} bits"]
-            attrs["shape"] = "hexagon"
-            attrs["margin"] = "0.02,0.02"
-            tooltip.append(f"{kind} quantizer, {cont:.3f} bits (rounded {rounded})"
-                           + (f", quantizes {q.param_fqn}" if getattr(q, "param_fqn", None)
-                              else ""))
-        if tags and color_by == "group":
-            lines.extend(tags)
-        # ---- fill
-        if color_by == "group":
-            if fills:
-                colors = [group_color(g.id) for g in fills]
-                if len(colors) > 1:
-                    attrs["style"] = "striped" if attrs["shape"] == "box" else "wedged"
-                    attrs["fillcolor"] = ":".join(colors)
-                else:
-                    attrs["fillcolor"] = colors[0]
-            elif unprunable:
-                attrs["fillcolor"] = UNPRUNABLE_FILL
-                attrs["style"] = "filled,dashed"
-                attrs["color"] = group_color(unprunable[0].id)
-                attrs["penwidth"] = "2"
-            elif q is not None:
-                attrs["fillcolor"] = _QUANT_COLOR
-            if unprunable and fills:
-                attrs["color"] = group_color(unprunable[0].id)
-                attrs["penwidth"] = "2"
-        elif color_by == "quant":
-            if q is not None:
-                b = _quant_bits(q)[0]
-                attrs["fillcolor"] = bits_color(b)
-                used_bits.add(b)
-            elif node.name in bits:
-                wb, ab = bits[node.name]
-                lines.append(f"W{wb} A{ab}")
-                attrs["fillcolor"] = bits_color(wb)
-                used_bits.add(wb if wb < 32 else None)
-        else:  # op
-            if q is not None:
-                attrs["fillcolor"] = _QUANT_COLOR
-                used_ops.add("quantizer")
-            elif node.op == "call_function":
-                attrs["fillcolor"] = _op_color(op)
-                used_ops.add(_OP_CATEGORY.get(op, "other"))
-            elif node.op == "get_attr":
-                attrs["fillcolor"] = _PARAM_COLOR
-        # ---- shape per node kind
-        if node.op in ("placeholder", "output"):
-            attrs["shape"] = "oval"
-            attrs["style"] = attrs["style"] + ",bold"
-            if attrs["fillcolor"] == "#ffffff":
-                attrs["fillcolor"] = _IO_COLOR
-        elif node.op == "get_attr":
-            attrs["shape"] = "note"
-            attrs["fontsize"] = "9"
-        # ---- cluster
-        stack = [p for p, _ in _module_stack(node)]
-        if node.op == "get_attr" and not stack:
-            owner = str(node.target).rpartition(".")[0]
-            prefixes = [p for p in cluster_paths if owner == p or owner.startswith(p + ".")]
-            stack = sorted(prefixes, key=len)
-        rel = _relative_signature(node, stack[-1] if stack else "") + "|" + shape
-        inputs = [a.name for a in node.all_input_nodes]
-        snap.nodes[node.name] = _DNode(node.name, lines, attrs, tuple(stack), inputs,
-                                       "\n".join(tooltip), rel)
-    # ---- legend
+            attrs["fillcolor"] = colors[0]
+    elif unprunable:
+        attrs["fillcolor"] = UNPRUNABLE_FILL
+        attrs["style"] = "filled,dashed"
+        attrs["color"] = group_color(unprunable[0].id)
+        attrs["penwidth"] = "2"
+    elif q is not None:
+        attrs["fillcolor"] = _QUANT_COLOR
+    if unprunable and fills:
+        attrs["color"] = group_color(unprunable[0].id)
+        attrs["penwidth"] = "2"
+
+
+def _fill_by_quant(node: torch.fx.Node, attrs: dict[str, str], lines: list[str], q: Any,
+                   bits: dict[str, Any], used: _Used) -> None:
+    if q is not None:
+        b = _quant_bits(q)[0]
+        attrs["fillcolor"] = bits_color(b)
+        used.bits.add(b)
+    elif node.name in bits:
+        wb, ab = bits[node.name]
+        lines.append(f"W{wb} A{ab}")
+        attrs["fillcolor"] = bits_color(wb)
+        used.bits.add(wb if wb < 32 else None)
+
+
+def _fill_by_op(node: torch.fx.Node, attrs: dict[str, str], op: str, q: Any,
+                used: _Used) -> None:
+    if q is not None:
+        attrs["fillcolor"] = _QUANT_COLOR
+        used.ops.add("quantizer")
+    elif node.op == "call_function":
+        attrs["fillcolor"] = _op_color(op)
+        used.ops.add(_OP_CATEGORY.get(op, "other"))
+    elif node.op == "get_attr":
+        attrs["fillcolor"] = _PARAM_COLOR
+
+
+def _shape_by_kind(node: torch.fx.Node, attrs: dict[str, str]) -> None:
+    if node.op in ("placeholder", "output"):
+        attrs["shape"] = "oval"
+        attrs["style"] = attrs["style"] + ",bold"
+        if attrs["fillcolor"] == "#ffffff":
+            attrs["fillcolor"] = _IO_COLOR
+    elif node.op == "get_attr":
+        attrs["shape"] = "note"
+        attrs["fontsize"] = "9"
+
+
+def _draw_node(gm: torch.fx.GraphModule, node: torch.fx.Node, color_by: ColorBy,
+               groups: dict[int, Any], sides: Any, bits: dict[str, Any],
+               cluster_paths: set[str], used: _Used) -> _DNode:
+    op = _op_name(node)
+    lines = [node.name]
+    if node.op in ("call_function", "call_method") and not node.name.startswith(op):
+        lines.append(op)
+    shape = _shape_text(node.meta.get("val", tensor_val(node)))
+    if shape:
+        lines.append(shape)
+    attrs: dict[str, str] = {"shape": "box", "style": "filled", "fillcolor": "#ffffff"}
+    tooltip = [node.format_node() or node.name]
+    q = _quantizer(gm, node)
+    tags, fills, unprunable = _group_tags(node, groups, sides, used)
+    for g in [*fills, *unprunable]:
+        state = "prunable" if g.prunable else f"unprunable: {g.reason}"
+        tooltip.append(f"group {g.id}: {g.num_units} units x {g.unit_size} channels, {state}")
+    if q is not None:
+        lines = _quantizer_label(node, q, attrs, tooltip)
+    if tags and color_by == "group":
+        lines.extend(tags)
     if color_by == "group":
-        for gid in sorted(used_groups):
+        _fill_by_group(attrs, fills, unprunable, q)
+    elif color_by == "quant":
+        _fill_by_quant(node, attrs, lines, q, bits, used)
+    else:
+        _fill_by_op(node, attrs, op, q, used)
+    _shape_by_kind(node, attrs)
+    stack = [p for p, _ in _module_stack(node)]
+    if node.op == "get_attr" and not stack:
+        owner = str(node.target).rpartition(".")[0]
+        prefixes = [p for p in cluster_paths if owner == p or owner.startswith(p + ".")]
+        stack = sorted(prefixes, key=len)
+    rel = _relative_signature(node, stack[-1] if stack else "") + "|" + shape
+    inputs = [a.name for a in node.all_input_nodes]
+    return _DNode(node.name, lines, attrs, tuple(stack), inputs, "\n".join(tooltip), rel)
+
+
+def _legend(snap: _Snapshot, color_by: ColorBy, groups: dict[int, Any], used: _Used) -> None:
+    if color_by == "group":
+        for gid in sorted(used.groups):
             g = groups.get(gid)
             if g is None:
                 continue
@@ -412,14 +450,31 @@ def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
                 snap.legend.append((UNPRUNABLE_FILL, f"g{gid}: {g.num_units} x {g.unit_size}"
                                     f" unprunable: {g.reason}", group_color(gid)))
     elif color_by == "quant":
-        for b in sorted(used_bits, key=lambda x: 99 if x is None else x):
+        for b in sorted(used.bits, key=lambda x: 99 if x is None else x):
             snap.legend.append((bits_color(b), "unquantized (32 bits)" if b is None
                                 else f"{b} bits", ""))
     else:
-        for cat in sorted(used_ops):
+        for cat in sorted(used.ops):
             color = _QUANT_COLOR if cat == "quantizer" else (
                 _OP_CATEGORIES[cat][0] if cat in _OP_CATEGORIES else "#ffffff")
             snap.legend.append((color, cat, ""))
+
+
+def _snapshot(gm: torch.fx.GraphModule, color_by: ColorBy, params: bool,
+              buffers: bool = False) -> _Snapshot:
+    """What a drawing of ``gm`` shows: visible nodes (labels, fills, clusters) and a legend."""
+    if color_by not in COLOR_BY:
+        raise InputError(f"color_by must be one of {COLOR_BY}, got {color_by!r}")
+    snap = _Snapshot()
+    groups = {g.id: g for g in meta.get_groups(gm)}
+    sides = _param_sides(groups)
+    bits = _layer_bits(gm) if color_by == "quant" else {}
+    visible, cluster_paths = _visible_nodes(gm, snap, params, buffers)
+    used = _Used()
+    for node in visible:
+        snap.nodes[node.name] = _draw_node(gm, node, color_by, groups, sides, bits,
+                                           cluster_paths, used)
+    _legend(snap, color_by, groups, used)
     return snap
 
 
