@@ -123,7 +123,7 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     from geta_fx.passes.train_mode import SetTrainingMode
     from geta_fx.pipeline import Pipeline
 
-    ensure_loaded()  # the fused CPU kernel, when a compiler is (or was) available
+    ensure_loaded()  # the fused CPU kernel, when the installed package ships it
     if isinstance(model, GetaModule):
         reference = model if reference is None else reference
         gm = model.compress()

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import max_rel_err
+from torch import nn
 from zoo import MLP, GPTBlock, ResNetCifar
 
 import geta_fx
@@ -419,3 +420,26 @@ def test_load_state_dict_explains_a_version_1_state(resnet_q) -> None:
     sd["qasso"] = dict(sd["qasso"], version=1)
     with pytest.raises(InputError, match="version 1.*raw q_m.*log_q_m"):
         opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("other", ["network", "quantize"])
+def test_load_checkpoint_into_a_model_it_does_not_fit_writes_nothing(other: str,
+                                                                      tmp_path) -> None:
+    torch.manual_seed(0)
+    model, x = MLP().eval(), (torch.randn(8, 12),)
+    gm = geta_fx.transform(model, x, quantize="weight").train()
+    opt = QASSO(gm, lr=0.01, target_sparsity=0.3, **SCHED)
+    _train(gm, opt, x, 3)
+    save_checkpoint(tmp_path / "ck.pt", gm, opt)
+    if other == "network":
+        target = geta_fx.transform(nn.Sequential(nn.Linear(12, 16), nn.ReLU(),
+                                                 nn.Linear(16, 3)), x, quantize="weight")
+    else:  # the same network, without its quantizers
+        target = geta_fx.transform(model, x)
+    before = {k: v.clone() for k, v in target.state_dict().items()
+              if isinstance(v, torch.Tensor)}
+    with pytest.raises(InputError, match="does not fit this GetaModule.*nothing was loaded"):
+        load_checkpoint(tmp_path / "ck.pt", gm=target)
+    for k, v in target.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k

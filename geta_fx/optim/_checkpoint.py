@@ -81,12 +81,35 @@ def load_checkpoint(path: str | os.PathLike[str], gm: nn.Module | None = None, *
         if recipe is None:
             raise InputError("checkpoint has no recipe; pass the rebuilt GetaModule as gm=")
         gm = recipe.build()
-    gm.load_state_dict(payload["module_state"])
-    gm.train(payload["training"])
-    opt_state = payload["optimizer"]
-    config = dict(opt_state["qasso"]["config"])
-    if opt_state["qasso"].get("version") == 2:  # written before per-group limits existed:
-        config.setdefault("min_kept", 1)        # keep its rule (one unit per group) on resume
-    opt = QASSO(gm, **config)
-    opt.load_state_dict(opt_state)
+    _check_fits(gm, payload["module_state"], path)
+    backup = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v
+              for k, v in gm.state_dict().items()}
+    try:
+        gm.load_state_dict(payload["module_state"])
+        gm.train(payload["training"])
+        opt_state = payload["optimizer"]
+        config = dict(opt_state["qasso"]["config"])
+        if opt_state["qasso"].get("version") == 2:  # written before per-group limits existed:
+            config.setdefault("min_kept", 1)        # keep its rule (one unit per group) on resume
+        opt = QASSO(gm, **config)
+        opt.load_state_dict(opt_state)
+    except Exception:
+        gm.load_state_dict(backup)  # nothing the caller owns is left half-loaded
+        raise
     return Checkpoint(module=gm, optimizer=opt, extra=payload["extra"])
+
+
+def _check_fits(gm: nn.Module, state: dict[str, Any], path: Any) -> None:
+    """Raise before anything is written when ``state`` is not ``gm``'s (another network or
+    quantize mode): the first missing, unexpected or differently shaped entry is named."""
+    ours = gm.state_dict()
+    missing = [k for k in ours if k not in state]
+    extra = [k for k in state if k not in ours]
+    shapes = [k for k in ours if k in state and isinstance(ours[k], torch.Tensor)
+              and isinstance(state[k], torch.Tensor) and ours[k].shape != state[k].shape]
+    if missing or extra or shapes:
+        what = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                else f"{shapes[0]!r} is {tuple(state[shapes[0]].shape)} in the checkpoint, "
+                     f"{tuple(ours[shapes[0]].shape)} in the model")
+        raise InputError(f"checkpoint {os.fspath(path)!r} does not fit this GetaModule "
+                         f"({what}); nothing was loaded")
