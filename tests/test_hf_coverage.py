@@ -12,6 +12,7 @@ import torch
 import geta_fx
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # ~45 s: 18 architectures (`python -m pytest -q -m slow`)
 
 ARCHS = ["ResNetModel", "MobileNetV2Model", "ConvNextModel", "DeiTModel", "DistilBertModel",
          "RobertaModel", "OPTForCausalLM", "GPTNeoXForCausalLM", "PhiForCausalLM",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import max_rel_err, num_params, zero_random_units
@@ -80,6 +81,7 @@ class RandomDAG(nn.Module):
         return self.head(torch.flatten(F.adaptive_avg_pool2d(ts[-1], 4), 1))
 
 
+@pytest.mark.slow
 @settings(max_examples=int(os.environ.get("GETA_FX_HYPOTHESIS_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plan=st.lists(st.tuples(st.sampled_from(OPS), st.integers(0, 9), st.integers(0, 9),
                                st.integers(0, 11)), min_size=1, max_size=7),
