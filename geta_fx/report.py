@@ -476,53 +476,13 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
     layers = cost.find_layers(gm, sz)
     stored = cost.stored_weights(gm)
     st = cost.storage(gm)
-
-    if reference is not None:
-        ref_gm, ref_kind = _unwrap(reference, example_inputs)
-        ref = _measure(ref_gm, f"the reference {ref_kind}", cost.Sizes(ref_gm, example_inputs))
-        fp32_macs = sum(n for _, _, n in ref.layers)
-        sparsity_from = "zero units of the reference"
-    elif origin is not None:
-        ref = origin
-        fp32_macs = _reference_macs(ref, gm, layers, sz, notes)
-        sparsity_from = "zero units of the dense model (slim-graph metadata)"
-    else:
-        ref = _Reference("the same graph", {}, [(lay.kind, None, lay.macs + lay.extra_macs)
-                                                for lay in layers], st.params, None, sz.inputs)
-        fp32_macs = sum(n for _, _, n in ref.layers)
-        sparsity_from = None
-        if kind != "GetaModule":
-            notes.append(f"no dense-origin metadata (meta[{DENSE!r}]) and no reference=: "
-                         "channel totals, MACs/BOPs vs FP32 and storage vs FP32 describe this "
-                         "graph itself, not the dense model it may have been pruned from")
-
-    rows: list[LayerRow] = []
-    macs_w = macs_a = bops = bops_a = 0
-    for lay in layers:
-        row = _layer_row(gm, lay, stored, ref.channels)
-        if lay.weight is None:
-            macs_a += row.macs
-            bops_a += row.bops
-        else:
-            macs_w += row.macs
-        bops += row.bops
-        rows.append(row)
-
-    quant_bytes = st.quantizer_scalars * FP_BITS / 8
-    group_rows = _group_rows(gm)
-    if group_rows is None:
-        group_rows = ref.groups
-    else:
-        sparsity_from = None
-    if group_rows is not None:
-        prunable_units = sum(g.units for g in group_rows if g.prunable)
-        zero_units = sum(g.zero_units for g in group_rows if g.prunable)
-        sparsity = zero_units / prunable_units if prunable_units else 0.0
-    else:
-        prunable_units = zero_units = None
-        sparsity = None
-        sparsity_from = None
+    ref, fp32_macs, sparsity_from = _reference(gm, kind, reference, origin, example_inputs,
+                                               layers, st, sz, notes)
+    rows, macs_w, macs_a, bops, bops_a = _layer_rows(gm, layers, stored, ref)
+    group_rows, sparsity, zero_units, prunable_units, sparsity_from = _sparsity(
+        gm, ref, sparsity_from)
     notes += _notes(layers, st, macs_a) + _param_notes(gm)
+    quant_bytes = st.quantizer_scalars * FP_BITS / 8
     return Report(
         model=kind, batch=sz.batch,
         shapes_from="example inputs" if sz.from_inputs else "capture-time sizes",
@@ -536,6 +496,60 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         group_sparsity=sparsity, zero_units=zero_units, prunable_units=prunable_units,
         sparsity_from=sparsity_from, layers=rows, groups=group_rows or [],
         quantizers=_quant_rows(gm, stored), notes=notes)
+
+
+def _reference(gm: torch.fx.GraphModule, kind: str, reference: Any, origin: Any,
+               example_inputs: Any, layers: list[cost.Layer], st: cost.Storage,
+               sz: cost.Sizes, notes: list[str]) -> tuple[Any, int, str | None]:
+    """The dense model the relative numbers compare with: ``reference=``, the recorded dense
+    origin, or the graph itself (with a note); its FP32 MACs and where sparsity comes from."""
+    if reference is not None:
+        ref_gm, ref_kind = _unwrap(reference, example_inputs)
+        ref = _measure(ref_gm, f"the reference {ref_kind}", cost.Sizes(ref_gm, example_inputs))
+        return ref, sum(n for _, _, n in ref.layers), "zero units of the reference"
+    if origin is not None:
+        return (origin, _reference_macs(origin, gm, layers, sz, notes),
+                "zero units of the dense model (slim-graph metadata)")
+    ref = _Reference("the same graph", {}, [(lay.kind, None, lay.macs + lay.extra_macs)
+                                            for lay in layers], st.params, None, sz.inputs)
+    if kind != "GetaModule":
+        notes.append(f"no dense-origin metadata (meta[{DENSE!r}]) and no reference=: "
+                     "channel totals, MACs/BOPs vs FP32 and storage vs FP32 describe this "
+                     "graph itself, not the dense model it may have been pruned from")
+    return ref, sum(n for _, _, n in ref.layers), None
+
+
+def _layer_rows(gm: torch.fx.GraphModule, layers: list[cost.Layer], stored: Any, ref: Any
+                ) -> tuple[list[LayerRow], int, int, int, int]:
+    """Per-layer rows and the totals: weight-layer MACs, act x act MACs, BOPs of each."""
+    rows: list[LayerRow] = []
+    macs_w = macs_a = bops = bops_a = 0
+    for lay in layers:
+        row = _layer_row(gm, lay, stored, ref.channels)
+        if lay.weight is None:
+            macs_a += row.macs
+            bops_a += row.bops
+        else:
+            macs_w += row.macs
+        bops += row.bops
+        rows.append(row)
+    return rows, macs_w, macs_a, bops, bops_a
+
+
+def _sparsity(gm: torch.fx.GraphModule, ref: Any, sparsity_from: str | None
+              ) -> tuple[Any, float | None, int | None, int | None, str | None]:
+    """Group rows and group sparsity: the graph's own groups, else the reference's."""
+    group_rows = _group_rows(gm)
+    if group_rows is None:
+        group_rows = ref.groups
+    else:
+        sparsity_from = None
+    if group_rows is None:
+        return None, None, None, None, None
+    prunable_units = sum(g.units for g in group_rows if g.prunable)
+    zero_units = sum(g.zero_units for g in group_rows if g.prunable)
+    sparsity = zero_units / prunable_units if prunable_units else 0.0
+    return group_rows, sparsity, zero_units, prunable_units, sparsity_from
 
 
 def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
