@@ -425,7 +425,15 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *,
     for q in targets.values():
         q.validate()
     observers = {fqn: _ActObserver(percentile) for fqn in targets}
+    if _observe(model, batches, targets, observers) == 0:
+        raise InputError("calibrate: no batches were given")
+    return _apply_ranges(targets, observers)
 
+
+def _observe(model: nn.Module, batches: Iterable[Any], targets: dict[str, Quantizer],
+             observers: dict[str, _ActObserver]) -> int:
+    """Run ``model`` over ``batches`` (eval, no_grad) with every activation quantizer passing
+    its input through to its observer; modes and hooks restored.  Returns the batch count."""
     def make_hook(obs: _ActObserver) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
             x: Tensor = args[0]
@@ -452,9 +460,12 @@ def calibrate(model: nn.Module, batches: Iterable[Any], *,
         for m, training in modes:
             if m.training != training:
                 m.training = training
-    if n_batches == 0:
-        raise InputError("calibrate: no batches were given")
+    return n_batches
 
+
+def _apply_ranges(targets: dict[str, Quantizer],
+                  observers: dict[str, _ActObserver]) -> dict[str, tuple[float, bool]]:
+    """Set q_m and signedness from what each quantizer observed, keeping its bit width."""
     out: dict[str, tuple[float, bool]] = {}
     for fqn, q in targets.items():
         res = observers[fqn].result()
