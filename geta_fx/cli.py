@@ -495,6 +495,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
+    _add_inspect(sub)
+    _add_demo(sub)
+    _add_bench(sub)
+    _add_kernels(sub)
+    return parser
+
+
+def _add_inspect(sub: Any) -> None:
     p = sub.add_parser(
         "inspect", help="transform a model; write per-pass drawings, groups, report",
         description="Capture MODEL, run the geta_fx pipeline and write, under --out: "
@@ -536,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-params", action="store_true", help="do not draw parameter nodes")
     p.set_defaults(run=_inspect_cmd, hold_stderr=True)
 
+
+def _add_demo(sub: Any) -> None:
     d = sub.add_parser("demo", help="run an end-to-end demo (digits: CNN on sklearn digits; "
                        "charlm: character LM on CPython docs)",
                        description="Train, prune and quantize a small model on real data "
@@ -558,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write the returned numbers to FILE as JSON")
         dp.set_defaults(run=_demo_cmd)
 
+
+def _add_bench(sub: Any) -> None:
     b = sub.add_parser("bench", help="run scripts from benchmarks/ by name",
                        description="Run benchmark scripts from the repository's benchmarks/ "
                        "directory (bench_<name>.py or <name>.py) with this Python. Arguments "
@@ -566,6 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--list", action="store_true", help="list the benchmarks")
     b.set_defaults(run=_bench_cmd, bench_args=[])
 
+
+def _add_kernels(sub: Any) -> None:
     k = sub.add_parser("kernels", help="say which implementation (compiled kernel or "
                        "reference) serves each op set and device",
                        description="Load the compiled kernels shipped with geta_fx and print per "
@@ -578,7 +592,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="JIT-build this machine's kernel libraries into the package first "
                    "(needs a C++ compiler and ninja; CUDA where torch has CUDA and nvcc)")
     k.set_defaults(run=_kernels_cmd)
-    return parser
 
 
 @contextlib.contextmanager
