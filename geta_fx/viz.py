@@ -551,75 +551,68 @@ def _collapse(snap: _Snapshot) -> dict[str, str]:
     return hidden
 
 
-def _emit(snap: _Snapshot, *, created: Iterable[str] = (), erased: Iterable[str] = (),
-          cluster: bool | str = True, collapse: bool = False, legend: bool = True,
-          title: str | None = None, rankdir: str = "TB") -> str:
-    created, erased = set(created), set(erased)
-    hidden = _collapse(snap) if collapse else {}
-    title_attr = f", label={_q(title)}, labelloc=t" if title else ""
-    lines = ["digraph G {",
-             f'  graph [rankdir={rankdir}, fontname="Helvetica", fontsize=11, ranksep=0.3, '
-             f'nodesep=0.2, newrank=true{title_attr}];',
-             '  node [fontname="Helvetica", fontsize=10, margin="0.08,0.03", height=0.3];',
-             '  edge [arrowsize=0.6, color="#555555"];']
+def _node_line(n: _DNode, indent: str, created: set[str], erased: set[str]) -> str:
+    attrs = dict(n.attrs)
+    text = list(n.lines)
+    if n.name in created:
+        attrs.update(fillcolor=CREATED_FILL, color=CREATED_BORDER, penwidth="2.5",
+                     style="filled,bold")
+        text.append("+ created by this pass")
+    elif n.name in erased:
+        attrs.update(fillcolor=ERASED_FILL, color="#9e9e9e", fontcolor="#757575",
+                     style="filled,dashed")
+        text.append("- erased by this pass")
+    attrs["label"] = "\n".join(text)
+    attrs["tooltip"] = n.tooltip
+    body = ", ".join(f"{k}={_q(v)}" for k, v in attrs.items())
+    return f"{indent}{_q(n.name)} [{body}];"
 
-    def node_line(n: _DNode, indent: str) -> str:
-        attrs = dict(n.attrs)
-        text = list(n.lines)
-        if n.name in created:
-            attrs.update(fillcolor=CREATED_FILL, color=CREATED_BORDER, penwidth="2.5",
-                         style="filled,bold")
-            text.append("+ created by this pass")
-        elif n.name in erased:
-            attrs.update(fillcolor=ERASED_FILL, color="#9e9e9e", fontcolor="#757575",
-                         style="filled,dashed")
-            text.append("- erased by this pass")
-        attrs["label"] = "\n".join(text)
-        attrs["tooltip"] = n.tooltip
-        body = ", ".join(f"{k}={_q(v)}" for k, v in attrs.items())
-        return f"{indent}{_q(n.name)} [{body}];"
 
-    drawn = [n for n in snap.nodes.values() if n.name not in hidden]
-    if cluster:
-        order: dict[str, int] = {}
-        for i, n in enumerate(drawn):
-            for p in n.cluster:
-                order.setdefault(p, i)
-        if cluster == "all":
-            boxed = set(order)
-        else:  # container modules only: a leaf module's nodes sit in its parent's box
-            boxed = {p for p in order if any(q.startswith(p + ".") for q in order)}
-        tree: dict[tuple[str, ...], list[_DNode]] = {}
-        for n in drawn:
-            tree.setdefault(tuple(p for p in n.cluster if p in boxed), []).append(n)
-        # boxes holding a single node (nested ones included) are drawn flat
-        counts: dict[tuple[str, ...], int] = {}
-        for key, ns in tree.items():
-            for i in range(1, len(key) + 1):
-                counts[key[:i]] = counts.get(key[:i], 0) + len(ns)
-        paths = sorted({key[:i] for key in tree for i in range(1, len(key) + 1)},
-                       key=lambda k: (order[k[-1]], len(k)))
+def _cluster_lines(snap: _Snapshot, drawn: list[_DNode], cluster: bool | str,
+                   node_line: Any) -> list[str]:
+    """Nodes inside dashed boxes per module (``cluster="all"``: every module; else containers
+    only); boxes holding a single node (nested ones included) are drawn flat."""
+    lines: list[str] = []
+    order: dict[str, int] = {}
+    for i, n in enumerate(drawn):
+        for p in n.cluster:
+            order.setdefault(p, i)
+    if cluster == "all":
+        boxed = set(order)
+    else:  # container modules only: a leaf module's nodes sit in its parent's box
+        boxed = {p for p in order if any(q.startswith(p + ".") for q in order)}
+    tree: dict[tuple[str, ...], list[_DNode]] = {}
+    for n in drawn:
+        tree.setdefault(tuple(p for p in n.cluster if p in boxed), []).append(n)
+    counts: dict[tuple[str, ...], int] = {}
+    for key, ns in tree.items():
+        for i in range(1, len(key) + 1):
+            counts[key[:i]] = counts.get(key[:i], 0) + len(ns)
+    paths = sorted({key[:i] for key in tree for i in range(1, len(key) + 1)},
+                   key=lambda k: (order[k[-1]], len(k)))
 
-        def emit_cluster(prefix: tuple[str, ...], depth: int) -> None:
-            indent = "  " * (depth + 1)
-            for n in tree.get(prefix, []):
-                lines.append(node_line(n, indent))
-            children = [p for p in paths if len(p) == len(prefix) + 1 and p[:-1] == prefix]
-            for child in children:
-                if counts.get(child, 0) > 1:
-                    cid = re.sub(r"[^0-9A-Za-z_]", "_", child[-1])
-                    lines.append(f"{indent}subgraph cluster_{cid}_{len(child)} {{")
-                    label = snap.clusters.get(child[-1], child[-1])
-                    lines.append(f'{indent}  graph [label={_q(label)}, style="rounded,dashed", '
-                                 f'color="#9e9e9e", fontsize=9, labeljust=l];')
-                    emit_cluster(child, depth + 1)
-                    lines.append(f"{indent}}}")
-                else:
-                    emit_cluster(child, depth)
+    def emit_cluster(prefix: tuple[str, ...], depth: int) -> None:
+        indent = "  " * (depth + 1)
+        for n in tree.get(prefix, []):
+            lines.append(node_line(n, indent))
+        children = [p for p in paths if len(p) == len(prefix) + 1 and p[:-1] == prefix]
+        for child in children:
+            if counts.get(child, 0) > 1:
+                cid = re.sub(r"[^0-9A-Za-z_]", "_", child[-1])
+                lines.append(f"{indent}subgraph cluster_{cid}_{len(child)} {{")
+                label = snap.clusters.get(child[-1], child[-1])
+                lines.append(f'{indent}  graph [label={_q(label)}, style="rounded,dashed", '
+                             f'color="#9e9e9e", fontsize=9, labeljust=l];')
+                emit_cluster(child, depth + 1)
+                lines.append(f"{indent}}}")
+            else:
+                emit_cluster(child, depth)
 
-        emit_cluster((), 0)
-    else:
-        lines += [node_line(n, "  ") for n in drawn]
+    emit_cluster((), 0)
+    return lines
+
+
+def _edge_lines(snap: _Snapshot, hidden: dict[str, str], erased: set[str]) -> list[str]:
     edges: list[tuple[str, str]] = []
     seen: set[tuple[str, str]] = set()
     for n in snap.nodes.values():
@@ -632,17 +625,45 @@ def _emit(snap: _Snapshot, *, created: Iterable[str] = (), erased: Iterable[str]
                 continue
             seen.add((s, dst))
             edges.append((s, dst))
-    for s, d in edges:
-        style = ' [style=dashed, color="#9e9e9e"]' if s in erased or d in erased else ""
-        lines.append(f"  {_q(s)} -> {_q(d)}{style};")
+    dashed = ' [style=dashed, color="#9e9e9e"]'
+    return [f"  {_q(s)} -> {_q(d)}{dashed if s in erased or d in erased else ''};"
+            for s, d in edges]
+
+
+def _legend_line(snap: _Snapshot) -> str:
+    rows = "".join(
+        f'<tr><td bgcolor="{fill}"{_border(border)}>&nbsp;&nbsp;&nbsp;</td>'
+        f'<td align="left">{html.escape(text)}</td></tr>'
+        for fill, text, border in snap.legend)
+    return (f'  legend__ [shape=plaintext, label=<<table border="0" cellborder="1" '
+            f'cellspacing="0" cellpadding="3"><tr><td colspan="2"><b>legend</b></td>'
+            f'</tr>{rows}</table>>];')
+
+
+def _emit(snap: _Snapshot, *, created: Iterable[str] = (), erased: Iterable[str] = (),
+          cluster: bool | str = True, collapse: bool = False, legend: bool = True,
+          title: str | None = None, rankdir: str = "TB") -> str:
+    """The dot text of a snapshot (created nodes yellow, erased grey-dashed)."""
+    created, erased = set(created), set(erased)
+    hidden = _collapse(snap) if collapse else {}
+    title_attr = f", label={_q(title)}, labelloc=t" if title else ""
+    lines = ["digraph G {",
+             f'  graph [rankdir={rankdir}, fontname="Helvetica", fontsize=11, ranksep=0.3, '
+             f'nodesep=0.2, newrank=true{title_attr}];',
+             '  node [fontname="Helvetica", fontsize=10, margin="0.08,0.03", height=0.3];',
+             '  edge [arrowsize=0.6, color="#555555"];']
+
+    def node_line(n: _DNode, indent: str) -> str:
+        return _node_line(n, indent, created, erased)
+
+    drawn = [n for n in snap.nodes.values() if n.name not in hidden]
+    if cluster:
+        lines += _cluster_lines(snap, drawn, cluster, node_line)
+    else:
+        lines += [node_line(n, "  ") for n in drawn]
+    lines += _edge_lines(snap, hidden, erased)
     if legend and snap.legend:
-        rows = "".join(
-            f'<tr><td bgcolor="{fill}"{_border(border)}>&nbsp;&nbsp;&nbsp;</td>'
-            f'<td align="left">{html.escape(text)}</td></tr>'
-            for fill, text, border in snap.legend)
-        lines.append(f'  legend__ [shape=plaintext, label=<<table border="0" cellborder="1" '
-                     f'cellspacing="0" cellpadding="3"><tr><td colspan="2"><b>legend</b></td>'
-                     f'</tr>{rows}</table>>];')
+        lines.append(_legend_line(snap))
     lines.append("}")
     return "\n".join(lines) + "\n"
 
