@@ -180,28 +180,13 @@ class QASSO(torch.optim.Optimizer):
                  min_kept: _limits.Limit = None, max_sparsity: _limits.Limit = None,
                  skip: Sequence[str] = (), nonfinite_patience: int | None = 5,
                  process_group: Any = None) -> None:
-        if variant not in _VARIANT_DEFAULTS:
-            raise InputError(f"QASSO: variant must be 'sgd', 'adam' or 'adamw', got {variant!r}")
-        for name in ("groups", "graph_module", "quantizers"):
-            if not hasattr(gm, name):
-                raise InputError(f"QASSO needs a GetaModule (from geta_fx.transform), got "
-                                 f"{type(gm).__name__} without .{name}")
-        if not 0.0 <= float(target_sparsity) < 1.0:
-            raise InputError(f"QASSO: target_sparsity must be in [0, 1), got {target_sparsity}")
-        if not isinstance(group_divisible, int) or group_divisible < 1:
-            raise InputError(f"QASSO: group_divisible must be an int >= 1, got {group_divisible}")
-        if lr < 0 or lr_quant < 0:
-            raise InputError(f"QASSO: learning rates must be >= 0, got {lr}, {lr_quant}")
+        _check_arguments(gm, variant, target_sparsity, group_divisible, lr, lr_quant,
+                         nonfinite_patience, act_bit_range)
         vd = _VARIANT_DEFAULTS[variant]
         wd = vd["weight_decay"] if weight_decay is None else float(weight_decay)
         mom = vd.get("momentum", 0.0) if momentum is None else float(momentum)
         damp = vd.get("dampening", 0.0) if dampening is None else float(dampening)
         b1, b2 = vd.get("betas", (0.9, 0.999)) if betas is None else betas
-        if nonfinite_patience is not None and (isinstance(nonfinite_patience, bool) or not
-                                               isinstance(nonfinite_patience, int) or
-                                               nonfinite_patience < 1):
-            raise InputError(f"QASSO: nonfinite_patience must be an int >= 1 or None, got "
-                             f"{nonfinite_patience!r}")
         if isinstance(skip, str):
             skip = (skip,)
         steps = resolve_steps(total_steps, {
@@ -212,9 +197,6 @@ class QASSO(torch.optim.Optimizer):
                                  bit_reduction=float(bit_reduction))
         self.total_steps = total_steps
         self.nonfinite_patience = nonfinite_patience
-        if act_bit_range is not None and not 0.0 < act_bit_range[0] <= act_bit_range[1]:
-            raise InputError(f"QASSO: act_bit_range must satisfy 0 < lo <= hi, "
-                             f"got {act_bit_range}")
         self.variant: Variant = variant
         self.importance = _saliency.check_importance(importance)
         self.target_sparsity = float(target_sparsity)
@@ -232,7 +214,22 @@ class QASSO(torch.optim.Optimizer):
             "max_sparsity": _copy_limit(max_sparsity), "skip": tuple(skip),
             "nonfinite_patience": nonfinite_patience}
 
-        # ---- parameters: quantizer scalars vs everything else
+        quants, weights = self._split_parameters(gm)
+        groups: list[dict[str, Any]] = [
+            {"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"}]
+        if quants:
+            groups.append({"params": self._qparams, "lr": lr_quant, "lr_quant": lr_quant,
+                           "weight_decay": 0.0, "name": "quantizers"})
+        defaults = {"lr": lr, "weight_decay": wd, "momentum": mom, "dampening": damp,
+                    "betas": (b1, b2), "eps": eps}
+        super().__init__(groups, defaults)
+
+        self._init_layout(gm, quants, weights, min_kept, max_sparsity, skip, group_divisible)
+        self._init_state(weights)
+
+    # ------------------------------------------------------------------ construction helpers
+    def _split_parameters(self, gm: nn.Module) -> tuple[list[Any], list[nn.Parameter]]:
+        """Quantizer scalars (``self._qparams``, stacked [log_d | log_q_m | t]) vs weights."""
         self._quant_names = list(gm.quantizers)
         quants = [gm.quantizers[n] for n in self._quant_names]
         qids = {id(p) for q in quants for p in (q.log_d, q.log_q_m, q.t)}
@@ -247,15 +244,12 @@ class QASSO(torch.optim.Optimizer):
                 weights.append(p)
         if not weights:
             raise InputError("QASSO: the module has no trainable parameters")
-        groups: list[dict[str, Any]] = [
-            {"params": weights, "lr": lr, "weight_decay": wd, "name": "weights"}]
-        if quants:
-            groups.append({"params": self._qparams, "lr": lr_quant, "lr_quant": lr_quant,
-                           "weight_decay": 0.0, "name": "quantizers"})
-        defaults = {"lr": lr, "weight_decay": wd, "momentum": mom, "dampening": damp,
-                    "betas": (b1, b2), "eps": eps}
-        super().__init__(groups, defaults)
+        return quants, weights
 
+    def _init_layout(self, gm: nn.Module, quants: list[Any], weights: list[nn.Parameter],
+                     min_kept: _limits.Limit, max_sparsity: _limits.Limit, skip: Sequence[str],
+                     group_divisible: int) -> None:
+        """Units, layers and per-group limits of the groups (vectorised layout)."""
         device = weights[0].device
         self._device = device
         self._num_layers = len(quants)
@@ -289,7 +283,9 @@ class QASSO(torch.optim.Optimizer):
         self._warn_unreachable()
         self._param_names = self._name_params(gm, weights)
 
-        # ---- optimizer state (tensors on the parameters' device; counters are ints)
+    def _init_state(self, weights: list[nn.Parameter]) -> None:
+        """Optimizer state: tensors on the parameters' device; counters are ints."""
+        device, variant = self._device, self.variant
         self._k = 0
         self._pruned = torch.zeros(self.num_units, dtype=torch.bool, device=device)
         self._redundant = torch.zeros_like(self._pruned)
@@ -307,7 +303,6 @@ class QASSO(torch.optim.Optimizer):
             self._qstate.update(exp_avg=torch.zeros(n, device=device),
                                 exp_avg_sq=torch.zeros(n, device=device))
 
-    # ------------------------------------------------------------------ construction helpers
     def _warn_unreachable(self) -> None:
         """Warn (and log) when the limits leave fewer removable units than the target asks."""
         if self.num_units == 0 and self.target_sparsity > 0:
@@ -747,3 +742,28 @@ class QASSO(torch.optim.Optimizer):
     def config(self) -> dict[str, Any]:
         """The constructor arguments (what ``QASSO(gm, **opt.config)`` rebuilds)."""
         return dict(self._config)
+
+
+def _check_arguments(gm: nn.Module, variant: str, target_sparsity: float, group_divisible: int,
+                     lr: float, lr_quant: float, nonfinite_patience: int | None,
+                     act_bit_range: tuple[float, float] | None) -> None:
+    """QASSO's argument checks: an InputError naming the argument, before any state exists."""
+    if variant not in _VARIANT_DEFAULTS:
+        raise InputError(f"QASSO: variant must be 'sgd', 'adam' or 'adamw', got {variant!r}")
+    for name in ("groups", "graph_module", "quantizers"):
+        if not hasattr(gm, name):
+            raise InputError(f"QASSO needs a GetaModule (from geta_fx.transform), got "
+                             f"{type(gm).__name__} without .{name}")
+    if not 0.0 <= float(target_sparsity) < 1.0:
+        raise InputError(f"QASSO: target_sparsity must be in [0, 1), got {target_sparsity}")
+    if not isinstance(group_divisible, int) or group_divisible < 1:
+        raise InputError(f"QASSO: group_divisible must be an int >= 1, got {group_divisible}")
+    if lr < 0 or lr_quant < 0:
+        raise InputError(f"QASSO: learning rates must be >= 0, got {lr}, {lr_quant}")
+    if nonfinite_patience is not None and (isinstance(nonfinite_patience, bool) or not
+                                           isinstance(nonfinite_patience, int) or
+                                           nonfinite_patience < 1):
+        raise InputError(f"QASSO: nonfinite_patience must be an int >= 1 or None, got "
+                         f"{nonfinite_patience!r}")
+    if act_bit_range is not None and not 0.0 < act_bit_range[0] <= act_bit_range[1]:
+        raise InputError(f"QASSO: act_bit_range must satisfy 0 < lo <= hi, got {act_bit_range}")
