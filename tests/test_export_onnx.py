@@ -30,6 +30,7 @@ def _run(path: Path, x: torch.Tensor) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
 
 
+@pytest.mark.slow  # the ONNX exporter: ~3 s per model
 @pytest.mark.parametrize("lowered", [False, True])
 def test_slim_and_lowered_run_in_onnxruntime(tmp_path: Path, lowered: bool) -> None:
     model, x = _model()

@@ -57,6 +57,7 @@ def test_zoo_eager_equals_getamodule_at_any_batch(name: str) -> None:
     _attributes_match_tensors(model)
 
 
+@pytest.mark.slow  # HF generate / peft: ~2-5 s each
 def test_llama_heads_and_hidden_size_generate_with_their_own_cache() -> None:
     pytest.importorskip("transformers")
     model, (ids,), gm, slim = _compressed("hf_llama_gqa", quantize=None)
@@ -133,6 +134,7 @@ def test_literal_channel_count_is_an_error_and_the_model_is_untouched() -> None:
     assert model.conv.out_channels == 8
 
 
+@pytest.mark.slow  # HF generate / peft: ~2-5 s each
 def test_gpt2_hidden_size_behind_layernorm_is_exact_and_generates() -> None:
     """A LayerNorm over the pruned residual stream keeps its original count (the graph's
     rewrite) as a KeptCountLayerNorm; generate() with and without GPT-2's cache agree."""
@@ -177,6 +179,7 @@ def test_other_objects_and_act_quantizers_are_refused() -> None:
         act.compress(into=model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hf_llama_gqa", "hf_gpt2"])
 def test_save_pretrained_and_geta_fx_from_pretrained(name: str, tmp_path: object) -> None:
     pytest.importorskip("transformers")
@@ -193,6 +196,7 @@ def test_save_pretrained_and_geta_fx_from_pretrained(name: str, tmp_path: object
         transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path))
 
 
+@pytest.mark.slow  # HF generate / peft: ~2-5 s each
 def test_lora_adapter_trains_on_the_compressed_model() -> None:
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft", reason="peft not installed (pip install peft)")
