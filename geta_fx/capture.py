@@ -111,7 +111,10 @@ def _auto_shapes(args: tuple, kwargs: dict, every_dim: bool,
         i = next(leaf)
         if isinstance(x, torch.Tensor) and x.dim() > 0:
             dims = range(x.dim()) if every_dim else (0,)
-            return {d: torch.export.Dim.AUTO for d in dims if (i, d) not in static} or None
+            # NOTE: sizes 0 and 1 are left static: export would specialise them anyway (and
+            # warn); a batch of 1 is widened to 2 before this (_widen_batch).
+            return {d: torch.export.Dim.AUTO for d in dims
+                    if (i, d) not in static and x.shape[d] > 1} or None
         return None
     return pytree.tree_map(spec, (args, kwargs))
 
