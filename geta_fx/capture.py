@@ -246,12 +246,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool,
         spec = _export_spec(model, a, k, _auto_shapes(a, k, how)) if auto else \
             None if how == "static" else how
         try:
-            ep = run(a, k, spec)
-            frozen = _entangled_dims(ep.module(), a, k) if auto and how else frozenset()
+            gm = run(a, k, spec).module()
+            frozen = _entangled_dims(gm, a, k) if auto and how else frozenset()
             if frozen:  # symbols tied to constants (flatten -> Linear): make those static
                 logger.info("%s: input dims %s cannot vary on their own; captured static",
                             type(model).__name__, sorted(frozen))
-                ep = run(a, k, _export_spec(model, a, k, _auto_shapes(a, k, True, frozen)))
+                gm = run(a, k, _export_spec(model, a, k, _auto_shapes(a, k, True, frozen)))\
+                    .module()
         except GetaFxError:
             raise
         except Exception as e:  # noqa: BLE001 - classified and re-raised below
@@ -265,7 +266,6 @@ def _export(model: nn.Module, args: tuple, kwargs: dict, strict: bool,
     else:
         what, e = failures[-1]
         raise _classify(model, e, strict) from e
-    gm = ep.module()
     # ExportedProgram.module() forbids train()/eval() on the instance; geta_fx switches
     # modes by rewriting the baked-in flags instead (GetaModule.train), so restore them.
     for attr in ("train", "eval"):

@@ -295,7 +295,6 @@ def _first_failing_module(model: nn.Module, args: tuple, kwargs: dict
                           ) -> tuple[str, BaseException | None]:
     """Run ``model``; the innermost module whose forward raised, and the exception."""
     stack: list[str] = []
-    failed: list[str] = []
     names = {id(m): n for n, m in model.named_modules()}
 
     def pre(mod: nn.Module, _: Any) -> None:
@@ -309,8 +308,7 @@ def _first_failing_module(model: nn.Module, args: tuple, kwargs: dict
     try:
         model(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported with the module it came from
-        failed.append(stack[-1] if stack else "")
-        return failed[0], e
+        return (stack[-1] if stack else ""), e
     finally:
         for h in handles:
             h.remove()

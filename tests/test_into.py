@@ -15,6 +15,7 @@ from zoo import ZOO
 
 import geta_fx
 from geta_fx.into import CompressIntoError
+from geta_fx.testing import qasso_steps
 
 
 def _compressed(name: str, quantize: str | None = "weight") -> tuple[nn.Module, tuple,
@@ -75,15 +76,8 @@ def test_after_qasso_training_with_quantized_weights() -> None:
     model, inputs = ZOO["mobilenetv2_block"]()  # conv-BN-ReLU6, depthwise, residual
     model.train()
     gm = geta_fx.transform(model, inputs, quantize="weight")
-    opt = geta_fx.QASSO(gm, lr=1e-2, target_sparsity=0.4, bit_range=(4, 8),
-                        start_projection_step=0, projection_steps=2, projection_periods=1,
-                        start_pruning_step=2, pruning_steps=4, pruning_periods=2)
     x = torch.randn(8, 3, 8, 8)
-    for _ in range(8):
-        loss = gm(x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    qasso_steps(gm, x, target_sparsity=0.4)
     gm.eval()
     gm.compress(into=model)
     model.eval()

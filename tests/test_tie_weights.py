@@ -13,6 +13,7 @@ from torch import nn
 import geta_fx
 from geta_fx.ir import meta
 from geta_fx.passes import TieWeights
+from geta_fx.testing import qasso_steps
 
 
 class TiedLM(nn.Module):
@@ -75,14 +76,7 @@ def test_tied_tensor_stays_one_through_training_and_compress() -> None:
     hidden = [g for g in gm.groups if any(m.fqn == "emb.weight" for m in g.members)]
     assert {(m.fqn, m.dim) for g in hidden for m in g.members} >= {("emb.weight", 1),
                                                                  ("fc2.weight", 0)}
-    opt = geta_fx.QASSO(gm, lr=1e-2, target_sparsity=0.3, bit_range=(4, 8),
-                        start_projection_step=0, projection_steps=2, projection_periods=1,
-                        start_pruning_step=2, pruning_steps=4, pruning_periods=2)
-    for _ in range(8):
-        loss = gm(x).square().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    qasso_steps(gm, x)
     gm.eval()
     slim = gm.compress()
     torch.testing.assert_close(slim(x), gm(x), rtol=1e-5, atol=1e-6)

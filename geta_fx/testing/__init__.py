@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 if TYPE_CHECKING:
     import geta_fx
 
-__all__ = ["max_rel_err", "num_params", "tensor_leaves", "zero_random_units"]
+__all__ = ["max_rel_err", "num_params", "qasso_steps", "tensor_leaves", "zero_random_units"]
 
 
 def tensor_leaves(out: Any) -> list[torch.Tensor]:
@@ -51,3 +51,20 @@ def zero_random_units(gm: geta_fx.GetaModule, fraction: float = 0.5,
 
 def num_params(m: torch.nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def qasso_steps(gm: torch.nn.Module, x: Any, steps: int = 8,
+                target_sparsity: float = 0.3) -> Any:
+    """Train ``gm`` for ``steps`` QASSO steps on ``gm(x).square().mean()`` with a tiny schedule
+    (projection 0-2, pruning 2-6 in 2 periods, then cool-down); returns the optimizer."""
+    from geta_fx.optim import QASSO
+
+    opt = QASSO(gm, lr=1e-2, target_sparsity=target_sparsity, bit_range=(4, 8),
+                        start_projection_step=0, projection_steps=2, projection_periods=1,
+                        start_pruning_step=2, pruning_steps=4, pruning_periods=2)
+    for _ in range(steps):
+        loss = gm(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return opt
