@@ -29,7 +29,9 @@ Invariants after the pass:
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -232,6 +234,33 @@ class _Analyzer:
             assert self.node is not None
             self.pin(lab, self.node, "computed bias")
 
+    def mutated(self, x: Any, lab: Label | None, node: torch.fx.Node) -> None:
+        """In-place ``node`` wrote its result (labelled ``lab``) into its operand ``x``.
+
+        Readers of ``x`` after ``node`` read the result, so ``x`` takes ``lab``.  A view of
+        the same storage made before ``node`` and read after it keeps its old label: sound
+        only while the write keeps zeroed channels zero, so those channels are pinned when
+        it does not (``ok`` lost).  A write that adds, drops or moves channels is pinned.
+        """
+        old = self.label(x)
+        if old is None and lab is None:
+            return
+        if old is None or lab is None or old.dim != lab.dim or len(old.atoms) != len(lab.atoms):
+            for part in (old, lab):
+                if part is not None:
+                    self.pin(part, node, f"{_op_name(node)}: an in-place write changes which "
+                                         "channels its operand carries")
+            return
+        self.unify(old.atoms, lab.atoms)
+        self.labels[x] = lab
+        if old.ok and not lab.ok and _stale_views(x, node, self._position):
+            self.pin(lab, node, f"{_op_name(node)}: an in-place write makes pruned channels "
+                                "non-zero in a tensor another view reads later")
+
+    @functools.cached_property
+    def _position(self) -> dict[torch.fx.Node, int]:
+        return {n: i for i, n in enumerate(self.gm.graph.nodes)}
+
     def from_grid(self, grid: np.ndarray, dims: list[int], ok: bool) -> Label:
         """Label for a grid of atoms over output ``dims``: make inner dims whole."""
         roots = self.uf.find(grid)
@@ -288,6 +317,37 @@ class _Analyzer:
             if out is not None:
                 self.labels[node] = out
         self._pin_fixed_reads()
+
+
+def _is_view(node: Any) -> bool:
+    """``node``'s result shares its first operand's storage (a view, an in-place result, an
+    item of a split)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function" or not node.args:
+        return False
+    if node.target is operator.getitem:
+        return _is_view(node.args[0])
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema is not None and schema.returns and
+                schema.returns[0].alias_info is not None)
+
+
+def _stale_views(x: torch.fx.Node, node: torch.fx.Node, position: dict[torch.fx.Node, int]
+                 ) -> bool:
+    """Whether a view of ``x``'s storage (other than ``x`` and in-place ``node``) made before
+    ``node`` is read after it."""
+    root = x
+    while _is_view(root):
+        root = root.args[0]
+    seen: set[torch.fx.Node] = set()
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(u for u in n.users if _is_view(u))
+    at = position[node]
+    return any(position[v] < at and any(position[u] > at for u in v.users)
+               for v in seen - {x, node})
 
 
 def _op_name(node: torch.fx.Node) -> str:

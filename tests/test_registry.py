@@ -93,7 +93,10 @@ def test_op_sets_hold_real_overloads_and_compose() -> None:
         assert ops, name
         for op in ops:
             assert isinstance(op, torch._ops.OpOverload) and _resolve(op) is op, (name, op)
-    assert op_sets.INPLACE <= op_sets.ZERO_PRESERVING | op_sets.ELEMENTWISE
+    # in-place variants are never in a value category: they resolve to their sibling's rule
+    assert not op_sets.INPLACE & (op_sets.ZERO_PRESERVING | op_sets.ELEMENTWISE)
+    assert {op_sets.out_of_place(op) for op in op_sets.INPLACE} <= \
+        op_sets.ZERO_PRESERVING | op_sets.NOT_ZERO_PRESERVING | op_sets.ELEMENTWISE
     assert aten.relu_.default in op_sets.INPLACE and aten.relu.default not in op_sets.INPLACE
     assert op_sets.ADDS | op_sets.MULS <= op_sets.ELEMENTWISE
     assert ops_table.IGNORED == op_sets.ASSERTS | op_sets.SHAPE_QUERIES

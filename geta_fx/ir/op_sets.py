@@ -8,6 +8,7 @@ grouping and physical pruning live in ``geta_fx.ir.registry`` (registered per op
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -100,15 +101,14 @@ STEMS: Mapping[OpOverload, StemArgs] = MappingProxyType({
 # ------------------------------------------------------------------ pointwise
 #: Unary ops (and copies) with f(0) = 0: a zeroed channel stays zero.
 ZERO_PRESERVING: OpSet = COPIES | frozenset({
-    aten.relu.default, aten.relu_.default, aten.gelu.default, aten.gelu_.default,
-    aten.silu.default, aten.silu_.default, aten.tanh.default, aten.hardtanh.default,
-    aten.hardtanh_.default, aten.leaky_relu.default, aten.elu.default, aten.selu.default,
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.tanh.default,
+    aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default, aten.selu.default,
     aten.celu.default, aten.mish.default, aten.hardswish.default, aten.relu6.default,
     aten.neg.default, aten.abs.default, aten.sign.default, aten.sgn.default, aten.sin.default,
     aten.erf.default, aten.sqrt.default, aten.square.default, aten.trunc.default,
     aten.round.default, aten.floor_divide.default, aten.atan.default, aten.asin.default,
     aten.sinh.default, aten.tan.default, aten.expm1.default, aten.log1p.default,
-    aten.zero_.default, aten.to.other, aten.type_as.default, aten.dropout.default,
+    aten.zero.default, aten.to.other, aten.type_as.default, aten.dropout.default,
     aten.feature_dropout.default, aten.alpha_dropout.default,
     aten.feature_alpha_dropout.default,
 })
@@ -122,11 +122,11 @@ NOT_ZERO_PRESERVING: OpSet = frozenset({
     aten.full_like.default, aten.rand_like.default, aten.randn_like.default,
 })
 #: Binary elementwise ops by how zeros combine (broadcasting operands unify channels).
-ADDS: OpSet = frozenset({aten.add.Tensor, aten.add_.Tensor, aten.sub.Tensor, aten.sub_.Tensor,
-                         aten.add.Scalar, aten.sub.Scalar, aten.rsub.Scalar, aten.rsub.Tensor})
-MULS: OpSet = frozenset({aten.mul.Tensor, aten.mul_.Tensor, aten.mul.Scalar, aten.mul_.Scalar})
+ADDS: OpSet = frozenset({aten.add.Tensor, aten.sub.Tensor, aten.add.Scalar, aten.sub.Scalar,
+                         aten.rsub.Scalar, aten.rsub.Tensor})
+MULS: OpSet = frozenset({aten.mul.Tensor, aten.mul.Scalar})
 DIVS: OpSet = frozenset({aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode,
-                         aten.div_.Tensor, aten.true_divide.Tensor})
+                         aten.true_divide.Tensor})
 WHERES: OpSet = frozenset({aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf,
                            aten.where.Scalar})
 SELECTS: OpSet = frozenset({aten.maximum.default, aten.minimum.default}) | WHERES
@@ -137,9 +137,60 @@ COMPARISONS: OpSet = frozenset({
     aten.bitwise_and.Tensor, aten.bitwise_or.Tensor,
 })
 ELEMENTWISE: OpSet = ADDS | MULS | DIVS | SELECTS | COMPARISONS
-#: In-place variants among the categories above (their schema mutates ``self``).
-INPLACE: OpSet = frozenset(op for op in ZERO_PRESERVING | ELEMENTWISE
-                           if op._schema.is_mutable)
+
+
+# ------------------------------------------------------------------ in-place variants
+def _same_arguments(a: OpOverload, b: OpOverload) -> bool:
+    """Same arguments after ``self`` (names, kw-only flags), so positions and names agree."""
+    xa, xb = a._schema.arguments, b._schema.arguments
+    return len(xa) == len(xb) and all(
+        p.name == q.name and p.kwarg_only == q.kwarg_only for p, q in zip(xa[1:], xb[1:]))
+
+
+@functools.cache
+def out_of_place(op: object) -> OpOverload | None:
+    """The out-of-place sibling of an in-place op (``relu_.default`` -> ``relu.default``,
+    ``add_.Tensor`` -> ``add.Tensor``), or None.
+
+    In-place means ATen's convention: the name ends in ``_``, the first argument is the only
+    one written (``Tensor(a!) self``) and the result is that same tensor; the sibling of the
+    same overload must take the same arguments after ``self`` and return a new tensor.  Ops
+    that write another argument (``out=`` forms) or change ``self``'s sizes instead of its
+    values (``unsqueeze_``, ``transpose_``: their siblings are views) have no sibling here.
+    """
+    if not isinstance(op, OpOverload):
+        return None
+    schema = op._schema
+    ns, _, name = schema.name.partition("::")
+    args = schema.arguments
+    if not (name.endswith("_") and not name.startswith("_") and args and len(schema.returns) == 1):
+        return None
+    written = [a for a in args if a.alias_info is not None and a.alias_info.is_write]
+    ret = schema.returns[0].alias_info
+    if written != [args[0]] or ret is None or not ret.is_write or \
+            ret.before_set != args[0].alias_info.before_set:
+        return None
+    packet = getattr(getattr(torch.ops, ns), name[:-1], None)
+    sibling = getattr(packet, op._overloadname, None) if packet is not None else None
+    if not isinstance(sibling, OpOverload) or sibling._schema.is_mutable or \
+            sibling._schema.returns[0].alias_info is not None or \
+            not _same_arguments(op, sibling):
+        return None  # no sibling, or one that returns a view (``unsqueeze_``, ``t_``)
+    return sibling
+
+
+def _inplace_of(op: OpOverload) -> OpOverload | None:
+    ns, name = op._schema.name.split("::")
+    packet = getattr(getattr(torch.ops, ns), name + "_", None)
+    ov = getattr(packet, op._overloadname, None) if packet is not None else None
+    return ov if out_of_place(ov) is op else None
+
+
+#: The in-place variants of the value categories above (``relu_``, ``add_``, ``mul_``,
+#: ``sigmoid_``...); the registry resolves every in-place op to its sibling's rule
+#: (``geta_fx.ir.registry.rule_for``), so none of them is registered on its own.
+INPLACE: OpSet = frozenset(filter(None, map(
+    _inplace_of, ZERO_PRESERVING | NOT_ZERO_PRESERVING | ELEMENTWISE)))
 
 # ------------------------------------------------------------------ operand walks (cost model)
 #: Every overload of the ops between a weight/activation and the layer reading it that

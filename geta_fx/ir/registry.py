@@ -15,15 +15,19 @@ does::
     def _group_norm(an, node): ...
 
 Registering something that is not an ``OpOverload`` (a string, a packet) or an op twice
-raises :class:`RegistryError`.  An op with no rule pins every channel it touches.  The rules
+raises :class:`RegistryError`.  An in-place op (``relu_``, ``add_``) is never registered: it
+resolves to its out-of-place sibling's rule, which also records that ``self`` now holds the
+result (``rule_for``).  An op with no rule pins every channel it touches.  The rules
 live in ``geta_fx/ir/rules_*.py``; importing ``geta_fx.ir.ops_table`` loads them all (read
 ``RULES`` after that import).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -33,6 +37,7 @@ import torch.fx
 from torch._ops import OpOverload
 
 from geta_fx.errors import GetaFxError
+from geta_fx.ir import op_sets
 
 Analysis = Callable[[Any, torch.fx.Node], Any]
 Rewrite = Callable[[torch.fx.GraphModule, torch.fx.Node, Any], None]
@@ -101,8 +106,54 @@ def register_all(ops: Iterable[Any], analyze: Analysis, *, rewrite: Rewrite | No
 
 
 def rule_for(target: Any) -> ChannelRule | None:
-    """The rule of ``target``, or None (the op pins every channel it touches)."""
+    """The rule of ``target``, or None (the op pins every channel it touches).
+
+    An in-place op with no rule of its own (``relu_``, ``add_``, ``hardswish_``, ...) gets
+    its out-of-place sibling's (:func:`~geta_fx.ir.op_sets.out_of_place`), see
+    :func:`_inplace_rule`.
+    """
     try:
-        return _RULES.get(target)
+        rule = _RULES.get(target)
     except TypeError:  # unhashable target
         return None
+    if rule is None and (base_op := op_sets.out_of_place(target)) is not None:
+        base = _RULES.get(base_op)
+        return _inplace_rule(target, base_op, base) if base is not None else None
+    return rule
+
+
+@contextlib.contextmanager
+def _retargeted(node: torch.fx.Node, op: Any) -> Iterator[None]:
+    """``node`` calls ``op`` for the duration (a rule's ``node.target is ...`` checks and
+    argument names then read the sibling's schema); its own target afterwards, unless the
+    rewrite replaced the op."""
+    own = node.target
+    node.target = op
+    try:
+        yield
+    finally:
+        if node.target is op:
+            node.target = own
+
+
+def _inplace_rule(op: OpOverload, base_op: OpOverload, base: ChannelRule) -> ChannelRule:
+    """The rule of in-place ``op`` from its out-of-place sibling's ``base``.
+
+    The analysis is the sibling's, after which the analyzer learns that the result was
+    written into ``self`` (``an.mutated``): later readers of that tensor see the result's
+    label, and other views of it that are read later are pinned if the write can make
+    zeroed channels non-zero.  The rewrite (if any) is the sibling's.
+    """
+    def analyze(an: Any, node: torch.fx.Node) -> Any:
+        with _retargeted(node, base_op):
+            out = base.analyze(an, node)
+        an.mutated(node.args[0], out, node)
+        return out
+
+    def rewrite(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: Any) -> None:
+        assert base.rewrite is not None
+        with _retargeted(node, base_op):
+            base.rewrite(gm, node, kept)
+
+    return dataclasses.replace(base, op=op, analyze=analyze,
+                               rewrite=rewrite if base.rewrite is not None else None)
