@@ -261,8 +261,24 @@ class _Analyzer:
     def _position(self) -> dict[torch.fx.Node, int]:
         return {n: i for i, n in enumerate(self.gm.graph.nodes)}
 
-    def from_grid(self, grid: np.ndarray, dims: list[int], ok: bool) -> Label:
-        """Label for a grid of atoms over output ``dims``: make inner dims whole."""
+    def _reads_tiled(self, node: torch.fx.Node) -> bool:
+        for inp in node.all_input_nodes:
+            lab = self.labels.get(inp)
+            if any(isinstance(p, Label) and p.tile is not None
+                   for p in (lab if isinstance(lab, list) else [lab])):
+                return True
+        return False
+
+    def from_grid(self, grid: np.ndarray, dims: list[int], ok: bool,
+                  indexed: tuple[int, ...] = ()) -> Label:
+        """Label for a grid of atoms over output ``dims``: make inner dims whole.
+
+        ``indexed`` grid dims are made whole first (their atoms unified along them): the
+        graph only ever picks them apart (``select``/``unbind`` of a packed q/k/v), so the
+        label stays on the next dim instead of on one a select would pin.
+        """
+        for k in indexed:
+            self.uf.union(grid, grid.take([0], axis=k))
         roots = self.uf.find(grid)
         varying = [k for k in range(grid.ndim)
                    if grid.shape[k] > 1 and not (roots == roots.take([0], axis=k)).all()]
@@ -275,7 +291,8 @@ class _Analyzer:
             self.uf.union(grid, grid[tuple(idx)])
             varying = [outer]
         keep = varying[0] if varying else next(
-            (k for k in range(grid.ndim) if grid.shape[k] > 1), 0)
+            (k for k in range(grid.ndim) if grid.shape[k] > 1 and k not in indexed), next(
+                (k for k in range(grid.ndim) if grid.shape[k] > 1), 0))
         idx = [0] * grid.ndim
         idx[keep] = slice(None)  # type: ignore[call-overload]
         return Label(dims[keep], np.ascontiguousarray(grid[tuple(idx)]), ok)
@@ -304,6 +321,10 @@ class _Analyzer:
             if rule is None:
                 if any(isinstance(self.labels.get(i), (Label, list)) for i in node.all_input_nodes):
                     self.pin_inputs(node, f"unsupported op {_op_name(node)}")
+                continue
+            if not rule.tiled and self._reads_tiled(node):
+                self.pin_inputs(node, f"{_op_name(node)}: channels interleaved with a dynamic "
+                                      "dim (tiled) reach an op that cannot follow them")
                 continue
             try:
                 out = rule.analyze(self, node)

@@ -74,14 +74,20 @@ class Label:
 
     ``ok`` is the zero-invariance fact: when every parameter slice of a unit is zero,
     every index of this tensor carrying that unit's atoms is exactly zero.
+
+    ``tile`` (a sympy expression, None: 1) says the dim holds ``tile`` copies of ``atoms``,
+    index ``i`` carrying ``atoms[i % len(atoms)]``: channels interleaved with a dynamic dim,
+    e.g. ``[L, B, E] -> view [L, B*H, D]`` in ``nn.MultiheadAttention``.  Only rules
+    registered with ``tiled=True`` receive such labels (the others pin them).
     """
 
     dim: int
     atoms: np.ndarray
     ok: bool = True
+    tile: Any = None
 
     def moved(self, dim: int, ok: bool | None = None) -> Label:
-        return Label(dim, self.atoms, self.ok if ok is None else ok)
+        return Label(dim, self.atoms, self.ok if ok is None else ok, self.tile)
 
 
 class KeptChannels:

@@ -14,6 +14,10 @@ does::
     @channel_rule(aten.group_norm.default, rewrite=_rewrite_num_groups)
     def _group_norm(an, node): ...
 
+A rule registered with ``tiled=True`` also accepts tiled labels (channels interleaved with a
+dynamic dim, :class:`~geta_fx.ir.channels.Label`); any other rule never sees one: the
+analyzer pins them first.
+
 Registering something that is not an ``OpOverload`` (a string, a packet) or an op twice
 raises :class:`RegistryError`.  An in-place op (``relu_``, ``add_``) is never registered: it
 resolves to its out-of-place sibling's rule, which also records that ``self`` now holds the
@@ -52,12 +56,14 @@ class RegistryError(GetaFxError, ValueError):
 
 @dataclass(frozen=True)
 class ChannelRule:
-    """Analysis and rewrite of one op (exactly one of ``rewrite`` / ``no_rewrite``)."""
+    """Analysis and rewrite of one op (exactly one of ``rewrite`` / ``no_rewrite``);
+    ``tiled``: the analysis handles tiled labels."""
 
     op: Any
     analyze: Analysis
     rewrite: Rewrite | None = None
     no_rewrite: str | None = None
+    tiled: bool = False
 
     def __post_init__(self) -> None:
         if (self.rewrite is None) == (not self.no_rewrite):
@@ -78,8 +84,8 @@ def _check_target(op: Any) -> None:
     raise RegistryError(f"channel_rule: {op!r} is not an OpOverload{hint}")
 
 
-def channel_rule(*ops: Any, rewrite: Rewrite | None = None,
-                 no_rewrite: str | None = None) -> Callable[[Analysis], Analysis]:
+def channel_rule(*ops: Any, rewrite: Rewrite | None = None, no_rewrite: str | None = None,
+                 tiled: bool = False) -> Callable[[Analysis], Analysis]:
     """Register ``analyze`` (the decorated function) and its rewrite for each of ``ops``.
 
     Decorators stack: one analysis may serve op sets that need different rewrites.
@@ -94,15 +100,15 @@ def channel_rule(*ops: Any, rewrite: Rewrite | None = None,
                                     f"({_RULES[op].analyze.__qualname__} and "
                                     f"{analyze.__qualname__})")
         for op in ops:
-            _RULES[op] = ChannelRule(op, analyze, rewrite, no_rewrite)
+            _RULES[op] = ChannelRule(op, analyze, rewrite, no_rewrite, tiled)
         return analyze
     return deco
 
 
 def register_all(ops: Iterable[Any], analyze: Analysis, *, rewrite: Rewrite | None = None,
-                 no_rewrite: str | None = None) -> None:
+                 no_rewrite: str | None = None, tiled: bool = False) -> None:
     """:func:`channel_rule` for a rule built by a factory (``_elementwise(kind)``)."""
-    channel_rule(*ops, rewrite=rewrite, no_rewrite=no_rewrite)(analyze)
+    channel_rule(*ops, rewrite=rewrite, no_rewrite=no_rewrite, tiled=tiled)(analyze)
 
 
 def rule_for(target: Any) -> ChannelRule | None:

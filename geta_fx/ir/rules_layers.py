@@ -104,12 +104,32 @@ def _matmul_contract(an: Any, node: torch.fx.Node, contract: list[Label], la: La
     an.external(node, idx, od, source=a if contract[0] is la else b)
 
 
+def _tiled_matmul(an: Any, node: torch.fx.Node, la: Label | None, lb: Label | None,
+                  sa: list, sb: list) -> Label | None:
+    """Tiled channels (heads interleaved with the batch, ``bmm`` over ``[B*H, L, D]``) pass
+    a matmul on the batch dims of both operands, lined up; anything else pins."""
+    labs = [lab for lab in (la, lb) if lab is not None]
+    out_nd = len(an.shape(node))
+    dims = {lab.dim + out_nd - len(s) for lab, s in ((la, sa), (lb, sb)) if lab is not None}
+    batch = all(lab.dim < len(s) - 2 for lab, s in ((la, sa), (lb, sb)) if lab is not None)
+    if not batch or len(dims) != 1 or len({lab.tile for lab in labs}) != 1 or \
+            len({len(lab.atoms) for lab in labs}) != 1 or \
+            an.param(node.args[0]) is not None or an.param(node.args[1]) is not None:
+        return an.pin_inputs(node, f"{node.target}: tiled channels off the batch dims")
+    for lab in labs[1:]:
+        an.unify(labs[0].atoms, lab.atoms)
+    return Label(dims.pop(), labs[0].atoms, any(lab.ok for lab in labs), labs[0].tile)
+
+
 @channel_rule(aten.matmul.default, aten.mm.default, aten.bmm.default,
-              no_rewrite=SLICED + "; computed operands are index_select'ed (an.external)")
+              no_rewrite=SLICED + "; computed operands are index_select'ed (an.external)",
+              tiled=True)
 def _matmul(an: Any, node: torch.fx.Node) -> Label | None:
     a, b = node.args[0], node.args[1]
     sa, sb = an.shape(a), an.shape(b)
     la, lb = an.label(a), an.label(b)
+    if any(lab is not None and lab.tile is not None for lab in (la, lb)):
+        return _tiled_matmul(an, node, la, lb, sa, sb)
     pb, pa = an.param(b), an.param(a)
     if pb is not None and len(sb) == 2:  # x @ W  (W: [K, N])
         return _matmul_param(an, node, la, sa, sb, pb)

@@ -26,18 +26,18 @@ BROADCAST = ("elementwise: shapes follow the operands; computed operands along t
              "are index_select'ed by physical_prune (an.external)")
 
 
-@channel_rule(*op_sets.ZERO_PRESERVING, no_rewrite=SAME_SHAPE)
+@channel_rule(*op_sets.ZERO_PRESERVING, no_rewrite=SAME_SHAPE, tiled=True)
 def _unary_zero(an: Any, node: torch.fx.Node) -> Label | None:
     return an.label(node.args[0])
 
 
-@channel_rule(*op_sets.NOT_ZERO_PRESERVING, no_rewrite=SAME_SHAPE)
+@channel_rule(*op_sets.NOT_ZERO_PRESERVING, no_rewrite=SAME_SHAPE, tiled=True)
 def _unary_nonzero(an: Any, node: torch.fx.Node) -> Label | None:
     lab = an.label(node.args[0])
     return lab.moved(lab.dim, ok=False) if lab else None
 
 
-@channel_rule(aten.native_dropout.default, no_rewrite=SAME_SHAPE)
+@channel_rule(aten.native_dropout.default, no_rewrite=SAME_SHAPE, tiled=True)
 def _native_dropout(an: Any, node: torch.fx.Node) -> list[Label | None]:
     lab = an.label(node.args[0])
     return [lab, lab.moved(lab.dim, ok=False) if lab else None]
@@ -111,6 +111,33 @@ def _zero_invariant(kind: str, node: torch.fx.Node, labels: list[tuple[int, Any,
     return False
 
 
+def _tiled_elementwise(an: Any, node: torch.fx.Node, labels: list[tuple[int, Any, Label]],
+                       kind: str) -> Label | None:
+    """Tiled channels (heads interleaved with a dynamic dim) through an elementwise op: only
+    with scalars or operands broadcast along the dim (no slice of them could follow)."""
+    first = labels[0][2]
+    nd = len(an.shape(node))
+    if any(lab.dim != first.dim or lab.tile != first.tile or len(lab.atoms) != len(first.atoms)
+           for _, _, lab in labels):
+        return an.pin_inputs(node, f"{node.target}: tiled channels that do not line up")
+    nonzero = False
+    for i, a in enumerate(node.args):
+        if isinstance(a, torch.fx.Node) and i not in {j for j, _, _ in labels}:
+            shp = an.shape(a)
+            od = first.dim - (nd - len(shp))
+            if od >= 0 and concrete(shp[od]) != 1:
+                return an.pin_inputs(node, f"{node.target}: an operand runs along tiled "
+                                           "channels")
+            nonzero = True
+        elif not isinstance(a, (torch.fx.Node, bool)) and a not in (0, 0.0, None):
+            nonzero = True
+    for _, _, lab in labels[1:]:
+        an.unify(first.atoms, lab.atoms)
+    full = [lab for _, _, lab in labels]
+    return Label(first.dim, first.atoms, _zero_invariant(kind, node, labels, full, nonzero),
+                 first.tile)
+
+
 def _elementwise(kind: str) -> Analysis:
     def rule(an: Any, node: torch.fx.Node) -> Label | None:
         out_shape = an.shape(node)
@@ -120,6 +147,8 @@ def _elementwise(kind: str) -> Analysis:
         labels = _labelled_operands(an, node, nd)
         if not labels:
             return None
+        if any(lab.tile is not None for _, _, lab in labels):
+            return _tiled_elementwise(an, node, labels, kind)
         dims = {lab.dim for _, _, lab in labels}
         if len(dims) > 1:
             return an.pin_inputs(node, f"{node.target}: operands carry channels on different dims")
@@ -145,7 +174,7 @@ def _elementwise(kind: str) -> Analysis:
 
 for _ops, _kind in ((op_sets.ADDS, ADD), (op_sets.MULS, MUL), (op_sets.DIVS, DIV),
                     (op_sets.SELECTS, MAX), (op_sets.COMPARISONS, CMP)):
-    register_all(_ops, _elementwise(_kind), no_rewrite=BROADCAST)
+    register_all(_ops, _elementwise(_kind), no_rewrite=BROADCAST, tiled=True)
 
 
 @channel_rule(aten.pow.Tensor_Scalar, no_rewrite=SAME_SHAPE)

@@ -76,7 +76,8 @@ register_all({aten.mean.dim}, _reduction(False), rewrite=keep_original_count)
 
 @channel_rule(aten.softmax.int, aten._softmax.default, aten.log_softmax.int,
               aten._log_softmax.default, aten.cumsum.default,
-              no_rewrite="over the channel dim it is pinned; elsewhere the shape is kept")
+              no_rewrite="over the channel dim it is pinned; elsewhere the shape is kept",
+              tiled=True)
 def _softmax(an: Any, node: torch.fx.Node) -> Label | None:
     lab = an.label(node.args[0])
     if lab is None:

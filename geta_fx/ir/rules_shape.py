@@ -12,10 +12,12 @@ import operator
 from typing import Any
 
 import numpy as np
+import sympy
 import torch
 import torch.fx
 
 from geta_fx.errors import NodeError
+from geta_fx.ir import op_sets
 from geta_fx.ir.args import arg, set_arg
 from geta_fx.ir.channels import KeptChannels, Label, concrete, reshape_groups
 from geta_fx.ir.query import tensor_val
@@ -38,14 +40,21 @@ SIZE_ARG = {aten.view.default: "size", aten._unsafe_view.default: "size",
             aten.view_copy.default: "size", aten.expand_copy.default: "size"}
 
 
+def _kept_size(node: torch.fx.Node, dim: int, kept: np.ndarray, n: int) -> int:
+    """The slim size of ``node``'s channel dim: the kept count, or -1 where the dim is tiled
+    (``B*H`` heads: its size follows from the others, none of which is -1)."""
+    size = tensor_val(node).shape[dim]
+    return len(kept) if isinstance(size, int) and size == n else -1
+
+
 def _rewrite_sizes(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
     """view/reshape/expand sizes: the channel dim's entry becomes the kept count."""
     out = kept.changed(node)
     if out is not None:
-        dim, k, _ = out
+        dim, k, n = out
         name = SIZE_ARG[node.target]
         sizes = list(arg(node, name))
-        sizes[dim] = len(k)
+        sizes[dim] = _kept_size(node, dim, k, n)
         set_arg(node, name, sizes)
 
 
@@ -54,20 +63,127 @@ def _rewrite_unflatten(gm: torch.fx.GraphModule, node: torch.fx.Node,
     """unflatten sizes: the entry of the channel dim becomes the kept count."""
     out = kept.changed(node)
     if out is not None:
-        dim, k, _ = out
+        dim, k, n = out
         start = arg(node, "dim") % len(tensor_val(node.args[0]).shape)
         sizes = list(arg(node, "sizes"))
         if start <= dim < start + len(sizes):
-            sizes[dim - start] = len(k)
+            sizes[dim - start] = _kept_size(node, dim, k, n)
             set_arg(node, "sizes", sizes)
 
 
-@channel_rule(*SIZE_ARG, rewrite=_rewrite_sizes)
-@channel_rule(aten.unflatten.int, rewrite=_rewrite_unflatten)
+# Ops a dim can be followed through when looking for who consumes it (:func:`_only_indexed`).
+_FOLLOW = op_sets.COPIES | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                            aten.transpose.int, aten.permute.default}
+
+
+def _follow_dim(user: torch.fx.Node, dim: int, nd: int) -> int | None:
+    """Where dim ``dim`` of ``user``'s input lands in its output (None: it does not)."""
+    t = user.target
+    if t in op_sets.COPIES:
+        return dim
+    if t is aten.unsqueeze.default:
+        d = norm_dim(arg(user, "dim"), nd + 1)
+        return dim + (d <= dim)
+    if t is aten.transpose.int:
+        d0, d1 = norm_dim(user.args[1], nd), norm_dim(user.args[2], nd)
+        return {d0: d1, d1: d0}.get(dim, dim)
+    if t is aten.permute.default:
+        return [norm_dim(d, nd) for d in arg(user, "dims")].index(dim)
+    shape = tensor_val(user.args[0]).shape
+    dims = arg(user, "dim")
+    gone = [d for d in (norm_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims))
+            if shape[d] == 1]
+    return None if dim in gone else dim - sum(d < dim for d in gone)
+
+
+def _only_indexed(node: torch.fx.Node, dim: int, depth: int = 8) -> bool:
+    """Every use of dim ``dim`` of ``node`` picks it apart: ``select``/``unbind`` along it,
+    reached through copies, (un)squeezes and transposes only (a packed q/k/v)."""
+    val = tensor_val(node)
+    if val is None or not node.users or depth == 0:
+        return False
+    nd = val.dim()
+    for user in node.users:
+        if user.op != "call_function" or user.args[0] is not node:
+            return False
+        if user.target in (aten.select.int, aten.unbind.int) and \
+                norm_dim(arg(user, "dim", 0), nd) == dim:
+            continue
+        if user.target not in _FOLLOW:
+            return False
+        nxt = _follow_dim(user, dim, nd)
+        if nxt is None or not _only_indexed(user, nxt, depth - 1):
+            return False
+    return True
+
+
+def _indexed_dims(node: torch.fx.Node, grid: np.ndarray, dims: list[int]) -> tuple[int, ...]:
+    """Grid dims of a reshape's output that the graph only picks apart (see from_grid)."""
+    return tuple(k for k in range(grid.ndim) if grid.shape[k] > 1 and
+                 _only_indexed(node, dims[k]))
+
+
+def _tail_split(b: list, gj: list[int], tail: int) -> tuple[int, int, Any] | None:
+    """(position in ``gj``, its inner factor f, tile) where the trailing output dims hold the
+    ``tail`` innermost input elements: ``gj[pos+1:]`` exactly, times ``f`` of ``gj[pos]``,
+    whose size is ``f * tile`` (None: no such split)."""
+    p = 1
+    for pos in range(len(gj) - 1, -1, -1):
+        size = b[gj[pos]]
+        cs = concrete(size)
+        if cs is not None and cs and tail % (p * cs) == 0:
+            p *= cs
+            if p == tail:
+                return pos, cs, 1
+            continue
+        if tail % p:
+            return None
+        f = tail // p
+        tile = sympy.simplify(size / f)
+        if sympy.fraction(sympy.together(tile))[1] != 1:
+            return None
+        return pos, f, (concrete(tile) if tile.is_number else tile)
+    return None
+
+
+def _regroup_tiled(an: Any, node: torch.fx.Node, lab: Label, a: list, b: list,
+                   gi: list[int], gj: list[int]) -> Label | None:
+    """Reshape of a channel dim grouped with dynamic dims (``[L, B, E] -> [L, B*H, D]``,
+    ``[B*H, L, D] -> [B, H, L, D]``): the channel dim and the concrete dims inside it form a
+    tail of the flat order; the output dims holding that tail get its atoms, and the one
+    straddling the tail's edge is tiled (:class:`Label` ``tile``)."""
+    inner = [concrete(a[i]) for i in gi[gi.index(lab.dim) + 1:]]
+    if None in inner:
+        an.pin(lab, node, f"{node.target}: reshape mixes the channel dim with a dynamic dim")
+        return None
+    shape_in = [len(lab.atoms), *inner]
+    split = _tail_split(b, gj, int(np.prod(shape_in)))
+    if split is None:
+        an.pin(lab, node, f"{node.target}: reshape mixes the channel dim with a dynamic dim")
+        return None
+    pos, f, tile = split
+    dims = gj[pos:]
+    grid = np.broadcast_to(lab.atoms.reshape([-1] + [1] * len(inner)), shape_in).reshape(
+        [f] + [concrete(b[j]) for j in dims[1:]])
+    new = an.from_grid(grid, dims, lab.ok, _indexed_dims(node, grid, dims))
+    if new.dim != dims[0] or tile == 1:
+        return new
+    if isinstance(tile, int):
+        return Label(new.dim, np.tile(new.atoms, tile), new.ok)
+    sizes = arg(node, SIZE_ARG.get(node.target, "sizes"), None)
+    if isinstance(sizes, (list, tuple)) and -1 in sizes:
+        an.pin(lab, node, f"{node.target}: a -1 size beside heads interleaved with a "
+                          "dynamic dim")
+        return None
+    return Label(new.dim, new.atoms, new.ok, tile)
+
+
+@channel_rule(*SIZE_ARG, rewrite=_rewrite_sizes, tiled=True)
+@channel_rule(aten.unflatten.int, rewrite=_rewrite_unflatten, tiled=True)
 @channel_rule(aten.view_as.default, aten.reshape_as.default, aten.flatten.using_ints,
               aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
               aten.unsqueeze.default, aten.expand_as.default, aten.alias_copy.default,
-              no_rewrite=DERIVED)
+              no_rewrite=DERIVED, tiled=True)
 def _reshape(an: Any, node: torch.fx.Node) -> Label | None:
     lab = an.label(node.args[0])
     if lab is None:
@@ -77,6 +193,9 @@ def _reshape(an: Any, node: torch.fx.Node) -> Label | None:
     if node.target in (aten.expand.default, aten.expand_as.default, aten.expand_copy.default):
         shift = len(b) - len(a)
         d = lab.dim + shift
+        if lab.tile is not None:
+            return lab.moved(d) if (a[lab.dim] - b[d]) == 0 else an.pin_inputs(
+                node, "expand of a tiled channel dim")
         if concrete(b[d]) != len(lab.atoms):  # size-1 channel dim expanded
             return Label(d, np.repeat(lab.atoms, concrete(b[d])), lab.ok)
         return lab.moved(d)
@@ -90,17 +209,19 @@ def _reshape(an: Any, node: torch.fx.Node) -> Label | None:
             return lab.moved(gj[0])
         sizes_in = [concrete(a[i]) for i in gi]
         sizes_out = [concrete(b[j]) for j in gj]
-        if None in sizes_in or None in sizes_out or not gj:
-            an.pin(lab, node, f"{node.target}: reshape mixes the channel dim with a dynamic dim")
+        if not gj:
+            an.pin(lab, node, f"{node.target}: reshape drops the channel dim")
             return None
+        if None in sizes_in or None in sizes_out or lab.tile is not None:
+            return _regroup_tiled(an, node, lab, a, b, gi, gj)
         shape = [1] * len(gi)
         shape[gi.index(lab.dim)] = len(lab.atoms)
         grid = np.broadcast_to(lab.atoms.reshape(shape), sizes_in).reshape(sizes_out)
-        return an.from_grid(grid, gj, lab.ok)
+        return an.from_grid(grid, gj, lab.ok, _indexed_dims(node, grid, gj))
     return an.pin_inputs(node, f"{node.target}: lost track of the channel dim")
 
 
-@channel_rule(aten.permute.default, aten.permute_copy.default, no_rewrite=DERIVED)
+@channel_rule(aten.permute.default, aten.permute_copy.default, no_rewrite=DERIVED, tiled=True)
 def _permute(an: Any, node: torch.fx.Node) -> Label | None:
     lab = an.label(node.args[0])
     if lab is None:
@@ -111,7 +232,8 @@ def _permute(an: Any, node: torch.fx.Node) -> Label | None:
 
 
 @channel_rule(aten.transpose.int, aten.transpose_copy.int, aten.swapaxes.default,
-              aten.t.default, aten.numpy_T.default, aten.movedim.int, no_rewrite=DERIVED)
+              aten.t.default, aten.numpy_T.default, aten.movedim.int, no_rewrite=DERIVED,
+              tiled=True)
 def _transpose(an: Any, node: torch.fx.Node) -> Label | None:
     lab = an.label(node.args[0])
     if lab is None:

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 __all__ = ["ZOO", "BasicBlock", "CharGPT", "DenseNetTiny", "DigitsCNN", "FlattenLinear",
            "GLUNet", "GPTBlock", "GroupNormNet", "GroupedConv", "InvertedResidual", "MLP",
-           "MultiIO", "ResNetCifar", "UNetTiny", "WeightSharing", "vgg7_bn"]
+           "MultiIO", "PackedMHA", "ResNetCifar", "UNetTiny", "UnbindQKV", "WeightSharing",
+           "vgg7_bn"]
 
 
 
@@ -243,6 +244,38 @@ class GPTBlock(nn.Module):
         x = x + self.proj(y)
         x = x + self.fc2(F.gelu(self.fc(self.ln2(x))))
         return self.head(x)
+
+
+class PackedMHA(nn.Module):
+    """``nn.MultiheadAttention`` (one packed ``[3E, E]`` in_proj) and a Linear head; with
+    ``return_weights`` the head-averaged attention weights are a second output."""
+
+    def __init__(self, d: int = 16, heads: int = 4, batch_first: bool = True,
+                 need_weights: bool = False, return_weights: bool = False) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(d, heads, batch_first=batch_first)
+        self.head = nn.Linear(d, 3)
+        self.need_weights, self.return_weights = need_weights or return_weights, return_weights
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        y, w = self.mha(x, x, x, need_weights=self.need_weights)
+        return (self.head(y), w) if self.return_weights else self.head(y)
+
+
+class UnbindQKV(nn.Module):
+    """timm's ViT attention: ``qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj, self.head = nn.Linear(d, 3 * d), nn.Linear(d, d), nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        return self.head(self.proj(y))
 
 
 def _hf(name: str) -> Callable[[], tuple[nn.Module, tuple]]:

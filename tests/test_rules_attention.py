@@ -1,0 +1,118 @@
+"""Attention heads as units: packed q/k/v picked apart by select/unbind, heads interleaved with
+a dynamic batch (``[L, B*H, D]``), einsum attention, a class token on the sequence dim.
+
+Every prunable case zeroes units, compresses, and checks the slim model against the user's
+eager model holding the same zeroed weights (the oracle), at the capture sizes and at others
+(the batch and sequence stay dynamic); every rule has a case where it must pin.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import geta_fx
+from geta_fx.testing.models import PackedMHA, UnbindQKV
+from helpers import max_rel_err, zero_eager
+
+
+def _group_of(gm: geta_fx.GetaModule, fqn: str) -> geta_fx.PruneGroup:
+    return next(g for g in gm.groups if any(m.fqn == fqn and m.role == "out" for m in g.members))
+
+
+def _check_slim(model: nn.Module, gm: geta_fx.GetaModule, *inputs: torch.Tensor) -> nn.Module:
+    """compress() == the zeroed eager model, on each input."""
+    slim = gm.compress()
+    oracle = zero_eager(model, gm).eval()
+    for x in inputs:
+        with torch.no_grad():
+            assert max_rel_err(slim(x), oracle(x)) < 1e-5
+    return slim
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_heads_are_units(batch_first: bool, need_weights: bool) -> None:
+    """linear -> unflatten(-1, (3, E)) -> unsqueeze/transpose/squeeze -> select(0, i) -> view
+    [L, B*H, D] -> sdpa (or bmm/softmax/bmm with need_weights): a unit is one head's q, k
+    and v rows of in_proj_weight/in_proj_bias (and out_proj's columns)."""
+    torch.manual_seed(0)
+    model = PackedMHA(16, 4, batch_first=batch_first, need_weights=need_weights).eval()
+    shape = (2, 5, 16) if batch_first else (5, 2, 16)
+    gm = geta_fx.transform(model, (torch.randn(*shape),))
+    heads = _group_of(gm, "mha.in_proj_weight")
+    assert heads.prunable, heads.reason
+    assert (heads.num_units, heads.unit_size) == (4, 12)  # 4 heads x (q, k, v) x head_dim 4
+    assert {(m.fqn, m.dim) for m in heads.members} == {
+        ("mha.in_proj_weight", 0), ("mha.in_proj_bias", 0), ("mha.out_proj.weight", 1)}
+    gm.zero_units(heads.id, [1, 3])
+    other = (3, 7, 16) if batch_first else (7, 3, 16)
+    slim = _check_slim(model, gm, torch.randn(*shape), torch.randn(*other))
+    assert slim.mha.in_proj_weight.shape == (24, 16)
+    assert slim.mha.out_proj.weight.shape == (16, 8)
+    row = torch.arange(48).view(3, 4, 4)[:, [0, 2]].reshape(-1)  # the kept heads' rows
+    torch.testing.assert_close(slim.mha.in_proj_weight, gm.graph_module.mha.in_proj_weight[row])
+
+
+def test_head_averaged_attention_weights_pin_the_heads() -> None:
+    """Returning the weights averaged over heads: a pruned head's softmax is not zero, and
+    the average's divisor is the head count, so the heads must stay whole."""
+    model = PackedMHA(16, 4, return_weights=True).eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 5, 16),))
+    heads = _group_of(gm, "mha.in_proj_weight")
+    assert not heads.prunable and "reduces over the channel dim" in heads.reason
+
+
+def test_unbind_of_packed_qkv_keeps_heads_prunable() -> None:
+    """timm's ``reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)``."""
+    torch.manual_seed(0)
+    model = UnbindQKV(16, 4).eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 5, 16),))
+    heads = _group_of(gm, "qkv.weight")
+    assert heads.prunable, heads.reason
+    assert (heads.num_units, heads.unit_size) == (4, 12)
+    gm.zero_units(heads.id, [0])
+    slim = _check_slim(model, gm, torch.randn(2, 5, 16), torch.randn(3, 9, 16))
+    assert slim.qkv.weight.shape == (36, 16)
+
+
+class _PackedAlsoReadWhole(nn.Module):
+    """The unflattened q/k/v is picked apart *and* reduced over its q/k/v dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.head = nn.Linear(8, 24), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x).unflatten(-1, (3, 8))
+        return self.head(qkv.select(-2, 0) * qkv.amax(-2))
+
+
+def test_select_of_a_packed_dim_read_whole_elsewhere_pins() -> None:
+    gm = geta_fx.transform(_PackedAlsoReadWhole().eval(), (torch.randn(2, 8),))
+    g = _group_of(gm, "qkv.weight")
+    assert not g.prunable and "select picks one channel" in g.reason
+
+
+class _TiledThenSliced(nn.Module):
+    """Heads interleaved with a dynamic batch ([B*H, T, D]), then sliced along that dim."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.head = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        h = self.proj(x).transpose(0, 1).reshape(t, b * 4, 2)
+        h = torch.cat([h[:, :1] * 2, h[:, 1:]], 1)  # touches one (batch, head) pair only
+        return self.head(h.reshape(t, b, 8).transpose(0, 1))
+
+
+def test_tiled_heads_reaching_an_op_that_cannot_follow_them_pin() -> None:
+    model = _TiledThenSliced().eval()
+    x = torch.randn(2, 5, 8)
+    gm = geta_fx.transform(model, (x,))
+    g = _group_of(gm, "proj.weight")
+    assert not g.prunable and "tiled" in g.reason
+    torch.testing.assert_close(gm(x), model(x))
