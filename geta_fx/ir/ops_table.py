@@ -14,7 +14,8 @@ Rule kinds (DESIGN §4), one module each: pointwise ops keep or unify channels
 open a channel space and norms keep it (``rules_layers``: conv, linear, matmul/addmm with a
 parameter, embedding, batch/group/layer norms); index-moving ops carry it
 (``rules_shape``: view/reshape, permute, slice, split, cat); reductions, pooling and
-attention (``rules_reduce``) carry it or pin it when they reduce over it.
+attention (``rules_reduce``) carry it or pin it when they reduce over it; recurrent layers
+(``rules_rnn``: LSTM/GRU/RNN) open one space of hidden units.
 """
 
 from __future__ import annotations
@@ -23,7 +24,13 @@ from typing import Any
 
 import torch
 
-from geta_fx.ir import rules_layers, rules_pointwise, rules_reduce, rules_shape  # noqa: F401
+from geta_fx.ir import (  # noqa: F401
+    rules_layers,
+    rules_pointwise,
+    rules_reduce,
+    rules_rnn,
+    rules_shape,
+)
 from geta_fx.ir.op_sets import ASSERTS, SHAPE_QUERIES
 from geta_fx.ir.query import quantizer_of
 from geta_fx.ir.registry import RULES, ChannelRule, channel_rule, rule_for

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 __all__ = ["ZOO", "BasicBlock", "CharGPT", "DenseNetTiny", "DigitsCNN", "FlattenLinear",
            "GLUNet", "GPTBlock", "GroupNormNet", "GroupedConv", "InvertedResidual", "MLP",
-           "MultiIO", "PackedMHA", "ResNetCifar", "UNetTiny", "UnbindQKV", "WeightSharing",
+           "MultiIO", "PackedMHA", "RNNHead", "ResNetCifar", "UNetTiny", "UnbindQKV", "WeightSharing",
            "vgg7_bn"]
 
 
@@ -276,6 +276,26 @@ class UnbindQKV(nn.Module):
         q, k, v = qkv.unbind(0)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         return self.head(self.proj(y))
+
+
+class RNNHead(nn.Module):
+    """Linear stem -> ``nn.LSTM``/``nn.GRU``/``nn.RNN`` -> Linear head on every step; with
+    ``pass_state`` the caller's initial hidden state goes in too."""
+
+    def __init__(self, kind: str = "lstm", d: int = 6, hidden: int = 5, layers: int = 1,
+                 bidirectional: bool = False, batch_first: bool = True,
+                 pass_state: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Linear(d, 8)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](
+            8, hidden, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+        self.head = nn.Linear(hidden * (2 if bidirectional else 1), 3)
+        self.pass_state = pass_state
+
+    def forward(self, x: Tensor, h0: Tensor | None = None, c0: Tensor | None = None) -> Tensor:
+        h = F.relu(self.stem(x))
+        hx = ((h0, c0) if c0 is not None else h0) if self.pass_state else None
+        return self.head(self.rnn(h, hx)[0])
 
 
 def _hf(name: str) -> Callable[[], tuple[nn.Module, tuple]]:
