@@ -18,55 +18,90 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from geta_fx.optim._layout import local_tensor
 
-def weight_directions(variant: str, weights: list[nn.Parameter], state: Any,
-                      group: dict[str, Any]) -> list[Tensor | None]:
-    """g^ of every weight (``None`` where it has no gradient: it is not updated)."""
+
+def _local(ts: list[Tensor]) -> list[Tensor]:
+    """The parts this process holds (FSDP2 ``DTensor`` s -> local shards; no copy)."""
+    return [local_tensor(t) for t in ts]
+
+
+def update_moments(variant: str, weights: list[nn.Parameter], state: Any,
+                   group: dict[str, Any]) -> list[int]:
+    """Advance the moment buffers of every weight with a gradient (in place, on the local
+    shards); returns the indices of those weights.  Their directions are then
+    :func:`directions` -- a pure function of the updated state, so it may be evaluated
+    chunk by chunk, or twice, with identical results."""
     idx = [i for i, p in enumerate(weights) if p.grad is not None]
-    out: list[Tensor | None] = [None] * len(weights)
-    if not idx:
-        return out
-    ps = [weights[i] for i in idx]
-    grads: list[Tensor] = [weights[i].grad for i in idx]  # type: ignore[misc]
+    if not idx or (variant == "sgd" and float(group["momentum"]) == 0):
+        return idx
+    ps = _local([weights[i] for i in idx])
+    grads = _local([weights[i].grad for i in idx])  # type: ignore[misc]
     wd = float(group["weight_decay"])
     if wd != 0 and variant != "adamw":
         grads = list(torch._foreach_add(grads, ps, alpha=wd))  # L2 (GETA_SPEC C.2)
+    states = [state[weights[i]] for i in idx]
     if variant == "sgd":
         mom, damp = float(group["momentum"]), float(group["dampening"])
-        if mom == 0:
-            dirs = list(grads)
-        else:
-            old_b, old_g = [], []
-            for p, g in zip(ps, grads, strict=True):
-                st = state[p]
-                if "momentum_buffer" not in st:  # first call: m <- g
-                    st["momentum_buffer"] = g.detach().clone()
-                else:
-                    old_b.append(st["momentum_buffer"])
-                    old_g.append(g)
-            if old_b:
-                torch._foreach_mul_(old_b, mom)
-                torch._foreach_add_(old_b, old_g, alpha=1.0 - damp)
-            dirs = [state[p]["momentum_buffer"] for p in ps]
-    else:
-        b1, b2 = group["betas"]
-        states = [state[p] for p in ps]
-        for st in states:
-            st["step"] += 1
-        m = [st["exp_avg"] for st in states]
-        v = [st["exp_avg_sq"] for st in states]
-        torch._foreach_lerp_(m, grads, 1.0 - b1)
-        torch._foreach_mul_(v, b2)
-        torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
-        bc1 = [1.0 - b1 ** st["step"] for st in states]
-        bc2 = [math.sqrt(1.0 - b2 ** st["step"]) for st in states]
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_div_(denom, bc2)
-        torch._foreach_add_(denom, float(group["eps"]))
-        dirs = list(torch._foreach_div(m, denom))
-        torch._foreach_div_(dirs, bc1)
-    for i, d in zip(idx, dirs, strict=True):
-        out[i] = d
+        old_b, old_g = [], []
+        for st, g in zip(states, grads, strict=True):
+            if "momentum_buffer" not in st:  # first call: m <- g
+                st["momentum_buffer"] = g.detach().clone()
+            else:
+                old_b.append(local_tensor(st["momentum_buffer"]))
+                old_g.append(g)
+        if old_b:
+            torch._foreach_mul_(old_b, mom)
+            torch._foreach_add_(old_b, old_g, alpha=1.0 - damp)
+        return idx
+    b1, b2 = group["betas"]
+    for st in states:
+        st["step"] += 1
+    m = _local([st["exp_avg"] for st in states])
+    v = _local([st["exp_avg_sq"] for st in states])
+    torch._foreach_lerp_(m, grads, 1.0 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, 1.0 - b2)
+    return idx
+
+
+def directions(variant: str, ps: list[nn.Parameter], state: Any,
+               group: dict[str, Any]) -> list[Tensor]:
+    """g^ (local shards) of weights whose moments :func:`update_moments` just advanced.
+
+    Temporaries: one or two tensors the size of ``ps`` (callers pass chunks).
+    """
+    if variant == "sgd":
+        if float(group["momentum"]) != 0:
+            return [local_tensor(state[p]["momentum_buffer"]) for p in ps]
+        grads = _local([p.grad for p in ps])  # type: ignore[misc]
+        wd = float(group["weight_decay"])
+        return list(torch._foreach_add(grads, _local(list(ps)), alpha=wd)) if wd != 0 else grads
+    b1, b2 = group["betas"]
+    states = [state[p] for p in ps]
+    m = _local([st["exp_avg"] for st in states])
+    v = _local([st["exp_avg_sq"] for st in states])
+    bc1 = [1.0 - b1 ** st["step"] for st in states]
+    bc2 = [math.sqrt(1.0 - b2 ** st["step"]) for st in states]
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2)
+    torch._foreach_add_(denom, float(group["eps"]))
+    dirs = list(torch._foreach_div(m, denom))
+    torch._foreach_div_(dirs, bc1)
+    return dirs
+
+
+def chunks(sizes: list[int], budget: int = 1 << 22) -> list[list[int]]:
+    """Positions ``0..len(sizes)-1`` in runs of at most ``budget`` elements (a larger tensor
+    is a run of its own): the unit of work whose directions exist at the same time."""
+    out: list[list[int]] = []
+    total = budget
+    for i, n in enumerate(sizes):
+        if total + n > budget:
+            out.append([])
+            total = 0
+        out[-1].append(i)
+        total += n
     return out
 
 

@@ -1,10 +1,12 @@
 """The joint pruning + quantization update of GETA_SPEC §C.6, vectorised over groups and layers.
 
 A :class:`JointPlan` is built once per pruning period (when the redundant units are selected;
-that is the only place with a host sync, to size the index tensors).  Each joint step then
-gathers just the redundant elements, computes the forget rate ``gamma`` per prunable group and
-the step size ``d*`` per quantized layer with a handful of ``index_add_`` /
-``scatter_reduce_`` calls, and returns the forget term to subtract from those elements.
+that is the only place with a host sync, to size the row lists): per slab of the layout, the
+rows of its redundant units (no per-element index).  Each joint step then reads just those
+rows (``index_select`` along the slab's dim), computes the forget rate ``gamma`` per prunable
+group and the step size ``d*`` per quantized layer from per-row sums, and returns per block the
+rate its rows' forget term is scaled by.  Under FSDP2 the per-group and per-layer sums are
+completed across ranks by the caller's ``reduce``, so every rank computes the same rates.
 
 Departures from the reference, each a defect of GETA_SPEC G.2:
 
@@ -28,52 +30,72 @@ Departures from the reference, each a defect of GETA_SPEC G.2:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from geta_fx.optim._layout import Layout, sum_but
 from geta_fx.quantizer import d_for_bits
+
+#: ``reduce(op, tensor)``: the tensor completed across ranks (``op``: ``"sum"`` or ``"min"``).
+Reduce = Callable[[str, Tensor], Tensor]
 
 ETA = 0.999   # GETA_SPEC C.6 safety factor eta
 ZETA = 0.9    # GETA_SPEC C.6 safety factor zeta
 SHRINK = 0.8  # the reference's gamma back-off factor
 
 
+@dataclass(frozen=True, eq=False)
+class Block:
+    """The redundant rows of one slab: ``rows`` (local positions along ``dim``) of
+    ``Layout.params[param]``, row ``k`` in prunable group ``row_group[k]``."""
+
+    param: int
+    dim: int
+    rows: Tensor          # [r] long
+    row_group: Tensor     # [r] long
+    layer: int            # weight-quantizer index of the tensor (L = not quantized)
+
+
 @dataclass
 class JointPlan:
-    """Index tensors of one period's redundant elements (sub-vector of the stats vector)."""
+    """One period's redundant rows, slab by slab (no per-element index)."""
 
-    redundant: Tensor                              # [U] bool
-    slices: list[tuple[int, Tensor, int, int]]     # (param index, local flat idx, start, end)
-    sub_layer: Tensor                              # [Nr] layer of each redundant element
-    pair_sub: Tensor | None                        # [Er] pair -> sub element (None: identity)
-    pair_group: Tensor                             # [Er] prunable-group index of each pair
-    num_elems: int
+    redundant: Tensor                 # [U] bool
+    blocks: list[Block]
 
     @property
     def empty(self) -> bool:
-        return self.num_elems == 0
+        return not self.blocks
+
+    @property
+    def params(self) -> list[int]:
+        """Indices (into ``Layout.params``) of the tensors with redundant rows, each once."""
+        return sorted({b.param for b in self.blocks})
 
 
-def build_plan(redundant: Tensor, pair_elem: Tensor | None, pair_unit: Tensor,
-               unit_group: Tensor, elem_layer: Tensor, numels: list[int]) -> JointPlan:
-    """Gather the redundant elements; syncs once (sizes of the index tensors)."""
-    dev = pair_unit.device
-    red_pairs = torch.nonzero(redundant[pair_unit]).squeeze(1)
-    elem = red_pairs if pair_elem is None else pair_elem[red_pairs]
-    sub_elem, pair_sub = torch.unique(elem, sorted=True, return_inverse=True)
-    bases = torch.tensor([0, *numels], dtype=torch.long).cumsum(0).to(dev)
-    bounds = torch.searchsorted(sub_elem, bases).tolist()
-    slices = []
-    for i in range(len(numels)):
-        lo, hi = bounds[i], bounds[i + 1]
-        if hi > lo:
-            slices.append((i, sub_elem[lo:hi] - bases[i], lo, hi))
-    identity = len(pair_sub) == len(sub_elem)
-    return JointPlan(redundant=redundant, slices=slices, sub_layer=elem_layer[sub_elem],
-                     pair_sub=None if identity else pair_sub,
-                     pair_group=unit_group[pair_unit[red_pairs]], num_elems=len(sub_elem))
+def build_plan(redundant: Tensor, layout: Layout) -> JointPlan:
+    """The redundant rows of every parameter slab; syncs once (the sizes of the row lists)."""
+    blocks = []
+    for s in layout.slabs:
+        if s.param is None or not len(s.index):
+            continue
+        keep = redundant[s.units]
+        if not bool(keep.any()):
+            continue
+        blocks.append(Block(param=s.param, dim=s.dim, rows=s.index[keep],
+                            row_group=layout.unit_group[s.units[keep]],
+                            layer=layout.param_layer[s.param]))
+    return JointPlan(redundant=redundant, blocks=blocks)
+
+
+def _along(v: Tensor, dim: int, ndim: int) -> Tensor:
+    """``v [r]`` shaped to broadcast along dim ``dim`` of an ``ndim``-D block."""
+    shape = [1] * ndim
+    shape[dim] = -1
+    return v.view(shape)
 
 
 def clipped_power(a: Tensor, q: Tensor, t: Tensor) -> Tensor:
@@ -124,61 +146,89 @@ def _step_size(stats: Tensor, gamma: Tensor, d_lo: Tensor, d_hi: Tensor,
     return d_star, gamma
 
 
-def joint_update(plan: JointPlan, x: Tensor, g: Tensor, d_old: Tensor, q_m: Tensor, t: Tensor,
-                 signed: Tensor, b_l: float, b_u: float, rate: float, lr: float,
-                 num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One joint step over the redundant elements.
+def _block_terms(x: Tensor, quant: bool, d: Tensor, q: Tensor, t: Tensor
+                 ) -> tuple[Tensor, Tensor | None]:
+    """``(c, r)`` of a block: clipped-powered weights and quantization residual (None when
+    the tensor is not quantized: ``c = x``, ``r = 0``)."""
+    if not quant:
+        return x, None
+    sgn = torch.sign(x)
+    c_abs = clipped_power(x.abs(), q, t)
+    ratio = c_abs / d
+    r = torch.where(x != 0, sgn * (torch.round(ratio) - ratio), torch.zeros_like(x))
+    return sgn * c_abs, r
+
+
+def _block_stats(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Tensor,
+                 q_m: Tensor, t: Tensor, num_groups: int, reduce: Reduce | None
+                 ) -> tuple[Tensor, Tensor]:
+    """Per group ``(<c,g>, ||c||^2, ||g||^2)`` and per layer ``(<r,g>, ||r||^2, ||g||^2, n)``
+    over the redundant rows (all ranks' rows when ``reduce`` sums across them)."""
+    num_layers = len(d_old) - 1
+    gstats = torch.zeros(num_groups, 3, dtype=torch.float32, device=d_old.device)
+    lstats = torch.zeros(num_layers + 1, 4, dtype=torch.float32, device=d_old.device)
+    for b, x, g in zip(plan.blocks, xs, gs, strict=True):
+        quant = b.layer < num_layers
+        c, r = _block_terms(x, quant, d_old[b.layer], q_m[b.layer], t[b.layer])
+        gg = sum_but(g * g, b.dim)
+        gstats.index_add_(0, b.row_group, torch.stack([sum_but(c * g, b.dim),
+                                                       sum_but(c * c, b.dim), gg], 1))
+        if quant and r is not None:
+            lstats[b.layer] += torch.stack([(r * g).sum(), (r * r).sum(), gg.sum(),
+                                            torch.tensor(float(x.numel()), device=x.device)])
+    if reduce is not None:
+        gstats, lstats = reduce("sum", gstats), reduce("sum", lstats)
+    return gstats, lstats
+
+
+def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Tensor,
+                 q_m: Tensor, t: Tensor, signed: Tensor, b_l: float, b_u: float, rate: float,
+                 lr: float, num_groups: int, reduce: Reduce | None = None
+                 ) -> tuple[list[Tensor], Tensor, Tensor]:
+    """One joint step over the redundant rows.
 
     Args:
-        plan: this period's redundant elements.
-        x, g: their current values and search directions (``[Nr]``).
+        plan: this period's redundant rows.
+        xs, gs: per block of ``plan``, its rows' current values and search directions
+            (float32, shaped like the rows).
         d_old, q_m, t, signed: per quantizer, with a dummy last entry for "not quantized"
             (``[L + 1]``); ``d_old`` before this step, ``q_m`` (effective) and ``t`` after the
             plain step of the quantizer scalars.
         b_l, b_u: the bit range in force.
         rate: ``1 / (T - t)``, the positive-alignment forget rate.
         lr: the weights' current learning rate (the reference's alpha).
+        reduce: ``reduce(op, tensor)`` completes per-group/per-layer sums (``"sum"``) and the
+            per-layer rates (``"min"``) across ranks (FSDP2); None: this process sees all rows.
 
     Returns:
-        ``(delta [Nr], d_new [L + 1], joint [L + 1] bool)``: subtract ``delta`` from the
-        redundant elements; layers with ``joint`` get ``d = d_new`` instead of their projected
-        plain step.
+        ``(rates, d_new [L + 1], joint [L + 1] bool)``: ``rates[i]`` broadcasts against block
+        ``i``; subtract ``rates[i] * base_i`` (:func:`forget_base`) from its rows.  Layers with
+        ``joint`` get ``d = d_new`` instead of their projected plain step.
     """
     num_layers = len(d_old) - 1
-    lay = plan.sub_layer
-    quant = lay < num_layers
-    q_e, t_e = q_m[lay], t[lay]
-    sgn = torch.sign(x)
-    c_abs = clipped_power(x.abs(), q_e, t_e)
-    c = torch.where(quant, sgn * c_abs, x)
-    ratio = c_abs / d_old[lay]
-    r = torch.where(quant & (x != 0), sgn * (torch.round(ratio) - ratio), torch.zeros_like(x))
-
-    ps = plan.pair_sub
-    c_p, r_p, g_p = (c, r, g) if ps is None else (c[ps], r[ps], g[ps])
-    lay_p = lay if ps is None else lay[ps]
-    quant_p = lay_p < num_layers
-    gid = plan.pair_group
-    gstats = torch.zeros(num_groups, 3, dtype=x.dtype, device=x.device).index_add_(
-        0, gid, torch.stack([c_p * g_p, c_p * c_p, g_p * g_p], 1))
+    gstats, lstats = _block_stats(plan, xs, gs, d_old, q_m, t, num_groups, reduce)
     gamma_g = _forget_rate(gstats, rate, lr)
-    gamma_pair = gamma_g[gid]
-
-    qf = quant_p.to(x.dtype)
-    lstats = torch.zeros(num_layers + 1, 4, dtype=x.dtype, device=x.device).index_add_(
-        0, lay_p, torch.stack([r_p * g_p, r_p * r_p, g_p * g_p, qf], 1) * qf[:, None])
-    inf = torch.full((num_layers + 1,), float("inf"), dtype=x.dtype, device=x.device)
-    gamma_l = inf.scatter_reduce(0, lay_p, torch.where(quant_p, gamma_pair, inf[lay_p]), "amin")
+    inf = torch.full((num_layers + 1,), float("inf"), dtype=torch.float32, device=d_old.device)
+    gamma_l = inf.clone()
+    for b in plan.blocks:  # a layer in several active groups takes the smallest rate (#9)
+        if b.layer < num_layers:
+            gamma_l[b.layer] = torch.minimum(gamma_l[b.layer], gamma_g[b.row_group].min())
+    if reduce is not None:
+        gamma_l = reduce("min", gamma_l)
     joint = lstats[:, 3] > 0
     gamma_l = torch.where(joint, gamma_l, torch.zeros_like(gamma_l))
-    d_lo = d_for_bits(torch.tensor(b_u, dtype=x.dtype), q_m, t, signed)
-    d_hi = d_for_bits(torch.tensor(b_l, dtype=x.dtype), q_m, t, signed)
+    d_lo = d_for_bits(torch.tensor(b_u, dtype=torch.float32), q_m, t, signed)
+    d_hi = d_for_bits(torch.tensor(b_l, dtype=torch.float32), q_m, t, signed)
     d_new, gamma_l = _step_size(lstats[:, :3], gamma_l, d_lo, d_hi, lr)
+    rates = [gamma_l[b.layer] if b.layer < num_layers
+             else _along(gamma_g[b.row_group], b.dim, x.dim())
+             for b, x in zip(plan.blocks, xs, strict=True)]
+    return rates, d_new, joint
 
-    gamma_pair = torch.where(quant_p, gamma_l[lay_p], gamma_pair)
-    if ps is None:
-        gamma_e = gamma_pair
-    else:  # G.2 #10: one decay per element (the largest rate of its units)
-        gamma_e = torch.zeros_like(x).scatter_reduce(0, ps, gamma_pair, "amax")
-    base = torch.where(quant, fake_quant(x, d_new[lay], q_e, t_e, signed[lay]), x)
-    return gamma_e * base, d_new, joint
+
+def forget_base(x: Tensor, layer: int, d_new: Tensor, q_m: Tensor, t: Tensor,
+                signed: Tensor) -> Tensor:
+    """What the forget term scales: ``Q_{d*,q_m,t}(x)`` for a quantized tensor, else ``x``."""
+    if layer >= len(d_new) - 1:
+        return x
+    return fake_quant(x, d_new[layer], q_m[layer], t[layer], signed[layer])

@@ -1,26 +1,35 @@
-"""Flat index layout that lets QASSO work on every prunable unit with a few tensor ops.
+"""Structured layout: where every prunable unit lives, as slabs of its tensors (issue #17).
 
 Built once from a GetaModule's PruneGroups (``"out"`` ParamSlices of prunable groups) and its
-weight quantizers:
+weight quantizers.  Nothing here is per parameter *element*: a unit is reached through the
+:class:`Slab` s of the tensors it zeroes -- "rows ``index`` of dimension ``dim`` of tensor
+``t``, row ``k`` belonging to unit ``units[k]``" -- and every per-unit reduction is a strided
+view (``narrow``) or an ``index_select`` along that dim, reduced over the other dims, then one
+``index_add_`` of ``len(index)`` entries.  The layout's memory is therefore O(rows), not
+O(elements) (the previous flat layout kept four int64 tensors per element: 32 bytes of index
+per 4-byte weight).
+
+Invariants:
 
 * units of all prunable groups are numbered globally ``0..U-1`` (group by group, in group
   order); ``unit_group[u]`` is the prunable-group index of unit ``u``;
-* the *stats vector* is the concatenation of the flattened trainable parameters that have
-  ``"out"`` slices in prunable groups (``params``); ``pair_elem[e]``/``pair_unit[e]`` say that
-  element ``pair_elem[e]`` of that vector belongs to unit ``pair_unit[e]``.  An element may
-  belong to more than one unit (then it appears in several pairs); ``pair_elem is None`` means
-  the identity (every element in exactly one unit, in order), the common case;
-* ``elem_layer[i]`` is the weight-quantizer index of stats element ``i`` (``L`` = none);
-* ``zero_*`` list every tensor with ``"out"`` slices in prunable groups (parameters, frozen
-  parameters and buffers) with their flat indices and units: what committing a unit zeroes.
-
-Per-unit reductions are then one ``index_add_`` over ``pair_unit`` (the approach of
-``geta_fx.ir.units``, vectorised over all groups at once).
+* ``tensors`` lists every tensor with ``"out"`` slices in prunable groups (parameters, frozen
+  parameters and buffers; tied weights once): what committing a unit zeroes.  ``params`` are
+  those of them that are trainable (the saliency statistics' and the joint update's tensors),
+  ``param_layer[i]`` the index of their weight quantizer (``L`` = not quantized);
+* a slab's ``index``/``units`` are in the coordinates of the tensor this process holds: under
+  FSDP2 (``DTensor`` parameters sharded along ``dim 0``) a slab along the sharded dim keeps its
+  local rows only, shifted to local positions, and a slab along another dim covers local
+  partial rows -- per-unit sums are then completed by one ``all_reduce`` (:attr:`sharded`);
+* ``overlap[i]`` is True when an element of ``params[i]`` lies in more than one slab (slices on
+  several dims, or a row in two slices); the joint update then decays it once, at the largest
+  rate (GETA_SPEC G.2 #10), through a lazily built per-element map of that tensor only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -30,16 +39,34 @@ from geta_fx.ir import meta
 from geta_fx.ir.query import get_attr_tensor
 
 
-def _slice_flat_indices(shape: torch.Size, m: meta.ParamSlice) -> tuple[Tensor, Tensor]:
-    """Flat element indices of a ParamSlice and the local unit of each (both int64, CPU)."""
-    numel = 1
-    for s in shape:
-        numel *= int(s)
-    ar = torch.arange(numel, dtype=torch.long).view(shape)
-    idx = m.indices.to(torch.long).cpu()
-    rows = ar.index_select(m.dim, idx).movedim(m.dim, 0).reshape(len(idx), -1)
-    units = m.units.to(torch.long).cpu()[:, None].expand_as(rows)
-    return rows.reshape(-1), units.reshape(-1)
+@dataclass(frozen=True, eq=False)
+class Slab:
+    """Rows ``index`` of dimension ``dim`` of ``Layout.tensors[tensor]``; row ``k`` is unit
+    ``units[k]`` (global).  ``param`` indexes ``Layout.params`` (None: zeroed only)."""
+
+    tensor: int
+    param: int | None
+    dim: int
+    index: Tensor                    # [n] long, local positions along ``dim``
+    units: Tensor                    # [n] long, global unit ids
+    span: tuple[int, int] | None     # ``index == arange(a, b)``: read as a narrow view
+    replicated: bool                 # every rank holds these rows whole (count them once)
+
+    def rows(self, t: Tensor) -> Tensor:
+        """The slab's rows of (the local part of) ``t``: a view when contiguous, else a copy."""
+        if self.span is not None:
+            return t.narrow(self.dim, self.span[0], self.span[1] - self.span[0])
+        return t.index_select(self.dim, self.index)
+
+    def row_sums(self, t: Tensor) -> Tensor:
+        """``[n]``: ``t`` (shaped like the slab's rows) summed over every dim but ``dim``."""
+        return sum_but(t, self.dim)
+
+
+def sum_but(t: Tensor, dim: int) -> Tensor:
+    """``t`` summed over every dim but ``dim`` (``t`` itself when it is 1-D)."""
+    dims = [d for d in range(t.dim()) if d != dim]
+    return t.sum(dims) if dims else t
 
 
 @dataclass
@@ -50,17 +77,16 @@ class Layout:
     unit_group: Tensor                    # [U] long
     group_size: Tensor                    # [G] long
     group_start: Tensor                   # [G] long
-    params: list[nn.Parameter]            # stats-vector parameters, in order
+    params: list[nn.Parameter]            # trainable tensors with slabs, in order
     param_fqns: list[str]
-    numels: list[int]
-    pair_elem: Tensor | None              # [E] long, None = identity
-    pair_unit: Tensor                     # [E] long
-    unit_numel: Tensor                    # [U] float: elements per unit (stats params only)
-    elem_layer: Tensor                    # [N] long, L = not quantized
-    zero_tensors: list[Tensor] = field(default_factory=list)
-    zero_fqns: list[str] = field(default_factory=list)
-    zero_idx: list[Tensor] = field(default_factory=list)
-    zero_units: list[Tensor] = field(default_factory=list)
+    numels: list[int]                     # global numel of each of ``params``
+    param_layer: list[int]                # weight-quantizer index of each (L = none)
+    unit_numel: Tensor                    # [U] float: elements per unit (params only)
+    tensors: list[Tensor]                 # everything committing a unit zeroes
+    tensor_fqns: list[str]
+    slabs: list[Slab]
+    overlap: list[bool]                   # per param: some element in several slabs
+    sharded: bool                         # some param is a sharded DTensor (FSDP2)
 
     @property
     def num_groups(self) -> int:
@@ -70,6 +96,16 @@ class Layout:
     def num_elems(self) -> int:
         return sum(self.numels)
 
+    def param_slabs(self, i: int) -> list[Slab]:
+        """The slabs of ``params[i]``."""
+        return [s for s in self.slabs if s.param == i]
+
+    def index_bytes(self) -> int:
+        """Bytes of index tensors the layout holds (what it costs besides the state)."""
+        own = [self.unit_group, self.group_size, self.group_start, self.unit_numel]
+        own += [t for s in self.slabs for t in (s.index, s.units)]
+        return sum(t.numel() * t.element_size() for t in own)
+
     def signature(self) -> dict[str, object]:
         """What a checkpoint must match to be loaded into this model."""
         return {"group_ids": list(self.group_ids),
@@ -77,10 +113,85 @@ class Layout:
                 "params": list(self.param_fqns)}
 
 
+# ------------------------------------------------------------------ sharding (FSDP2)
+def local_tensor(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds (``DTensor.to_local()``; ``t`` itself otherwise)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) and hasattr(t, "placements") else t
+
+
+def _shard_info(t: Tensor, fqn: str) -> tuple[int | None, int, int]:
+    """``(shard dim or None, first local row, local rows)`` of a tensor this process holds.
+
+    Plain tensors and replicated DTensors: ``(None, 0, 0)``.  A DTensor sharded on a 1-D mesh
+    follows ``torch.chunk`` (what FSDP2 uses): rank ``r`` holds rows ``[r*c, (r+1)*c)``,
+    ``c = ceil(size / world)``, clipped to the size.
+    """
+    placements = getattr(t, "placements", None)
+    if placements is None:
+        return None, 0, 0
+    shards = [p for p in placements if p.is_shard()]
+    if not shards:
+        return None, 0, 0
+    mesh = t.device_mesh  # type: ignore[attr-defined]
+    if len(placements) != 1 or mesh.ndim != 1:
+        raise InputError(f"QASSO: {fqn!r} is a DTensor on a {mesh.ndim}-D mesh with "
+                         f"placements {placements}; only a 1-D mesh (FSDP2) is supported")
+    dim = shards[0].dim
+    size, world = int(t.shape[dim]), mesh.size()
+    chunk = math.ceil(size / world) if size else 0
+    start = min(mesh.get_local_rank() * chunk, size)
+    return dim, start, min(start + chunk, size) - start
+
+
+def _make_slab(t: Tensor, fqn: str, m: meta.ParamSlice, unit_offset: int, tensor: int,
+               param: int | None, device: torch.device) -> Slab:
+    """One ParamSlice as a slab in this process's local coordinates."""
+    idx = m.indices.to(torch.long).cpu()
+    units = m.units.to(torch.long).cpu() + unit_offset
+    shard_dim, start, n_local = _shard_info(t, fqn)
+    if shard_dim == m.dim:
+        keep = (idx >= start) & (idx < start + n_local)
+        idx, units = idx[keep] - start, units[keep]
+    span = None
+    if len(idx) and torch.equal(idx, torch.arange(int(idx[0]), int(idx[0]) + len(idx))):
+        span = (int(idx[0]), int(idx[0]) + len(idx))
+    return Slab(tensor=tensor, param=param, dim=m.dim, index=idx.to(device),
+                units=units.to(device), span=span, replicated=shard_dim is None)
+
+
+def _overlaps(slices: list[meta.ParamSlice]) -> bool:
+    """Does an element lie in two of these slices (of one tensor)?"""
+    if len({m.dim for m in slices}) > 1:
+        return True
+    idx = torch.cat([m.indices.to(torch.long).cpu() for m in slices])
+    return len(torch.unique(idx)) != len(idx)
+
+
+# ------------------------------------------------------------------ construction
+def _collect(graph_module: nn.Module, prunable: list[meta.PruneGroup]
+             ) -> tuple[dict[str, Tensor], dict[str, list[tuple[meta.ParamSlice, int]]]]:
+    """Tensors with "out" slices (one key per tensor: tied weights once) and their slices."""
+    tensors: dict[str, Tensor] = {}
+    slices: dict[str, list[tuple[meta.ParamSlice, int]]] = {}
+    by_id: dict[int, str] = {}
+    off = 0
+    for g in prunable:
+        for m in g.out_members:
+            t = get_attr_tensor(graph_module, m.fqn)
+            if not isinstance(t, Tensor):
+                raise InputError(f"QASSO: {m.fqn!r} of group {g.id} is not a tensor")
+            key = by_id.setdefault(id(t), m.fqn)
+            tensors[key] = t
+            slices.setdefault(key, []).append((m, off))
+        off += g.num_units
+    return tensors, slices
+
+
 def build_layout(graph_module: nn.Module, groups: tuple[meta.PruneGroup, ...],
                  weight_layer: dict[int, int], num_layers: int,
                  device: torch.device) -> Layout:
-    """Precompute the flat indices of every prunable unit (construction time only).
+    """Slabs of every prunable unit (construction time only; O(rows) memory).
 
     Args:
         graph_module: the GetaModule's ``graph_module`` (ParamSlice FQNs resolve inside it).
@@ -89,81 +200,46 @@ def build_layout(graph_module: nn.Module, groups: tuple[meta.PruneGroup, ...],
             tied weights reached under several FQNs resolve to the same quantizer).
         num_layers: ``L``, the number of quantizers (the "not quantized" layer id).
         device: where the index tensors live (the parameters' device).
+
+    Raises:
+        InputError: a slice names something that is not a tensor, a trainable tensor is not
+            contiguous, or a DTensor is sharded in a way QASSO does not handle.
     """
     prunable = [g for g in groups if g.prunable and g.num_units > 0]
-    group_ids = tuple(g.id for g in prunable)
-    offsets: list[int] = []
-    total = 0
+    offsets = [0]
     for g in prunable:
-        offsets.append(total)
-        total += g.num_units
+        offsets.append(offsets[-1] + g.num_units)
+    total = offsets.pop()
     sizes = torch.tensor([g.num_units for g in prunable], dtype=torch.long)
-    starts = torch.tensor(offsets, dtype=torch.long)
     unit_group = torch.repeat_interleave(torch.arange(len(prunable)), sizes)
 
-    # tensors with "out" slices: trainable params go to the stats vector, everything to zeroing
-    stats_order: list[str] = []
-    stats_param: dict[str, nn.Parameter] = {}
-    by_id: dict[int, str] = {}           # tied weights: one entry per tensor
-    zero_parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
-    zero_tensor: dict[str, Tensor] = {}
-    for g, off in zip(prunable, offsets, strict=True):
-        for m in g.out_members:
-            t = get_attr_tensor(graph_module, m.fqn)
-            if not isinstance(t, Tensor):
-                raise InputError(f"QASSO: {m.fqn!r} of group {g.id} is not a tensor")
-            key = by_id.setdefault(id(t), m.fqn)
-            flat, units = _slice_flat_indices(t.shape, m)
-            units = units + off
-            idx_l, unit_l = zero_parts.setdefault(key, ([], []))
-            idx_l.append(flat)
-            unit_l.append(units)
-            zero_tensor[key] = t
-            if isinstance(t, nn.Parameter) and t.requires_grad and key not in stats_param:
-                if not t.is_contiguous():
-                    raise InputError(f"QASSO: parameter {key!r} is not contiguous")
-                stats_param[key] = t
-                stats_order.append(key)
-
-    pair_elem_parts: list[Tensor] = []
-    pair_unit_parts: list[Tensor] = []
-    elem_layer_parts: list[Tensor] = []
-    numels: list[int] = []
-    base = 0
-    for key in stats_order:
-        p = stats_param[key]
-        idx_l, unit_l = zero_parts[key]
-        pair_elem_parts += [i + base for i in idx_l]
-        pair_unit_parts += unit_l
-        numels.append(p.numel())
-        layer = weight_layer.get(id(p), num_layers)
-        elem_layer_parts.append(torch.full((p.numel(),), layer, dtype=torch.long))
-        base += p.numel()
-    n = base
-    pair_elem = torch.cat(pair_elem_parts) if pair_elem_parts else torch.zeros(0, dtype=torch.long)
-    pair_unit = torch.cat(pair_unit_parts) if pair_unit_parts else torch.zeros(0, dtype=torch.long)
-    elem_layer = (torch.cat(elem_layer_parts) if elem_layer_parts
-                  else torch.zeros(0, dtype=torch.long))
-    unit_numel = torch.zeros(total, dtype=torch.float32).index_add_(
-        0, pair_unit, torch.ones(len(pair_unit)))
-
-    # identity fast path: every stats element in exactly one unit
-    identity: Tensor | None = pair_elem
-    if len(pair_elem) == n:
-        order = torch.argsort(pair_elem, stable=True)
-        if torch.equal(pair_elem[order], torch.arange(n)):
-            pair_unit = pair_unit[order]
-            identity = None
-
-    zero_keys = list(zero_tensor)
+    tensors, slices = _collect(graph_module, prunable)
+    params: list[nn.Parameter] = []
+    param_fqns: list[str] = []
+    slabs: list[Slab] = []
+    overlap: list[bool] = []
+    unit_numel = torch.zeros(total, dtype=torch.float32)
+    for ti, (key, t) in enumerate(tensors.items()):
+        pi: int | None = None
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            if not t.is_contiguous():
+                raise InputError(f"QASSO: parameter {key!r} is not contiguous")
+            pi = len(params)
+            params.append(t)
+            param_fqns.append(key)
+            overlap.append(_overlaps([m for m, _ in slices[key]]))
+        for m, off in slices[key]:
+            slabs.append(_make_slab(t, key, m, off, ti, pi, device))
+            if pi is not None:  # elements per unit, from the global shape
+                per_row = t.numel() // max(int(t.shape[m.dim]), 1)
+                unit_numel.index_add_(0, m.units.to(torch.long).cpu() + off,
+                                      torch.full((len(m.units),), float(per_row)))
     return Layout(
-        num_units=total, group_ids=group_ids, group_offsets=tuple(offsets),
+        num_units=total, group_ids=tuple(g.id for g in prunable), group_offsets=tuple(offsets),
         unit_group=unit_group.to(device), group_size=sizes.to(device),
-        group_start=starts.to(device), params=[stats_param[k] for k in stats_order],
-        param_fqns=stats_order, numels=numels,
-        pair_elem=None if identity is None else identity.to(device),
-        pair_unit=pair_unit.to(device), unit_numel=unit_numel.to(device),
-        elem_layer=elem_layer.to(device),
-        zero_tensors=[zero_tensor[k] for k in zero_keys], zero_fqns=zero_keys,
-        zero_idx=[torch.cat(zero_parts[k][0]).to(device) for k in zero_keys],
-        zero_units=[torch.cat(zero_parts[k][1]).to(device) for k in zero_keys])
+        group_start=torch.tensor(offsets, dtype=torch.long).to(device), params=params,
+        param_fqns=param_fqns, numels=[p.numel() for p in params],
+        param_layer=[weight_layer.get(id(p), num_layers) for p in params],
+        unit_numel=unit_numel.to(device), tensors=list(tensors.values()),
+        tensor_fqns=list(tensors), slabs=slabs, overlap=overlap,
+        sharded=any(_shard_info(p, n)[0] is not None for p, n in zip(params, param_fqns)))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from geta_fx.errors import InputError
+from geta_fx.optim._layout import Slab
 
 #: criterion -> default weight (GETA_SPEC C.6 table).
 DEFAULT_IMPORTANCE: dict[str, float] = {
@@ -36,17 +37,21 @@ def check_importance(importance: Mapping[str, float] | None) -> dict[str, float]
     return out
 
 
-def unit_stats(x: Tensor, g: Tensor, pair_elem: Tensor | None, pair_unit: Tensor,
-               num_units: int) -> Tensor:
-    """``[U, 3]``: per unit ``(sum x^2, sum x*g, sum g^2)`` over its elements.
+def add_unit_stats(stats: Tensor, slabs: list[Slab], x: Tensor, g: Tensor) -> None:
+    """Add one tensor's ``(sum x^2, sum x*g, sum g^2)`` per unit into ``stats [U, 3]``.
 
-    ``x``/``g`` are the stats vectors (parameter values, search directions).
+    Args:
+        stats: float32 accumulator, one row per global unit.
+        slabs: the slabs of this tensor (:meth:`Layout.param_slabs`).
+        x, g: the (local) tensor and its search direction; read through each slab's rows, in
+            float32, reduced over every dim but the slab's (temporaries: one slab at a time).
     """
-    if pair_elem is not None:
-        x, g = x[pair_elem], g[pair_elem]
-    vals = torch.stack([x * x, x * g, g * g], dim=1)
-    return torch.zeros(num_units, 3, dtype=vals.dtype, device=vals.device).index_add_(
-        0, pair_unit, vals)
+    for s in slabs:
+        if not len(s.index):
+            continue
+        xs, gs = s.rows(x).float(), s.rows(g).float()
+        vals = torch.stack([s.row_sums(xs * xs), s.row_sums(xs * gs), s.row_sums(gs * gs)], 1)
+        stats.index_add_(0, s.units, vals)
 
 
 def importance_scores(stats: Tensor, unit_numel: Tensor, weights: Mapping[str, float],

@@ -23,14 +23,17 @@ non-finite check unless ``nonfinite_patience=None``)::
 
     finite      max |g| of every gradient (one _foreach_norm) all finite?  else skip the step:
                 nothing changes, the skip is counted, N in a row raise TrainingError
-    directions  g^ for all weights (foreach SGD/Adam) and for the stacked quantizer scalars
-    select      (first step of a period) unit statistics with one index_add_, scores, the
-                global selection, the period's JointPlan
+    directions  g^ of the stacked quantizer scalars (the weights' come chunk by chunk, below)
+    moments     advance every weight's moment buffers (in place, one foreach pass)
+    select      (first step of a period) unit statistics slab by slab (row views of each
+                tensor, no per-element index; _layout.py), scores, the global selection,
+                the period's JointPlan
     quantizers  plain step on the stacked [log_d | log_q_m | t] vector, projection, joint d*,
                 written back with one _foreach_copy_
-    weights     (adamw decay), p -= lr * g^, minus the forget term on the redundant elements
+    weights     chunk by chunk: g^ from the moments, (adamw decay), p -= lr * g^; then minus
+                the forget term on the redundant rows
     commit      (last joint step of a period) pruned |= redundant
-    hard zero   index_fill_ 0 into every committed element
+    hard zero   index_fill_ 0 into the committed rows of every slab
 
 Recipe options (issue #12): ``total_steps`` fills in the step arguments
 (:func:`geta_fx.optim.schedule`); ``min_kept`` / ``max_sparsity`` / ``skip`` bound what each
@@ -63,6 +66,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -71,7 +75,7 @@ from torch import Tensor, nn
 
 from geta_fx.errors import InputError, TrainingError
 from geta_fx.optim import _directions, _joint, _limits, _saliency
-from geta_fx.optim._layout import Layout, build_layout
+from geta_fx.optim._layout import Layout, build_layout, local_tensor
 from geta_fx.optim._schedule import STEP_ARGS, Schedule, Stage, resolve_steps
 from geta_fx.quantizer import Q_M_MIN, bit_width, d_for_bits
 
@@ -94,6 +98,16 @@ _STEP_DEFAULTS = {"start_projection_step": 0, "projection_steps": 1, "projection
                   "start_pruning_step": 1, "pruning_steps": 1, "pruning_periods": 1}
 
 logger = logging.getLogger("geta_fx.optim")
+
+
+@dataclass
+class _Gathered:
+    """A joint step's inputs: per plan block its rows and directions; whole copies of the
+    tensors whose slabs overlap (index into ``Layout.params``)."""
+
+    xs: list[Tensor | None]
+    gs: list[Tensor | None]
+    full: dict[int, Tensor]
 
 
 def _copy_limit(v: _limits.Limit) -> _limits.Limit:
@@ -269,6 +283,7 @@ class QASSO(torch.optim.Optimizer):
                                            len(quants), device)
         widx = {id(p): i for i, p in enumerate(weights)}
         self._stats_widx = [widx[id(p)] for p in self.layout.params]
+        self._init_sharding(weights)
         self.num_units = self.layout.num_units
         self.k_target = math.floor(self.target_sparsity * self.num_units)
         by_id = {g.id: g for g in gm.groups}
@@ -283,6 +298,22 @@ class QASSO(torch.optim.Optimizer):
         self._warn_unreachable()
         self._param_names = self._name_params(gm, weights)
 
+    def _init_sharding(self, weights: list[nn.Parameter]) -> None:
+        """FSDP2: the group parameters are sharded over, who holds which quantizer scalar,
+        and which slabs this rank counts in the unit statistics (replicated rows: rank 0)."""
+        lay = self.layout
+        self._shard_group = self.process_group
+        sharded = [p for p in weights if hasattr(p, "device_mesh")]
+        if sharded and self._shard_group is None:
+            self._shard_group = sharded[0].device_mesh.get_group()  # type: ignore[attr-defined]
+        self._q_owned: Tensor | None = None
+        if self._qparams and any(hasattr(p, "device_mesh") for p in self._qparams):
+            owned = [i for i, p in enumerate(self._qparams) if local_tensor(p).numel() > 0]
+            self._q_owned = torch.tensor(owned, dtype=torch.long, device=self._device)
+        count_replicated = not lay.sharded or dist.get_rank(self._shard_group) == 0
+        self._stats_slabs = [[s for s in lay.param_slabs(i) if count_replicated or
+                              not s.replicated] for i in range(len(lay.params))]
+
     def _init_state(self, weights: list[nn.Parameter]) -> None:
         """Optimizer state: tensors on the parameters' device; counters are ints."""
         device, variant = self._device, self.variant
@@ -291,7 +322,7 @@ class QASSO(torch.optim.Optimizer):
         self._redundant = torch.zeros_like(self._pruned)
         self._plan: _joint.JointPlan | None = None
         self._frozen_bits: Tensor | None = None
-        self._zero_lists: list[tuple[Tensor, Tensor]] = []
+        self._zero_lists: list[tuple[Tensor, int, Tensor]] = []
         self._qstate: dict[str, Any] = {"step": 0}
         self._skipped = 0            # steps skipped for non-finite values, in all
         self._nonfinite_streak = 0   # ... in a row, up to now
@@ -378,39 +409,79 @@ class QASSO(torch.optim.Optimizer):
         lr = float(group["lr"])
 
         weights: list[nn.Parameter] = group["params"]
-        dirs = _directions.weight_directions(self.variant, weights, self.state, group)
+        active = _directions.update_moments(self.variant, weights, self.state, group)
         if sch.is_selection_step(k):
-            self._select(weights, dirs)
+            self._select(weights, active)
         plan = self._plan if sch.is_joint_step(k) and self._plan is not None else None
         if plan is not None and plan.empty:
             plan = None
-
-        x_sub = g_sub = None
-        if plan is not None:  # redundant elements before this step's update (float32 math)
-            params = self.layout.params
-            x_sub = torch.cat([params[i].view(-1)[idx].float() for i, idx, _, _ in plan.slices])
-            g_sub = torch.cat([
-                self._dir_or_zero(dirs, weights, self._stats_widx[i]).view(-1)[idx].float()
-                for i, idx, _, _ in plan.slices])
-        delta = self._step_quantizers(stage, k, lr, plan, x_sub, g_sub)
-
-        # weights: p <- p (1 - lr wd)  [adamw]  - lr g^  - forget term  [joint]
-        active = [(p, d) for p, d in zip(weights, dirs, strict=True) if d is not None]
-        if active:
-            ps, ds = [p for p, _ in active], [d for _, d in active]
-            wd = float(group["weight_decay"])
-            if self.variant == "adamw" and wd != 0:
-                torch._foreach_mul_(ps, 1.0 - lr * wd)
-            torch._foreach_add_(ps, ds, alpha=-lr)
-        if plan is not None and delta is not None:
-            for i, idx, lo, hi in plan.slices:
-                p = self.layout.params[i]
-                p.view(-1).index_add_(0, idx, delta[lo:hi].to(p.dtype), alpha=-1.0)
+        got = self._update_weights(weights, active, lr, plan)
+        joint = self._step_quantizers(stage, k, lr, plan, got)
+        if plan is not None and got is not None and joint is not None:
+            self._apply_forget(plan, got, *joint)
         if sch.is_commit_step(k):
             self._commit()
-        for t, idx in self._zero_lists:
-            t.view(-1).index_fill_(0, idx, 0.0)
+        self._zero_committed()
         return loss
+
+    # ------------------------------------------------------------------ weights
+    def _update_weights(self, weights: list[nn.Parameter], active: list[int], lr: float,
+                        plan: _joint.JointPlan | None) -> _Gathered | None:
+        """``p <- p (1 - lr wd)  [adamw]  - lr g^``, chunk by chunk (a chunk's directions are
+        the only ones alive).  For a joint step, also returns the redundant rows of every
+        plan block before the update and their directions (float32, local), and whole
+        copies of the plan tensors whose slabs overlap."""
+        group = self.param_groups[0]
+        wd = float(group["weight_decay"])
+        want = {} if plan is None else {self._stats_widx[i]: i for i in plan.params}
+        got = _Gathered([None] * len(plan.blocks), [None] * len(plan.blocks), {}) \
+            if plan is not None else None
+        for run in _directions.chunks([weights[i].numel() for i in active]):
+            ps = [weights[active[j]] for j in run]
+            ds = _directions.directions(self.variant, ps, self.state, group)
+            locs = [local_tensor(p) for p in ps]
+            for j, p, d in zip(run, locs, ds, strict=True):
+                if got is not None and active[j] in want:
+                    self._gather(plan, got, want.pop(active[j]), p, d)
+            if self.variant == "adamw" and wd != 0:
+                torch._foreach_mul_(locs, 1.0 - lr * wd)
+            torch._foreach_add_(locs, ds, alpha=-lr)
+        if got is not None:
+            for i in want.values():  # plan tensors without a gradient: direction 0
+                x = local_tensor(self.layout.params[i]).detach()
+                self._gather(plan, got, i, x, torch.zeros_like(x))
+        return got
+
+    def _gather(self, plan: _joint.JointPlan, got: _Gathered, i: int, x: Tensor,
+                d: Tensor) -> None:
+        """Record the rows of ``params[i]`` (local ``x``, direction ``d``) the plan needs."""
+        for bi, b in enumerate(plan.blocks):
+            if b.param == i:
+                got.xs[bi] = x.index_select(b.dim, b.rows).float()
+                got.gs[bi] = d.index_select(b.dim, b.rows).float()
+        if self.layout.overlap[i]:
+            got.full[i] = x.detach().float().clone()
+
+    def _apply_forget(self, plan: _joint.JointPlan, got: _Gathered, rates: list[Tensor],
+                      qvals: tuple[Tensor, Tensor, Tensor, Tensor]) -> None:
+        """Subtract the joint update's forget term from the redundant rows (one decay per
+        element: tensors whose slabs overlap take the largest rate, GETA_SPEC G.2 #10)."""
+        lay = self.layout
+        rate_maps: dict[int, Tensor] = {}
+        for b, x, rate in zip(plan.blocks, got.xs, rates, strict=True):
+            assert x is not None
+            if lay.overlap[b.param]:  # lazily, for this tensor only: the rate of each element
+                rmap = rate_maps.setdefault(b.param, torch.zeros_like(got.full[b.param]))
+                rmap.index_reduce_(b.dim, b.rows, torch.broadcast_to(rate, x.shape).contiguous(),
+                                   "amax")
+                continue
+            p = local_tensor(lay.params[b.param])
+            base = _joint.forget_base(x, b.layer, *qvals)
+            p.index_add_(b.dim, b.rows, (rate * base).to(p.dtype), alpha=-1.0)
+        for i, rmap in rate_maps.items():
+            p = local_tensor(lay.params[i])
+            p.sub_((rmap * _joint.forget_base(got.full[i], lay.param_layer[i], *qvals))
+                   .to(p.dtype))
 
     # ------------------------------------------------------------------ non-finite steps
     def _skip_nonfinite(self, loss: Any) -> bool:
@@ -422,16 +493,19 @@ class QASSO(torch.optim.Optimizer):
         values overflows too), so only NaN/inf elements skip a step.
         """
         params = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [local_tensor(p.grad) for p in params if p.grad is not None]
         checks = list(torch._foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
         lossv = loss.detach().float() if isinstance(loss, Tensor) else None
         if lossv is not None:
             checks.append(lossv.abs().max().to(checks[0].device if checks else lossv.device))
-        if not checks or bool(torch.stack(checks).isfinite().all()):
-            self._nonfinite_streak = 0
-            return False
-        what = self._first_nonfinite(params, lossv)
-        if what is None:  # an overflowing norm of finite values
+        what = None
+        if checks and not bool(torch.stack(checks).isfinite().all()):
+            what = self._first_nonfinite(params, lossv)  # None: an overflowing norm
+        if self.layout.sharded:  # every rank skips when one shard is not finite
+            bad = self._reduce("max", torch.tensor([float(what is not None)]))
+            if what is None and bool(bad[0] > 0):
+                what = "a non-finite gradient on another rank"
+        if what is None:
             self._nonfinite_streak = 0
             return False
         self._skipped += 1
@@ -452,20 +526,14 @@ class QASSO(torch.optim.Optimizer):
         if loss is not None and not bool(loss.isfinite().all()):
             return f"the loss is {float(loss[~loss.isfinite()][0])}"
         bad = [i for i, p in enumerate(params)
-               if p.grad is not None and not bool(p.grad.isfinite().all())]
+               if p.grad is not None and not bool(local_tensor(p.grad).isfinite().all())]
         if not bad:
             return None
-        g = params[bad[0]].grad
+        g = local_tensor(params[bad[0]].grad)
         kind = "nan" if bool(g.isnan().any()) else "inf"
         n_grads = sum(p.grad is not None for p in params)
         return (f"the gradient of {self._param_names[bad[0]]} has {kind} values first; "
                 f"{len(bad)} of {n_grads} gradients are not finite")
-
-    # ------------------------------------------------------------------ directions
-    @staticmethod
-    def _dir_or_zero(dirs: list[Tensor | None], weights: list[nn.Parameter], i: int) -> Tensor:
-        d = dirs[i]
-        return torch.zeros_like(weights[i]) if d is None else d
 
     # ------------------------------------------------------------------ quantizers
     def _refresh_signed(self) -> Tensor:
@@ -478,25 +546,25 @@ class QASSO(torch.optim.Optimizer):
         return self._signed
 
     def _step_quantizers(self, stage: Stage, k: int, lr: float, plan: _joint.JointPlan | None,
-                         x_sub: Tensor | None, g_sub: Tensor | None) -> Tensor | None:
-        """Plain step + projection / pinning / joint d* of all quantizers; returns the
-        forget term of the joint update (None outside joint steps)."""
+                         got: _Gathered | None
+                         ) -> tuple[list[Tensor], tuple[Tensor, Tensor, Tensor, Tensor]] | None:
+        """Plain step + projection / pinning / joint d* of all quantizers; on a joint step
+        returns the forget rates of the plan's blocks and ``(d*, q_m, t, signed)`` (each with
+        a dummy "not quantized" entry) the forget term is computed with; else None."""
         n_l = self._num_layers
+        joint_args = (self.schedule.b_l, self.schedule.b_u(k), self.schedule.forget_rate(k),
+                      lr, self.layout.num_groups, self._reduce if self.layout.sharded else None)
         if n_l == 0:
-            if plan is None:
+            if plan is None or got is None:
                 return None
             one = torch.ones(1, device=self._device)
-            delta, _, _ = _joint.joint_update(
-                plan, x_sub, g_sub, one, one, one, self._signed, self.schedule.b_l,
-                self.schedule.b_u(k), self.schedule.forget_rate(k), lr, self.layout.num_groups)
-            return delta
+            rates, d_new, _ = _joint.joint_update(plan, got.xs, got.gs, one, one, one,
+                                                  self._signed, *joint_args)
+            return rates, (d_new, one, one, self._signed)
         self._refresh_signed()
         qgroup = self.param_groups[1]
         lr_q = float(qgroup["lr_quant"])
-        qp = self._qparams
-        vals = torch.cat([p.view(-1) for p in qp])
-        grads = torch.cat([p.grad.view(-1) if p.grad is not None else torch.zeros_like(p.view(-1))
-                           for p in qp])
+        vals, grads = self._scalars(with_grads=True)
         d_old = vals[:n_l].exp()
         new = vals - lr_q * _directions.quant_direction(self.variant, self._qstate, grads,
                                                         qgroup)
@@ -513,16 +581,51 @@ class QASSO(torch.optim.Optimizer):
             lo, hi = self._bit_bounds(k)
             log_d = torch.clamp(log_d, d_for_bits(hi, q_m, t, signed).log(),
                                 d_for_bits(lo, q_m, t, signed).log())
-        delta = None
-        if plan is not None:
+        out = None
+        if plan is not None and got is not None:
             ext = torch.ones(1, device=self._device)
-            delta, d_new, joint = _joint.joint_update(
-                plan, x_sub, g_sub, torch.cat([d_old, ext]), torch.cat([q_m, ext]),
-                torch.cat([t, ext]), self._signed, self.schedule.b_l, self.schedule.b_u(k),
-                self.schedule.forget_rate(k), lr, self.layout.num_groups)
+            q_ext, t_ext = torch.cat([q_m, ext]), torch.cat([t, ext])
+            rates, d_new, joint = _joint.joint_update(
+                plan, got.xs, got.gs, torch.cat([d_old, ext]), q_ext, t_ext, self._signed,
+                *joint_args)
             log_d = torch.where(joint[:n_l], d_new[:n_l].log(), log_d)
-        torch._foreach_copy_(qp, torch.cat([log_d, log_q_m, t]).split(1))
-        return delta
+            out = rates, (d_new, q_ext, t_ext, self._signed)
+        self._write_scalars(torch.cat([log_d, log_q_m, t]))
+        return out
+
+    # ------------------------------------------------------------------ scalars, collectives
+    def _scalars(self, with_grads: bool = False) -> tuple[Tensor, Tensor]:
+        """The stacked quantizer scalars ``[log_d | log_q_m | t]`` and their gradients (zeros
+        where none, or ``with_grads=False``), whole on every rank: under FSDP2 each scalar
+        lives on one rank, so one ``all_reduce`` of the owners' values completes them."""
+        locs = [local_tensor(p).detach().view(-1) for p in self._qparams]
+        vals = torch.cat(locs)
+        grads = torch.zeros_like(vals)
+        if with_grads:
+            grads = torch.cat([local_tensor(p.grad).view(-1) if p.grad is not None
+                               else torch.zeros_like(v) for p, v in zip(self._qparams, locs)])
+        if self._q_owned is None:
+            return vals, grads
+        full = torch.zeros(2, len(self._qparams), dtype=vals.dtype, device=vals.device)
+        full[:, self._q_owned] = torch.stack([vals, grads])
+        full = self._reduce("sum", full)
+        return full[0], full[1]
+
+    def _write_scalars(self, new: Tensor) -> None:
+        """Write the stacked scalars back (the locally held ones under FSDP2)."""
+        if self._q_owned is None:
+            torch._foreach_copy_(self._qparams, new.split(1))
+            return
+        owned = self._q_owned.tolist()
+        torch._foreach_copy_([local_tensor(self._qparams[i]) for i in owned],
+                             new[self._q_owned].split(1))
+
+    def _reduce(self, op: str, t: Tensor) -> Tensor:
+        """``t`` summed (``"sum"``) or minimised (``"min"``) over the ranks sharing the
+        parameters (FSDP2); in place, also returned."""
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(t, op=ops[op], group=self._shard_group)
+        return t
 
     def _bit_bounds(self, k: int) -> tuple[Tensor, Tensor]:
         """Per quantizer ``(b_lo, b_hi)`` in force at step ``k``."""
@@ -542,7 +645,7 @@ class QASSO(torch.optim.Optimizer):
         self._frozen_bits = self._broadcast(frozen)
 
     # ------------------------------------------------------------------ pruning
-    def _select(self, weights: list[nn.Parameter], dirs: list[Tensor | None]) -> None:
+    def _select(self, weights: list[nn.Parameter], active: list[int]) -> None:
         """Score all units and choose this period's redundant set (GETA_SPEC C.6 1-3)."""
         lay = self.layout
         pos = self.schedule.pruning_position(self._k)
@@ -551,11 +654,18 @@ class QASSO(torch.optim.Optimizer):
             self._redundant = torch.zeros_like(self._pruned)
             self._plan = None
             return
-        # float32 statistics, also for float16/bfloat16 weights (no-op copies for float32)
-        x = torch.cat([p.detach().view(-1).float() for p in lay.params])
-        g = torch.cat([self._dir_or_zero(dirs, weights, i).view(-1).float()
-                       for i in self._stats_widx])
-        stats = _saliency.unit_stats(x, g, lay.pair_elem, lay.pair_unit, lay.num_units)
+        # float32 statistics, also for float16/bfloat16 weights, one tensor at a time
+        stats = torch.zeros(lay.num_units, 3, dtype=torch.float32, device=self._device)
+        has_grad = set(active)
+        for i, p in enumerate(lay.params):
+            w = self._stats_widx[i]
+            x = local_tensor(p).detach()
+            g = (_directions.directions(self.variant, [weights[w]], self.state,
+                                        self.param_groups[0])[0]
+                 if w in has_grad else torch.zeros_like(x))
+            _saliency.add_unit_stats(stats, self._stats_slabs[i], x, g)
+        if lay.sharded:
+            stats = self._reduce("sum", stats)
         scores = _saliency.importance_scores(stats, lay.unit_numel, self.importance,
                                              ~self._pruned)
         target = self.schedule.cumulative_target(pos[0], self.k_target)
@@ -564,8 +674,7 @@ class QASSO(torch.optim.Optimizer):
                                           lay.group_size, n_new, self.group_divisible,
                                           self._keep_min)
         self._redundant = self._broadcast(selected)
-        self._plan = _joint.build_plan(self._redundant, lay.pair_elem, lay.pair_unit,
-                                       lay.unit_group, lay.elem_layer, lay.numels)
+        self._plan = _joint.build_plan(self._redundant, lay)
 
     def _stage_note(self, stage: Stage, k: int) -> str:
         sch = self.schedule
@@ -600,18 +709,22 @@ class QASSO(torch.optim.Optimizer):
                       stacklevel=4)  # _commit <- step <- Optimizer's step wrapper <- user
 
     def _rebuild_zero_lists(self) -> None:
-        """Flat indices of committed elements per tensor (host sync: once per commit)."""
+        """Rows of committed units per slab (host sync: once per commit), zeroed at once."""
         lay = self.layout
         self._zero_lists = []
         if not bool(self._pruned.any()):
             return
-        for t, idx, units in zip(lay.zero_tensors, lay.zero_idx, lay.zero_units, strict=True):
-            sel = idx[self._pruned[units]]
-            if len(sel):
-                self._zero_lists.append((t, sel))
-        with torch.no_grad():
-            for t, sel in self._zero_lists:
-                t.view(-1).index_fill_(0, sel, 0.0)
+        for s in lay.slabs:
+            rows = s.index[self._pruned[s.units]]
+            if len(rows):
+                self._zero_lists.append((local_tensor(lay.tensors[s.tensor]), s.dim, rows))
+        self._zero_committed()
+
+    @torch.no_grad()
+    def _zero_committed(self) -> None:
+        """Hard zero: ``index_fill_`` 0 into the committed rows of every slab."""
+        for t, dim, rows in self._zero_lists:
+            t.index_fill_(dim, rows, 0.0)
 
     def _broadcast(self, t: Tensor) -> Tensor:
         """Rank 0's value of ``t`` on every rank (no-op without torch.distributed)."""
@@ -645,8 +758,12 @@ class QASSO(torch.optim.Optimizer):
         """
         k, sch, lay = self._k, self.schedule, self.layout
         zero = torch.zeros(lay.num_units, device=self._device)
-        for t, idx, units in zip(lay.zero_tensors, lay.zero_idx, lay.zero_units, strict=True):
-            zero.index_add_(0, units, t.detach().reshape(-1)[idx].float().pow(2))
+        for s in lay.slabs:
+            if len(s.index):
+                t = local_tensor(lay.tensors[s.tensor]).detach()
+                zero.index_add_(0, s.units, s.row_sums(s.rows(t).float().pow(2)))
+        if lay.sharded:
+            zero = self._reduce("sum", zero)
         num_zero = int((zero == 0).sum()) if lay.num_units else 0
         num_pruned = int(self._pruned.sum())
         pos = sch.pruning_position(k)
@@ -684,7 +801,7 @@ class QASSO(torch.optim.Optimizer):
         n_l = self._num_layers
         if n_l == 0:
             return torch.zeros(0)
-        vals = torch.cat([p.detach().view(-1) for p in self._qparams])
+        vals, _ = self._scalars()
         return bit_width(vals[:n_l].exp(), _q_m(vals[n_l:2 * n_l]), vals[2 * n_l:],
                          self._signed[:n_l]).cpu()
 
@@ -734,8 +851,7 @@ class QASSO(torch.optim.Optimizer):
         lay = self.layout
         self._plan = None
         if bool(self._redundant.any()):
-            self._plan = _joint.build_plan(self._redundant, lay.pair_elem, lay.pair_unit,
-                                           lay.unit_group, lay.elem_layer, lay.numels)
+            self._plan = _joint.build_plan(self._redundant, lay)
         self._rebuild_zero_lists()
 
     @property
