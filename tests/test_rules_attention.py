@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import geta_fx
-from geta_fx.testing.models import PackedMHA, UnbindQKV
+from geta_fx.ir.rules_attention import parse_equation
+from geta_fx.testing.models import EinsumAttention, PackedMHA, UnbindQKV
 from helpers import max_rel_err, zero_eager
 
 
@@ -116,3 +117,60 @@ def test_tiled_heads_reaching_an_op_that_cannot_follow_them_pin() -> None:
     g = _group_of(gm, "proj.weight")
     assert not g.prunable and "tiled" in g.reason
     torch.testing.assert_close(gm(x), model(x))
+
+
+# --------------------------------------------------------------------------- einsum
+
+def test_einsum_attention_heads_and_einsum_layer_prune_exactly() -> None:
+    """bhqd,bhkd->bhqk and bhqk,bhkd->bhqd unify q/k/v heads; bld,hd->blh is a stem over a
+    bare weight parameter (its rows "out", the consumer's columns "in")."""
+    torch.manual_seed(0)
+    model = EinsumAttention(16, 4, inner=6).eval()
+    x = torch.randn(2, 5, 16)
+    gm = geta_fx.transform(model, (x,))
+    heads, inner = _group_of(gm, "qkv.weight"), _group_of(gm, "w_up")
+    assert heads.prunable and inner.prunable, (heads.reason, inner.reason)
+    assert (heads.num_units, heads.unit_size) == (4, 12) and inner.num_units == 6
+    assert {(m.fqn, m.dim, m.role) for m in inner.members} == {
+        ("w_up", 0, "out"), ("down.weight", 1, "in")}
+    hidden = _group_of(gm, "proj.weight")  # the residual stream reads w_up's columns
+    assert ("w_up", 1, "in") in {(m.fqn, m.dim, m.role) for m in hidden.members}
+    gm.zero_units(heads.id, [2])
+    gm.zero_units(inner.id, [0, 5])
+    slim = _check_slim(model, gm, x, torch.randn(3, 7, 16))
+    assert slim.qkv.weight.shape == (36, 16) and slim.w_up.shape == (4, 16)
+
+
+class _EinsumPins(nn.Module):
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.a, self.b, self.head = nn.Linear(8, 6), nn.Linear(8, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.case == "contract_nonzero":  # neither factor is zero on a pruned channel
+            s = torch.einsum("bc,bc->b", torch.sigmoid(self.a(x)), torch.sigmoid(self.b(x)))
+            return self.head(self.a(x) * s[:, None])
+        if self.case == "computed_operand":  # y runs along a's channels, unlabelled
+            return self.head(torch.einsum("bc,bc->bc", self.a(x), y))
+        return self.head(torch.einsum("bcc->bc", self.a(x)[:, :, None].expand(-1, -1, 6)))
+
+
+@pytest.mark.parametrize(("case", "reason"), [
+    ("contract_nonzero", "not zero when pruned"),
+    ("computed_operand", "carries no channels and is no parameter"),
+    ("diagonal", "repeated in an operand"),
+])
+def test_einsum_pins_what_it_cannot_prove(case: str, reason: str) -> None:
+    model = _EinsumPins(case).eval()
+    x, y = torch.randn(2, 8), torch.randn(2, 6)
+    gm = geta_fx.transform(model, (x, y))
+    g = _group_of(gm, "a.weight")
+    assert not g.prunable and reason in g.reason, g.reason
+    torch.testing.assert_close(gm(x, y), model(x, y))
+
+
+def test_parse_equation_expands_ellipsis_and_implicit_output() -> None:
+    assert parse_equation("...ij,...jk->...ik", [4, 3]) == (["01ij", "1jk"], "01ik")
+    assert parse_equation("ij,jk", [2, 2]) == (["ij", "jk"], "ik")
+    assert parse_equation("ij,jk->ik", [3, 2]) is None

@@ -15,7 +15,8 @@ open a channel space and norms keep it (``rules_layers``: conv, linear, matmul/a
 parameter, embedding, batch/group/layer norms); index-moving ops carry it
 (``rules_shape``: view/reshape, permute, slice, split, cat); reductions, pooling and
 attention (``rules_reduce``) carry it or pin it when they reduce over it; recurrent layers
-(``rules_rnn``: LSTM/GRU/RNN) open one space of hidden units.
+(``rules_rnn``: LSTM/GRU/RNN) open one space of hidden units; einsum follows its subscripts
+(``rules_attention``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 
 from geta_fx.ir import (  # noqa: F401
+    rules_attention,
     rules_layers,
     rules_pointwise,
     rules_reduce,

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ZOO", "BasicBlock", "CharGPT", "DenseNetTiny", "DigitsCNN", "FlattenLinear",
-           "GLUNet", "GPTBlock", "GroupNormNet", "GroupedConv", "InvertedResidual", "MLP",
-           "MultiIO", "PackedMHA", "RNNHead", "ResNetCifar", "UNetTiny", "UnbindQKV", "WeightSharing",
-           "vgg7_bn"]
+__all__ = ["ZOO", "BasicBlock", "CharGPT", "DenseNetTiny", "DigitsCNN", "EinsumAttention",
+           "FlattenLinear", "GLUNet", "GPTBlock", "GroupNormNet", "GroupedConv",
+           "InvertedResidual", "MLP", "MultiIO", "PackedMHA", "RNNHead", "ResNetCifar",
+           "UNetTiny", "UnbindQKV", "WeightSharing", "vgg7_bn"]
 
 
 
@@ -276,6 +276,27 @@ class UnbindQKV(nn.Module):
         q, k, v = qkv.unbind(0)
         y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
         return self.head(self.proj(y))
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum (``bhqd,bhkd->bhqk``, ``bhqk,bhkd->bhqd``) and an einsum
+    layer with a bare weight parameter (``bld,hd->blh``)."""
+
+    def __init__(self, d: int = 16, heads: int = 4, inner: int = 6) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.w_up = nn.Parameter(torch.randn(inner, d) / d ** 0.5)
+        self.down = nn.Linear(inner, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)\
+            .unbind(0)
+        att = torch.einsum("bhqd,bhkd->bhqk", q, k).mul(q.shape[-1] ** -0.5).softmax(-1)
+        y = x + self.proj(torch.einsum("bhqk,bhkd->bhqd", att, v).transpose(1, 2)
+                          .reshape(b, t, c))
+        return self.down(F.gelu(torch.einsum("bld,hd->blh", y, self.w_up)))
 
 
 class RNNHead(nn.Module):
