@@ -617,8 +617,9 @@ class QASSO(torch.optim.Optimizer):
             torch._foreach_copy_(self._qparams, new.split(1))
             return
         owned = self._q_owned.tolist()
-        torch._foreach_copy_([local_tensor(self._qparams[i]) for i in owned],
-                             new[self._q_owned].split(1))
+        if owned:
+            torch._foreach_copy_([local_tensor(self._qparams[i]) for i in owned],
+                                 new[self._q_owned].split(1))
 
     def _reduce(self, op: str, t: Tensor) -> Tensor:
         """``t`` summed (``"sum"``) or minimised (``"min"``) over the ranks sharing the
