@@ -12,6 +12,7 @@ from geta_fx.errors import (CaptureError, GetaFxError, InputError, NodeError, Pa
 from geta_fx.ir.meta import ParamSlice, PruneGroup
 from geta_fx.module import GetaModule
 from geta_fx.pipeline import GraphPass, PassResult, Pipeline
+from geta_fx.generate import generate  # eager: the function shadows its module name
 from geta_fx.report import Report, report  # eager: the function shadows its module name
 
 # Heavier parts load on first use (``geta_fx.QASSO`` imports geta_fx.optim.qasso, ...).
@@ -43,6 +44,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "CaptureError", "Captured", "GetaFxError", "GetaModule", "GraphPass", "InputError",
     "NodeError", "ParamSlice", "PassError", "PassResult", "Pipeline", "PipelineOrderError",
-    "PruneGroup", "QuantizerError", "TrainingError", "capture", "default_pipeline", "transform",
+    "PruneGroup", "QuantizerError", "TrainingError", "capture", "default_pipeline", "generate",
+    "transform",
     *_LAZY,
 ]

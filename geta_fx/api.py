@@ -127,6 +127,9 @@ def transform(model: nn.Module, example_inputs: Any, *, quantize: QuantizeMode =
         else (example_inputs,)
     module._example_inputs = pytree.tree_map_only(
         torch.Tensor, lambda t: t.detach().clone(), (args, dict(example_kwargs or {})))
+    from geta_fx.generate import generation_source
+
+    module._generation_source = generation_source(model)  # causal LMs: geta_fx.generate
     if calibrate and any(q.kind == "act" for q in module.quantizers.values()):
         from geta_fx.passes.normalize import keep_refolded
         from geta_fx.quantizer import calibrate as _calibrate

@@ -355,8 +355,12 @@ def _verify(gm: Any, candidate: nn.Module) -> None:
 
 
 def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
-                  align: int = 1) -> nn.Module:
-    """Slice ``model`` in place to what ``gm.compress()`` keeps; see the module docstring."""
+                  align: int = 1, verify: bool = True) -> nn.Module:
+    """Slice ``model`` in place to what ``gm.compress()`` keeps; see the module docstring.
+
+    ``verify=False`` skips step 3 (for a private copy whose caller checks the result itself:
+    ``geta_fx.generate`` compares the graphs it captures from it with the slim graph).
+    """
     _check_same_model(gm, model)
     acts = [name for name, q in gm.quantizers.items() if q.kind == "act"]
     if acts:
@@ -374,13 +378,13 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
 
     attrs, widths = _module_attrs(model), _norm_widths(model)
     shapes_before, attrs_before = dict(gm._source_shapes), hf.snapshot(model)
-    candidate = copy.deepcopy(model)
-    for target in (candidate, model):  # the copy first; ``model`` only once it is verified
+    candidate = copy.deepcopy(model) if verify else model
+    for target in dict.fromkeys((candidate, model)):  # the copy first; then ``model``
         _write(target, values, tied)
         _fix_attributes(target, attrs)
         _rescale_rms_norms(target, widths)
         _keep_layer_norm_counts(target, widths)
-        if target is candidate:
+        if verify and target is candidate:
             _verify(gm, candidate)
     hf.record(model, shapes_before, attrs_before)  # transformers: per-layer widths in config
     return model

@@ -229,6 +229,8 @@ class GetaModule(nn.Module):
     _source_shapes: dict[str, tuple[int, ...]] | None = None
     #: (args, kwargs) the module was captured with (``compress(into=)`` verifies on them)
     _example_inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    #: a parameter-less copy of a transformers causal LM (``geta_fx.generate``), else None
+    _generation_source: Any = None
 
     def compress(self, removed_units: np.ndarray | None = None, *,
                  lower: bool = False, align: int = 1, into: nn.Module | None = None) -> Any:
@@ -278,6 +280,9 @@ class GetaModule(nn.Module):
             from geta_fx.deploy import lower as _lower
 
             slim = _lower(slim, reference=self, inplace=True)
+        from geta_fx.generate import attach_generation
+
+        attach_generation(slim, self, removed_units=removed_units, align=align, lowered=lower)
         return make_picklable(slim)  # torch.save(slim) works (geta_fx.save is for deploying)
 
     def extra_repr(self) -> str:

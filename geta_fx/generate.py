@@ -1,0 +1,398 @@
+"""``geta_fx.generate``: KV-cache text generation for a compressed transformers causal LM.
+
+Why: ``gm.compress()`` returns one full forward at any sequence length, with no KV cache;
+generating N tokens with it costs N full forwards over a growing sequence.  This module gives
+the slim model a prefill graph and a decode-step graph whose key/value cache tensors are
+explicit inputs and outputs, pruned with the attention heads they belong to.
+
+Design (and why this one):
+
+* **Which units are kept has one source.**  ``transform`` keeps, for a transformers causal LM,
+  a *skeleton* of the user's model: a deep copy whose parameters are ``meta`` tensors (no
+  weight is copied; buffers such as rotary frequencies are, they are small).  ``compress()``
+  slices a copy of that skeleton with :func:`geta_fx.into.compress_into`, i.e. with
+  ``passes.physical_prune.kept_indices`` (the slices the slim graph was cut with) and the
+  GetaModule's current values (without ``compress_into``'s own check: the graphs captured
+  from the copy are checked against the slim graph instead, see below).  Module attributes
+  (head counts, ``split_size``, pruned LayerNorms/RMSNorms) follow the tensors as they do for
+  ``compress(into=model)``.  Why not slice a decode graph captured at transform time with the
+  same indices: its shape constants (head counts in views, cache concatenations) would need
+  a second channel analysis whose cache inputs pin the head dims; the eager model already
+  knows how to run with fewer heads, so the decode graph is captured from it instead.
+* **Parameters are shared, not copied.**  Every parameter of the sliced skeleton that equals
+  the slim graph's attribute of the same name is replaced by that very tensor, so the
+  generation graphs and ``slim`` hold one copy of the weights (tied by name).  A quantized
+  weight (``quantize="weight"``) is the exception: the slim graph keeps the raw weight and its
+  quantizer node, generation uses its fake-quantized value (what ``compress(into=)`` writes).
+* **Graphs are captured from the sliced model**, on the first ``generate`` call (capturing
+  costs seconds; a ``compress()`` nobody generates from pays nothing but the slicing), with
+  :func:`geta_fx.capture.capture` and explicit dynamic dims: the *prefill* graph takes
+  ``input_ids [B, T]`` and returns ``(logits, k_0, v_0, k_1, v_1, ...)``; the *decode* graph
+  takes ``input_ids [B, 1]`` and the past ``(k_0, v_0, ...)`` ``[B, heads_l, P, head_dim]``
+  and returns the logits and the caches grown by one position.  The caches are transformers'
+  ``DynamicCache`` built from those tensors inside the traced step, so each layer's cache has
+  that layer's kept key/value head count (layers may keep different numbers of heads, which
+  a config-sized ``StaticCache``, e.g. ``transformers.integrations.executorch``, cannot
+  express).  Positions are the past length, so batches are unpadded prompts of one length.
+  Both graphs are checked once against ``slim`` on the captured example (prefill logits) and
+  against each other (a decode step equals the prefill of one more token).
+  A graph step costs what transformers' own step costs, plus one copy of the past per layer
+  (``DynamicCache(pairs)`` concatenates it onto an empty tensor); the cache grows by
+  ``torch.cat`` as in ``DynamicCache``.  Activation quantizers and lowered graphs are not
+  supported (``compress(into=)`` cannot carry them): ``generate`` says so.
+
+Invariants: the user's model is never touched (the skeleton is a copy; so are the slices);
+greedy tokens equal those of the zeroed GetaModule decoding without a cache (tested, five
+transformers families); ``generate`` returns the prompt followed by exactly
+``max_new_tokens`` tokens (no end-of-sequence stopping), runs prefill once and then one decode
+step per further token.  The generation state is not saved by ``geta_fx.save`` (a pickle of
+``slim`` keeps the sliced model and recaptures the graphs on first use).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from geta_fx.errors import GetaFxError, InputError
+
+logger = logging.getLogger(__name__)
+
+#: ``slim.meta`` key of its :class:`Generation` (meta: kept by deepcopy and pickle, and no
+#: submodule, so ``slim.parameters()`` and ``report(slim)`` do not count the model twice)
+META_KEY = "geta.generation"
+#: graphs are captured for prompts up to this length when the config names no limit
+DEFAULT_MAX_POSITIONS = 4096
+
+
+class GenerationError(GetaFxError):
+    """The generation graphs could not be built, or disagree with the slim graph."""
+
+
+@dataclass
+class GenerationSource:
+    """What ``transform`` keeps of a causal LM for generation: a parameter-less copy."""
+
+    skeleton: nn.Module
+
+
+@dataclass
+class Generation:
+    """A slim graph's generation state (``slim.meta["geta.generation"]``).
+
+    Attributes:
+        lm: the sliced transformers model the graphs are captured from (its parameters are
+            the slim graph's where the values agree); None when generation is unavailable.
+        reason: why generation is unavailable (None: available).
+        example: input ids the GetaModule was captured with (the graphs' check).
+        max_positions: longest sequence (prompt + new tokens) the graphs accept.
+        graphs: (prefill, decode) once captured; dropped when pickled.
+    """
+
+    lm: nn.Module | None
+    reason: str | None = None
+    example: torch.Tensor | None = None
+    max_positions: int = DEFAULT_MAX_POSITIONS
+    graphs: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = field(default=None,
+                                                                               repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable state: captured graphs hold export's local hooks; recaptured on use."""
+        return {**self.__dict__, "graphs": None}
+
+
+# ---------------------------------------------------------------- transform / compress hooks
+def _is_causal_lm(model: nn.Module) -> bool:
+    """A transformers decoder-only model that generates (``can_generate()``)."""
+    tf = sys.modules.get("transformers")
+    if tf is None or not isinstance(model, tf.PreTrainedModel):
+        return False
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    try:
+        return bool(model.can_generate())
+    except Exception:  # noqa: BLE001 - a class that cannot say is not one we generate with
+        return False
+
+
+def generation_source(model: nn.Module) -> GenerationSource | None:
+    """For ``transform``: a meta-parameter copy of ``model`` if it is a causal LM, else None."""
+    if not _is_causal_lm(model):
+        return None
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in model.parameters()}
+    return GenerationSource(copy.deepcopy(model, memo))
+
+
+def _max_positions(lm: nn.Module) -> int:
+    limit = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 1 else DEFAULT_MAX_POSITIONS
+
+
+def attach_generation(slim: torch.fx.GraphModule, gm: Any, *, removed_units: Any = None,
+                      align: int = 1, lowered: bool = False) -> None:
+    """For ``GetaModule.compress``: give ``slim`` its :class:`Generation` (causal LMs only).
+
+    Never raises for a model generation cannot take: the reason is recorded and
+    :func:`generate` reports it.
+    """
+    source: GenerationSource | None = getattr(gm, "_generation_source", None)
+    if source is None:
+        return
+    example = (gm._example_inputs or ((None,), {}))[0][0]
+    example = example if isinstance(example, torch.Tensor) else None
+    if lowered:
+        slim.meta[META_KEY] = Generation(None, "the graph is lowered (packed low-bit weights); "
+                                         "generate from gm.compress() without lower=True")
+        return
+    from geta_fx.into import compress_into
+
+    lm = copy.deepcopy(source.skeleton)
+    try:
+        compress_into(gm, lm, removed_units=removed_units, align=align, verify=False)
+        _check_materialized(lm)
+    except GetaFxError as e:
+        logger.info("no generation graphs for the slim %s: %s", type(lm).__name__, e)
+        slim.meta[META_KEY] = Generation(None, f"the sliced {type(lm).__name__} could not be "
+                                         f"built: {e}")
+        return
+    shared = _share_parameters(lm, slim)
+    logger.debug("generation: %d of %d parameters shared with the slim graph", shared,
+                 len(list(lm.parameters())))
+    slim.meta[META_KEY] = Generation(lm.eval(), None, example, _max_positions(lm))
+
+
+def _check_materialized(lm: nn.Module) -> None:
+    left = [n for n, t in [*lm.named_parameters(), *lm.named_buffers()] if t.is_meta]
+    if left:
+        raise GenerationError(f"{left[:3]} are not in the captured graph (no value to slice)")
+
+
+def _share_parameters(lm: nn.Module, slim: torch.fx.GraphModule) -> int:
+    """Replace each parameter of ``lm`` by the slim graph's tensor of the same name when the
+    two are equal (all but fake-quantized weights); tied aliases stay one tensor."""
+    replaced: dict[int, nn.Parameter] = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        if id(p) in replaced:
+            continue
+        try:
+            theirs = slim.get_parameter(name)
+        except AttributeError:
+            continue
+        if theirs.shape == p.shape and theirs.dtype == p.dtype and torch.equal(theirs, p):
+            replaced[id(p)] = theirs
+    for module in lm.modules():
+        for key, p in list(module._parameters.items()):
+            if p is not None and id(p) in replaced:
+                module._parameters[key] = replaced[id(p)]
+    return len(replaced)
+
+
+# ---------------------------------------------------------------- the captured step
+class _Step(nn.Module):
+    """One model call with an explicit cache: ``(input_ids, past) -> (logits, *present)``.
+
+    ``past`` is ``(k_0, v_0, k_1, v_1, ...)`` (empty for prefill); positions continue from
+    the past length.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        params = inspect.signature(lm.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def forward(self, input_ids: torch.Tensor,
+                past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        from transformers import DynamicCache
+
+        pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+        cache = DynamicCache(pairs) if pairs else DynamicCache()
+        start = past[0].shape[2] if past else 0
+        batch, length = input_ids.shape
+        positions = torch.arange(start, start + length, device=input_ids.device)
+        out = self.lm(input_ids=input_ids, position_ids=positions.unsqueeze(0).expand(batch, -1),
+                      use_cache=True, **{self._cache_kw: cache})
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def _example_ids(example: torch.Tensor | None, vocab: int, limit: int) -> torch.Tensor:
+    """A capture example with batch and length >= 2 (export specialises sizes of 1)."""
+    if example is None or example.dim() != 2:
+        return torch.zeros(2, 4, dtype=torch.long)
+    ids = example[:, : max(2, limit - 2)].long()
+    return ids.repeat(2 if ids.shape[0] == 1 else 1, 2 if ids.shape[1] == 1 else 1) % vocab
+
+
+def _capture_graphs(gen: Generation) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """Capture the prefill and decode graphs of ``gen.lm`` (dynamic batch, length, past)."""
+    from torch.export import Dim
+
+    from geta_fx.capture import capture
+
+    assert gen.lm is not None
+    step = _Step(gen.lm).eval()
+    device = next(gen.lm.parameters()).device
+    limit = gen.max_positions
+    vocab = int(gen.lm.get_input_embeddings().weight.shape[0])
+    ids = _example_ids(gen.example, vocab, limit).to(device)
+    batch, length, past = Dim.DYNAMIC, Dim.DYNAMIC, Dim.DYNAMIC
+    try:
+        with torch.no_grad():
+            present = step(ids, ())[1:]
+            prefill = capture(step, (ids, ()), dynamic_shapes=({0: batch, 1: length}, ()))
+            decode = capture(step, (ids[:, -1:], tuple(present)), dynamic_shapes=(
+                {0: batch}, tuple({0: batch, 2: past} for _ in present)))
+    except GetaFxError as e:
+        raise GenerationError(f"could not capture the decode step of the slim "
+                              f"{type(gen.lm).__name__}: {e}") from e
+    return prefill.graph_module, decode.graph_module
+
+
+def _check_graphs(slim: torch.fx.GraphModule, gen: Generation,
+                  prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule) -> None:
+    """Prefill equals ``slim`` on the example; a decode step equals one more prefill token."""
+    if gen.example is None:
+        return
+    ids = gen.example
+    with torch.no_grad():
+        want = slim(ids)
+        want = want.logits if hasattr(want, "logits") else want[0]
+        got = prefill(ids, ())
+        step = decode(ids[:, -1:], tuple(got[1:]))[0][:, -1]
+        longer = prefill(torch.cat([ids, ids[:, -1:]], 1), ())[0][:, -1]
+    scale = 1e-4 * (1.0 + float(want.abs().max()))
+    for what, a, b in (("prefill graph vs slim graph", got[0], want),
+                       ("decode step vs prefill", step, longer)):
+        if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-4, atol=scale):
+            diff = float((a - b).abs().max()) if a.shape == b.shape else None
+            raise GenerationError(f"generate: {what} differ on the captured example "
+                                  f"(shapes {tuple(a.shape)}/{tuple(b.shape)}, max abs diff "
+                                  f"{diff}); was the GetaModule in train mode (dropout) at "
+                                  "compress()? call gm.eval() first")
+
+
+def _state(slim: Any) -> Generation:
+    """``slim``'s generation state; InputError naming ``slim`` when it has none."""
+    gen = slim.meta.get(META_KEY) if isinstance(slim, torch.fx.GraphModule) else None
+    if not isinstance(gen, Generation):
+        hint = (" (a GetaModule: call gm.compress() first)"
+                if type(slim).__name__ == "GetaModule" else
+                " (a transformers model: use its own model.generate)"
+                if _is_causal_lm(slim) else "")
+        raise InputError(f"generate: slim must be gm.compress() of a GetaModule transformed "
+                         f"from a transformers causal LM; got {type(slim).__name__} with no "
+                         f"generation graphs{hint} (geta_fx.save/load keep only the forward "
+                         "graph)")
+    if gen.reason is not None or gen.lm is None:
+        raise InputError(f"generate: slim has no generation graphs: {gen.reason}")
+    return gen
+
+
+def _graphs(slim: torch.fx.GraphModule, gen: Generation) -> tuple[torch.fx.GraphModule,
+                                                                  torch.fx.GraphModule]:
+    """``slim``'s (prefill, decode) graphs, captured and checked on first use."""
+    if gen.graphs is None:
+        prefill, decode = _capture_graphs(gen)
+        _check_graphs(slim, gen, prefill, decode)
+        gen.graphs = (prefill, decode)
+    return gen.graphs
+
+
+# ---------------------------------------------------------------- generate
+def _check_arguments(input_ids: Any, max_new_tokens: Any, temperature: Any, top_k: Any,
+                     generator: Any, max_positions: int) -> None:
+    """Raise InputError naming the first bad argument."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise InputError(f"generate: input_ids must be a torch.long tensor [batch, length], "
+                         f"got {type(input_ids).__name__}")
+    if input_ids.dtype != torch.long:
+        raise InputError(f"generate: input_ids must be torch.long (token ids), got "
+                         f"{input_ids.dtype}")
+    if input_ids.dim() != 2 or 0 in input_ids.shape:
+        raise InputError(f"generate: input_ids must be [batch, length] with both >= 1, got "
+                         f"shape {tuple(input_ids.shape)}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 0:
+        raise InputError(f"generate: max_new_tokens must be an int >= 0, got "
+                         f"{max_new_tokens!r}")
+    total = input_ids.shape[1] + max_new_tokens
+    if total > max_positions:
+        raise InputError(f"generate: max_new_tokens={max_new_tokens} with a prompt of "
+                         f"{input_ids.shape[1]} tokens makes {total} positions, beyond the "
+                         f"model's limit of {max_positions} (config.max_position_embeddings)")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not temperature > 0:
+        raise InputError(f"generate: temperature must be a number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise InputError(f"generate: top_k must be None or an int >= 1, got {top_k!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise InputError(f"generate: generator must be a torch.Generator, got "
+                         f"{type(generator).__name__}")
+
+
+def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """[batch, vocab] logits -> [batch, 1] token ids (argmax, or a sample)."""
+    if not do_sample:
+        return logits.argmax(-1, keepdim=True)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def generate(slim: torch.fx.GraphModule, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
+             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Generate from a compressed causal LM with a KV cache: prompt + new tokens.
+
+    Runs the prefill graph once on ``input_ids``, then one decode step per further token.
+
+    Args:
+        slim: ``gm.compress()`` of ``geta_fx.transform(causal_lm, (input_ids,))``.
+        input_ids: [batch, length] torch.long prompt (unpadded: every row of one length),
+            on the slim model's device.
+        max_new_tokens: how many tokens to append (exactly that many; no stop token).
+        do_sample: sample from the softmax of ``logits / temperature`` instead of argmax.
+        temperature: > 0; divides the logits when sampling.
+        top_k: when sampling, only the ``top_k`` most likely tokens can be drawn.
+        generator: the ``torch.Generator`` samples are drawn with (reproducible runs).
+
+    Returns:
+        [batch, length + max_new_tokens] torch.long tensor.
+
+    Raises:
+        InputError: naming the bad argument (``slim`` without generation graphs, dtype or
+            shape of ``input_ids``, ``max_new_tokens`` beyond the position limit, ...).
+        GenerationError: the decode-step graphs could not be captured or disagree with slim.
+    """
+    gen = _state(slim)
+    _check_arguments(input_ids, max_new_tokens, temperature, top_k, generator,
+                     gen.max_positions)
+    prefill, decode = _graphs(slim, gen)
+    if max_new_tokens == 0:
+        return input_ids.clone()
+    tokens = [input_ids]
+    with torch.no_grad():
+        logits, *cache = prefill(input_ids, ())
+        for step in range(max_new_tokens):
+            token = _next_token(logits[:, -1], do_sample, float(temperature), top_k, generator)
+            tokens.append(token)
+            if step + 1 < max_new_tokens:
+                logits, *cache = decode(token, tuple(cache))
+    return torch.cat(tokens, dim=1)
