@@ -15,6 +15,13 @@ once-per-period selection/commit steps) and its slowest step.
     python benchmarks/bench_qasso.py                       # both models, CPU
     python benchmarks/bench_qasso.py --device cuda --steps 30
     python benchmarks/bench_qasso.py --models gpt --threads 2
+    python benchmarks/bench_qasso.py --memory 25M 125M 350M --threads 1   # memory table
+
+``--memory`` (issue #17): per Llama shape and optimizer, a fresh subprocess builds the
+GetaModule (``quantize="weight"``), then measures the peak RSS growth (CPU; sampled every ms
+from /proc) or the peak allocated CUDA memory from creating the optimizer through 3 training
+steps (QASSO: projection, then the selection step of a pruning period and a joint step), and
+the median of those steps' times; and projects bytes per parameter to 1B/3B/7B.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import platform
 import statistics
 import time
@@ -118,6 +126,99 @@ def bench_model(name: str, steps: int, batch: int, device: str, warm: int) -> li
     return rows
 
 
+# ------------------------------------------------------------------------------ memory
+#: Llama shapes: hidden, layers, intermediate, heads, vocab (untied head).
+LLAMA = {"25M": (512, 7, 1376, 8, 4096), "125M": (768, 12, 2048, 12, 24000),
+         "350M": (1024, 24, 2816, 16, 24000)}
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _memory_child(size: str, which: str, device: str) -> dict:
+    """One configuration in this (fresh) process: peak memory growth and step times."""
+    import threading
+
+    import transformers as tf
+
+    h, layers, inter, heads, vocab = LLAMA[size]
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=h, intermediate_size=inter,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=64,
+                         use_cache=False, tie_word_embeddings=False)
+    ids = torch.randint(0, vocab, (1, 33)).to(device)
+    gm = geta_fx.transform(tf.LlamaForCausalLM(cfg).eval(), (ids[:, :-1],),
+                           quantize="weight").to(device).train()
+    n = sum(p.numel() for p in gm.parameters())
+    cuda = device.startswith("cuda")
+    peak = [0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.001)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else _rss()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    if which == "qasso":
+        opt: torch.optim.Optimizer = QASSO(
+            gm, variant="adamw", lr=1e-4, target_sparsity=0.3, start_projection_step=0,
+            projection_steps=1, start_pruning_step=1, pruning_steps=4, pruning_periods=1)
+    else:
+        opt = torch.optim.AdamW(gm.parameters(), lr=1e-4)
+    times = []
+    for _ in range(3):
+        def loss_fn(out: object, y: Tensor) -> Tensor:
+            logits = out.logits  # type: ignore[attr-defined]
+            return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
+        times.append(_timed_step(gm, opt, ids[:, :-1], ids[:, 1:], loss_fn, cuda))
+    stop.set()
+    sampler.join()
+    grown = (torch.cuda.max_memory_allocated() if cuda else max(peak[0], _rss())) - base
+    lay = getattr(opt, "layout", None)
+    return {"size": size, "opt": which, "params": n, "peak_mb": grown / 2**20,
+            "bytes_per_param": grown / n, "step_s": statistics.median(times),
+            "index_mb": lay.index_bytes() / 2**20 if lay is not None else 0.0}
+
+
+def memory_table(sizes: list[str], device: str, threads: int) -> None:
+    """Run every (size, optimizer) in a fresh subprocess and print the table."""
+    import json
+    import subprocess
+    import sys
+
+    print(f"{'shape':6} {'params':>8} {'AdamW MB':>9} {'QASSO MB':>9} {'ratio':>6} "
+          f"{'B/param A':>9} {'B/param Q':>9} {'layout MB':>9} {'step A s':>8} "
+          f"{'step Q s':>8} {'t ratio':>7}")
+    per_param: dict[str, list[float]] = {"adamw": [], "qasso": []}
+    for size in sizes:
+        res = {}
+        for which in ("adamw", "qasso"):
+            cmd = [sys.executable, __file__, "--_child", size, which, "--device", device,
+                   "--threads", str(threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            res[which] = json.loads(out.strip().splitlines()[-1])
+            per_param[which].append(res[which]["bytes_per_param"])
+        a, q = res["adamw"], res["qasso"]
+        print(f"{size:6} {a['params'] / 1e6:7.1f}M {a['peak_mb']:9.0f} {q['peak_mb']:9.0f} "
+              f"{q['peak_mb'] / a['peak_mb']:5.2f}x {a['bytes_per_param']:9.2f} "
+              f"{q['bytes_per_param']:9.2f} {q['index_mb']:9.2f} {a['step_s']:8.2f} "
+              f"{q['step_s']:8.2f} {q['step_s'] / a['step_s']:6.2f}x", flush=True)
+    a_b, q_b = per_param["adamw"][-1], per_param["qasso"][-1]
+    print(f"projection from the largest shape's bytes/param (AdamW {a_b:.1f}, QASSO {q_b:.1f};"
+          " optimizer step only, activations of other batch sizes not included):")
+    for billions in (1, 3, 7):
+        print(f"  {billions}B params: AdamW {a_b * billions:6.1f} GB, QASSO {q_b * billions:6.1f}"
+              " GB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,9 +228,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument("--memory", nargs="*", choices=list(LLAMA),
+                    help="memory table for these Llama shapes instead of the timing table")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args._child:
+        import json
+
+        print(json.dumps(_memory_child(*args._child, args.device)))
+        return
     dev = args.device
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else platform.processor() \
         or platform.machine()
@@ -138,6 +247,9 @@ def main() -> None:
           f"threads {torch.get_num_threads()}  batch {args.batch}  steps/stage {args.steps}")
     header = (f"{'model':9} {'stage':10} {'QASSO ms':>9} {'AdamW ms':>9} {'ratio':>6} "
               f"{'QASSO mean':>10} {'AdamW mean':>10} {'QASSO max':>9}")
+    if args.memory:
+        memory_table(args.memory, dev, args.threads)
+        return
     print(header)
     print("-" * len(header))
     for model in args.models:
