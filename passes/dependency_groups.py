@@ -76,6 +76,32 @@ def _weight_order(x: torch.fx.Node, nd: int) -> list[int] | None:
     return None
 
 
+#: The attribute dim of a size-1 dim a view added to a weight (``b.view(1, 1, 1, -1)``):
+#: none, so a rule that labels it pins (``label_param``: "does not match channels").
+NO_DIM = 1 << 20
+_UNIT_DIM_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                             aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims})
+
+
+def _unit_dims_order(x: torch.fx.Node) -> list[int] | None:
+    """For a view of a weight that only adds or drops size-1 dims (``b.view(1, -1, 1, 1)``,
+    ``w.unsqueeze(0)``): output dim i == input dim order[i] (``NO_DIM`` for an added one)."""
+    if x.target not in _UNIT_DIM_VIEWS:
+        return None
+    src, out = tensor_val(x.args[0]), tensor_val(x)
+    if src is None or out is None or not all(
+            isinstance(n, int) for n in (*src.shape, *out.shape)):  # weights: static sizes
+        return None
+    big_in = [i for i, n in enumerate(src.shape) if n != 1]
+    big_out = [j for j, n in enumerate(out.shape) if n != 1]
+    if [src.shape[i] for i in big_in] != [out.shape[j] for j in big_out]:
+        return None
+    order = [NO_DIM] * out.dim()
+    for i, j in zip(big_in, big_out):
+        order[j] = i
+    return order
+
+
 def _is_quantizer(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
     """A quantizer module call, or a bare ``geta::quantize`` (Q(0) = 0: transparent)."""
     return quantizer_module(gm, node) is not None or (
@@ -179,9 +205,10 @@ class _Analyzer:
                     and tensor_val(x.args[0]).dim() == nd):
                 x = x.args[0]
                 perm = cur
-            elif (order := _weight_order(x, nd)) is not None:
+            elif (order := _weight_order(x, nd) or _unit_dims_order(x)) is not None:
                 # node dim i == input dim order[i]; compose with the outer map
-                perm = [order[i] for i in cur] if perm is not None else order
+                perm = [order[i] if 0 <= i < len(order) else NO_DIM for i in cur] \
+                    if perm is not None else order
                 x = x.args[0]
             else:
                 return None

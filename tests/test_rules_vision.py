@@ -138,3 +138,141 @@ def test_inplace_write_read_through_the_mutated_tensor_pins() -> None:
     DependencyGroups()(gm)
     g = next(g for g in gm.meta[meta.GROUPS] for m in g.members if m.fqn == "c1.weight")
     assert not g.prunable and "input channels are not zero" in g.reason
+
+
+# --------------------------------------------------------------------------- gates
+
+
+class SE(nn.Module):
+    """Squeeze-excitation: ``h * gate(fc2(relu(fc1(pool(h)))))``."""
+
+    def __init__(self, gate: str, gate_first: bool = False) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Conv2d(8, 4, 1), nn.Conv2d(4, 8, 1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.gate, self.gate_first = gate, gate_first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.c1(x)))
+        s = self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(h, 1))))
+        g = {"sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid,
+             "cos": lambda t: t.cos() + 2.0}[self.gate](s)
+        return self.c2(g * h if self.gate_first else h * g)
+
+
+@pytest.mark.parametrize(("gate", "gate_first"), [("sigmoid", False), ("hardsigmoid", True),
+                                                  ("cos", False)])
+def test_a_gate_keeps_the_gated_channels_prunable(gate: str, gate_first: bool) -> None:
+    """``h * g``: a channel of ``h`` that is zero gives zero whatever the gate (non-zero at a
+    pruned channel: sigmoid(0) = 0.5) says; the gate's channels join ``h``'s units."""
+    gm = _exact(SE(gate, gate_first), torch.randn(2, 3, 6, 6))
+    g = _group(gm, "c1.weight")
+    assert g.prunable and g.num_units == 8
+    assert {"fc2.weight", "fc2.bias", "fc1.weight", "c2.weight"} <= {m.fqn for m in g.members}
+    assert _group(gm, "fc1.weight").prunable
+
+
+class NoZeroFactor(nn.Module):
+    """Neither factor is zero at a pruned channel: ``sigmoid(h) * g``; or the zero factor
+    does not carry the channels: ``relu(c0(x)) [B,1,H,W] * g [B,C,1,1]``."""
+
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 1, 1), nn.Conv2d(3, 8, 1)
+        self.fc = nn.Conv2d(8, 8, 1)
+        self.c2 = nn.Conv2d(8, 4, 1)
+        self.case = case
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        g = torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+        a = torch.sigmoid(h) if self.case == "both_nonzero" else F.relu(self.c0(x))
+        return self.c2(a * g)
+
+
+@pytest.mark.parametrize("case", ["both_nonzero", "zero_factor_broadcast"])
+def test_a_product_without_a_zero_factor_on_the_channel_pins(case: str) -> None:
+    gm = geta_fx.transform(NoZeroFactor(case).eval(), (torch.randn(2, 3, 4, 4),))
+    g = _group(gm, "fc.weight")
+    assert not g.prunable and "input channels are not zero when pruned" in g.reason
+
+
+# --------------------------------------------------------------------------- GRN
+
+
+class GRNBlock(nn.Module):
+    """A ConvNeXt-V2 block: dwconv, LayerNorm, pw1, GELU, GRN, pw2 (channels last).
+
+    GRN: ``gx = ||y||_2 over (H, W)``, ``nx = gx / (mean_C(gx) + eps)``, then
+    ``gamma * (y * nx) + beta + y`` (``form="paper"``) or timm's
+    ``y + addcmul(beta.view(1, 1, 1, -1), gamma.view(1, 1, 1, -1), y * nx)``.
+    ``act="sigmoid"`` makes the GRN input non-zero at pruned channels (must pin).
+    """
+
+    def __init__(self, form: str = "paper", act: str = "gelu", c: int = 8,
+                 hidden: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+        self.gamma = nn.Parameter(torch.randn(hidden) * 0.5)
+        self.beta = nn.Parameter(torch.randn(hidden) * 0.1)
+        self.head = nn.Linear(c, 3)
+        self.form, self.act = form, act
+
+    def grn(self, y: torch.Tensor) -> torch.Tensor:
+        gx = y.norm(p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        if self.form == "paper":
+            return self.gamma * (y * nx) + self.beta + y
+        shape = (1, 1, 1, -1)
+        return y + torch.addcmul(self.beta.view(shape), self.gamma.view(shape), y * nx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        y = self.pw1(self.norm(self.dw(h).permute(0, 2, 3, 1)))
+        y = F.gelu(y) if self.act == "gelu" else torch.sigmoid(y)
+        y = self.pw2(self.grn(y)).permute(0, 3, 1, 2)
+        return self.head((h + y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["paper", "timm"])
+def test_grn_channels_prune_exactly(form: str) -> None:
+    """GRN's mean over channels counts pruned (zero) channels in its denominator: the slim
+    mean divides by the original count, so the kept channels' values do not change."""
+    gm = _exact(GRNBlock(form), torch.randn(2, 3, 5, 5))
+    g = _group(gm, "pw1.weight")
+    assert g.prunable and g.num_units == 16
+    assert {"gamma", "beta", "pw2.weight"} <= {m.fqn for m in g.members}
+    assert next(m for m in g.members if m.fqn == "gamma").role == "out"
+    assert (aten.addcmul.default in _targets(gm)) == (form == "timm")
+
+
+@pytest.mark.parametrize("form", ["paper", "timm"])
+def test_grn_over_channels_that_are_not_zero_pins(form: str) -> None:
+    gm = geta_fx.transform(GRNBlock(form, act="sigmoid").eval(), (torch.randn(2, 3, 5, 5),))
+    g = _group(gm, "pw1.weight")
+    assert not g.prunable and "reduces over the channel dim" in g.reason
+
+
+def test_addcmul_needs_a_zero_term_and_a_zero_factor() -> None:
+    """``s + t1 * t2``: zero if ``s`` and one factor are; a non-trainable (buffer) ``s`` is
+    not zeroed with the unit."""
+    class Net(nn.Module):
+        def __init__(self, trainable: bool) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
+            self.s = nn.Parameter(torch.randn(6, 1, 1), requires_grad=trainable)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.c1(x)
+            return self.c2(torch.addcmul(self.s, torch.sigmoid(h), h, value=0.5))
+
+    x = torch.randn(2, 3, 4, 4)
+    gm = _exact(Net(True), x)
+    assert _group(gm, "c1.weight").prunable
+    gm = geta_fx.transform(Net(False).eval(), (x,))
+    g = _group(gm, "c1.weight")
+    assert not g.prunable and "input channels are not zero" in g.reason

@@ -65,37 +65,67 @@ def _labelled_operands(an: Any, node: torch.fx.Node, nd: int
     return labels
 
 
+def _other_operand(an: Any, node: torch.fx.Node, i: int, kind: str, dim: int, nd: int,
+                   atoms: Any) -> bool:
+    """Slice unlabelled operand ``i`` along ``atoms`` if it is a parameter (an "out" slice
+    when it adds or multiplies and trains: zeroed with the unit), record it as an external if
+    it is computed; True if it may be non-zero where the channels are zero."""
+    shp = an.shape(node.args[i])
+    if shp is None:
+        return False
+    od = dim - (nd - len(shp))
+    if od < 0 or concrete(shp[od]) == 1:
+        return True
+    src = an.param(node.args[i])
+    if src is None:
+        an.external(node, i, od)
+        return True
+    fqn, perm, trainable = src
+    role = "out" if kind in (ADD, MUL) and trainable else "in"
+    an.label_param(fqn, perm[od], atoms, role)
+    return role == "in"
+
+
 def _other_operands(an: Any, node: torch.fx.Node, kind: str, dim: int, nd: int,
                     atoms: Any, labeled_idx: set[int]) -> bool:
-    """Slice parameter operands along ``atoms``, record computed ones as externals; True if
-    any of them may be non-zero where the channels are zero."""
-    extra_nonzero = False
-    for i, a in enumerate(node.args):
-        if not isinstance(a, torch.fx.Node) or i in labeled_idx:
-            continue
-        shp = an.shape(a)
-        if shp is None:
-            continue
-        od = dim - (nd - len(shp))
-        if od < 0 or concrete(shp[od]) == 1:
-            extra_nonzero = True
-            continue
-        src = an.param(a)
-        if src is not None:
-            fqn, perm, trainable = src
-            role = "out" if kind in (ADD, MUL) and trainable else "in"
-            an.label_param(fqn, perm[od], atoms, role)
-            if role == "in":
-                extra_nonzero = True
-        else:
-            an.external(node, i, od)
-            extra_nonzero = True
-    return extra_nonzero
+    """:func:`_other_operand` of every unlabelled tensor operand; True if any of them may be
+    non-zero where the channels are zero."""
+    nonzero = [_other_operand(an, node, i, kind, dim, nd, atoms)
+               for i, a in enumerate(node.args)
+               if isinstance(a, torch.fx.Node) and i not in labeled_idx]
+    return any(nonzero)
+
+
+def _line_up(an: Any, node: torch.fx.Node, labels: list[tuple[int, Any, Label]],
+             out_shape: list) -> tuple[int, Any, list[Label]] | None:
+    """(channel dim, atoms, full-size labels) of operands that carry channels on one dim,
+    unified; size-1 (broadcast) channel dims are pinned.  None (inputs pinned) if they
+    disagree."""
+    dims = {lab.dim for _, _, lab in labels}
+    if len(dims) > 1:
+        return an.pin_inputs(node, f"{node.target}: operands carry channels on different dims")
+    (dim,) = dims
+    size = concrete(out_shape[dim])
+    full = [lab for _, _, lab in labels if len(lab.atoms) == size]
+    if not full:  # only broadcast (size-1) labeled operands: channels are replicated
+        return an.pin_inputs(node, f"{node.target}: channel dim is broadcast")
+    atoms = full[0].atoms
+    for lab in full[1:]:
+        an.unify(atoms, lab.atoms)
+    for _, _, lab in labels:
+        if len(lab.atoms) != size:
+            an.pin(lab, node, f"{node.target}: size-1 channel dim broadcast")
+    return dim, atoms, full
 
 
 def _zero_invariant(kind: str, node: torch.fx.Node, labels: list[tuple[int, Any, Label]],
                     full: list[Label], nonzero: bool) -> bool:
-    """Whether the output is zero where the labelled channels are (by how zeros combine)."""
+    """Whether the output is zero where the labelled channels are (by how zeros combine).
+
+    A product is zero where any factor carrying the channels (full size on the channel dim)
+    is: ``x * gate(...)`` (squeeze-excitation, any gate) keeps ``x``'s zeros whatever the gate
+    gives there (sigmoid(0) = 0.5), while a factor broadcast over the channels cannot be the
+    zero one.  A sum needs every term zero."""
     ok_labeled = [lab.ok for lab in full]
     labeled_idx = {i for i, _, _ in labels}
     if kind == ADD:
@@ -149,20 +179,10 @@ def _elementwise(kind: str) -> Analysis:
             return None
         if any(lab.tile is not None for _, _, lab in labels):
             return _tiled_elementwise(an, node, labels, kind)
-        dims = {lab.dim for _, _, lab in labels}
-        if len(dims) > 1:
-            return an.pin_inputs(node, f"{node.target}: operands carry channels on different dims")
-        (dim,) = dims
-        size = concrete(out_shape[dim])
-        full = [lab for _, _, lab in labels if len(lab.atoms) == size]
-        if not full:  # only broadcast (size-1) labeled operands: channels are replicated
-            return an.pin_inputs(node, f"{node.target}: channel dim is broadcast")
-        atoms = full[0].atoms
-        for lab in full[1:]:
-            an.unify(atoms, lab.atoms)
-        for _, _, lab in labels:
-            if len(lab.atoms) != size:
-                an.pin(lab, node, f"{node.target}: size-1 channel dim broadcast")
+        lined = _line_up(an, node, labels, out_shape)
+        if lined is None:
+            return None
+        dim, atoms, full = lined
         scalar_nonzero = any(not isinstance(a, torch.fx.Node) and a not in (0, 0.0, None)
                              and not isinstance(a, bool) for a in node.args)
         extra_nonzero = _other_operands(an, node, kind, dim, nd, atoms,
@@ -175,6 +195,27 @@ def _elementwise(kind: str) -> Analysis:
 for _ops, _kind in ((op_sets.ADDS, ADD), (op_sets.MULS, MUL), (op_sets.DIVS, DIV),
                     (op_sets.SELECTS, MAX), (op_sets.COMPARISONS, CMP)):
     register_all(_ops, _elementwise(_kind), no_rewrite=BROADCAST, tiled=True)
+
+
+@channel_rule(aten.addcmul.default, no_rewrite=BROADCAST)
+def _addcmul(an: Any, node: torch.fx.Node) -> Label | None:
+    """``self + value * tensor1 * tensor2`` (e.g. GRN's ``bias + weight * (x * nx)``): zero
+    where ``self`` is zero and either factor is (a trainable parameter operand is an "out"
+    slice, zeroed with the unit)."""
+    out_shape = an.shape(node)
+    nd = len(out_shape)
+    labels = [t for t in _labelled_operands(an, node, nd) if t[0] < 3]
+    if not labels:
+        return None
+    lined = _line_up(an, node, labels, out_shape)
+    if lined is None:
+        return None
+    dim, atoms, _ = lined
+    ok_of = {i: lab.ok and len(lab.atoms) == len(atoms) for i, _, lab in labels}
+    zero = [ok_of[i] if i in ok_of else
+            not _other_operand(an, node, i, ADD if i == 0 else MUL, dim, nd, atoms)
+            for i in range(3)]
+    return Label(dim, atoms, zero[0] and (zero[1] or zero[2]))
 
 
 @channel_rule(aten.pow.Tensor_Scalar, no_rewrite=SAME_SHAPE)
