@@ -174,3 +174,53 @@ def test_parse_equation_expands_ellipsis_and_implicit_output() -> None:
     assert parse_equation("...ij,...jk->...ik", [4, 3]) == (["01ij", "1jk"], "01ik")
     assert parse_equation("ij,jk", [2, 2]) == (["ij", "jk"], "ik")
     assert parse_equation("ij,jk->ik", [3, 2]) is None
+
+
+# --------------------------------------------------------------------------- class token
+
+class _TokenViT(nn.Module):
+    """patch embedding -> cat([class token, patches], dim=1) + position embedding -> LN ->
+    MLP -> the class token's row -> head (ViT/DeiT with a [1, 1, E] token, CLIP with [E];
+    ``token="input"``: the token is a caller's tensor)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+        self.embed, self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        self.cls = nn.Parameter(torch.randn(8) if token == "1d" else torch.randn(1, 1, 8))
+        self.pos = nn.Parameter(torch.randn(1, 5, 8))
+        self.ln = nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        cls = tok if self.token == "input" else self.cls.expand(b, 1, -1)
+        h = torch.cat([cls, self.embed(x)], dim=1) + self.pos
+        h = h + self.fc(torch.relu(self.ln(h)))
+        return self.head(h[:, 0])
+
+
+@pytest.mark.parametrize("token", ["1d", "3d"])
+def test_class_token_channels_are_sliced_with_the_hidden_units(token: str) -> None:
+    torch.manual_seed(0)
+    model = _TokenViT(token).eval()
+    x, tok = torch.randn(2, 4, 6), torch.randn(2, 1, 8)
+    gm = geta_fx.transform(model, (x, tok))
+    hidden = _group_of(gm, "embed.weight")
+    assert hidden.prunable, hidden.reason
+    dims = {(m.fqn, m.dim) for m in hidden.members}
+    assert {("cls", 0 if token == "1d" else 2), ("pos", 2), ("ln.weight", 0)} <= dims
+    gm.zero_units(hidden.id, [1, 4, 6])
+    slim = gm.compress()
+    oracle = zero_eager(model, gm).eval()
+    for b in (2, 3):
+        xb = torch.randn(b, 4, 6)
+        with torch.no_grad():
+            assert max_rel_err(slim(xb, tok), oracle(xb, tok)) < 1e-5
+    assert slim.cls.shape[-1] == 5 and slim.pos.shape == (1, 5, 5)
+
+
+def test_a_token_no_layer_produces_pins_the_hidden_units() -> None:
+    model = _TokenViT("input").eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 4, 6), torch.randn(2, 1, 8)))
+    g = _group_of(gm, "embed.weight")
+    assert not g.prunable and "no layer produces" in g.reason

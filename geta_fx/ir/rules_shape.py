@@ -20,7 +20,7 @@ from geta_fx.errors import NodeError
 from geta_fx.ir import op_sets
 from geta_fx.ir.args import arg, set_arg
 from geta_fx.ir.channels import KeptChannels, Label, concrete, reshape_groups
-from geta_fx.ir.query import tensor_val
+from geta_fx.ir.query import create_node_with_meta, get_attr_tensor, tensor_val
 from geta_fx.ir.registry import channel_rule
 
 aten = torch.ops.aten
@@ -40,11 +40,25 @@ SIZE_ARG = {aten.view.default: "size", aten._unsafe_view.default: "size",
             aten.view_copy.default: "size", aten.expand_copy.default: "size"}
 
 
-def _kept_size(node: torch.fx.Node, dim: int, kept: np.ndarray, n: int) -> int:
-    """The slim size of ``node``'s channel dim: the kept count, or -1 where the dim is tiled
-    (``B*H`` heads: its size follows from the others, none of which is -1)."""
+def _kept_size(gm: torch.fx.GraphModule, node: torch.fx.Node, dim: int, kept: np.ndarray,
+               n: int, entry: Any) -> Any:
+    """The slim size entry of ``node``'s channel dim: the kept count, or, where the dim is
+    tiled (``B*H`` heads), the size node ``entry`` computes divided by the original count and
+    times the kept one (``-1`` stays ``-1``)."""
     size = tensor_val(node).shape[dim]
-    return len(kept) if isinstance(size, int) and size == n else -1
+    if isinstance(size, int) and size == n:
+        return len(kept)
+    if not isinstance(entry, torch.fx.Node):
+        if entry == -1:
+            return -1
+        raise NodeError(node, f"size {entry} of a tiled channel dim is not a size node")
+    val = entry.meta.get("val")
+    with gm.graph.inserting_before(node):
+        tile = create_node_with_meta(gm.graph, "call_function", operator.floordiv, (entry, n),
+                                     anchor=node, val=None if val is None else val // n)
+        return create_node_with_meta(gm.graph, "call_function", operator.mul,
+                                     (tile, len(kept)), anchor=node,
+                                     val=None if val is None else val // n * len(kept))
 
 
 def _rewrite_sizes(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
@@ -54,7 +68,7 @@ def _rewrite_sizes(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChan
         dim, k, n = out
         name = SIZE_ARG[node.target]
         sizes = list(arg(node, name))
-        sizes[dim] = _kept_size(node, dim, k, n)
+        sizes[dim] = _kept_size(gm, node, dim, k, n, sizes[dim])
         set_arg(node, name, sizes)
 
 
@@ -67,7 +81,7 @@ def _rewrite_unflatten(gm: torch.fx.GraphModule, node: torch.fx.Node,
         start = arg(node, "dim") % len(tensor_val(node.args[0]).shape)
         sizes = list(arg(node, "sizes"))
         if start <= dim < start + len(sizes):
-            sizes[dim - start] = _kept_size(node, dim, k, n)
+            sizes[dim - start] = _kept_size(gm, node, dim, k, n, sizes[dim - start])
             set_arg(node, "sizes", sizes)
 
 
@@ -170,11 +184,6 @@ def _regroup_tiled(an: Any, node: torch.fx.Node, lab: Label, a: list, b: list,
         return new
     if isinstance(tile, int):
         return Label(new.dim, np.tile(new.atoms, tile), new.ok)
-    sizes = arg(node, SIZE_ARG.get(node.target, "sizes"), None)
-    if isinstance(sizes, (list, tuple)) and -1 in sizes:
-        an.pin(lab, node, f"{node.target}: a -1 size beside heads interleaved with a "
-                          "dynamic dim")
-        return None
     return Label(new.dim, new.atoms, new.ok, tile)
 
 
@@ -426,6 +435,34 @@ def _split(an: Any, node: torch.fx.Node) -> list[Label | None] | None:
     return labels
 
 
+#: Ops between a class token parameter and the cat reading it (:func:`_token_param`).
+_TOKEN_VIEWS = op_sets.COPIES | {aten.expand.default, aten.expand_copy.default,
+                                 aten.unsqueeze.default, aten.view.default,
+                                 aten.reshape.default, aten._unsafe_view.default}
+
+
+def _token_param(an: Any, t: Any, d: int) -> tuple[str, int, bool] | None:
+    """``(fqn, its dim along the cat's channel dim d, trainable)`` of a parameter operand: one
+    :meth:`param` resolves, or a token reaching the cat through expands, unsqueezes and views
+    that keep its last dim as the channel dim (CLIP's ``class_embedding.expand(B, 1, -1)`` of
+    a 1-D parameter)."""
+    src = an.param(t)
+    if src is not None:
+        return src[0], src[1][d], src[2]
+    val = tensor_val(t)
+    if val is None or d != val.dim() - 1:
+        return None
+    x = t
+    while isinstance(x, torch.fx.Node) and x.op == "call_function" and \
+            x.target in _TOKEN_VIEWS and tensor_val(x).shape[-1] == val.shape[-1]:
+        x = x.args[0]
+    if not isinstance(x, torch.fx.Node) or x.op != "get_attr" or \
+            tensor_val(x) is None or tensor_val(x).shape[-1] != val.shape[-1]:
+        return None
+    p = get_attr_tensor(an.gm, str(x.target))
+    return str(x.target), p.dim() - 1, isinstance(p, torch.nn.Parameter) and p.requires_grad
+
+
 def _cat_lined_up(an: Any, node: torch.fx.Node, tensors: list, live: list,
                   out_nd: int) -> Label | None:
     """cat along a non-channel dim (e.g. ViT's [cls; patches] along tokens): the channel
@@ -440,11 +477,11 @@ def _cat_lined_up(an: Any, node: torch.fx.Node, tensors: list, live: list,
         if lab is not None:
             an.unify(atoms, lab.atoms)
             continue
-        src = an.param(t)
+        src = _token_param(an, t, d)
         if src is None or concrete(shp[d]) != len(atoms):
             return an.pin_inputs(node, "cat of a channel-carrying tensor with one "
                                        "whose channels no layer produces")
-        an.label_param(src[0], src[1][d], atoms, "out" if src[2] else "in")
+        an.label_param(src[0], src[1], atoms, "out" if src[2] else "in")
     return Label(d, atoms, all(lab.ok for lab, _ in live if lab is not None))
 
 
