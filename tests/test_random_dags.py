@@ -2,7 +2,9 @@
 
 Each model is a random sequence of blocks over a list of live tensors: plain /
 grouped / depthwise convs, BN or GN, activations, residual adds, channel concats,
-channel slices; it ends with flatten -> linear.
+channel slices, and along each image row as a sequence ([B*H, W, C]) nn.MultiheadAttention,
+nn.LSTM / nn.GRU (maybe bidirectional) and an einsum with a weight parameter; it ends with
+flatten -> linear.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from torch import nn
 
 import geta_fx
 
-OPS = ("conv", "grouped", "depthwise", "add", "cat", "slice", "act")
+OPS = ("conv", "grouped", "depthwise", "add", "cat", "slice", "act", "mha", "lstm", "gru",
+       "einsum")
 
 
 class RandomDAG(nn.Module):
@@ -27,6 +30,7 @@ class RandomDAG(nn.Module):
         super().__init__()
         self.plan = []
         self.layers = nn.ModuleList()
+        self.weights = nn.ParameterList()
         chans = [4]  # channels of each live tensor; tensor 0 is the stem output
         self.stem = nn.Conv2d(3, 4, 3, padding=1)
         for op, a, b, w in plan:
@@ -60,6 +64,21 @@ class RandomDAG(nn.Module):
             elif op == "slice" and ca >= 2:
                 self.plan.append(("slice", a, ca // 2))
                 chans.append(ca - ca // 2)
+            elif op == "mha":
+                self.plan.append(("seq", a, len(self.layers)))
+                self.layers.append(nn.MultiheadAttention(ca, 2 - ca % 2, batch_first=True))
+                chans.append(ca)
+            elif op in ("lstm", "gru"):
+                hidden, bi = 2 + w % 4, bool(w % 2)
+                self.plan.append(("seq", a, len(self.layers)))
+                self.layers.append((nn.LSTM if op == "lstm" else nn.GRU)(
+                    ca, hidden, batch_first=True, bidirectional=bi))
+                chans.append(hidden * (1 + bi))
+            elif op == "einsum":
+                cout = 2 + w % 6
+                self.plan.append(("einsum", a, len(self.weights)))
+                self.weights.append(nn.Parameter(torch.randn(cout, ca) / ca ** 0.5))
+                chans.append(cout)
             else:
                 self.plan.append(("act", a, w % 3))
                 chans.append(ca)
@@ -76,6 +95,14 @@ class RandomDAG(nn.Module):
                 ts.append(torch.cat([ts[a], ts[b]], 1))
             elif op == "slice":
                 ts.append(ts[a][:, b:])
+            elif op == "seq":
+                n, _, h, w = ts[a].shape  # each image row is a sequence: [B*H, W, C]
+                seq, layer = ts[a].permute(0, 2, 3, 1).reshape(n * h, w, -1), self.layers[b]
+                y = layer(seq, seq, seq, need_weights=False)[0] if isinstance(
+                    layer, nn.MultiheadAttention) else layer(seq)[0]
+                ts.append(y.reshape(n, h, w, -1).permute(0, 3, 1, 2))
+            elif op == "einsum":
+                ts.append(F.relu(torch.einsum("bchw,dc->bdhw", ts[a], self.weights[b])))
             else:
                 ts.append((F.gelu, torch.tanh, F.silu)[b](ts[a]))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(ts[-1], 4), 1))
