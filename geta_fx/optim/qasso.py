@@ -41,6 +41,15 @@ group may lose (:mod:`geta_fx.optim._limits`; a small-group protection applies b
 a target those bounds make unreachable is warned about at construction, stating what can be
 reached; ``metrics(loss)`` and :class:`geta_fx.optim.Progress` report a run's state.
 
+The plain step (warm-up, and before projection/pinning in later stages) is exactly the torch
+optimizer's: ``variant="adamw"`` is ``torch.optim.AdamW`` with the weights in one group (``lr``,
+``weight_decay``) and the quantizer scalars in another (``lr_quant``, weight decay 0); ``"adam"``
+is ``torch.optim.Adam`` (L2), ``"sgd"`` ``torch.optim.SGD`` (tests/test_qasso_precision.py feeds
+both the same gradients: equal to float32 rounding).  Two float32 *training runs* still drift
+apart (~lr per step on some entries): entries whose true gradient is 0 (a key bias, by the
+softmax's shift invariance) get rounding noise that Adam normalises to full-size steps, and a
+``log_d`` gradient jumps when a weight crosses a rounding boundary; in float64 they agree.
+
 Departures from the reference implementation (GETA_SPEC G.2), each also noted where it is
 implemented:
 
@@ -124,6 +133,15 @@ def _warn(msg: str, stacklevel: int) -> None:
     """A user-facing warning: ``warnings.warn`` (pointing at the user's line) and the log."""
     warnings.warn(msg, UserWarning, stacklevel=stacklevel + 1)
     logger.warning(msg)
+
+
+def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
+    """L2 norm of every gradient, float32 or wider (a float16 norm would overflow at 65504;
+    float64 gradients keep their dtype: ``_foreach_norm`` refuses to narrow them)."""
+    low = [g for g in grads if g.dtype != torch.float64]
+    wide = [g for g in grads if g.dtype == torch.float64]
+    out = list(torch._foreach_norm(low, 2, dtype=torch.float32)) if low else []
+    return out + [n.float() for n in torch._foreach_norm(wide, 2)] if wide else out
 
 
 def _q_m(log_q_m: Tensor) -> Tensor:
@@ -494,7 +512,7 @@ class QASSO(torch.optim.Optimizer):
         """
         params = [p for g in self.param_groups for p in g["params"]]
         grads = [local_tensor(p.grad) for p in params if p.grad is not None]
-        checks = list(torch._foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
+        checks = _grad_norms(grads)
         lossv = loss.detach().float() if isinstance(loss, Tensor) else None
         if lossv is not None:
             checks.append(lossv.abs().max().to(checks[0].device if checks else lossv.device))
