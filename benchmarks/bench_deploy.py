@@ -14,6 +14,10 @@ Tables (markdown, printed as measured):
     K x N in {4096x4096, 4096x14336}.  Ratios are fp16 time / low-bit time (> 1: low-bit faster).
 (c) channel alignment (QASSO's ``group_divisible``): slim latency at 50% sparsity when every
     group keeps an odd number of units vs a multiple of 8 or 16.
+(d) ONNX Runtime (``--tables d``, CPU): the small GPT's dense, slim and slim-W4 graphs saved
+    with ``geta_fx.save(m, "m.onnx")``: file sizes, ORT latency, and eager torch for reference.
+(e) AOTInductor (``--tables e``, CPU, slow: one compile per variant): the small GPT's dense and
+    slim graphs packaged with ``geta_fx.save(m, "m.pt2", package="aoti")`` vs eager.
 
 CPU timings are ``torch.utils.benchmark.Timer.blocked_autorange`` under
 ``torch.inference_mode``, baseline and candidate in the same process on the same device; the
@@ -26,6 +30,7 @@ header names device, threads, torch, commit and which low-bit implementation ran
 
     python benchmarks/bench_deploy.py                    # all tables, CPU (+ CUDA if present)
     python benchmarks/bench_deploy.py --tables b --devices cpu --min-time 0.2
+    python benchmarks/bench_deploy.py --tables de --devices cpu     # ONNX Runtime, AOTI
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import copy
 import os
 import platform
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -44,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.benchmark import Timer
 
-from _common import commit
+from _common import commit, cpu_name
 import geta_fx
 import geta_fx.lowbit_kernels as lowbit_kernels
 from geta_fx.deploy import lower
@@ -116,17 +123,6 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[torch.Tensor, ...]]]] = {
 
 
 # -------------------------------------------------------------------------------- helpers
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
@@ -136,6 +132,11 @@ def device_name(device: str) -> str:
 #: "min" (default): the fastest Timer block, robust to other processes on a shared machine;
 #: "median": the Timer median.  Set from --stat.
 STAT = "min"
+#: "wall" (perf_counter) or "cpu": ``time.thread_time``, this thread's CPU time, with torch on
+#: 1 thread: on a shared machine a call that loses its core stalls for a scheduler slice, which
+#: wall-clock blocks absorb, while the thread's CPU time is what the model costs.  Set from
+#: --clock (CPU devices only).
+CLOCK = "wall"
 
 
 def ms(fn: Callable[[], Any], min_time: float) -> float:
@@ -145,7 +146,9 @@ def ms(fn: Callable[[], Any], min_time: float) -> float:
     """
     with torch.inference_mode():
         fn()  # warm-up (and lazy initialisation)
-        m = Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time)
+        timer = {"timer": time.thread_time} if CLOCK == "cpu" else {}
+        m = Timer(stmt="fn()", globals={"fn": fn}, **timer).blocked_autorange(
+            min_run_time=min_time)
     if STAT == "median":
         return m.median * 1e3
     return min(m.raw_times) / m.number_per_run * 1e3
@@ -476,6 +479,96 @@ def _row_b(device: str, k: int, n: int, m: int, t16: float, tb: float, t32: floa
     print(f"| {device} | {k}x{n} | {m} | " + " | ".join(cells) + " |", flush=True)
 
 
+# ------------------------------------------------------------------- tables (d) and (e)
+def _deploy_variants(sparsity: float) -> tuple[tuple[torch.Tensor, ...],
+                                               dict[str, torch.fx.GraphModule]]:
+    """The small GPT (cpu): dense graph, slim at ``sparsity``, and slim with 4-bit weights."""
+    model, args = MODELS["gpt 4x384 (2x128 tok)"]()
+    gm = geta_fx.transform(model, args)
+    gq = geta_fx.transform(model, args, quantize="weight", bits=4.0)
+    gm.eval()
+    gq.eval()
+    dense = gm.compress()
+    zero_fraction(gm, sparsity)
+    zero_fraction(gq, sparsity)
+    return args, {"dense": dense, "slim": gm.compress(),
+                  "slim W4": lower(gq.compress(), reference=gq)}
+
+
+def table_d(sparsity: float, min_time: float, rounds: int = 3) -> None:
+    """ONNX Runtime (CPU) latency and file size of the dense, slim and slim-W4 GPT."""
+    import onnxruntime as ort
+
+    print(f"\n### (d) ONNX Runtime: `geta_fx.save(m, 'm.onnx')` of the gpt 4x384 (2x128 tok), "
+          f"{sparsity:.0%} group sparsity, CPUExecutionProvider, "
+          f"{torch.get_num_threads()} intra-op threads, onnxruntime {ort.__version__}\n")
+    print("Eager is the same GraphModule in torch; `W4`: 4-bit levels stored as int8 x scale "
+          "(1 byte per weight). Interleaved over rounds; the fastest counts.\n")
+    print("| variant | params | file MB | eager ms | ORT ms | ORT vs dense ORT | "
+          "max abs(ORT - eager) |")
+    print("|---|---|---|---|---|---|---|")
+    args, mods = _deploy_variants(sparsity)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    best: dict[str, list[float]] = {k: [float("inf"), float("inf")] for k in mods}
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions, sizes, diffs = {}, {}, {}
+        for name, m in mods.items():
+            path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
+            geta_fx.save(m, path, lower_first=False)
+            sizes[name] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
+                              if f.startswith(name.replace(" ", "_")))
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args, strict=True)}
+            sessions[name] = (sess, feed)
+            with torch.inference_mode():
+                want = m(*args)
+            got = torch.from_numpy(sess.run(None, feed)[0])
+            diffs[name] = float((got - want).abs().max())
+        for _ in range(rounds):
+            for name, m in mods.items():
+                sess, feed = sessions[name]
+                best[name][0] = min(best[name][0], ms(partial(m, *args), min_time))
+                best[name][1] = min(best[name][1], ms(partial(sess.run, None, feed), min_time))
+    for name, m in mods.items():
+        print(f"| {name} | {num_params(m):,} | {sizes[name] / 2**20:.2f} | {best[name][0]:.2f} "
+              f"| {best[name][1]:.2f} | {best['dense'][1] / best[name][1]:.2f}x | "
+              f"{diffs[name]:.1e} |", flush=True)
+
+
+def table_e(sparsity: float, min_time: float, rounds: int = 3) -> None:
+    """AOTInductor package (``geta_fx.save(package='aoti')``) vs eager, dense and slim GPT."""
+    print(f"\n### (e) AOTInductor: `geta_fx.save(m, 'm.pt2', package='aoti')` of the gpt 4x384 "
+          f"(2x128 tok), {sparsity:.0%} group sparsity, cpu, {torch.get_num_threads()} threads"
+          "\n")
+    print("| variant | params | eager ms | AOTI ms | AOTI vs eager | AOTI vs eager dense | "
+          "compile s | max abs(AOTI - eager) |")
+    print("|---|---|---|---|---|---|---|---|")
+    args, mods = _deploy_variants(sparsity)
+    mods.pop("slim W4")  # packed low-bit ops: AOTI needs the C++ kernels' inductor lowering
+    runners, compile_s, diffs = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in mods.items():
+            path = os.path.join(tmp, f"{name}.pt2")
+            t = time.perf_counter()
+            geta_fx.save(m, path, lower_first=False, package="aoti")
+            compile_s[name] = time.perf_counter() - t
+            runners[name] = geta_fx.load(path)
+            with torch.inference_mode():
+                got, want = runners[name](*args), m(*args)
+            got = got[0] if isinstance(got, (tuple, list)) else got
+            diffs[name] = float((got - want).abs().max())
+        best = {k: [float("inf"), float("inf")] for k in mods}
+        for _ in range(rounds):
+            for name, m in mods.items():
+                best[name][0] = min(best[name][0], ms(partial(m, *args), min_time))
+                best[name][1] = min(best[name][1], ms(partial(runners[name], *args), min_time))
+    for name, m in mods.items():
+        print(f"| {name} | {num_params(m):,} | {best[name][0]:.2f} | {best[name][1]:.2f} | "
+              f"{best[name][0] / best[name][1]:.2f}x | {best['dense'][0] / best[name][1]:.2f}x "
+              f"| {compile_s[name]:.0f} | {diffs[name]:.1e} |", flush=True)
+
+
 def table_b_cuda(k: int, n: int, ms_list: list[int], bits_list: list[int],
                  gen: torch.Generator) -> None:
     """One K x N shape on CUDA; fp16 activations for the geta op (the fp16 comparison)."""
@@ -519,7 +612,9 @@ def table_b_cuda(k: int, n: int, ms_list: list[int], bits_list: list[int],
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tables", default="abc", help="any of a, b, c")
+    ap.add_argument("--tables", default="abc",
+                    help="any of a, b, c; d: ONNX Runtime, e: AOTInductor (slow: not default)")
+    ap.add_argument("--deploy-sparsity", type=float, default=0.5, help="tables d and e")
     ap.add_argument("--devices", default=None, help="cpu,cuda (default: cpu + cuda if present)")
     ap.add_argument("--sparsity", default="0.3,0.5,0.7")
     ap.add_argument("--align-sparsity", default="0.3,0.5", help="sparsities of table c")
@@ -530,9 +625,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds, tables a and c")
     ap.add_argument("--stat", choices=("min", "median"), default="min",
                     help="per-call time: fastest Timer block (default) or the median")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: time this thread's CPU time on 1 torch thread (a shared machine)")
     args = ap.parse_args()
-    global STAT
-    STAT = args.stat
+    global STAT, CLOCK
+    STAT, CLOCK = args.stat, args.clock
+    if CLOCK == "cpu":
+        torch.set_num_threads(1)
     devices = (args.devices.split(",") if args.devices else
                ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     st = lowbit_kernels.ensure_loaded()
@@ -547,6 +646,10 @@ def main() -> None:
         table_c(devices, [float(s) for s in args.align_sparsity.split(",")], args.min_time,
                 args.rounds)
         table_c_layers(devices, args.min_time, args.rounds)
+    if "d" in args.tables:
+        table_d(args.deploy_sparsity, args.min_time, args.rounds)
+    if "e" in args.tables:
+        table_e(args.deploy_sparsity, args.min_time, args.rounds)
     if "b" in args.tables:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         table_b(devices, [int(m) for m in args.m.split(",")], shapes,  # type: ignore[arg-type]
