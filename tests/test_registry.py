@@ -52,7 +52,8 @@ def test_every_rule_has_both_halves_or_says_why_not() -> None:
     # physical_prune's rewrites all live on rules now
     assert rewrites == {"_rewrite_sizes", "_rewrite_unflatten", "_rewrite_split",
                         "_rewrite_slice", "_rewrite_narrow", "_rewrite_select",
-                        "_rewrite_num_groups", "_rewrite_conv_groups", "keep_original_count"}
+                        "_rewrite_num_groups", "_rewrite_conv_groups", "keep_original_count",
+                        "_rewrite_state_sizes"}
     assert RULES[aten.mean.dim].rewrite is RULES[aten.layer_norm.default].rewrite
     assert RULES[aten.relu.default].rewrite is None
 
