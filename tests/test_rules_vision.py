@@ -276,3 +276,101 @@ def test_addcmul_needs_a_zero_term_and_a_zero_factor() -> None:
     gm = geta_fx.transform(Net(False).eval(), (x,))
     g = _group(gm, "c1.weight")
     assert not g.prunable and "input channels are not zero" in g.reason
+
+
+# --------------------------------------------------------------------------- channel shuffle
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNetV2 channel shuffle."""
+    b, c, h, w = x.shape
+    x = x.view(b, groups, c // groups, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(b, -1, h, w)
+
+
+class Shuffled(nn.Module):
+    """conv -> bn -> relu -> shuffle -> grouped conv (-> shuffle again, as ShuffleNet v1)."""
+
+    def __init__(self, groups: int = 2, twice: bool = False) -> None:
+        super().__init__()
+        self.c1, self.bn = nn.Conv2d(3, 12, 1), nn.BatchNorm2d(12)
+        self.c2 = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.c3 = nn.Conv2d(12, 5, 1)
+        self.groups, self.twice = groups, twice
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = channel_shuffle(F.relu(self.bn(self.c1(x))), self.groups)
+        h = self.c2(h)
+        if self.twice:
+            h = channel_shuffle(h, 4)
+        return self.c3(F.relu(h))
+
+
+@pytest.mark.parametrize(("groups", "twice"), [(2, False), (3, False), (3, True)])
+def test_channel_shuffle_keeps_one_unit_per_channel(groups: int, twice: bool) -> None:
+    gm = _exact(Shuffled(groups, twice), torch.randn(2, 3, 5, 5))
+    g = _group(gm, "c1.weight")
+    assert g.prunable and g.num_units == 12 and g.unit_size == 1
+    dw = next(m for m in g.members if m.fqn == "c2.weight" and m.dim == 0)
+    # the depthwise conv's channel j reads c1's channel perm[j]: shuffled, not merged
+    perm = torch.arange(12).reshape(groups, -1).T.reshape(-1)
+    assert torch.equal(dw.units[dw.indices.argsort()], perm)
+    slim = gm.compress()
+    assert aten.index_select.default in {n.target for n in slim.graph.nodes}
+    assert aten.transpose.int not in {n.target for n in slim.graph.nodes}
+
+
+def test_a_shuffle_whose_inner_view_is_read_elsewhere_merges_rows() -> None:
+    """The split view read by a second op is no pure index map: the generic reshape rule
+    applies (a unit is a whole row of C / g channels)."""
+    class Net(Shuffled):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = F.relu(self.bn(self.c1(x)))
+            b, c, hh, w = h.shape
+            v = h.view(b, 2, c // 2, hh, w)
+            s = v.transpose(1, 2).contiguous().view(b, c, hh, w)
+            return self.c3(F.relu(self.c2(s))) + v.sum((1, 2)).mean().reshape(1, 1, 1, 1)
+
+    gm = _exact(Net(), torch.randn(2, 3, 5, 5))
+    g = _group(gm, "c1.weight")
+    assert g.num_units == 2 and g.unit_size == 6
+
+
+# --------------------------------------------------------------------------- Swin windows
+
+
+class Windows(nn.Module):
+    """Swin's shifted windows around a per-token MLP: roll, partition, MLP, merge, roll back
+    (channels last).  ``roll_dims`` other than the token grid's must pin."""
+
+    def __init__(self, roll_dims: tuple[int, ...] | None = (1, 2), c: int = 8,
+                 ws: int = 2) -> None:
+        super().__init__()
+        self.embed, self.mlp, self.head = nn.Linear(3, c), nn.Linear(c, c), nn.Linear(c, 2)
+        self.roll_dims, self.ws = roll_dims, ws
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, hh, w, c = h.shape
+        ws, dims = self.ws, self.roll_dims
+        shift = (-1,) * len(dims) if dims else -1
+        t = torch.roll(h, shifts=shift, dims=dims) if dims else torch.roll(h, -1)
+        t = t.view(b, hh // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        t = F.gelu(self.mlp(t.reshape(-1, ws * ws, c)))
+        t = t.view(b, hh // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hh, w, c)
+        return self.head((h + torch.roll(t, shifts=1, dims=(1,))).mean((1, 2)))
+
+
+def test_swin_windows_and_roll_keep_the_hidden_dim_prunable() -> None:
+    gm = _exact(Windows(), torch.randn(2, 4, 6, 3))
+    assert aten.roll.default in _targets(gm)
+    for fqn in ("embed.weight", "mlp.weight"):
+        g = _group(gm, fqn)
+        assert g.prunable and g.num_units == 8, fqn
+
+
+@pytest.mark.parametrize("dims", [(3,), (2, 3), None])
+def test_a_roll_across_the_channels_pins(dims: tuple[int, ...] | None) -> None:
+    gm = geta_fx.transform(Windows(dims).eval(), (torch.randn(2, 4, 6, 3),))
+    g = _group(gm, "embed.weight")
+    assert not g.prunable and "roll moves entries across the channel dim" in g.reason

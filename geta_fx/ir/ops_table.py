@@ -32,6 +32,7 @@ from geta_fx.ir import (  # noqa: F401
     rules_reduce,
     rules_rnn,
     rules_shape,
+    rules_vision,
 )
 from geta_fx.ir.op_sets import ASSERTS, SHAPE_QUERIES
 from geta_fx.ir.query import quantizer_of

@@ -22,6 +22,7 @@ from geta_fx.ir.args import arg, set_arg
 from geta_fx.ir.channels import KeptChannels, Label, concrete, reshape_groups
 from geta_fx.ir.query import create_node_with_meta, get_attr_tensor, tensor_val
 from geta_fx.ir.registry import channel_rule
+from geta_fx.ir.rules_vision import NOT_A_SHUFFLE, rewrite_shuffle, shuffle_label
 
 aten = torch.ops.aten
 
@@ -63,6 +64,8 @@ def _kept_size(gm: torch.fx.GraphModule, node: torch.fx.Node, dim: int, kept: np
 
 def _rewrite_sizes(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChannels) -> None:
     """view/reshape/expand sizes: the channel dim's entry becomes the kept count."""
+    if rewrite_shuffle(gm, node, kept):  # a channel shuffle: one index_select
+        return
     out = kept.changed(node)
     if out is not None:
         dim, k, n = out
@@ -75,6 +78,8 @@ def _rewrite_sizes(gm: torch.fx.GraphModule, node: torch.fx.Node, kept: KeptChan
 def _rewrite_unflatten(gm: torch.fx.GraphModule, node: torch.fx.Node,
                        kept: KeptChannels) -> None:
     """unflatten sizes: the entry of the channel dim becomes the kept count."""
+    if rewrite_shuffle(gm, node, kept):  # a channel shuffle: one index_select
+        return
     out = kept.changed(node)
     if out is not None:
         dim, k, n = out
@@ -194,6 +199,8 @@ def _regroup_tiled(an: Any, node: torch.fx.Node, lab: Label, a: list, b: list,
               aten.unsqueeze.default, aten.expand_as.default, aten.alias_copy.default,
               no_rewrite=DERIVED, tiled=True)
 def _reshape(an: Any, node: torch.fx.Node) -> Label | None:
+    if (shuffled := shuffle_label(an, node)) is not NOT_A_SHUFFLE:
+        return shuffled  # a channel shuffle's split, or its merge: an index map
     lab = an.label(node.args[0])
     if lab is None:
         return None
@@ -208,6 +215,8 @@ def _reshape(an: Any, node: torch.fx.Node) -> Label | None:
         if concrete(b[d]) != len(lab.atoms):  # size-1 channel dim expanded
             return Label(d, np.repeat(lab.atoms, concrete(b[d])), lab.ok)
         return lab.moved(d)
+    if lab.dim == len(a) - 1 and b and (a[-1] - b[-1]) == 0 and lab.tile is None:
+        return lab.moved(len(b) - 1)  # innermost dim kept (Swin's windows): c stays c
     groups = reshape_groups(a, b)
     if groups is None:
         return an.pin_inputs(node, f"{node.target}: cannot match reshape dims")
