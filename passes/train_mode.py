@@ -30,6 +30,9 @@ TRAIN_FLAGS: dict[torch._ops.OpOverload, str] = {
     aten.feature_alpha_dropout.default: "train",
     aten.native_dropout.default: "train",
     aten.batch_norm.default: "training",
+    # recurrent layers: dropout between layers (nn.LSTM/GRU/RNN ``dropout=``)
+    aten.lstm.input: "train", aten.gru.input: "train", aten.rnn_tanh.input: "train",
+    aten.rnn_relu.input: "train",
 }
 
 

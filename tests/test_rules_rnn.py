@@ -84,3 +84,27 @@ def test_projections_pin() -> None:
     gm = geta_fx.transform(Proj().eval(), (torch.randn(4, 2, 6),))
     g = _group_of(gm, "stem.weight")
     assert not g.prunable and "proj_size" in g.reason
+
+
+def test_train_and_eval_flip_the_recurrent_dropout_flag() -> None:
+    """Export bakes ``train`` into aten.lstm (inter-layer dropout); GetaModule.train()/eval()
+    rewrite it as they do dropout's."""
+    class Deep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(4, 5, num_layers=2, dropout=0.5, batch_first=True)
+            self.head = torch.nn.Linear(5, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0])
+
+    model = Deep().eval()
+    x = torch.randn(2, 3, 4)
+    gm = geta_fx.transform(model, (x,))
+    node = next(n for n in gm.graph_module.graph.nodes if n.target is torch.ops.aten.lstm.input)
+    assert node.args[6] is False
+    gm.train()
+    assert node.args[6] is True and not torch.equal(gm(x), gm(x))  # dropout between layers
+    gm.eval()
+    assert node.args[6] is False
+    torch.testing.assert_close(gm(x), model(x))
