@@ -374,3 +374,51 @@ def test_a_roll_across_the_channels_pins(dims: tuple[int, ...] | None) -> None:
     gm = geta_fx.transform(Windows(dims).eval(), (torch.randn(2, 4, 6, 3),))
     g = _group(gm, "embed.weight")
     assert not g.prunable and "roll moves entries across the channel dim" in g.reason
+
+
+# --------------------------------------------------------------------------- pad
+
+
+class Padded(nn.Module):
+    """``F.pad`` of a conv's output, channels first: ``widths`` pairs from the last dim."""
+
+    def __init__(self, widths: tuple[int, ...], mode: str = "constant", value: float = 0.0,
+                 out_in: int = 6) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv1d(3, 6, 1), nn.Conv1d(out_in, 2, 1)
+        self.widths, self.mode, self.value = widths, mode, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c1(x))
+        if self.mode == "constant":
+            h = F.pad(h, self.widths, value=self.value)
+        else:  # a copy mode pads the trailing dims: put the channels last
+            h = F.pad(h.transpose(1, 2), self.widths, mode=self.mode).transpose(1, 2)
+        return self.c2(h)
+
+
+@pytest.mark.parametrize(("widths", "out_in"), [((1, 2), 6), ((0, 0, 2, 1), 9),
+                                                ((1, 1, 0, 3), 9)])
+def test_zero_padding_keeps_channels_prunable(widths: tuple[int, ...], out_in: int) -> None:
+    """Spatial zero padding passes; padding the channel dim with zeros adds channels no
+    layer produces on both sides (the pad widths stay right after pruning)."""
+    gm = _exact(Padded(widths, out_in=out_in), torch.randn(2, 3, 5))
+    g = _group(gm, "c1.weight")
+    assert g.prunable and g.num_units == 6
+    cols = next(m for m in g.members if m.fqn == "c2.weight")
+    before = widths[2] if len(widths) > 2 else 0
+    assert cols.indices.tolist() == list(range(before, before + 6))
+
+
+@pytest.mark.parametrize(("widths", "mode", "value", "reason"), [
+    ((1, 1), "constant", 0.5, "input channels are not zero"),
+    ((1, 1), "reflect", 0.0, "pads a channel dim other than with a constant"),
+    ((0, 0, -1, 0), "constant", 0.0, "pads a channel dim other than with a constant"),
+])
+def test_padding_that_is_not_zero_or_copies_channels_pins(widths: tuple[int, ...], mode: str,
+                                                         value: float, reason: str) -> None:
+    out_in = 6 + sum(widths[2:])
+    model = Padded(widths, mode, value, out_in=out_in if mode == "constant" else 8)
+    gm = geta_fx.transform(model.eval(), (torch.randn(2, 3, 5),))
+    g = _group(gm, "c1.weight")
+    assert not g.prunable and reason in g.reason

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx
 
@@ -104,14 +105,37 @@ SPATIAL = frozenset({
 })
 
 
+def _fill(node: torch.fx.Node) -> tuple[bool, bool]:
+    """(constant mode, the padded entries of a zero channel are zero) of a pad op."""
+    if node.target is aten.constant_pad_nd.default:
+        return True, arg(node, "value", 0) in (0, 0.0)
+    if node.target is aten.pad.default and arg(node, "mode", "constant") == "constant":
+        return True, arg(node, "value") in (0, 0.0, None)
+    return False, True  # reflect / replicate / circular copy the channel's own zeros
+
+
 def _pad(an: Any, node: torch.fx.Node, lab: Label, x_nd: int) -> Label | None:
-    """Padding the trailing dims: fine unless it pads the channel dim (with a non-zero)."""
-    spatial_from = x_nd - len(node.args[1]) // 2  # pad lists come in (before, after) pairs
-    if lab.dim >= spatial_from:
-        an.pin(lab, node, f"{node.target}: pads a channel dim")
+    """Pad widths come in (before, after) pairs from the last dim backwards.
+
+    Over other dims the label passes (zero-invariant if the fill keeps a zero channel
+    zero).  A channel dim padded with a constant gains channels no layer produces (atom 0)
+    on both sides: the widths stay right in the slim graph as they count added entries
+    only.  Any other padding of the channel dim (a copy mode, a crop, dynamic widths) pins.
+    """
+    widths = list(node.args[1])
+    constant, zero_fill = _fill(node)
+    k = x_nd - 1 - lab.dim  # the channel dim's (before, after) pair
+    mine = widths[2 * k: 2 * k + 2] if 2 * k < len(widths) else [0, 0]
+    others = widths[: 2 * k] + widths[2 * k + 2:]
+    pads_others = any(isinstance(w, torch.fx.Node) or w != 0 for w in others)
+    ok = lab.ok and (zero_fill or not pads_others)
+    if mine == [0, 0]:
+        return lab.moved(lab.dim, ok=ok)
+    if not constant or not all(isinstance(w, int) and w >= 0 for w in mine):
+        an.pin(lab, node, f"{node.target}: pads a channel dim other than with a constant")
         return None
-    value = arg(node, "value", 0) if node.target is aten.constant_pad_nd.default else 0
-    return lab.moved(lab.dim, ok=lab.ok and value in (0, 0.0, None))
+    before, after = (np.zeros(w, dtype=lab.atoms.dtype) for w in mine)
+    return Label(lab.dim, np.concatenate([before, lab.atoms, after]), ok)
 
 
 @channel_rule(*SPATIAL, *PADS, no_rewrite=DERIVED + " (spatial sizes only; a channel dim "
