@@ -17,7 +17,10 @@ fraction of the units of every prunable group zeroed, at least one kept,
 
 Timing: each variant runs ``generate`` for 1 and for N new tokens; decode ms/token is
 ``(t_N - t_1) / (N - 1)``, tokens/s is ``N / t_N``; variants are interleaved over ``--rounds``
-rounds and each keeps its fastest time (the machine may be shared).  The tokens of ``geta`` and
+rounds and each keeps its fastest time.  The clock is this thread's CPU time with torch on one
+thread (``--clock cpu``, the default: on a shared machine a call that loses its core stalls
+for scheduler slices, which wall time would count; CPU time is what the model costs), or wall
+time (``--clock wall``, with ``--threads``).  The tokens of ``geta`` and
 ``HF into`` are compared (same zeroed model: they must be equal; the table says whether they
 are).  The header names device, threads, torch, transformers, commit and date.
 
@@ -94,8 +97,8 @@ def variants(model: nn.Module, ids: torch.Tensor, sparsity: float
         sum(p.numel() for p in into.parameters())
 
 
-def fastest(calls: dict[str, Callable[[int], torch.Tensor]], n: int,
-            rounds: int) -> dict[str, tuple[float, float, torch.Tensor]]:
+def fastest(calls: dict[str, Callable[[int], torch.Tensor]], n: int, rounds: int,
+            clock: Callable[[], float]) -> dict[str, tuple[float, float, torch.Tensor]]:
     """name -> (fastest t_1, fastest t_N, tokens), interleaving the calls over rounds."""
     best: dict[str, list[Any]] = {k: [float("inf"), float("inf"), None] for k in calls}
     with torch.inference_mode():
@@ -104,9 +107,9 @@ def fastest(calls: dict[str, Callable[[int], torch.Tensor]], n: int,
         for _ in range(rounds):
             for name, call in calls.items():
                 for slot, tokens in ((0, 1), (1, n)):
-                    t = time.perf_counter()
+                    t = clock()
                     out = call(tokens)
-                    best[name][slot] = min(best[name][slot], time.perf_counter() - t)
+                    best[name][slot] = min(best[name][slot], clock() - t)
                     if tokens == n:
                         best[name][2] = out
     return {k: (v[0], v[1], v[2]) for k, v in best.items()}
@@ -133,8 +136,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1: on a shared 2-core VM, 2 threads spin against "
                          "other jobs and time 4x slower and noisier)")
+    ap.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                    help="cpu (default): this thread's CPU time (time.thread_time; needs "
+                         "--threads 1), robust to other jobs on a shared machine; wall: "
+                         "perf_counter")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu times this thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     import transformers
 
     model = build(args)
@@ -147,14 +157,15 @@ def main() -> int:
           f"{datetime.date.today().isoformat()}")
     print(f"# Llama {args.layers}x{args.hidden}, {args.heads} heads / {args.kv_heads} kv, MLP "
           f"{args.mlp}, vocab {args.vocab}: {dense_params:,} params; prompt 1x{args.prompt}, "
-          f"{n} new tokens, greedy; fastest of {args.rounds} interleaved rounds\n")
+          f"{n} new tokens, greedy; fastest of {args.rounds} interleaved rounds, "
+          f"{args.clock} clock\n")
     print("| group sparsity | params (slim / into) | HF dense ms/tok | geta ms/tok | "
           "HF into ms/tok | HF dense tok/s | geta tok/s | HF into tok/s | geta vs HF dense "
           "(decode) | HF into vs HF dense (decode) | geta tokens == HF into |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for s in [0.0] + [float(x) for x in args.sparsity.split(",")]:
         calls, p_slim, p_into = variants(model, ids, s)
-        got = fastest({"HF dense": hf_call(model, ids), **calls}, n, args.rounds)
+        got = fastest({"HF dense": hf_call(model, ids), **calls}, n, args.rounds, clock)
         ms_tok = {k: cells(t1, tn, n) for k, (t1, tn, _) in got.items()}
         same = torch.equal(got["geta"][2], got["HF into"][2])
         d = ms_tok["HF dense"][0]

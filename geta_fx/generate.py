@@ -79,9 +79,11 @@ class GenerationError(GetaFxError):
 
 @dataclass
 class GenerationSource:
-    """What ``transform`` keeps of a causal LM for generation: a parameter-less copy."""
+    """What ``transform`` keeps of a causal LM for generation: a parameter-less copy (None,
+    with the reason, when the model cannot be copied)."""
 
-    skeleton: nn.Module
+    skeleton: nn.Module | None
+    reason: str | None = None
 
 
 @dataclass
@@ -131,7 +133,13 @@ def generation_source(model: nn.Module) -> GenerationSource | None:
     memo: dict[int, Any] = {
         id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
         for p in model.parameters()}
-    return GenerationSource(copy.deepcopy(model, memo))
+    try:
+        return GenerationSource(copy.deepcopy(model, memo))
+    except Exception as e:  # noqa: BLE001 - transform must not fail for generation's sake
+        logger.info("generation: %s cannot be deep-copied (%s: %s)", type(model).__name__,
+                    type(e).__name__, e)
+        return GenerationSource(None, f"{type(model).__name__} cannot be deep-copied "
+                                      f"({type(e).__name__}: {e})")
 
 
 def _max_positions(lm: nn.Module) -> int:
@@ -151,9 +159,10 @@ def attach_generation(slim: torch.fx.GraphModule, gm: Any, *, removed_units: Any
         return
     example = (gm._example_inputs or ((None,), {}))[0][0]
     example = example if isinstance(example, torch.Tensor) else None
-    if lowered:
-        slim.meta[META_KEY] = Generation(None, "the graph is lowered (packed low-bit weights); "
-                                         "generate from gm.compress() without lower=True")
+    if lowered or source.skeleton is None:
+        slim.meta[META_KEY] = Generation(None, source.reason or (
+            "the graph is lowered (packed low-bit weights); generate from gm.compress() "
+            "without lower=True"))
         return
     from geta_fx.into import compress_into
 

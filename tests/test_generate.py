@@ -240,6 +240,16 @@ def test_activation_quantizers_are_refused_with_the_reason() -> None:
     assert "activation quantizers" in str(e.value)
 
 
+@pytest.mark.slow  # lowering packs every weight (~5 s)
+def test_lowered_slim_is_refused_with_the_reason() -> None:
+    model = _build("llama")
+    gm = geta_fx.transform(model, (torch.randint(0, VOCAB, CAPTURED),), quantize="weight")
+    gm.eval()
+    with pytest.raises(geta_fx.InputError) as e:
+        geta_fx.generate(gm.compress(lower=True), torch.zeros(1, 3, dtype=torch.long))
+    assert "lowered" in str(e.value) and "lower=True" in str(e.value)
+
+
 @pytest.mark.slow  # captures the prefill and decode graphs (~5 s)
 def test_a_copy_of_slim_generates_on_its_own(llama: Any) -> None:
     _, gm, slim = llama
