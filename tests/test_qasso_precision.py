@@ -133,3 +133,108 @@ def test_float64_training_matches_adamw_end_to_end() -> None:
     assert diff <= 1e-10, (name, diff)
     moved, _ = _max_diff(gm, _gpt(quantize=None, dtype=torch.float64)[0])
     assert moved > 1e-3  # the runs trained
+
+
+# ------------------------------------------------------------------ mixed precision (item 2)
+_SCHEDULE = {"start_projection_step": 1, "projection_steps": 2, "start_pruning_step": 3,
+             "pruning_steps": 4, "pruning_periods": 2, "target_sparsity": 0.3}
+
+
+def test_bf16_weights_step_as_adamw_on_fp32_master_copies() -> None:
+    """bf16 weights: QASSO keeps fp32 master copies and moments; they follow AdamW on fp32
+    copies of the weights, and the bf16 weights are those copies rounded."""
+    gm, _ = _gpt()
+    gm = gm.to(torch.bfloat16)
+    for q in gm.quantizers.values():  # the quantizer scalars stay fp32
+        q.float()
+    opt = QASSO(gm, variant="adamw", lr=1e-2, lr_quant=1e-3, weight_decay=0.05, **_WARMUP)
+    ref, ropt = _reference(gm, opt, "adamw", 1e-2, 1e-3, 0.05)
+    ref = ref.float()
+    for k in range(12):
+        _feed_same_grads([gm, ref], k)  # bf16 values on both sides
+        rp = dict(ref.named_parameters())
+        for n, p in gm.named_parameters():
+            rp[n].grad = p.grad.float()
+        opt.step()
+        ropt.step()
+    rp = dict(ref.named_parameters())
+    qids = {id(p) for p in opt.param_groups[1]["params"]}
+    finer = 0.0
+    for n, p in gm.named_parameters():
+        if id(p) in qids:
+            assert p.dtype == torch.float32 and "master" not in opt.state.get(p, {}), n
+            assert (p - rp[n]).abs().max() <= 1e-6, n
+            continue
+        st = opt.state[p]
+        assert st["master"].dtype == st["exp_avg"].dtype == torch.float32, n
+        assert (st["master"] - rp[n]).abs().max() <= 1e-6, n
+        assert torch.equal(p, st["master"].to(torch.bfloat16)), n
+        finer = max(finer, float((st["master"] - p.detach().float()).abs().max()))
+    assert finer > 0  # the master copies hold what bf16 cannot (they are really used)
+
+
+def _train(gm: geta_fx.GetaModule, opt: QASSO, ids: torch.Tensor, steps: int,
+           autocast: bool = False) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = gm(ids)
+        out.float().square().mean().backward()
+        opt.step()
+
+
+def test_bf16_weights_prune_to_target_and_resume_bit_exactly() -> None:
+    gm, ids = _gpt()
+    gm = gm.to(torch.bfloat16)
+    for q in gm.quantizers.values():
+        q.float()
+    start = copy.deepcopy(gm)
+    opt = QASSO(gm, variant="adamw", lr=1e-2, **_SCHEDULE)
+    _train(gm, opt, ids, 5)
+    ckpt = copy.deepcopy({"module": gm.state_dict(), "optim": opt.state_dict()})
+    _train(gm, opt, ids, 5)
+    m = opt.metrics()
+    assert m["num_pruned"] == m["num_zero_units"] == opt.k_target > 0
+    for p, st in opt.state.items():  # committed rows are zero in the masters too
+        if "master" in st:
+            assert torch.equal(p, st["master"].to(p.dtype))
+    gm2 = start
+    opt2 = QASSO(gm2, variant="adamw", lr=1e-2, **_SCHEDULE)
+    gm2.load_state_dict(ckpt["module"])
+    opt2.load_state_dict(ckpt["optim"])
+    assert all(st["master"].dtype == torch.float32 for st in opt2.state.values() if "master" in st)
+    _train(gm2, opt2, ids, 5)
+    for (n, a), (_, b) in zip(gm.named_parameters(), gm2.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+    for p, p2 in zip(opt.param_groups[0]["params"], opt2.param_groups[0]["params"], strict=True):
+        assert torch.equal(opt.state[p]["master"], opt2.state[p2]["master"])
+
+
+def test_bf16_autocast_steps_as_adamw_and_prunes() -> None:
+    """fp32 weights, bf16 autocast forward: the gradients are fp32 and QASSO's warm-up steps
+    are AdamW's on them; a run through every stage reaches the target, scalars stay fp32."""
+    gm, ids = _gpt()
+    opt = QASSO(gm, variant="adamw", lr=1e-2, lr_quant=1e-3, weight_decay=0.05, **_WARMUP)
+    ref, ropt = _reference(gm, opt, "adamw", 1e-2, 1e-3, 0.05)
+    rp = dict(ref.named_parameters())
+    for _ in range(6):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = gm(ids)
+        assert out.dtype == torch.bfloat16
+        out.float().square().mean().backward()
+        for n, p in gm.named_parameters():
+            assert p.grad is None or p.grad.dtype == torch.float32, n
+            rp[n].grad = None if p.grad is None else p.grad.clone()
+        opt.step()
+        ropt.step()
+    diff, name = _max_diff(gm, ref)
+    assert diff <= 1e-6, (name, diff)
+
+    gm, ids = _gpt()
+    opt = QASSO(gm, variant="adamw", lr=1e-2, **_SCHEDULE)
+    _train(gm, opt, ids, 10, autocast=True)
+    m = opt.metrics()
+    assert m["stage"] == "cooldown" and m["num_pruned"] == m["num_zero_units"] == opt.k_target
+    assert all(p.dtype == torch.float32 for p in opt.param_groups[1]["params"])
+    assert 4 <= m["bits_min"] <= m["bits_max"] <= 16

@@ -8,6 +8,11 @@
   ``g^2``, which scales the first steps by about 0.32).
 * ``adam`` and ``sgd`` add L2 weight decay ``wd * p`` to the gradient; ``adamw``'s decoupled
   decay is applied by the caller.  Quantizer scalars never get weight decay.
+
+Mixed precision: a float16/bfloat16 weight has an fp32 master copy in ``state[p]["master"]``;
+:func:`value` is that copy (what every update reads and writes), :func:`grad` the gradient in
+float32, and the moments are float32 -- so a 16-bit model steps exactly as AdamW on fp32 copies
+of its weights, rounded to 16 bits after each step (the caller copies them down).
 """
 
 from __future__ import annotations
@@ -26,6 +31,21 @@ def _local(ts: list[Tensor]) -> list[Tensor]:
     return [local_tensor(t) for t in ts]
 
 
+def value(p: Tensor, state: Any) -> Tensor:
+    """What QASSO steps for ``p``: its fp32 master copy if it has one, else its local part
+    (also for a buffer, which has no state)."""
+    st = state.get(p)
+    master = st.get("master") if st else None
+    return master if master is not None else local_tensor(p)
+
+
+def grad(p: Tensor, state: Any) -> Tensor:
+    """The local gradient of ``p``, in float32 when ``p`` has an fp32 master copy."""
+    g = local_tensor(p.grad)  # type: ignore[arg-type]
+    st = state.get(p)
+    return g.float() if st and "master" in st else g
+
+
 def update_moments(variant: str, weights: list[nn.Parameter], state: Any,
                    group: dict[str, Any]) -> list[int]:
     """Advance the moment buffers of every weight with a gradient (in place, on the local
@@ -35,8 +55,8 @@ def update_moments(variant: str, weights: list[nn.Parameter], state: Any,
     idx = [i for i, p in enumerate(weights) if p.grad is not None]
     if not idx or (variant == "sgd" and float(group["momentum"]) == 0):
         return idx
-    ps = _local([weights[i] for i in idx])
-    grads = _local([weights[i].grad for i in idx])  # type: ignore[misc]
+    ps = [value(weights[i], state) for i in idx]
+    grads = [grad(weights[i], state) for i in idx]
     wd = float(group["weight_decay"])
     if wd != 0 and variant != "adamw":
         grads = list(torch._foreach_add(grads, ps, alpha=wd))  # L2 (GETA_SPEC C.2)
@@ -74,9 +94,11 @@ def directions(variant: str, ps: list[nn.Parameter], state: Any,
     if variant == "sgd":
         if float(group["momentum"]) != 0:
             return [local_tensor(state[p]["momentum_buffer"]) for p in ps]
-        grads = _local([p.grad for p in ps])  # type: ignore[misc]
+        grads = [grad(p, state) for p in ps]
         wd = float(group["weight_decay"])
-        return list(torch._foreach_add(grads, _local(list(ps)), alpha=wd)) if wd != 0 else grads
+        if wd == 0:
+            return grads
+        return list(torch._foreach_add(grads, [value(p, state) for p in ps], alpha=wd))
     b1, b2 = group["betas"]
     states = [state[p] for p in ps]
     m = _local([st["exp_avg"] for st in states])

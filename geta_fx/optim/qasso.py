@@ -50,6 +50,19 @@ apart (~lr per step on some entries): entries whose true gradient is 0 (a key bi
 softmax's shift invariance) get rounding noise that Adam normalises to full-size steps, and a
 ``log_d`` gradient jumps when a weight crosses a rounding boundary; in float64 they agree.
 
+Mixed precision: under ``torch.autocast`` the weights and gradients stay fp32 (nothing
+changes).  float16/bfloat16 *weights* are stepped through fp32 master copies
+(``state[p]["master"]``, taken when QASSO is constructed -- load the weights first -- and
+restored in fp32 by ``load_state_dict``) with fp32 moments, and copied down (rounded) at the end
+of every step: AdamW on fp32 copies of the weights.  Quantizer scalars are fp32 throughout.
+Memory: 12 bytes of state per 16-bit weight (master + two moments) instead of 8.
+
+Distributed: DDP, or FSDP2 with ``fully_shard(gm)`` on the root GetaModule (DTensor shards;
+unit statistics all-reduced, rank 0 selects).  ``fully_shard`` on blocks inside it does not
+work: the captured graph reads their weights as attributes and never calls the block modules,
+so FSDP2's per-module hooks would never gather them.  The root as the only unit shards the
+gradients and the optimizer state; the parameters are gathered whole for forward/backward.
+
 Departures from the reference implementation (GETA_SPEC G.2), each also noted where it is
 implemented:
 
@@ -102,6 +115,8 @@ _VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 #: 3: adds the non-finite step counters; version 2 states load with both at 0.
 _STATE_VERSION = 3
 _READABLE_VERSIONS = (2, 3)
+#: weight dtypes stepped through an fp32 master copy (``state[p]["master"]``).
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 #: QASSO's step arguments without ``total_steps`` (the historic defaults).
 _STEP_DEFAULTS = {"start_projection_step": 0, "projection_steps": 1, "projection_periods": 1,
                   "start_pruning_step": 1, "pruning_steps": 1, "pruning_periods": 1}
@@ -344,10 +359,17 @@ class QASSO(torch.optim.Optimizer):
         self._qstate: dict[str, Any] = {"step": 0}
         self._skipped = 0            # steps skipped for non-finite values, in all
         self._nonfinite_streak = 0   # ... in a row, up to now
+        for p in weights:
+            st: dict[str, Any] = {}
+            if local_tensor(p).dtype in _LOW_PRECISION:  # fp32 master copy (mixed precision)
+                st["master"] = local_tensor(p).detach().float().clone()
+            if variant != "sgd":
+                like = st.get("master", p)
+                st.update(step=0, exp_avg=torch.zeros_like(like),
+                          exp_avg_sq=torch.zeros_like(like))
+            if st:
+                self.state[p] = st
         if variant != "sgd":
-            for p in weights:
-                self.state[p] = {"step": 0, "exp_avg": torch.zeros_like(p),
-                                 "exp_avg_sq": torch.zeros_like(p)}
             n = len(self._qparams)
             self._qstate.update(exp_avg=torch.zeros(n, device=device),
                                 exp_avg_sq=torch.zeros(n, device=device))
@@ -440,7 +462,16 @@ class QASSO(torch.optim.Optimizer):
         if sch.is_commit_step(k):
             self._commit()
         self._zero_committed()
+        self._copy_masters_down()
         return loss
+
+    @torch.no_grad()
+    def _copy_masters_down(self) -> None:
+        """16-bit weights <- their fp32 master copies, rounded (one ``_foreach_copy_``)."""
+        pairs = [(local_tensor(p), st["master"]) for p, st in self.state.items()
+                 if "master" in st]
+        if pairs:
+            torch._foreach_copy_([lo for lo, _ in pairs], [m for _, m in pairs])
 
     # ------------------------------------------------------------------ weights
     def _update_weights(self, weights: list[nn.Parameter], active: list[int], lr: float,
@@ -457,7 +488,7 @@ class QASSO(torch.optim.Optimizer):
         for run in _directions.chunks([weights[i].numel() for i in active]):
             ps = [weights[active[j]] for j in run]
             ds = _directions.directions(self.variant, ps, self.state, group)
-            locs = [local_tensor(p) for p in ps]
+            locs = [_directions.value(p, self.state) for p in ps]
             for j, p, d in zip(run, locs, ds, strict=True):
                 if got is not None and active[j] in want:
                     self._gather(plan, got, want.pop(active[j]), p, d)
@@ -466,7 +497,7 @@ class QASSO(torch.optim.Optimizer):
             torch._foreach_add_(locs, ds, alpha=-lr)
         if got is not None:
             for i in want.values():  # plan tensors without a gradient: direction 0
-                x = local_tensor(self.layout.params[i]).detach()
+                x = _directions.value(self.layout.params[i], self.state).detach()
                 self._gather(plan, got, i, x, torch.zeros_like(x))
         return got
 
@@ -493,11 +524,11 @@ class QASSO(torch.optim.Optimizer):
                 rmap.index_reduce_(b.dim, b.rows, torch.broadcast_to(rate, x.shape).contiguous(),
                                    "amax")
                 continue
-            p = local_tensor(lay.params[b.param])
+            p = _directions.value(lay.params[b.param], self.state)
             base = _joint.forget_base(x, b.layer, *qvals)
             p.index_add_(b.dim, b.rows, (rate * base).to(p.dtype), alpha=-1.0)
         for i, rmap in rate_maps.items():
-            p = local_tensor(lay.params[i])
+            p = _directions.value(lay.params[i], self.state)
             p.sub_((rmap * _joint.forget_base(got.full[i], lay.param_layer[i], *qvals))
                    .to(p.dtype))
 
@@ -678,7 +709,7 @@ class QASSO(torch.optim.Optimizer):
         has_grad = set(active)
         for i, p in enumerate(lay.params):
             w = self._stats_widx[i]
-            x = local_tensor(p).detach()
+            x = _directions.value(p, self.state).detach()
             g = (_directions.directions(self.variant, [weights[w]], self.state,
                                         self.param_groups[0])[0]
                  if w in has_grad else torch.zeros_like(x))
@@ -736,7 +767,8 @@ class QASSO(torch.optim.Optimizer):
         for s in lay.slabs:
             rows = s.index[self._pruned[s.units]]
             if len(rows):
-                self._zero_lists.append((local_tensor(lay.tensors[s.tensor]), s.dim, rows))
+                self._zero_lists.append((_directions.value(lay.tensors[s.tensor], self.state),
+                                         s.dim, rows))
         self._zero_committed()
 
     @torch.no_grad()
@@ -857,6 +889,7 @@ class QASSO(torch.optim.Optimizer):
             raise InputError("QASSO.load_state_dict: the state belongs to a model with other "
                              "prunable groups, parameters or quantizers")
         super().load_state_dict(state_dict)
+        self._restore_master_state(state_dict)
         dev = self._device
         self._k = int(extra["step"])
         self._skipped = int(extra.get("skipped_steps", 0))          # absent in version 2
@@ -872,6 +905,22 @@ class QASSO(torch.optim.Optimizer):
         if bool(self._redundant.any()):
             self._plan = _joint.build_plan(self._redundant, lay)
         self._rebuild_zero_lists()
+        self._copy_masters_down()
+
+    def _restore_master_state(self, state_dict: dict[str, Any]) -> None:
+        """Put the fp32 master copies and moments of 16-bit weights back in float32
+        (``torch.optim.Optimizer.load_state_dict`` casts every state tensor to its parameter's
+        dtype, which would round them to 16 bits and break a bit-exact resume)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(pid)
+            if not saved or "master" not in saved:
+                continue
+            st = self.state[p]
+            for key, v in saved.items():
+                if isinstance(v, Tensor) and v.is_floating_point():
+                    st[key] = v.to(device=local_tensor(p).device, copy=True)
 
     @property
     def config(self) -> dict[str, Any]:
