@@ -2,7 +2,9 @@
 
 Each model is a random sequence of blocks over a list of live tensors: plain /
 grouped / depthwise convs, BN or GN, activations, residual adds, channel concats,
-channel slices, and along each image row as a sequence ([B*H, W, C]) nn.MultiheadAttention,
+channel slices, in-place activations and adds (of tensors other blocks still read),
+squeeze-excitation gates, channel shuffles, zero padding of the channel dim, rolls, and along
+each image row as a sequence ([B*H, W, C]) nn.MultiheadAttention,
 nn.LSTM / nn.GRU (maybe bidirectional) and an einsum with a weight parameter; it ends with
 flatten -> linear.
 """
@@ -22,7 +24,7 @@ from torch import nn
 import geta_fx
 
 OPS = ("conv", "grouped", "depthwise", "add", "cat", "slice", "act", "mha", "lstm", "gru",
-       "einsum")
+       "einsum", "inplace", "se", "shuffle", "pad", "roll")
 
 
 class RandomDAG(nn.Module):
@@ -79,6 +81,14 @@ class RandomDAG(nn.Module):
                 self.plan.append(("einsum", a, len(self.weights)))
                 self.weights.append(nn.Parameter(torch.randn(cout, ca) / ca ** 0.5))
                 chans.append(cout)
+            elif op in ("inplace", "shuffle", "pad", "roll") and (op != "shuffle" or ca % 2 == 0):
+                self.plan.append((op, a, w))
+                chans.append(ca + (w % 2 + 1 if op == "pad" else 0))
+            elif op == "se":
+                self.plan.append(("se", a, len(self.layers)))
+                self.layers.append(nn.Sequential(nn.Conv2d(ca, 2, 1), nn.ReLU(),
+                                                 nn.Conv2d(2, ca, 1)))
+                chans.append(ca)
             else:
                 self.plan.append(("act", a, w % 3))
                 chans.append(ca)
@@ -103,6 +113,22 @@ class RandomDAG(nn.Module):
                 ts.append(y.reshape(n, h, w, -1).permute(0, 3, 1, 2))
             elif op == "einsum":
                 ts.append(F.relu(torch.einsum("bchw,dc->bdhw", ts[a], self.weights[b])))
+            elif op == "inplace":  # mutates a live tensor other blocks may still read
+                t = ts[a]
+                ts.append((F.relu_, lambda u: F.hardswish(u, inplace=True),
+                           lambda u: F.hardsigmoid(u, inplace=True),
+                           lambda u: u.add_(ts[0].mean()))[b % 4](t))
+            elif op == "se":
+                t = ts[a]
+                ts.append(t * F.hardsigmoid(self.layers[b](t.mean((2, 3), keepdim=True))))
+            elif op == "shuffle":
+                n, c, h, w = ts[a].shape
+                t = ts[a].view(n, 2, c // 2, h, w).transpose(1, 2).contiguous()
+                ts.append(t.view(n, c, h, w))
+            elif op == "pad":  # zeros on both sides of the channel dim
+                ts.append(F.pad(ts[a], (0, 0, 0, 0, b % 2, 1)))
+            elif op == "roll":
+                ts.append(torch.roll(ts[a], shifts=(1, -2), dims=(2, 3)))
             else:
                 ts.append((F.gelu, torch.tanh, F.silu)[b](ts[a]))
         return self.head(torch.flatten(F.adaptive_avg_pool2d(ts[-1], 4), 1))
