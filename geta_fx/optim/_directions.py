@@ -18,6 +18,7 @@ of its weights, rounded to 16 bits after each step (the caller copies them down)
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,32 +86,55 @@ def update_moments(variant: str, weights: list[nn.Parameter], state: Any,
     return idx
 
 
-def directions(variant: str, ps: list[nn.Parameter], state: Any,
-               group: dict[str, Any]) -> list[Tensor]:
+def directions(variant: str, ps: list[nn.Parameter], state: Any, group: dict[str, Any],
+               take: Callable[[Tensor], Tensor] | None = None) -> list[Tensor]:
     """g^ (local shards) of weights whose moments :func:`update_moments` just advanced.
 
-    Temporaries: one or two tensors the size of ``ps`` (callers pass chunks).
+    ``take`` (e.g. ``lambda t: t.index_select(dim, rows)``) is applied to every input first:
+    the directions of those elements only, bitwise equal to the same elements of the whole
+    (element-wise ops).  Temporaries: one or two tensors the size of ``ps`` (or ``take``'s).
     """
+    pick = take if take is not None else (lambda t: t)
     if variant == "sgd":
         if float(group["momentum"]) != 0:
-            return [local_tensor(state[p]["momentum_buffer"]) for p in ps]
-        grads = [grad(p, state) for p in ps]
+            return [pick(local_tensor(state[p]["momentum_buffer"])) for p in ps]
+        grads = [pick(grad(p, state)) for p in ps]
         wd = float(group["weight_decay"])
         if wd == 0:
             return grads
-        return list(torch._foreach_add(grads, [value(p, state) for p in ps], alpha=wd))
+        return list(torch._foreach_add(grads, [pick(value(p, state)) for p in ps], alpha=wd))
+    m, denom, bc1 = _adam_parts(ps, state, group, pick)
+    dirs = list(torch._foreach_div(m, denom))
+    torch._foreach_div_(dirs, bc1)
+    return dirs
+
+
+def _adam_parts(ps: list[nn.Parameter], state: Any, group: dict[str, Any],
+                pick: Callable[[Tensor], Tensor]) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    """``(m, sqrt(v / (1 - b2^k)) + eps, 1 - b1^k)``: Adam's direction is ``m / denom / bc1``
+    (the denominator is the one temporary, as in ``torch.optim``'s foreach Adam)."""
     b1, b2 = group["betas"]
     states = [state[p] for p in ps]
-    m = _local([st["exp_avg"] for st in states])
-    v = _local([st["exp_avg_sq"] for st in states])
+    m = [pick(local_tensor(st["exp_avg"])) for st in states]
+    v = [pick(local_tensor(st["exp_avg_sq"])) for st in states]
     bc1 = [1.0 - b1 ** st["step"] for st in states]
     bc2 = [math.sqrt(1.0 - b2 ** st["step"]) for st in states]
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, bc2)
     torch._foreach_add_(denom, float(group["eps"]))
-    dirs = list(torch._foreach_div(m, denom))
-    torch._foreach_div_(dirs, bc1)
-    return dirs
+    return m, list(denom), bc1
+
+
+def step_(variant: str, ps: list[nn.Parameter], values: list[Tensor], state: Any,
+          group: dict[str, Any], lr: float) -> None:
+    """``values -= lr * g^`` in place (``values``: :func:`value` of ``ps``) without forming
+    g^: Adam's is one ``_foreach_addcdiv_`` (what ``torch.optim.AdamW`` does; one
+    temporary per tensor, the denominator), SGD's one ``_foreach_add_``."""
+    if variant == "sgd":
+        torch._foreach_add_(values, directions(variant, ps, state, group), alpha=-lr)
+        return
+    m, denom, bc1 = _adam_parts(ps, state, group, lambda t: t)
+    torch._foreach_addcdiv_(values, m, denom, [-lr / b for b in bc1])
 
 
 def chunks(sizes: list[int], budget: int = 1 << 22) -> list[list[int]]:

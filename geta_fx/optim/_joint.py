@@ -104,16 +104,23 @@ def clipped_power(a: Tensor, q: Tensor, t: Tensor) -> Tensor:
     return torch.where(t == 1, m, torch.exp(t * torch.log(m)))
 
 
-def fake_quant(x: Tensor, d: Tensor, q: Tensor, t: Tensor, signed: Tensor) -> Tensor:
+#: ``(sign(x), min(|x|, q_m)^t)`` of a block, computed once per joint step and shared by the
+#: statistics and the forget term (both use the same, updated ``q_m`` and ``t``).
+Parts = tuple[Tensor, Tensor]
+
+
+def fake_quant(x: Tensor, d: Tensor, q: Tensor, t: Tensor, signed: Tensor,
+               parts: Parts | None = None) -> Tensor:
     """Elementwise ``geta::quantize`` with per-element ``d``, ``q_m``, ``t``, ``signed``.
 
     Same forward contract as :mod:`geta_fx.ops.reference` (``Q(0) = 0``; unsigned maps
-    ``x <= 0`` to 0), used where one op call per layer would loop over layers.
+    ``x <= 0`` to 0), used where one op call per layer would loop over layers.  ``parts``:
+    ``(sign(x), clipped_power(|x|, q, t))`` when the caller has them (bitwise the same).
     """
-    c = clipped_power(x.abs(), q, t)
+    sgn, c = parts if parts is not None else (torch.sign(x), clipped_power(x.abs(), q, t))
     level = torch.round(c / d) * d
     active = (x != 0) & (signed | (x > 0)) & (torch.minimum(x.abs(), q) > 0)
-    return torch.where(active, torch.sign(x) * level, torch.zeros_like(x))
+    return torch.where(active, sgn * level, torch.zeros_like(x))
 
 
 def _forget_rate(stats: Tensor, rate: float, lr: float) -> Tensor:
@@ -147,29 +154,33 @@ def _step_size(stats: Tensor, gamma: Tensor, d_lo: Tensor, d_hi: Tensor,
 
 
 def _block_terms(x: Tensor, quant: bool, d: Tensor, q: Tensor, t: Tensor
-                 ) -> tuple[Tensor, Tensor | None]:
-    """``(c, r)`` of a block: clipped-powered weights and quantization residual (None when
-    the tensor is not quantized: ``c = x``, ``r = 0``)."""
+                 ) -> tuple[Tensor, Tensor | None, Parts | None]:
+    """``(c, r, parts)`` of a block: clipped-powered weights, quantization residual and the
+    :data:`Parts` the forget term reuses (None when the tensor is not quantized: ``c = x``,
+    ``r = 0``)."""
     if not quant:
-        return x, None
+        return x, None, None
     sgn = torch.sign(x)
     c_abs = clipped_power(x.abs(), q, t)
     ratio = c_abs / d
     r = torch.where(x != 0, sgn * (torch.round(ratio) - ratio), torch.zeros_like(x))
-    return sgn * c_abs, r
+    return sgn * c_abs, r, (sgn, c_abs)
 
 
 def _block_stats(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Tensor,
                  q_m: Tensor, t: Tensor, num_groups: int, reduce: Reduce | None
-                 ) -> tuple[Tensor, Tensor]:
+                 ) -> tuple[Tensor, Tensor, list[Parts | None]]:
     """Per group ``(<c,g>, ||c||^2, ||g||^2)`` and per layer ``(<r,g>, ||r||^2, ||g||^2, n)``
-    over the redundant rows (all ranks' rows when ``reduce`` sums across them)."""
+    over the redundant rows (all ranks' rows when ``reduce`` sums across them), and each
+    block's :data:`Parts`."""
     num_layers = len(d_old) - 1
     gstats = torch.zeros(num_groups, 3, dtype=torch.float32, device=d_old.device)
     lstats = torch.zeros(num_layers + 1, 4, dtype=torch.float32, device=d_old.device)
+    parts: list[Parts | None] = []
     for b, x, g in zip(plan.blocks, xs, gs, strict=True):
         quant = b.layer < num_layers
-        c, r = _block_terms(x, quant, d_old[b.layer], q_m[b.layer], t[b.layer])
+        c, r, part = _block_terms(x, quant, d_old[b.layer], q_m[b.layer], t[b.layer])
+        parts.append(part)
         gg = sum_but(g * g, b.dim)
         gstats.index_add_(0, b.row_group, torch.stack([sum_but(c * g, b.dim),
                                                        sum_but(c * c, b.dim), gg], 1))
@@ -178,13 +189,13 @@ def _block_stats(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Ten
                                             torch.tensor(float(x.numel()), device=x.device)])
     if reduce is not None:
         gstats, lstats = reduce("sum", gstats), reduce("sum", lstats)
-    return gstats, lstats
+    return gstats, lstats, parts
 
 
 def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Tensor,
                  q_m: Tensor, t: Tensor, signed: Tensor, b_l: float, b_u: float, rate: float,
                  lr: float, num_groups: int, reduce: Reduce | None = None
-                 ) -> tuple[list[Tensor], Tensor, Tensor]:
+                 ) -> tuple[list[Tensor], Tensor, Tensor, list[Parts | None]]:
     """One joint step over the redundant rows.
 
     Args:
@@ -201,12 +212,13 @@ def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Ten
             per-layer rates (``"min"``) across ranks (FSDP2); None: this process sees all rows.
 
     Returns:
-        ``(rates, d_new [L + 1], joint [L + 1] bool)``: ``rates[i]`` broadcasts against block
-        ``i``; subtract ``rates[i] * base_i`` (:func:`forget_base`) from its rows.  Layers with
-        ``joint`` get ``d = d_new`` instead of their projected plain step.
+        ``(rates, d_new [L + 1], joint [L + 1] bool, parts)``: ``rates[i]`` broadcasts against
+        block ``i``; subtract ``rates[i] * base_i`` (:func:`forget_base`, given ``parts[i]``)
+        from its rows.  Layers with ``joint`` get ``d = d_new`` instead of their projected
+        plain step.
     """
     num_layers = len(d_old) - 1
-    gstats, lstats = _block_stats(plan, xs, gs, d_old, q_m, t, num_groups, reduce)
+    gstats, lstats, parts = _block_stats(plan, xs, gs, d_old, q_m, t, num_groups, reduce)
     gamma_g = _forget_rate(gstats, rate, lr)
     inf = torch.full((num_layers + 1,), float("inf"), dtype=torch.float32, device=d_old.device)
     gamma_l = inf.clone()
@@ -223,12 +235,13 @@ def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Ten
     rates = [gamma_l[b.layer] if b.layer < num_layers
              else _along(gamma_g[b.row_group], b.dim, x.dim())
              for b, x in zip(plan.blocks, xs, strict=True)]
-    return rates, d_new, joint
+    return rates, d_new, joint, parts
 
 
 def forget_base(x: Tensor, layer: int, d_new: Tensor, q_m: Tensor, t: Tensor,
-                signed: Tensor) -> Tensor:
-    """What the forget term scales: ``Q_{d*,q_m,t}(x)`` for a quantized tensor, else ``x``."""
+                signed: Tensor, parts: Parts | None = None) -> Tensor:
+    """What the forget term scales: ``Q_{d*,q_m,t}(x)`` for a quantized tensor, else ``x``
+    (``parts``: the block's from :func:`joint_update`)."""
     if layer >= len(d_new) - 1:
         return x
-    return fake_quant(x, d_new[layer], q_m[layer], t[layer], signed[layer])
+    return fake_quant(x, d_new[layer], q_m[layer], t[layer], signed[layer], parts)

@@ -88,7 +88,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -127,11 +127,13 @@ logger = logging.getLogger("geta_fx.optim")
 @dataclass
 class _Gathered:
     """A joint step's inputs: per plan block its rows and directions; whole copies of the
-    tensors whose slabs overlap (index into ``Layout.params``)."""
+    tensors whose slabs overlap (index into ``Layout.params``); per block the
+    :data:`geta_fx.optim._joint.Parts` the joint update computed (reused by the forget term)."""
 
     xs: list[Tensor | None]
     gs: list[Tensor | None]
     full: dict[int, Tensor]
+    parts: list[Any] = field(default_factory=list)
 
 
 def _copy_limit(v: _limits.Limit) -> _limits.Limit:
@@ -487,27 +489,31 @@ class QASSO(torch.optim.Optimizer):
             if plan is not None else None
         for run in _directions.chunks([weights[i].numel() for i in active]):
             ps = [weights[active[j]] for j in run]
-            ds = _directions.directions(self.variant, ps, self.state, group)
             locs = [_directions.value(p, self.state) for p in ps]
-            for j, p, d in zip(run, locs, ds, strict=True):
+            for j, p, x in zip(run, ps, locs, strict=True):
                 if got is not None and active[j] in want:
-                    self._gather(plan, got, want.pop(active[j]), p, d)
+                    self._gather(plan, got, want.pop(active[j]), x, p)
             if self.variant == "adamw" and wd != 0:
                 torch._foreach_mul_(locs, 1.0 - lr * wd)
-            torch._foreach_add_(locs, ds, alpha=-lr)
+            _directions.step_(self.variant, ps, locs, self.state, group, lr)
         if got is not None:
             for i in want.values():  # plan tensors without a gradient: direction 0
                 x = _directions.value(self.layout.params[i], self.state).detach()
-                self._gather(plan, got, i, x, torch.zeros_like(x))
+                self._gather(plan, got, i, x, None)
         return got
 
     def _gather(self, plan: _joint.JointPlan, got: _Gathered, i: int, x: Tensor,
-                d: Tensor) -> None:
-        """Record the rows of ``params[i]`` (local ``x``, direction ``d``) the plan needs."""
+                p: nn.Parameter | None) -> None:
+        """Record the rows of ``params[i]`` (local ``x``, before the update) the plan needs,
+        and their directions: those of the weight ``p`` computed on the rows only, from its
+        moments (0 without ``p``: no gradient)."""
         for bi, b in enumerate(plan.blocks):
             if b.param == i:
                 got.xs[bi] = x.index_select(b.dim, b.rows).float()
-                got.gs[bi] = d.index_select(b.dim, b.rows).float()
+                got.gs[bi] = torch.zeros_like(got.xs[bi]) if p is None else \
+                    _directions.directions(self.variant, [p], self.state, self.param_groups[0],
+                                           take=lambda t, b=b: t.index_select(b.dim, b.rows)
+                                           )[0].float()
         if self.layout.overlap[i]:
             got.full[i] = x.detach().float().clone()
 
@@ -517,7 +523,7 @@ class QASSO(torch.optim.Optimizer):
         element: tensors whose slabs overlap take the largest rate, GETA_SPEC G.2 #10)."""
         lay = self.layout
         rate_maps: dict[int, Tensor] = {}
-        for b, x, rate in zip(plan.blocks, got.xs, rates, strict=True):
+        for b, x, rate, part in zip(plan.blocks, got.xs, rates, got.parts, strict=True):
             assert x is not None
             if lay.overlap[b.param]:  # lazily, for this tensor only: the rate of each element
                 rmap = rate_maps.setdefault(b.param, torch.zeros_like(got.full[b.param]))
@@ -525,7 +531,7 @@ class QASSO(torch.optim.Optimizer):
                                    "amax")
                 continue
             p = _directions.value(lay.params[b.param], self.state)
-            base = _joint.forget_base(x, b.layer, *qvals)
+            base = _joint.forget_base(x, b.layer, *qvals, parts=part)
             p.index_add_(b.dim, b.rows, (rate * base).to(p.dtype), alpha=-1.0)
         for i, rmap in rate_maps.items():
             p = _directions.value(lay.params[i], self.state)
@@ -607,8 +613,8 @@ class QASSO(torch.optim.Optimizer):
             if plan is None or got is None:
                 return None
             one = torch.ones(1, device=self._device)
-            rates, d_new, _ = _joint.joint_update(plan, got.xs, got.gs, one, one, one,
-                                                  self._signed, *joint_args)
+            rates, d_new, _, got.parts = _joint.joint_update(plan, got.xs, got.gs, one, one,
+                                                             one, self._signed, *joint_args)
             return rates, (d_new, one, one, self._signed)
         self._refresh_signed()
         qgroup = self.param_groups[1]
@@ -634,7 +640,7 @@ class QASSO(torch.optim.Optimizer):
         if plan is not None and got is not None:
             ext = torch.ones(1, device=self._device)
             q_ext, t_ext = torch.cat([q_m, ext]), torch.cat([t, ext])
-            rates, d_new, joint = _joint.joint_update(
+            rates, d_new, joint, got.parts = _joint.joint_update(
                 plan, got.xs, got.gs, torch.cat([d_old, ext]), q_ext, t_ext, self._signed,
                 *joint_args)
             log_d = torch.where(joint[:n_l], d_new[:n_l].log(), log_d)
