@@ -20,8 +20,12 @@ once-per-period selection/commit steps) and its slowest step.
 ``--memory`` (issue #17): per Llama shape and optimizer, a fresh subprocess builds the
 GetaModule (``quantize="weight"``), then measures the peak RSS growth (CPU; sampled every ms
 from /proc) or the peak allocated CUDA memory from creating the optimizer through 3 training
-steps (QASSO: projection, then the selection step of a pruning period and a joint step), and
-the median of those steps' times; and projects bytes per parameter to 1B/3B/7B.
+steps (QASSO: projection, then the selection step of a pruning period and a joint step); then
+``--time-steps`` more steps are timed (process CPU time on CPU -- the machine is shared, and
+CPU time is what contention inflates least -- synchronized wall time on CUDA): the median
+training step of each optimizer and their ratio, and QASSO's joint- and selection-step
+medians (QASSO schedule: pruning periods of 4 steps = 1 selection, 2 joint steps, 1 plain
+step).  Projects bytes per parameter to 1B/3B/7B.
 """
 
 from __future__ import annotations
@@ -74,16 +78,17 @@ MODELS = {"resnet20": _resnet, "gpt": _gpt}
 
 # ------------------------------------------------------------------------------ timing
 def _timed_step(module: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-                loss_fn: Callable[[Tensor, Tensor], Tensor], cuda: bool) -> float:
+                loss_fn: Callable[[Tensor, Tensor], Tensor], cuda: bool,
+                clock: Callable[[], float] = time.perf_counter) -> float:
     if cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     opt.zero_grad(set_to_none=True)
     loss_fn(module(x), y).backward()
     opt.step()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def bench_model(name: str, steps: int, batch: int, device: str, warm: int) -> list[dict]:
@@ -137,7 +142,13 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _memory_child(size: str, which: str, device: str) -> dict:
+def _qasso_kind(opt: QASSO) -> str:
+    """What QASSO's next step is: "select", "joint" or "plain"."""
+    sch, k = opt.schedule, opt.step_count + 1
+    return "select" if sch.is_selection_step(k) else "joint" if sch.is_joint_step(k) else "plain"
+
+
+def _memory_child(size: str, which: str, device: str, time_steps: int) -> dict:
     """One configuration in this (fresh) process: peak memory growth and step times."""
     import threading
 
@@ -170,25 +181,35 @@ def _memory_child(size: str, which: str, device: str) -> dict:
     if which == "qasso":
         opt: torch.optim.Optimizer = QASSO(
             gm, variant="adamw", lr=1e-4, target_sparsity=0.3, start_projection_step=0,
-            projection_steps=1, start_pruning_step=1, pruning_steps=4, pruning_periods=1)
+            projection_steps=1, start_pruning_step=1, pruning_steps=4 * (2 + time_steps // 4),
+            pruning_periods=2 + time_steps // 4)
     else:
         opt = torch.optim.AdamW(gm.parameters(), lr=1e-4)
-    times = []
+
+    def loss_fn(out: object, y: Tensor) -> Tensor:
+        logits = out.logits  # type: ignore[attr-defined]
+        return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
     for _ in range(3):
-        def loss_fn(out: object, y: Tensor) -> Tensor:
-            logits = out.logits  # type: ignore[attr-defined]
-            return F.cross_entropy(logits.reshape(-1, vocab), y.reshape(-1))
-        times.append(_timed_step(gm, opt, ids[:, :-1], ids[:, 1:], loss_fn, cuda))
+        _timed_step(gm, opt, ids[:, :-1], ids[:, 1:], loss_fn, cuda)
     stop.set()
     sampler.join()
     grown = (torch.cuda.max_memory_allocated() if cuda else max(peak[0], _rss())) - base
+    clock = time.perf_counter if cuda else time.process_time
+    times: dict[str, list[float]] = {"all": [], "select": [], "joint": [], "plain": []}
+    for _ in range(time_steps):
+        kind = _qasso_kind(opt) if isinstance(opt, QASSO) else "plain"
+        t = _timed_step(gm, opt, ids[:, :-1], ids[:, 1:], loss_fn, cuda, clock)
+        times["all"].append(t)
+        times[kind].append(t)
     lay = getattr(opt, "layout", None)
+    med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     return {"size": size, "opt": which, "params": n, "peak_mb": grown / 2**20,
-            "bytes_per_param": grown / n, "step_s": statistics.median(times),
+            "bytes_per_param": grown / n, "step_s": med["all"], "joint_s": med["joint"],
+            "select_s": med["select"],
             "index_mb": lay.index_bytes() / 2**20 if lay is not None else 0.0}
 
 
-def memory_table(sizes: list[str], device: str, threads: int) -> None:
+def memory_table(sizes: list[str], device: str, threads: int, time_steps: int) -> None:
     """Run every (size, optimizer) in a fresh subprocess and print the table."""
     import json
     import subprocess
@@ -196,13 +217,13 @@ def memory_table(sizes: list[str], device: str, threads: int) -> None:
 
     print(f"{'shape':6} {'params':>8} {'AdamW MB':>9} {'QASSO MB':>9} {'ratio':>6} "
           f"{'B/param A':>9} {'B/param Q':>9} {'layout MB':>9} {'step A s':>8} "
-          f"{'step Q s':>8} {'t ratio':>7}")
+          f"{'step Q s':>8} {'t ratio':>7} {'joint Q s':>9} {'select Q s':>10}")
     per_param: dict[str, list[float]] = {"adamw": [], "qasso": []}
     for size in sizes:
         res = {}
         for which in ("adamw", "qasso"):
             cmd = [sys.executable, __file__, "--_child", size, which, "--device", device,
-                   "--threads", str(threads)]
+                   "--threads", str(threads), "--time-steps", str(time_steps)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             res[which] = json.loads(out.strip().splitlines()[-1])
             per_param[which].append(res[which]["bytes_per_param"])
@@ -210,7 +231,8 @@ def memory_table(sizes: list[str], device: str, threads: int) -> None:
         print(f"{size:6} {a['params'] / 1e6:7.1f}M {a['peak_mb']:9.0f} {q['peak_mb']:9.0f} "
               f"{q['peak_mb'] / a['peak_mb']:5.2f}x {a['bytes_per_param']:9.2f} "
               f"{q['bytes_per_param']:9.2f} {q['index_mb']:9.2f} {a['step_s']:8.2f} "
-              f"{q['step_s']:8.2f} {q['step_s'] / a['step_s']:6.2f}x", flush=True)
+              f"{q['step_s']:8.2f} {q['step_s'] / a['step_s']:6.2f}x {q['joint_s']:9.2f} "
+              f"{q['select_s']:10.2f}", flush=True)
     a_b, q_b = per_param["adamw"][-1], per_param["qasso"][-1]
     print(f"projection from the largest shape's bytes/param (AdamW {a_b:.1f}, QASSO {q_b:.1f};"
           " optimizer step only, activations of other batch sizes not included):")
@@ -230,6 +252,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--memory", nargs="*", choices=list(LLAMA),
                     help="memory table for these Llama shapes instead of the timing table")
+    ap.add_argument("--time-steps", type=int, default=8,
+                    help="--memory: timed steps after the memory window")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -237,18 +261,20 @@ def main() -> None:
     if args._child:
         import json
 
-        print(json.dumps(_memory_child(*args._child, args.device)))
+        print(json.dumps(_memory_child(*args._child, args.device, args.time_steps)))
         return
     dev = args.device
     name = torch.cuda.get_device_name() if dev.startswith("cuda") else platform.processor() \
         or platform.machine()
     print(f"# bench_qasso  {datetime.datetime.now().isoformat(timespec='seconds')}  "
           f"commit {_commit()}  torch {torch.__version__}  device {dev} ({name})  "
-          f"threads {torch.get_num_threads()}  batch {args.batch}  steps/stage {args.steps}")
+          f"threads {torch.get_num_threads()}  " +
+          (f"batch 1x32 tokens  timed steps {args.time_steps}" if args.memory else
+           f"batch {args.batch}  steps/stage {args.steps}"))
     header = (f"{'model':9} {'stage':10} {'QASSO ms':>9} {'AdamW ms':>9} {'ratio':>6} "
               f"{'QASSO mean':>10} {'AdamW mean':>10} {'QASSO max':>9}")
     if args.memory:
-        memory_table(args.memory, dev, args.threads)
+        memory_table(args.memory, dev, args.threads, args.time_steps)
         return
     print(header)
     print("-" * len(header))
