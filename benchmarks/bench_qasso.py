@@ -79,16 +79,24 @@ MODELS = {"resnet20": _resnet, "gpt": _gpt}
 # ------------------------------------------------------------------------------ timing
 def _timed_step(module: nn.Module, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
                 loss_fn: Callable[[Tensor, Tensor], Tensor], cuda: bool,
-                clock: Callable[[], float] = time.perf_counter) -> float:
+                clock: Callable[[], float] = time.perf_counter,
+                split: list[float] | None = None) -> float:
+    """One training step's time; ``split`` gets the ``opt.step()`` part appended."""
     if cuda:
         torch.cuda.synchronize()
     t0 = clock()
     opt.zero_grad(set_to_none=True)
     loss_fn(module(x), y).backward()
+    if cuda:
+        torch.cuda.synchronize()
+    t1 = clock()
     opt.step()
     if cuda:
         torch.cuda.synchronize()
-    return clock() - t0
+    t2 = clock()
+    if split is not None:
+        split.append(t2 - t1)
+    return t2 - t0
 
 
 def bench_model(name: str, steps: int, batch: int, device: str, warm: int) -> list[dict]:
@@ -195,16 +203,18 @@ def _memory_child(size: str, which: str, device: str, time_steps: int) -> dict:
     sampler.join()
     grown = (torch.cuda.max_memory_allocated() if cuda else max(peak[0], _rss())) - base
     clock = time.perf_counter if cuda else time.process_time
-    times: dict[str, list[float]] = {"all": [], "select": [], "joint": [], "plain": []}
+    times: dict[str, list[float]] = {"all": [], "select": [], "joint": [], "plain": [],
+                                     "opt": []}
     for _ in range(time_steps):
         kind = _qasso_kind(opt) if isinstance(opt, QASSO) else "plain"
-        t = _timed_step(gm, opt, ids[:, :-1], ids[:, 1:], loss_fn, cuda, clock)
+        t = _timed_step(gm, opt, ids[:, :-1], ids[:, 1:], loss_fn, cuda, clock, times["opt"])
         times["all"].append(t)
         times[kind].append(t)
     lay = getattr(opt, "layout", None)
     med = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}
     return {"size": size, "opt": which, "params": n, "peak_mb": grown / 2**20,
             "bytes_per_param": grown / n, "step_s": med["all"], "joint_s": med["joint"],
+            "opt_s": med["opt"],
             "select_s": med["select"],
             "index_mb": lay.index_bytes() / 2**20 if lay is not None else 0.0}
 
@@ -217,7 +227,8 @@ def memory_table(sizes: list[str], device: str, threads: int, time_steps: int) -
 
     print(f"{'shape':6} {'params':>8} {'AdamW MB':>9} {'QASSO MB':>9} {'ratio':>6} "
           f"{'B/param A':>9} {'B/param Q':>9} {'layout MB':>9} {'step A s':>8} "
-          f"{'step Q s':>8} {'t ratio':>7} {'joint Q s':>9} {'select Q s':>10}")
+          f"{'step Q s':>8} {'t ratio':>7} {'joint Q s':>9} {'select Q s':>10} "
+          f"{'opt A s':>7} {'opt Q s':>7}")
     per_param: dict[str, list[float]] = {"adamw": [], "qasso": []}
     for size in sizes:
         res = {}
@@ -232,7 +243,7 @@ def memory_table(sizes: list[str], device: str, threads: int, time_steps: int) -
               f"{q['peak_mb'] / a['peak_mb']:5.2f}x {a['bytes_per_param']:9.2f} "
               f"{q['bytes_per_param']:9.2f} {q['index_mb']:9.2f} {a['step_s']:8.2f} "
               f"{q['step_s']:8.2f} {q['step_s'] / a['step_s']:6.2f}x {q['joint_s']:9.2f} "
-              f"{q['select_s']:10.2f}", flush=True)
+              f"{q['select_s']:10.2f} {a['opt_s']:7.3f} {q['opt_s']:7.3f}", flush=True)
     a_b, q_b = per_param["adamw"][-1], per_param["qasso"][-1]
     print(f"projection from the largest shape's bytes/param (AdamW {a_b:.1f}, QASSO {q_b:.1f};"
           " optimizer step only, activations of other batch sizes not included):")
