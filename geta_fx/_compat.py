@@ -27,3 +27,20 @@ def aoti_load_package(path: str | os.PathLike[str]) -> Any:
     import torch._inductor
 
     return torch._inductor.aoti_load_package(os.fspath(path))
+
+
+#: torch 2.13's ``_PyTreeCodeGen`` deep-copies its ``LeafSpec``s through the class that
+#: ``typing_extensions.deprecated`` wraps, so every ``copy.deepcopy`` of an exported
+#: GraphModule warns ``isinstance(treespec, LeafSpec) is deprecated`` (a torch-internal
+#: FutureWarning about code the user did not write).  geta_fx's own copies silence exactly it.
+_LEAFSPEC_WARNING = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+def deepcopy_module(module: Any, memo: dict[int, Any] | None = None) -> Any:
+    """``copy.deepcopy(module, memo)`` without torch's LeafSpec deprecation warning."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
+        return copy.deepcopy(module, memo)

@@ -37,7 +37,8 @@ def default_pipeline(quantize: QuantizeMode = None, **quant_options: Any) -> lis
     return pipeline
 
 
-def compress_pipeline(*, removed_units: Any = None, align: int = 1) -> list[GraphPass]:
+def compress_pipeline(*, removed_units: Any = None,
+                      align: int | str = 1) -> list[GraphPass]:
     """What ``GetaModule.compress()`` runs on a copy of its graph: physical_prune."""
     from geta_fx import passes
 

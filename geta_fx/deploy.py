@@ -26,7 +26,6 @@ channels, MACs and parameters of the unpruned model).  :func:`load` restores the
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import io
@@ -40,6 +39,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from geta_fx._compat import deepcopy_module
 from geta_fx.errors import InputError
 from geta_fx.graph_pickle import make_picklable
 from geta_fx.ir.query import is_quantizer
@@ -128,7 +128,7 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         reference = model if reference is None else reference
         gm = model.compress()
     elif isinstance(model, torch.fx.GraphModule):
-        gm = model if inplace else copy.deepcopy(model)
+        gm = model if inplace else deepcopy_module(model)
     else:
         raise InputError(f"geta_fx.lower: expected a slim GraphModule or a GetaModule, got "
                          f"{type(model).__name__}")
@@ -243,7 +243,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
     from geta_fx.pipeline import Pipeline
 
     if graph_is_training(gm):  # exported in train mode: save an eval copy instead
-        gm = Pipeline([SetTrainingMode(False)])(copy.deepcopy(gm)).graph_module
+        gm = Pipeline([SetTrainingMode(False)])(deepcopy_module(gm)).graph_module
     was_training = gm.training
     gm.eval()
     try:

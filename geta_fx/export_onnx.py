@@ -17,13 +17,13 @@ Dims that were symbolic at capture stay dynamic in the ONNX graph.
 
 from __future__ import annotations
 
-import copy
 import os
 from typing import Any
 
 import torch
 import torch.fx
 
+from geta_fx._compat import deepcopy_module
 from geta_fx.errors import InputError
 
 aten = torch.ops.aten
@@ -95,7 +95,7 @@ def save_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike[str],
         raise InputError(f"geta_fx.save(..., {os.fspath(path)!r}): ONNX export needs the "
                          "'onnx' and 'onnxscript' packages (pip install 'geta_fx[deploy]')"
                          ) from e
-    gm = copy.deepcopy(gm)
+    gm = deepcopy_module(gm)
     _dequantize_lowbit(gm)
     ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes,
                              strict=False)

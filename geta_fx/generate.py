@@ -148,7 +148,7 @@ def _max_positions(lm: nn.Module) -> int:
 
 
 def attach_generation(slim: torch.fx.GraphModule, gm: Any, *, removed_units: Any = None,
-                      align: int = 1, lowered: bool = False) -> None:
+                      align: int | str = 1, lowered: bool = False) -> None:
     """For ``GetaModule.compress``: give ``slim`` its :class:`Generation` (causal LMs only).
 
     Never raises for a model generation cannot take: the reason is recorded and

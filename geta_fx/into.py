@@ -355,7 +355,7 @@ def _verify(gm: Any, candidate: nn.Module) -> None:
 
 
 def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
-                  align: int = 1, verify: bool = True) -> nn.Module:
+                  align: int | str = 1, verify: bool = True) -> nn.Module:
     """Slice ``model`` in place to what ``gm.compress()`` keeps; see the module docstring.
 
     ``verify=False`` skips step 3 (for a private copy whose caller checks the result itself:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import itertools
 import warnings
 from collections import OrderedDict
@@ -15,6 +14,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from geta_fx._compat import deepcopy_module
 from geta_fx.errors import InputError
 from geta_fx.graph_pickle import GraphModuleState, make_picklable
 from geta_fx.ir import meta
@@ -182,7 +182,7 @@ class GetaModule(nn.Module):
         # the plain deepcopy (GraphModule.__deepcopy__ keeps all node meta), not the pickle path
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        nn.Module.__setstate__(new, copy.deepcopy(self.__dict__, memo))
+        nn.Module.__setstate__(new, deepcopy_module(self.__dict__, memo))
         return new
 
     # ---------------------------------------------------------------- groups
@@ -233,14 +233,18 @@ class GetaModule(nn.Module):
     _generation_source: Any = None
 
     def compress(self, removed_units: np.ndarray | None = None, *,
-                 lower: bool = False, align: int = 1, into: nn.Module | None = None) -> Any:
+                 lower: bool = False, align: int | str = "auto",
+                 into: nn.Module | None = None) -> Any:
         """A slim GraphModule without the all-zero units; same outputs as this module.
 
         The slim graph keeps this module's current train/eval flags and its own copy of
         every parameter; this module is not modified.  ``lower=True`` also packs every
         quantized weight at its learned bit width (``geta_fx.lower``).  ``align=8`` (say)
         keeps back a few zero units so that every prunable group keeps a multiple of 8
-        channels (odd counts can be slower than dense on GPUs; outputs are unchanged).
+        channels; the default ``"auto"`` does so only where the measured rule of
+        :func:`geta_fx.passes.physical_prune.align_removed_units` says it pays (at most 1/8
+        more channels; odd widths are slower per channel in oneDNN/MKL); ``align=1`` keeps the
+        exact counts.  Kept-back units are zero, so outputs are unchanged either way.
 
         ``into=model`` (the module that was captured) slices ``model`` itself in place and
         returns it instead (:mod:`geta_fx.into`): its own class, ``forward`` and tooling, any
@@ -254,8 +258,9 @@ class GetaModule(nn.Module):
         from geta_fx.api import compress_pipeline
         from geta_fx.pipeline import Pipeline
 
-        if isinstance(align, bool) or not isinstance(align, int) or align < 1:
-            raise InputError(f"compress: align must be an int >= 1, got {align!r}")
+        if align != "auto" and (isinstance(align, bool) or not isinstance(align, int)
+                                or align < 1):
+            raise InputError(f"compress: align must be an int >= 1 or 'auto', got {align!r}")
         self.validate()
         if into is not None:
             if lower:
@@ -270,7 +275,7 @@ class GetaModule(nn.Module):
                           "advances num_batches_tracked and cumulative (momentum=None) "
                           "averages; call gm.eval() first for an inference graph",
                           RuntimeWarning, stacklevel=2)
-        slim = copy.deepcopy(self.graph_module)
+        slim = deepcopy_module(self.graph_module)
         slim = Pipeline(compress_pipeline(removed_units=removed_units,
                                           align=align))(slim).graph_module
         from geta_fx.report import record_dense_origin

@@ -169,3 +169,19 @@ def test_copy_and_deepcopy_keep_the_exported_graph_module() -> None:
     torch.testing.assert_close(deep(x), gm(x))
     shallow = copy.copy(gm)
     assert shallow.graph_module is gm.graph_module
+
+
+def test_compress_copy_and_lower_emit_no_torch_leafspec_warning() -> None:
+    """torch 2.13 warns `isinstance(treespec, LeafSpec) is deprecated` on every deepcopy of an
+    exported GraphModule; geta_fx's own copies (compress, lower, deepcopy(gm)) must not."""
+    import copy
+    import warnings
+
+    gm = geta_fx.transform(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval(),
+                           (torch.randn(2, 4),), quantize="weight")
+    gm.zero_units(0, [1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        gm.compress()
+        gm.compress(lower=True)
+        copy.deepcopy(gm)

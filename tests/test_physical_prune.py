@@ -115,6 +115,41 @@ def test_align_keeps_channel_counts_multiples_and_outputs_exact() -> None:
     torch.testing.assert_close(full(x), gm(x))
 
 
+class WideMLP(nn.Module):
+    """x -> fc1 (64) -> relu -> fc2 (16) -> relu -> fc3: two prunable hidden groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 64), nn.Linear(64, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+@pytest.mark.parametrize(("zero64", "zero16", "want64", "want16"), [
+    (20, 5, 48, 11),  # 44 -> 48 (+4 <= 44/8); 11 -> 16 would add 5 > 11/8: stays 11
+    (3, 0, 64, 16),   # 61 -> 64 (+3): nothing removed, as the dense width
+    (33, 8, 32, 8),   # 31 -> 32 (+1); 8 is already a multiple
+])
+def test_auto_align_rounds_up_only_where_the_rule_says_it_pays(zero64: int, zero16: int,
+                                                                want64: int,
+                                                                want16: int) -> None:
+    torch.manual_seed(0)
+    gm = geta_fx.transform(WideMLP().eval(), (torch.randn(4, 8),))
+    g64, g16 = (g for g in gm.prunable_groups() if g.num_units in (64, 16))
+    if zero64:
+        gm.zero_units(g64.id, list(range(zero64)))
+    if zero16:
+        gm.zero_units(g16.id, list(range(zero16)))
+    x = torch.randn(5, 8)
+    auto, exact = gm.compress(), gm.compress(align=1)
+    assert exact.fc1.weight.shape[0] == 64 - zero64 and exact.fc2.weight.shape[0] == 16 - zero16
+    kept64, kept16 = auto.fc1.weight.shape[0], auto.fc2.weight.shape[0]
+    assert (kept64, kept16) == (want64, want16)
+    torch.testing.assert_close(auto(x), gm(x))
+    torch.testing.assert_close(auto(x), exact(x))
+
+
 def test_align_rejects_bad_values() -> None:
     gm = geta_fx.transform(Net().eval(), (torch.randn(1, 3, 8, 8),))
     for bad in (0, -2, 2.0, True, "8"):
