@@ -89,7 +89,21 @@ def normalize_inputs(model: nn.Module, example_inputs: Any,
             if leaf.is_floating_point() and not torch.isfinite(leaf).all() and \
                     leaf.device.type != "meta":
                 raise InputError(f"example input #{i} contains NaN or inf")
-    return args, kwargs
+    return pytree.tree_map_only(torch.Tensor, _dense_layout, (args, kwargs))
+
+
+def _dense_layout(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in a standard layout if it is a strided view (``x[:, :-1]`` of a
+    window tensor): the export of a view records its strides in the graph's input guard, which
+    then fails on every contiguous input (torch 2.13: ``'NoneType' object has no attribute
+    'size'`` from ``GuardsFn``).  Values are unchanged; channels-last inputs stay as they are."""
+    if t.layout != torch.strided or t.is_contiguous():
+        return t
+    if t.dim() in (4, 5):
+        fmt = torch.channels_last if t.dim() == 4 else torch.channels_last_3d
+        if t.is_contiguous(memory_format=fmt):
+            return t
+    return t.contiguous()
 
 
 DynamicShapes = Any

@@ -187,3 +187,19 @@ def test_custom_autograd_function_whose_backward_matches_is_kept() -> None:
     model(x).square().sum().backward()
     gm(x).square().sum().backward()
     torch.testing.assert_close(gm.graph_module.fc.weight.grad, model.fc.weight.grad)
+
+
+def test_strided_view_example_is_captured_for_any_layout() -> None:
+    """An example that is a strided view (windows sliced out of a [N, T+1] token tensor) used
+    to make torch's export guard fail on every contiguous input ('NoneType' object has no
+    attribute 'size'); the captured model must accept both layouts and match eager."""
+    from geta_fx.testing.models import CharGPT
+
+    torch.manual_seed(0)
+    model = CharGPT(11, 8, 16, 2, 1).eval()
+    windows = torch.randint(0, 11, (6, 9))
+    example = windows[:4, :-1]  # stride (9, 1): not contiguous
+    assert not example.is_contiguous()
+    gm = geta_fx.transform(model, (example,))
+    for x in (example, example.contiguous(), windows[2:5, 1:]):
+        torch.testing.assert_close(gm(x), model(x))
