@@ -482,12 +482,19 @@ HEAD = ["task", "method", "target", "bits", "test acc / val loss", "vs dense",
         "slim vs dense", "pruned fp32: exact", "pruned fp32: auto-aligned", "train s"]
 
 
+_PLAIN: dict[int, Any] = {}
+
+
 def pruned_fp32(gm: Any, dense: nn.Module, task: Task, align: int | str) -> nn.Module:
     """The slim structure without quantizers: the dense model transformed without quantizers
-    (its groups are the same: quantizers are transparent to grouping) and compressed with
-    ``gm``'s zero units.  Timed only (its weights are the dense ones): it separates what the
-    pruned widths cost from what the fake-quant emulation of the low-bit grid costs."""
-    plain = geta_fx.transform(copy.deepcopy(dense), (task.example(),), quantize=None).eval()
+    (its groups are the same: quantizers are transparent to grouping; transformed once per
+    dense model) and compressed with ``gm``'s zero units.  Timed only (its weights are the
+    dense ones): it separates what the pruned widths cost from what the fake-quant emulation
+    of the low-bit grid costs."""
+    plain = _PLAIN.get(id(dense))
+    if plain is None:
+        plain = geta_fx.transform(copy.deepcopy(dense), (task.example(),), quantize=None).eval()
+        _PLAIN[id(dense)] = plain
     if [g.num_units for g in plain.groups] != [g.num_units for g in gm.groups]:
         raise RuntimeError("groups differ with and without quantizers")
     return plain.compress(removed_units_from_zeros(gm.graph_module), align=align)
