@@ -202,7 +202,8 @@ def _inputs_from_placeholders(gm: torch.fx.GraphModule
 
 def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any = None,
          dynamic_shapes: Any = None, lower_first: bool = True, reference: Any = None,
-         package: str = "export") -> Any:
+         package: str = "export", onnx_opset: int | None = None,
+         onnx_matmulnbits: bool = False) -> Any:
     """Export ``model`` and write it with :func:`torch.export.save` plus ``geta_fx.json``.
 
     Args:
@@ -220,12 +221,18 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         package: ``"export"`` (the default: ``torch.export.save`` plus metadata) or ``"aoti"``
             (compiled ahead of time with AOTInductor into a ``.pt2`` package; slow to build,
             no Python graph at run time; :func:`load` returns the compiled runner).
+        onnx_opset, onnx_matmulnbits: ``.onnx`` only: the opset (default 21, INT4/UINT4
+            weights) and whether lowbit linears become ONNX Runtime's ``MatMulNBits``
+            (:func:`geta_fx.export_onnx.save_onnx`).
 
     Returns:
         The saved ExportedProgram.
     """
     if package not in ("export", "aoti"):
         raise InputError(f"geta_fx.save: package must be 'export' or 'aoti', got {package!r}")
+    if (onnx_opset is not None or onnx_matmulnbits) and not os.fspath(path).endswith(".onnx"):
+        raise InputError(f"geta_fx.save: onnx_opset/onnx_matmulnbits apply to a .onnx path, "
+                         f"got {os.fspath(path)!r}")
     gm = model
     if lower_first and (_has_quantizers(model) or not isinstance(model, torch.fx.GraphModule)):
         gm = lower(model, reference=reference, example_inputs=example_inputs)
@@ -250,7 +257,8 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         if os.fspath(path).endswith(".onnx"):  # ONNX Runtime/OpenVINO/TensorRT (export_onnx)
             from geta_fx.export_onnx import save_onnx
 
-            return save_onnx(gm, path, tuple(example_inputs), dynamic_shapes)
+            return save_onnx(gm, path, tuple(example_inputs), dynamic_shapes,
+                             opset=onnx_opset, matmul_nbits=onnx_matmulnbits)
         ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes,
                                  strict=False)
     finally:
