@@ -15,7 +15,8 @@ Tables (markdown, printed as measured):
 (c) channel alignment (QASSO's ``group_divisible``): slim latency at 50% sparsity when every
     group keeps an odd number of units vs a multiple of 8 or 16.
 (d) ONNX Runtime (``--tables d``, CPU): the small GPT's dense, slim and slim-W4 graphs saved
-    with ``geta_fx.save(m, "m.onnx")``: file sizes, ORT latency, and eager torch for reference.
+    with ``geta_fx.save(m, "m.onnx")`` (W4: INT4 DequantizeLinear weights; and with
+    ``onnx_matmulnbits=True``: ORT's MatMulNBits): file sizes, ORT latency, eager torch.
 (e) AOTInductor (``--tables e``, CPU, slow: one compile per variant): the small GPT's dense and
     slim graphs packaged with ``geta_fx.save(m, "m.pt2", package="aoti")`` vs eager.
 
@@ -496,18 +497,22 @@ def _deploy_variants(sparsity: float) -> tuple[tuple[torch.Tensor, ...],
 
 
 def table_d(sparsity: float, min_time: float, rounds: int = 3) -> None:
-    """ONNX Runtime (CPU) latency and file size of the dense, slim and slim-W4 GPT."""
+    """ONNX Runtime (CPU) latency and file size of the dense, slim and slim-W4 GPT (W4 as
+    INT4 ``DequantizeLinear`` weights and as ``MatMulNBits``)."""
     import onnxruntime as ort
 
     print(f"\n### (d) ONNX Runtime: `geta_fx.save(m, 'm.onnx')` of the gpt 4x384 (2x128 tok), "
           f"{sparsity:.0%} group sparsity, CPUExecutionProvider, "
           f"{torch.get_num_threads()} intra-op threads, onnxruntime {ort.__version__}\n")
-    print("Eager is the same GraphModule in torch; `W4`: 4-bit levels stored as int8 x scale "
-          "(1 byte per weight). Interleaved over rounds; the fastest counts.\n")
+    print("Eager is the same GraphModule in torch; `W4`: 4-bit levels as INT4 initializers "
+          "(2 per byte) into DequantizeLinear; `W4 MatMulNBits`: the same graph saved with "
+          "`onnx_matmulnbits=True`. Interleaved over rounds; the fastest counts.\n")
     print("| variant | params | file MB | eager ms | ORT ms | ORT vs dense ORT | "
           "max abs(ORT - eager) |")
     print("|---|---|---|---|---|---|---|")
     args, mods = _deploy_variants(sparsity)
+    mods["slim W4 MatMulNBits"] = mods["slim W4"]
+    save_kw: dict[str, dict[str, Any]] = {"slim W4 MatMulNBits": {"onnx_matmulnbits": True}}
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = torch.get_num_threads()
     best: dict[str, list[float]] = {k: [float("inf"), float("inf")] for k in mods}
@@ -515,9 +520,9 @@ def table_d(sparsity: float, min_time: float, rounds: int = 3) -> None:
         sessions, sizes, diffs = {}, {}, {}
         for name, m in mods.items():
             path = os.path.join(tmp, name.replace(" ", "_") + ".onnx")
-            geta_fx.save(m, path, lower_first=False)
+            geta_fx.save(m, path, lower_first=False, **save_kw.get(name, {}))
             sizes[name] = sum(os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp)
-                              if f.startswith(name.replace(" ", "_")))
+                              if f.startswith(os.path.basename(path)))  # + external .data
             sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
             feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args, strict=True)}
             sessions[name] = (sess, feed)
