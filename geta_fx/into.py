@@ -14,6 +14,19 @@ itself slices the graph's attributes with.  Then:
    output is a ``CompressIntoError`` naming the module (a channel count written as a literal in
    ``forward``) and ``model`` is left exactly as it was;
 4. only then are the same tensors and attributes written into ``model``.
+
+Activation quantizers (``quantize="weight_act"``) are carried as modules plus forward
+pre-hooks: each one (a copy of gm's, trained values) becomes the child ``geta_input_quant`` of
+every module whose input it quantizes (the innermost module of the layer op it feeds, from
+``nn_module_stack``; its scalars are saved as ``<module>.geta_input_quant.log_d`` / ``.log_q_m``
+/ ``.t``) and :func:`quantize_input`, a pre-hook on that module, quantizes its first
+positional input.  Invariant: a quantizer is carried only if that is exact on the graph:
+its input, back through views inside the module, comes from outside the module, the module
+reads it only through the quantizer, and every call of the module has the same quantizer.
+Otherwise ``compress(into=)`` raises ``InputError`` naming the quantizer and why (a layer op
+called functionally, an op between the module's input and the layer, a module called twice
+with different quantizers); none is ever dropped.  That the quantized value is the module's
+*first positional* input is checked by step 3.
 """
 
 from __future__ import annotations
@@ -23,11 +36,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
 from geta_fx.errors import GetaFxError, InputError
-from geta_fx.ir import meta
+from geta_fx.ir import meta, op_sets
+from geta_fx.ir.args import arg
+from geta_fx.ir.query import quantizer_of
 
 
 class CompressIntoError(GetaFxError):
@@ -303,7 +319,7 @@ def _first_failing_module(model: nn.Module, args: tuple, kwargs: dict
     def post(mod: nn.Module, _: Any, __: Any) -> None:
         stack.pop()
 
-    handles = [m.register_forward_pre_hook(pre) for m in model.modules()]
+    handles = [m.register_forward_pre_hook(pre, prepend=True) for m in model.modules()]
     handles += [m.register_forward_hook(post) for m in model.modules()]
     try:
         model(*args, **kwargs)
@@ -354,6 +370,142 @@ def _verify(gm: Any, candidate: nn.Module) -> None:
                 "The model was not changed.")
 
 
+# ------------------------------------------------------------------ activation quantizers
+#: Attribute (and ``state_dict`` name) of the activation quantizer on each module whose input
+#: it quantizes: ``<module>.geta_input_quant.{log_d,log_q_m,t,_extra_state}``.
+ACT_QUANT_ATTR = "geta_input_quant"
+
+
+def quantize_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Forward pre-hook: ``module``'s first positional input through its ``geta_input_quant``.
+
+    A module-level function reading the quantizer from ``module``, so that ``copy.deepcopy``,
+    pickling (``torch.save``) and ``load_state_dict`` carry hook and quantizer together.
+    """
+    q = getattr(module, ACT_QUANT_ATTR)
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise GetaFxError(f"{type(module).__name__}: activation quantizer {q.name!r} quantizes "
+                          "the first positional input, and this call has no tensor there")
+    return (q(args[0]), *args[1:])
+
+
+#: Ops that do not read a tensor's values (a module's size checks need no quantized input).
+_NOT_READS = op_sets.SHAPE_QUERIES | op_sets.ASSERTS
+
+
+def _innermost(node: torch.fx.Node) -> tuple[str, str] | None:
+    """(call key, module path) of the innermost module ``node`` was traced in; None at root."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    key, (path, _) = list(stack.items())[-1]
+    return (key, path) if path else None
+
+
+def _inside(node: Any, key: str) -> bool:
+    return isinstance(node, torch.fx.Node) and key in (node.meta.get("nn_module_stack") or {})
+
+
+def _module_input_problem(q_node: torch.fx.Node, stem: torch.fx.Node, key: str,
+                          path: str) -> str | None:
+    """Why ``q_node`` (feeding ``stem``, called in module ``path``) is not a quantizer of the
+    module's input, or None: its input, back through views inside the module (a per-tensor
+    quantizer commutes with them), must come from outside, and the module must read it only
+    through the quantizer."""
+    chain, origin = [q_node], q_node.args[0]
+    while (isinstance(origin, torch.fx.Node) and origin.target in op_sets.VIEWS
+           and _inside(origin, key) and len(origin.users) == 1):
+        chain.append(origin)
+        origin = origin.args[0]
+    if not isinstance(origin, torch.fx.Node):
+        return f"its input ({origin!r}) is not a tensor node"
+    if _inside(origin, key):
+        return (f"its input is computed inside module {path!r} ({origin.target} at node "
+                f"{origin.name!r}), not passed into it")
+    unquantized = [u.name for u in origin.users if u is not chain[-1] and _inside(u, key)
+                   and u.op == "call_function" and u.target not in _NOT_READS]
+    if unquantized:
+        return f"module {path!r} also reads its input unquantized (at {unquantized[0]!r})"
+    return None
+
+
+def _stem_quantizers(gm: Any) -> dict[str, dict[str, str | None]]:
+    """module path -> call key -> qid of the act quantizer feeding its layer op (None: none),
+    for every layer op (``op_sets.STEMS``) traced inside a submodule."""
+    g = gm.graph_module
+    calls: dict[str, dict[str, str | None]] = {}
+    for node in g.graph.nodes:
+        where = _innermost(node) if node.op == "call_function" else None
+        if node.target not in op_sets.STEMS or where is None:
+            continue
+        x = arg(node, op_sets.STEMS[node.target].data)
+        q = quantizer_of(g, x)
+        qid = str(x.target) if q is not None and q.kind == "act" else None
+        calls.setdefault(where[1], {})
+        if calls[where[1]].get(where[0]) is None:
+            calls[where[1]][where[0]] = qid
+    return calls
+
+
+def _refuse(qid: str, why: str) -> InputError:
+    return InputError(f"compress(into=...) cannot carry activation quantizer {qid!r} into the "
+                      f"eager model: {why}; use gm.compress() (the graph) or a GetaModule "
+                      "transformed with quantize='weight'")
+
+
+def act_quantizer_plan(gm: Any) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
+    """Where each activation quantizer of ``gm`` goes on the eager model.
+
+    Returns ``qid -> (gm's quantizer, module paths whose first input it quantizes)`` (one
+    quantizer may serve several modules: q/k/v projections reading one normed input).
+
+    Raises:
+        InputError: naming the first quantizer that cannot be carried and why (it feeds no
+            layer of a submodule, its input is computed inside the module, or the module is
+            called more than once with different or missing quantizers). Never dropped.
+    """
+    g = gm.graph_module
+    plan: dict[str, tuple[nn.Module, list[str]]] = {}
+    for node in g.graph.nodes:
+        q = quantizer_of(g, node)
+        if q is None or q.kind != "act":
+            continue
+        qid = str(node.target)
+        for stem in node.users:
+            where = _innermost(stem)
+            if stem.target not in op_sets.STEMS or where is None:
+                raise _refuse(qid, f"it feeds {stem.target} at node {stem.name!r}, a layer op "
+                                   "called functionally, not by a submodule")
+            why = _module_input_problem(node, stem, *where)
+            if why is not None:
+                raise _refuse(qid, why)
+            paths = plan.setdefault(qid, (q, []))[1]
+            paths.extend(p for p in [where[1]] if p not in paths)
+    for path, calls in _stem_quantizers(gm).items():
+        used = set(calls.values())
+        if len(used) > 1 and used & set(plan):
+            names = sorted(u or "none" for u in used)
+            raise _refuse(next(u for u in names if u in plan),
+                          f"module {path!r} is called {len(calls)} times with different "
+                          f"quantizers ({', '.join(names)}); a hook on it cannot tell the "
+                          "calls apart")
+    return {qid: (q, tuple(paths)) for qid, (q, paths) in plan.items()}
+
+
+def attach_act_quantizers(model: nn.Module,
+                          plan: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> None:
+    """A copy of each planned quantizer as ``<module>.geta_input_quant`` (one instance shared
+    by all the modules it serves, e.g. q/k/v) and :func:`quantize_input` as their pre-hook.
+
+    On the consumer, not the root: a child added to a root ``nn.Sequential`` would run."""
+    for q, paths in plan.values():
+        mine = copy.deepcopy(q)
+        for path in paths:
+            module = model.get_submodule(path)
+            module.add_module(ACT_QUANT_ATTR, mine)
+            module.register_forward_pre_hook(quantize_input)
+
+
 def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
                   align: int | str = 1, verify: bool = True) -> nn.Module:
     """Slice ``model`` in place to what ``gm.compress()`` keeps; see the module docstring.
@@ -362,11 +514,7 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
     ``geta_fx.generate`` compares the graphs it captures from it with the slim graph).
     """
     _check_same_model(gm, model)
-    acts = [name for name, q in gm.quantizers.items() if q.kind == "act"]
-    if acts:
-        raise InputError(f"compress(into=...) cannot carry activation quantizers into the eager "
-                         f"model ({len(acts)}: {acts[:3]}); use gm.compress() (the graph) or a "
-                         "GetaModule transformed with quantize='weight'")
+    carried = act_quantizer_plan(gm)
     g = gm.graph_module
     from geta_fx.passes.physical_prune import kept_indices
 
@@ -384,6 +532,7 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
         _fix_attributes(target, attrs)
         _rescale_rms_norms(target, widths)
         _keep_layer_norm_counts(target, widths)
+        attach_act_quantizers(target, carried)
         if verify and target is candidate:
             _verify(gm, candidate)
     hf.record(model, shapes_before, attrs_before)  # transformers: per-layer widths in config

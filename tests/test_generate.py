@@ -233,11 +233,12 @@ def test_torch_save_keeps_the_sliced_model_and_recaptures(llama: Any) -> None:
                        _without_cache(gm, prompt, 3))
 
 
-def test_activation_quantizers_are_refused_with_the_reason() -> None:
-    _, _, slim = _compressed("llama", quantize="weight_act")
-    with pytest.raises(geta_fx.InputError) as e:
-        geta_fx.generate(slim, torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
-    assert "activation quantizers" in str(e.value)
+def test_activation_quantizers_are_carried_into_generation() -> None:
+    """compress(into=) carries act quantizers as hooks (#19), so generate has graphs."""
+    _, gm, slim = _compressed("llama", quantize="weight_act")
+    prompt = torch.randint(0, VOCAB, (2, 3))
+    assert torch.equal(geta_fx.generate(slim, prompt, max_new_tokens=4),
+                       _without_cache(gm, prompt, 4))
 
 
 @pytest.mark.slow  # lowering packs every weight (~5 s)
