@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -39,6 +38,9 @@ import torch.fx
 
 from geta_fx._compat import deepcopy_module
 from geta_fx.errors import InputError
+
+__all__ = ["DEFAULT_OPSET", "MATMULNBITS_BITS", "lower_lowbit_for_onnx", "onnx_dequantize",
+           "onnx_matmul_nbits", "save_onnx"]
 
 logger = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -228,18 +230,25 @@ def _int4_dtype(signed: bool) -> tuple[Any, Any]:
 
 
 def _store_levels_as_int4(model: Any, int4: bool) -> int:
-    """Retype the int8/uint8 level initializers of <= 4-bit ``DequantizeLinear`` nodes as INT4/UINT4
-    (``int4``) and drop the width tags; returns how many initializers were retyped."""
+    """Retype the int8/uint8 level initializers of <= 4-bit ``DequantizeLinear`` nodes as
+    INT4/UINT4 (if ``int4``) and drop the width tags.
+
+    Returns:
+        How many level initializers have <= 4 bits (all retyped if ``int4``).
+    """
     import onnx_ir as ir
 
     done: set[str] = set()
-    for node in model.graph:
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.op_type != "DequantizeLinear" or _BITS_KEY not in node.metadata_props:
             continue
         bits = int(node.metadata_props.pop(_BITS_KEY))
         signed = node.metadata_props.pop(_SIGNED_KEY) == "1"
         x = node.inputs[0]
-        if not int4 or bits > 4 or x is None or x.const_value is None or x.name in done:
+        if bits > 4 or x is None or x.const_value is None or x.name in done:
+            continue
+        done.add(str(x.name))
+        if not int4:
             continue
         if x.dtype not in (ir.DataType.INT8, ir.DataType.UINT8):
             raise InputError(f"ONNX export: {node.name}: expected int8/uint8 levels in "
@@ -248,7 +257,6 @@ def _store_levels_as_int4(model: Any, int4: bool) -> int:
         x.const_value = ir.Tensor(x.const_value.numpy().astype(np_dtype), dtype=dtype,
                                   name=x.name)
         x.dtype = dtype
-        done.add(str(x.name))
     return len(done)
 
 
@@ -257,6 +265,16 @@ def _check_converted(ep: torch.export.ExportedProgram, path: str) -> None:
                    if n.op == "call_function" and str(n.target).startswith("geta.")})
     if left:
         raise InputError(f"geta_fx.save(..., {path!r}): no ONNX form for {left}")
+
+
+def _check_opset(model: Any, opset: int, path: str) -> None:
+    """torch.onnx converts from its opset 18 and, where an op has no adapter, logs the failure
+    and keeps the unconverted model: make that an error instead of a file at another opset."""
+    got = model.opset_imports.get("")
+    if got != opset:
+        raise InputError(f"geta_fx.save(..., {path!r}, onnx_opset={opset}): the ONNX exporter "
+                         f"wrote opset {got} (its version converter could not reach {opset}; "
+                         f"opsets >= 18 are supported, >= {INT4_MIN_OPSET} for INT4 weights)")
 
 
 def _decompositions() -> dict[Any, Any]:
@@ -286,7 +304,8 @@ def save_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike[str],
         path: the ``.onnx`` file (large models also write ``<path>.data``).
         example_inputs, dynamic_shapes: as for :func:`torch.export.export`.
         opset: the ONNX opset (default :data:`DEFAULT_OPSET`); below 21 the <= 4-bit levels
-            stay int8 (logged as a warning).
+            stay int8 (logged as a warning); an opset the exporter cannot convert to (below
+            18 for most graphs) is an :class:`InputError`.
         matmul_nbits: emit ONNX Runtime's ``MatMulNBits`` for the lowbit linears it applies to
             (not bit-exact against ``F.linear``: summation order; see the module docstring).
 
@@ -305,16 +324,14 @@ def save_onnx(gm: torch.fx.GraphModule, path: str | os.PathLike[str],
     # NOTE: optimize=False: the optimizer would constant-fold the dequantization into float32.
     program = torch.onnx.export(ep, dynamo=True, verbose=False, optimize=False,
                                 opset_version=opset)
-    retyped = _store_levels_as_int4(program.model, int4=opset >= INT4_MIN_OPSET)
-    if lowbit and opset < INT4_MIN_OPSET:
+    _check_opset(program.model, opset, where)
+    low4 = _store_levels_as_int4(program.model, int4=opset >= INT4_MIN_OPSET)
+    if low4 and opset < INT4_MIN_OPSET:
         logger.warning("geta_fx.save(..., %r): opset %d has no INT4/UINT4; <= 4-bit weights "
                        "are stored as int8 levels (opset >= %d stores 2 per byte)", where,
                        opset, INT4_MIN_OPSET)
-    logger.info("ONNX export %s: opset %d, %d lowbit ops, %d INT4/UINT4 initializers", where,
-                opset, lowbit, retyped)
+    logger.info("ONNX export %s: opset %d, %d lowbit ops, %d <= 4-bit level initializers",
+                where, opset, lowbit, low4)
     program.save(where)
     return program
 
-
-__all__: Sequence[str] = ["DEFAULT_OPSET", "MATMULNBITS_BITS", "lower_lowbit_for_onnx",
-                          "onnx_dequantize", "onnx_matmul_nbits", "save_onnx"]

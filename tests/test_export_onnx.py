@@ -211,6 +211,16 @@ def test_old_opset_keeps_int8_levels_with_a_warning(tmp_path: Path,
     _assert_close(_run(path, x), low(x).detach().numpy())
 
 
+@pytest.mark.slow  # one ONNX export
+def test_unreachable_opset_is_a_clear_error(tmp_path: Path) -> None:
+    model, x = _model()
+    slim = geta_fx.transform(model, (x,)).compress()
+    path = tmp_path / "m.onnx"
+    with pytest.raises(geta_fx.InputError, match="onnx_opset=13.*wrote opset 18"):
+        geta_fx.save(slim, path, lower_first=False, onnx_opset=13)
+    assert not path.exists()
+
+
 def test_onnx_options_need_an_onnx_path(tmp_path: Path) -> None:
     model, x = _model()
     slim = geta_fx.transform(model, (x,)).compress()
