@@ -7,7 +7,9 @@ Tables (markdown, printed as measured):
     units of every prunable group zeroed, at least one kept).  ``dense`` is the captured graph
     with nothing removed (``gm.compress()`` of the untouched model: the same graph code, so the
     ratio isolates pruning); ``slim`` removes the zero units; ``slim W4`` is the slim model with
-    4-bit weights lowered to packed levels and geta low-bit ops (``geta_fx.lower``).
+    4-bit weights lowered to packed levels and geta low-bit ops (``geta_fx.lower``);
+    ``dense eager`` is the user's module itself and ``into= eager`` that module sliced by
+    ``gm.compress(into=copy)`` (its own ``forward``, the slim graph's parameter count).
 (b) low-bit linear vs F.linear: ``geta::lowbit_linear`` at 3/4/8 bits against
     ``torch.nn.functional.linear`` in fp16 and bf16 (and fp32 on CPU), and torch's
     ``_weight_int4pack_mm`` (group size 128, bf16) as the peer, for M in {1, 8, 32, 512} and
@@ -56,6 +58,7 @@ from _common import commit, cpu_name
 import geta_fx
 import geta_fx.lowbit_kernels as lowbit_kernels
 from geta_fx.deploy import lower
+from geta_fx.into import CompressIntoError
 from geta_fx.module import move_to_device
 from geta_fx.passes.physical_prune import align_removed_units, removed_units_from_zeros
 from geta_fx.ops.lowbit import level_offset, pack_levels, unpack_weight_reference
@@ -208,8 +211,9 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
             rounds: int = 3) -> None:
     print("\n### (a) slim vs dense latency\n")
     print("| device | model | group sparsity | params dense | params slim | dense ms | slim ms "
-          "| speed-up | slim W4 ms | W4 speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| speed-up | slim W4 ms | W4 speed-up | dense eager ms | into= eager ms "
+          "| into= speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for device in devices:
         for name, build in MODELS.items():
             # Captured on the device it runs on: factory ops (e.g. the GPT's position arange)
@@ -230,21 +234,28 @@ def table_a(devices: list[str], sparsities: list[float], min_time: float,
                 zero_fraction(gm, sp)
                 zero_fraction(gq, sp)
                 slim, low = gm.compress(), lower(gq.compress(), reference=gq)
-                t_dense = t_slim = t_low = float("inf")
-                for _ in range(rounds):  # interleaved: dense, slim, lowered, dense, ...
-                    for key, mod in (("dense", dense_d), ("slim", slim), ("low", low)):
+                # the user's own module, sliced in place (#19): same units as ``slim``
+                try:
+                    into: nn.Module | None = gm.compress(into=copy.deepcopy(model)).eval()
+                except CompressIntoError as e:  # its forward cannot follow the slices
+                    print(f"<!-- {name}: compress(into=) refused: {str(e)[:160]} -->")
+                    into = None
+                variants = {"dense": dense_d, "slim": slim, "low": low, "eager": model,
+                            **({"into": into} if into is not None else {})}
+                t = dict.fromkeys(variants, float("inf"))
+                for _ in range(rounds):  # interleaved: dense, slim, lowered, eager, ...
+                    for key, mod in variants.items():
                         # CUDA: GPU time under graph replay (eager launch cost of these small
                         # graphs would hide the work removed); CPU: Timer.
-                        t = time_call(device, partial(mod, *dev_args), min_time)
-                        if key == "dense":
-                            t_dense = min(t_dense, t)
-                        elif key == "slim":
-                            t_slim = min(t_slim, t)
-                        else:
-                            t_low = min(t_low, t)
+                        t[key] = min(t[key], time_call(device, partial(mod, *dev_args),
+                                                       min_time))
+                assert into is None or num_params(into) == num_params(slim), name
+                into_cols = (f"{t['into']:.3f} | {t['eager'] / t['into']:.2f}x" if into
+                             is not None else "refused | -")
                 print(f"| {device} | {name} | {sp:.0%} | {num_params(dense):,} | "
-                      f"{num_params(slim):,} | {t_dense:.3f} | {t_slim:.3f} | "
-                      f"{t_dense / t_slim:.2f}x | {t_low:.3f} | {t_dense / t_low:.2f}x |",
+                      f"{num_params(slim):,} | {t['dense']:.3f} | {t['slim']:.3f} | "
+                      f"{t['dense'] / t['slim']:.2f}x | {t['low']:.3f} | "
+                      f"{t['dense'] / t['low']:.2f}x | {t['eager']:.3f} | {into_cols} |",
                       flush=True)
 
 
