@@ -140,15 +140,18 @@ _SCHEDULE = {"start_projection_step": 1, "projection_steps": 2, "start_pruning_s
              "pruning_steps": 4, "pruning_periods": 2, "target_sparsity": 0.3}
 
 
-def test_bf16_weights_step_as_adamw_on_fp32_master_copies() -> None:
-    """bf16 weights: QASSO keeps fp32 master copies and moments; they follow AdamW on fp32
-    copies of the weights, and the bf16 weights are those copies rounded."""
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_bf16_weights_step_as_adamw_on_fp32_master_copies(variant: str) -> None:
+    """bf16 weights: QASSO keeps fp32 master copies (and moments); they follow the torch
+    optimizer on fp32 copies of the weights, and the bf16 weights are those copies rounded."""
     gm, _ = _gpt()
     gm = gm.to(torch.bfloat16)
     for q in gm.quantizers.values():  # the quantizer scalars stay fp32
         q.float()
-    opt = QASSO(gm, variant="adamw", lr=1e-2, lr_quant=1e-3, weight_decay=0.05, **_WARMUP)
-    ref, ropt = _reference(gm, opt, "adamw", 1e-2, 1e-3, 0.05)
+    kw = {"momentum": 0.9, "dampening": 0.1} if variant == "sgd" else {}
+    opt = QASSO(gm, variant=variant, lr=1e-2, lr_quant=1e-3, weight_decay=0.05, **kw,
+                **_WARMUP)
+    ref, ropt = _reference(gm, opt, variant, 1e-2, 1e-3, 0.05)
     ref = ref.float()
     for k in range(12):
         _feed_same_grads([gm, ref], k)  # bf16 values on both sides
@@ -166,7 +169,8 @@ def test_bf16_weights_step_as_adamw_on_fp32_master_copies() -> None:
             assert (p - rp[n]).abs().max() <= 1e-6, n
             continue
         st = opt.state[p]
-        assert st["master"].dtype == st["exp_avg"].dtype == torch.float32, n
+        moment = st["exp_avg"] if variant == "adamw" else st["momentum_buffer"]
+        assert st["master"].dtype == moment.dtype == torch.float32, n
         assert (st["master"] - rp[n]).abs().max() <= 1e-6, n
         assert torch.equal(p, st["master"].to(torch.bfloat16)), n
         finer = max(finer, float((st["master"] - p.detach().float()).abs().max()))
