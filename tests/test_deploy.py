@@ -251,6 +251,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh Python process importing torch: ~4.5 s
 def test_save_load_round_trip_in_a_fresh_process(tmp_path: Path) -> None:
     gm, _ = _trained_like()
     slim = gm.compress()

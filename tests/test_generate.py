@@ -233,6 +233,7 @@ def test_torch_save_keeps_the_sliced_model_and_recaptures(llama: Any) -> None:
                        _without_cache(gm, prompt, 3))
 
 
+@pytest.mark.slow  # captures prefill + decode graphs of a weight_act Llama: ~5 s
 def test_activation_quantizers_are_carried_into_generation() -> None:
     """compress(into=) carries act quantizers as hooks (#19), so generate has graphs."""
     _, gm, slim = _compressed("llama", quantize="weight_act")

@@ -21,7 +21,12 @@ def _signature(gm: geta_fx.GetaModule) -> list:
                     for m in g.members)) for g in gm.groups]
 
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+#: the transformers models of the zoo take ~3.5 s each here: they run with the slow tests
+_SLOW = {"hf_gpt2", "hf_llama_gqa"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW else n
+                                  for n in sorted(ZOO)])
 def test_quantized_zoo_same_groups_and_exact_compress(name: str) -> None:
     model, inputs = ZOO[name]()
     plain = geta_fx.transform(model, inputs)
