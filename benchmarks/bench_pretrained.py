@@ -70,7 +70,7 @@ from geta_fx.ir.units import unit_sq_norms
 from geta_fx.optim import QASSO, Distiller, schedule
 from geta_fx.passes.physical_prune import removed_units_from_zeros
 from geta_fx.report import report
-from geta_fx.testing.models import CharGPT, DigitsCNN
+from geta_fx.testing.models import BasicBlock, CharGPT, DigitsCNN  # the tests' ResNet block
 
 CACHE = os.path.join(HERE, ".cache")
 
@@ -103,22 +103,6 @@ def load_digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 # =============================================================================== models
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.down = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                   nn.BatchNorm2d(cout))
-                     if stride != 1 or cin != cout else nn.Identity())
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(y)) + self.down(x))
-
-
 class ResNet8(nn.Module):
     """conv3x3-bn-relu stem at 28x28, basic blocks at 16/32/64 channels (14x14, 7x7, 4x4:
     strides 2/2/2), global average pool, fc."""
@@ -268,7 +252,7 @@ def cosine(opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.L
 def train_dense(task: Task, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """The dense model trained to convergence; cached by task, recipe and seed."""
     key = hashlib.sha256(repr((task.name, task.dense_epochs, task.batch, task.lr,
-                               task.weight_decay, seed, 3)).encode()).hexdigest()[:12]
+                               task.weight_decay, seed, 4)).encode()).hexdigest()[:12]
     path = os.path.join(CACHE, f"dense-{task.name}-{key}.pt")
     torch.manual_seed(seed)
     model = task.make()
