@@ -33,7 +33,9 @@ Design (and why this one):
   ``DynamicCache`` built from those tensors inside the traced step, so each layer's cache has
   that layer's kept key/value head count (layers may keep different numbers of heads, which
   a config-sized ``StaticCache``, e.g. ``transformers.integrations.executorch``, cannot
-  express).  Positions are the past length, so batches are unpadded prompts of one length.
+  express).  Both graphs also take the ``[batch, past + length]`` padding mask: a batch of
+  left-padded prompts gets transformers' positions (``cumsum`` of the mask) and its padded keys
+  masked, as ``model.generate(attention_mask=...)`` does (no mask: all ones).
   Both graphs are checked once against ``slim`` on the captured example (prefill logits) and
   against each other (a decode step equals the prefill of one more token).
   A graph step costs what transformers' own step costs, plus one copy of the past per layer
@@ -209,10 +211,13 @@ def _share_parameters(lm: nn.Module, slim: torch.fx.GraphModule) -> int:
 
 # ---------------------------------------------------------------- the captured step
 class _Step(nn.Module):
-    """One model call with an explicit cache: ``(input_ids, past) -> (logits, *present)``.
+    """One model call with an explicit cache and padding mask:
+    ``(input_ids, attention_mask, past) -> (logits, *present)``.
 
-    ``past`` is ``(k_0, v_0, k_1, v_1, ...)`` (empty for prefill); positions continue from
-    the past length.
+    ``past`` is ``(k_0, v_0, k_1, v_1, ...)`` (empty for prefill); ``attention_mask`` is
+    ``[batch, past + length]`` (0: a left-padding position, its key masked out).  Positions are
+    counted over the mask as transformers' ``generate`` counts them (``cumsum - 1``, 0 at
+    padding), so a left-padded row sees the positions it has unpadded.
     """
 
     def __init__(self, lm: nn.Module) -> None:
@@ -221,16 +226,16 @@ class _Step(nn.Module):
         params = inspect.signature(lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    def forward(self, input_ids: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
         pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
         cache = DynamicCache(pairs) if pairs else DynamicCache()
-        start = past[0].shape[2] if past else 0
-        batch, length = input_ids.shape
-        positions = torch.arange(start, start + length, device=input_ids.device)
-        out = self.lm(input_ids=input_ids, position_ids=positions.unsqueeze(0).expand(batch, -1),
+        length = input_ids.shape[1]
+        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=positions[:, attention_mask.shape[1] - length:],
                       use_cache=True, **{self._cache_kw: cache})
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
@@ -255,7 +260,7 @@ def _export(step: _Step, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.fx
         ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - reported as a GenerationError naming the model
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise GenerationError(f"could not capture the {'decode' if args[1] else 'prefill'} "
+        raise GenerationError(f"could not capture the {'decode' if args[2] else 'prefill'} "
                               f"step of the slim {type(step.lm).__name__}: "
                               f"{type(e).__name__}: {first}") from e
     g = ep.module(check_guards=False)
@@ -275,11 +280,14 @@ def _capture_graphs(gen: Generation) -> tuple[torch.fx.GraphModule, torch.fx.Gra
     # Dim.DYNAMIC, not ranged Dims: export cannot prove e.g. min(8 + 8p, 16 + 16p) == 8 + 8p
     # over a range and refuses; DYNAMIC still fails if a dim would be specialised.
     dyn = Dim.DYNAMIC
+    mask = torch.ones_like(ids)
+    grown = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long, device=device)
     with torch.no_grad():
-        present = step(ids, ())[1:]
-        prefill = _export(step, (ids, ()), ({0: dyn, 1: dyn}, ()))
-        decode = _export(step, (ids[:, -1:], tuple(present)),
-                         ({0: dyn}, tuple({0: dyn, 2: dyn} for _ in present)))
+        present = step(ids, mask, ())[1:]
+        prefill = _export(step, (ids, mask, ()), ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, ()))
+        decode = _export(step, (ids[:, -1:], grown, tuple(present)),
+                         ({0: dyn}, {0: dyn, 1: dyn},
+                          tuple({0: dyn, 2: dyn} for _ in present)))
     return _normalized(prefill), _normalized(decode)
 
 
@@ -298,12 +306,14 @@ def _check_graphs(slim: torch.fx.GraphModule, gen: Generation,
     if gen.example is None:
         return
     ids = gen.example
+    mask = torch.ones_like(ids, dtype=torch.long)
+    grown = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long, device=ids.device)
     with torch.no_grad():
         want = slim(ids)
         want = want.logits if hasattr(want, "logits") else want[0]
-        got = prefill(ids, ())
-        step = decode(ids[:, -1:], tuple(got[1:]))[0][:, -1]
-        longer = prefill(torch.cat([ids, ids[:, -1:]], 1), ())[0][:, -1]
+        got = prefill(ids, mask, ())
+        step = decode(ids[:, -1:], grown, tuple(got[1:]))[0][:, -1]
+        longer = prefill(torch.cat([ids, ids[:, -1:]], 1), grown, ())[0][:, -1]
     scale = 1e-4 * (1.0 + float(want.abs().max()))
     for what, a, b in (("prefill graph vs slim graph", got[0], want),
                        ("decode step vs prefill", step, longer)):
@@ -375,6 +385,33 @@ def _check_arguments(input_ids: Any, max_new_tokens: Any, temperature: Any, top_
                          f"{type(generator).__name__}")
 
 
+def _padding_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` as a [batch, length] torch.long 0/1 tensor of left padding (ones for
+    None); InputError naming ``attention_mask`` when it is not one."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise InputError(f"generate: attention_mask must be None or a tensor [batch, length] "
+                         f"of 0/1, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InputError(f"generate: attention_mask must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    if attention_mask.is_complex() or not bool(((attention_mask == 0) |
+                                                (attention_mask == 1)).all()):
+        raise InputError("generate: attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    rows = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if rows:
+        raise InputError(f"generate: attention_mask rows {rows[:5]} are all zeros (a prompt "
+                         "of no token)")
+    rows = (mask[:, 1:] < mask[:, :-1]).any(1).nonzero().flatten().tolist()
+    if rows:
+        raise InputError(f"generate: attention_mask must be left padding (zeros, then ones, "
+                         f"as transformers' generate pads decoder-only prompts); rows "
+                         f"{rows[:5]} have a 0 after a 1 (right padding: pad on the left)")
+    return mask
+
+
 def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """[batch, vocab] logits -> [batch, 1] token ids (argmax, or a sample)."""
@@ -389,7 +426,8 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 
 
 def generate(slim: torch.fx.GraphModule, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
-             do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+             attention_mask: torch.Tensor | None = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Generate from a compressed causal LM with a KV cache: prompt + new tokens.
 
@@ -397,9 +435,12 @@ def generate(slim: torch.fx.GraphModule, input_ids: torch.Tensor, max_new_tokens
 
     Args:
         slim: ``gm.compress()`` of ``geta_fx.transform(causal_lm, (input_ids,))``.
-        input_ids: [batch, length] torch.long prompt (unpadded: every row of one length),
-            on the slim model's device.
+        input_ids: [batch, length] torch.long prompt, on the slim model's device.
         max_new_tokens: how many tokens to append (exactly that many; no stop token).
+        attention_mask: [batch, length] 0/1 (or bool) of left-padded prompts of different
+            lengths (0: padding), as for transformers' ``generate``: positions count from each
+            row's first token and padded keys are masked in prefill and every decode step, so
+            each row gets the tokens it gets alone, unpadded.  None: no padding.
         do_sample: sample from the softmax of ``logits / temperature`` instead of argmax.
         temperature: > 0; divides the logits when sampling.
         top_k: when sampling, only the ``top_k`` most likely tokens can be drawn.
@@ -410,21 +451,24 @@ def generate(slim: torch.fx.GraphModule, input_ids: torch.Tensor, max_new_tokens
 
     Raises:
         InputError: naming the bad argument (``slim`` without generation graphs, dtype or
-            shape of ``input_ids``, ``max_new_tokens`` beyond the position limit, ...).
+            shape of ``input_ids``, ``max_new_tokens`` beyond the position limit, an
+            ``attention_mask`` of another shape, right padding or an all-zero row, ...).
         GenerationError: the decode-step graphs could not be captured or disagree with slim.
     """
     gen = _state(slim)
     _check_arguments(input_ids, max_new_tokens, temperature, top_k, generator,
                      gen.max_positions)
+    mask = _padding_mask(attention_mask, input_ids)
     prefill, decode = _graphs(slim, gen)
     if max_new_tokens == 0:
         return input_ids.clone()
     tokens = [input_ids]
     with torch.no_grad():
-        logits, *cache = prefill(input_ids, ())
+        logits, *cache = prefill(input_ids, mask, ())
         for step in range(max_new_tokens):
             token = _next_token(logits[:, -1], do_sample, float(temperature), top_k, generator)
             tokens.append(token)
             if step + 1 < max_new_tokens:
-                logits, *cache = decode(token, tuple(cache))
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                logits, *cache = decode(token, mask, tuple(cache))
     return torch.cat(tokens, dim=1)

@@ -28,14 +28,17 @@ tf = pytest.importorskip("transformers")
 VOCAB, MAX_POS, CAPTURED = 64, 32, (2, 8)
 
 
-def _build(family: str) -> nn.Module:
-    """A tiny random-weight causal LM (2 layers, 4 heads, GQA where the family has it)."""
+def _build(family: str, **tokens: Any) -> nn.Module:
+    """A tiny random-weight causal LM (2 layers, 4 heads, GQA where the family has it);
+    ``tokens``: its config's bos/eos/pad token ids (default None: no stop token)."""
     torch.manual_seed(0)
+    # no stop token unless a test names one (the oracle decodes exactly n tokens)
+    ids: dict[str, Any] = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None) | tokens
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=MAX_POS)
+                  num_attention_heads=4, max_position_embeddings=MAX_POS, **ids)
     if family == "gpt2":
         cfg: Any = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4,
-                                 n_positions=MAX_POS, bos_token_id=0, eos_token_id=0)
+                                 n_positions=MAX_POS, **ids)
         return tf.GPT2LMHeadModel(cfg).eval()
     if family == "phi":
         return tf.PhiForCausalLM(tf.PhiConfig(**common)).eval()
@@ -45,9 +48,9 @@ def _build(family: str) -> nn.Module:
     return model(config(num_key_value_heads=2, **common)).eval()
 
 
-def _compressed(family: str, **transform_options: Any
+def _compressed(family: str, tokens: dict[str, Any] | None = None, **transform_options: Any
                 ) -> tuple[nn.Module, geta_fx.GetaModule, torch.fx.GraphModule]:
-    model = _build(family)
+    model = _build(family, **(tokens or {}))
     ids = torch.randint(0, VOCAB, CAPTURED)
     gm = geta_fx.transform(model, (ids,), **transform_options)
     zero_random_units(gm, 1 / 2)  # every group with >= 2 units loses some: kv heads too
@@ -63,6 +66,16 @@ def _without_cache(gm: nn.Module, ids: torch.Tensor, n: int) -> torch.Tensor:
     return ids
 
 
+def _zeroed_hf(model: nn.Module, gm: geta_fx.GetaModule) -> nn.Module:
+    """A copy of the user's HF model holding gm's zeroed parameters (tied ones follow)."""
+    ref = copy.deepcopy(model)
+    params = dict(gm.graph_module.named_parameters())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # one name per tensor: GPT-2's wte, not lm_head
+            p.copy_(params[name])
+    return ref
+
+
 class _Counting(nn.Module):
     """Wraps a graph; records the shapes of every call's inputs."""
 
@@ -71,9 +84,11 @@ class _Counting(nn.Module):
         self.graph = graph
         self.calls: list[tuple[tuple[int, ...], list[tuple[int, ...]]]] = []
 
-    def forward(self, ids: torch.Tensor, past: tuple[torch.Tensor, ...]) -> Any:
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor,
+                past: tuple[torch.Tensor, ...]) -> Any:
+        assert mask.shape == (ids.shape[0], ids.shape[1] + (past[0].shape[2] if past else 0))
         self.calls.append((tuple(ids.shape), [tuple(t.shape) for t in past]))
-        return self.graph(ids, past)
+        return self.graph(ids, mask, past)
 
 
 def _kv_heads(slim: torch.fx.GraphModule, family: str) -> list[int]:
@@ -147,6 +162,55 @@ def test_quantized_weights_generate_their_fake_quantized_values() -> None:
     lm = slim.meta[META_KEY].lm
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(lm.get_parameter(q), slim.get_parameter(q))  # raw vs fake-quantized
+
+
+# ---------------------------------------------------------------- left-padded batches
+def _left_padded(rows: list[torch.Tensor], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch: (input_ids, attention_mask)."""
+    width = max(r.shape[1] for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - r.shape[1]:], mask[i, width - r.shape[1]:] = r[0], 1
+    return ids, mask
+
+
+@pytest.mark.slow  # captures the prefill and decode graphs of two families (~10 s)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # rotary / learned position embeddings
+def test_left_padded_rows_get_their_unpadded_tokens_as_in_hf_generate(family: str) -> None:
+    model, gm, slim = _compressed(family)
+    rows = [torch.randint(1, VOCAB, (1, n)) for n in (7, 3, 5, 1)]
+    ids, mask = _left_padded(rows)
+    got = geta_fx.generate(slim, ids, max_new_tokens=6, attention_mask=mask)
+    width = ids.shape[1]
+    for i, r in enumerate(rows):  # each row: the zeroed model decoding it alone, unpadded
+        assert torch.equal(got[i, width - r.shape[1]:], _without_cache(gm, r, 6)[0]), i
+    hf = _zeroed_hf(model, gm).generate(ids, attention_mask=mask, max_new_tokens=6,
+                                         do_sample=False, pad_token_id=0)
+    assert torch.equal(got, hf)
+    assert torch.equal(geta_fx.generate(slim, ids, max_new_tokens=6,
+                                        attention_mask=mask.bool()), got)
+    # a mask of ones is no mask
+    assert torch.equal(geta_fx.generate(slim, ids, max_new_tokens=3,
+                                        attention_mask=torch.ones_like(ids)),
+                       _without_cache(gm, ids, 3))
+
+
+@pytest.mark.parametrize("mask, words", [
+    (torch.ones(2, 3, dtype=torch.long), ["attention_mask", "shape", "(2, 4)", "(2, 3)"]),
+    (torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]), ["attention_mask", "left padding", "[1]"]),
+    (torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1]]), ["attention_mask", "left padding", "[0]"]),
+    (torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]]), ["attention_mask", "all zeros", "[0]"]),
+    (torch.tensor([[0, 2, 2, 2], [1, 1, 1, 1]]), ["attention_mask", "0", "1"]),
+    ([[1, 1, 1, 1]] * 2, ["attention_mask", "list"]),
+])
+def test_bad_attention_masks_name_the_argument(llama: Any, mask: Any, words: list[str]) -> None:
+    _, _, slim = llama
+    with pytest.raises(geta_fx.InputError) as e:
+        geta_fx.generate(slim, torch.zeros(2, 4, dtype=torch.long), max_new_tokens=2,
+                         attention_mask=mask)
+    for w in words:
+        assert w in str(e.value)
 
 
 # ---------------------------------------------------------------- sampling
