@@ -50,8 +50,8 @@ from geta_fx.errors import InputError
 from geta_fx.ir import cost, meta
 from geta_fx.ir.cost import FP_BITS, module_path, quantizer_bits
 
-__all__ = ["DENSE", "GroupRow", "LayerRow", "Report", "dense_origin", "module_path",
-           "quantizer_bits", "record_dense_origin", "report"]
+__all__ = ["DENSE", "BitCost", "GroupRow", "LayerRow", "Report", "dense_origin", "module_path",
+           "bit_cost", "quantizer_bits", "record_dense_origin", "report"]
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class Report:
     quantizer_bytes: float
     fp32_weight_bytes: int
     avg_weight_bits: float | None
+    avg_quantized_weight_bits: float | None
     group_sparsity: float | None
     zero_units: int | None
     prunable_units: int | None
@@ -179,6 +180,8 @@ class Report:
                            "loaded model",
             "avg_weight_bits": "model-parameter bits / model parameters (quantizer scalars "
                                "excluded)",
+            "avg_quantized_weight_bits": "the same over the quantized weights only (what "
+                                         "QASSO(target_avg_bits=) meets)",
             "group_sparsity": "zero units / units of prunable groups",
         }
         return d
@@ -209,7 +212,9 @@ class Report:
                                f"{_bytes(self.fp32_weight_bytes)}: "
                                f"{_pct(self.relative_param_bytes)}"),
             ("average weight bits", "n/a" if self.avg_weight_bits is None else
-             f"{self.avg_weight_bits:.2f} per model parameter"),
+             f"{self.avg_weight_bits:.2f} per model parameter"
+             + ("" if self.avg_quantized_weight_bits is None else
+                f", {self.avg_quantized_weight_bits:.2f} per quantized weight")),
             ("group sparsity", "n/a (no group metadata; pass reference=the GetaModule)"
              if self.group_sparsity is None else
              f"{_pct(self.group_sparsity)}  ({self.zero_units}/{self.prunable_units} units of "
@@ -466,18 +471,8 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         slim = report(m.compress(), example_inputs, reference=m)
         slim.model = "GetaModule.compress()"
         return slim
-    gm, kind = _unwrap(m, example_inputs)
-    notes: list[str] = []
-    origin = _from_origin(gm.meta.get(DENSE)) if reference is None else None
-    if reference is None and gm.meta.get(DENSE) is not None and origin is None:
-        notes.append(f"meta[{DENSE!r}] is not a format-{DENSE_FORMAT} dense-origin record: "
-                     "ignored")
-    sz = cost.Sizes(gm, example_inputs, default_sizes=origin.sizes if origin else None)
-    layers = cost.find_layers(gm, sz)
-    stored = cost.stored_weights(gm)
-    st = cost.storage(gm)
-    ref, fp32_macs, sparsity_from = _reference(gm, kind, reference, origin, example_inputs,
-                                               layers, st, sz, notes)
+    gm, kind, notes, sz, layers, stored, st, ref, fp32_macs, sparsity_from = _costed(
+        m, example_inputs, reference)
     rows, macs_w, macs_a, bops, bops_a = _layer_rows(gm, layers, stored, ref)
     group_rows, sparsity, zero_units, prunable_units, sparsity_from = _sparsity(
         gm, ref, sparsity_from)
@@ -493,9 +488,81 @@ def report(m: Any, example_inputs: Any = None, *, reference: Any = None,
         weight_bytes=st.bits / 8 + quant_bytes, param_bytes=st.bits / 8,
         quantizer_bytes=quant_bytes, fp32_weight_bytes=ref.params * FP_BITS // 8,
         avg_weight_bits=st.bits / st.params if st.params else None,
+        avg_quantized_weight_bits=st.quant_bits / st.quant_params if st.quant_params else None,
         group_sparsity=sparsity, zero_units=zero_units, prunable_units=prunable_units,
         sparsity_from=sparsity_from, layers=rows, groups=group_rows or [],
         quantizers=_quant_rows(gm, stored), notes=notes)
+
+
+def _costed(m: Any, example_inputs: Any, reference: Any) -> tuple[Any, ...]:
+    """What :func:`report` and :func:`bit_cost` read: the graph, its kind, notes, sizes,
+    layers, stored weights, storage, the dense reference, its FP32 MACs, sparsity source."""
+    gm, kind = _unwrap(m, example_inputs)
+    notes: list[str] = []
+    origin = _from_origin(gm.meta.get(DENSE)) if reference is None else None
+    if reference is None and gm.meta.get(DENSE) is not None and origin is None:
+        notes.append(f"meta[{DENSE!r}] is not a format-{DENSE_FORMAT} dense-origin record: "
+                     "ignored")
+    sz = cost.Sizes(gm, example_inputs, default_sizes=origin.sizes if origin else None)
+    layers = cost.find_layers(gm, sz)
+    stored = cost.stored_weights(gm)
+    st = cost.storage(gm)
+    ref, fp32_macs, sparsity_from = _reference(gm, kind, reference, origin, example_inputs,
+                                               layers, st, sz, notes)
+    return gm, kind, notes, sz, layers, stored, st, ref, fp32_macs, sparsity_from
+
+
+@dataclass(frozen=True)
+class BitCost:
+    """A model's cost as a function of its quantizers' rounded bit widths: :func:`report`'s
+    quantized-weight storage and BOPs with the bits left open (what ``QASSO(target_avg_bits=,
+    target_bops=)`` allocates against; a test checks both agree with :func:`report`).
+
+    Quantizers are named as in the graph (``GetaModule.quantizers`` keys); a term's bit source
+    is such a name or a fixed width.
+    """
+
+    weight_numel: dict[str, int]        # weight quantizer -> parameters stored at its bits
+    terms: tuple[tuple[int, str | int, str | int], ...]  # (MACs, weight/2nd operand, act)
+    fp32_bops: int                      # the dense FP32 reference (32 x 32 bits)
+
+    def bops(self, bits: Any) -> int:
+        """BOPs with ``bits[name]`` (rounded) for every quantizer a term names."""
+        def b(src: str | int) -> int:
+            return src if isinstance(src, int) else int(round(float(bits[src])))
+
+        return sum(macs * b(w) * b(a) for macs, w, a in self.terms)
+
+    def avg_bits(self, bits: Any) -> float | None:
+        """Parameter-weighted mean of the quantized weights' rounded bits."""
+        n = sum(self.weight_numel.values())
+        if not n:
+            return None
+        return sum(k * round(float(bits[q])) for q, k in self.weight_numel.items()) / n
+
+    def weight_macs(self, bits: Any) -> dict[str, int]:
+        """Weight quantizer -> BOPs one more bit of it costs (MACs x the other operand's
+        bits, with ``bits`` for the other operands)."""
+        out: dict[str, int] = {}
+        for macs, w, a in self.terms:
+            for mine, other in ((w, a), (a, w)):
+                if isinstance(mine, str) and mine in self.weight_numel:
+                    o = other if isinstance(other, int) else int(round(float(bits[other])))
+                    out[mine] = out.get(mine, 0) + macs * o
+        return out
+
+
+def bit_cost(m: Any, example_inputs: Any = None, *, reference: Any = None) -> BitCost:
+    """The :class:`BitCost` of a model (arguments as for :func:`report`)."""
+    gm, _, _, _, layers, stored, st, _, fp32_macs, _ = _costed(m, example_inputs, reference)
+    names = {id(q): n for n, q in cost.quantizers(gm).items()}
+
+    def name(src: cost.BitSource) -> str | int:
+        return src if isinstance(src, int) else names[id(src)]
+
+    terms = tuple((t.macs, name(t.w), name(t.a)) for lay in layers
+                  for t in cost.bops_terms(lay, stored))
+    return BitCost(dict(st.by_quantizer), terms, fp32_macs * FP_BITS * FP_BITS)
 
 
 def _reference(gm: torch.fx.GraphModule, kind: str, reference: Any, origin: Any,
@@ -554,14 +621,9 @@ def _sparsity(gm: torch.fx.GraphModule, ref: Any, sparsity_from: str | None
 
 def _layer_row(gm: torch.fx.GraphModule, lay: cost.Layer,
                stored: dict[str, cost.StoredWeight], ref_channels: dict[str, int]) -> LayerRow:
-    if lay.weight is not None:  # the graph path decides (a tied weight may be read
-        w_bits = cost.weight_bits(lay.weight, stored)  # quantized by one layer, float by another)
-    else:
-        w_bits = cost.bits_of(lay.other) if lay.other is not None else FP_BITS
-    a_bits = cost.bits_of(lay.act) if lay.act is not None else FP_BITS
-    layer_bops = lay.macs * w_bits * a_bits
-    if lay.value is not None:  # sdpa: softmax(QK^T) (unquantized) @ V
-        layer_bops += lay.extra_macs * FP_BITS * cost.bits_of(lay.value)
+    terms = cost.bops_terms(lay, stored)
+    w_bits, a_bits = cost.source_bits(terms[0].w), cost.source_bits(terms[0].a)
+    layer_bops = sum(t.macs * cost.source_bits(t.w) * cost.source_bits(t.a) for t in terms)
     wfqn = cost.weight_fqn(lay.weight, stored) if lay.weight is not None else None
     out = _out_channels(gm, lay, wfqn)
     n_params = 0

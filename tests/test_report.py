@@ -116,9 +116,32 @@ def test_learned_bits_bops_storage_by_hand() -> None:
     assert r.quantizer_params == scalars == 3 * 4
     assert r.weight_bytes == pytest.approx((weights * 4 + biases * 32) / 8 + scalars * 4)
     assert r.avg_weight_bits == pytest.approx((weights * 4 + biases * 32) / (weights + biases))
+    assert r.avg_quantized_weight_bits == pytest.approx(4.0)
     rows = {row.module: row for row in r.layers}
     assert (rows["conv"].w_bits, rows["conv"].a_bits) == (4, 8)
     assert {q.bits_rounded for q in r.quantizers} == {4, 8}
+
+
+def test_bit_cost_is_the_report_with_bits_left_open() -> None:
+    """bit_cost(m).bops(bits) / .avg_bits(bits) == report(m) once the quantizers have bits."""
+    from geta_fx.report import bit_cost
+
+    torch.manual_seed(0)
+    gm = geta_fx.transform(ConvNet(), (_x(),), quantize="weight_act")
+    bc = bit_cost(gm)
+    chosen = {n: b for n, b in zip(gm.quantizers, (3, 7, 5, 6), strict=True)}
+    for n, q in gm.quantizers.items():
+        q.set_bit_width(chosen[n])
+    r = report(gm)
+    assert bc.bops(chosen) == r.bops and bc.fp32_bops == r.fp32_bops
+    weights = {n: q for n, q in gm.quantizers.items() if q.kind == "weight"}
+    assert set(bc.weight_numel) == set(weights)
+    assert bc.avg_bits(chosen) == pytest.approx(r.avg_quantized_weight_bits)
+    by_hand = (4 * 3 * 9 * chosen[next(n for n in weights if "conv" in n)] +
+               5 * 4 * chosen[next(n for n in weights if "fc" in n)]) / (4 * 3 * 9 + 5 * 4)
+    assert r.avg_quantized_weight_bits == pytest.approx(by_hand)
+    slim = gm.compress()  # and on a slim graph (same quantizer names)
+    assert bit_cost(slim).bops(chosen) == report(slim).bops
 
 
 def test_weight_only_uses_32_bit_activations() -> None:

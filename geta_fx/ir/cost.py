@@ -38,8 +38,8 @@ from geta_fx.ir import meta, op_sets
 from geta_fx.ir.query import get_attr_tensor, is_quantizer, tensor_val
 
 __all__ = [
-    "FP_BITS", "LAYER_OPS", "Layer", "Operand", "PackedRef", "Sizes", "Storage", "StoredWeight",
-    "bits_of", "find_layers", "frozen_quantize_bits", "kept_channels", "module_path", "quantizer_bits", "storage",
+    "FP_BITS", "LAYER_OPS", "BitSource", "BopsTerm", "Layer", "Operand", "PackedRef", "Sizes",
+    "Storage", "StoredWeight", "bit_source", "bits_of", "bops_terms", "source_bits", "find_layers", "frozen_quantize_bits", "kept_channels", "module_path", "quantizer_bits", "storage",
     "stored_weights", "weight_bits", "weight_fqn", "weight_numel", "weight_shape",
 ]
 
@@ -585,12 +585,57 @@ def weight_bits(op: Operand, stored: Mapping[str, StoredWeight]) -> int:
     return bits_of(op)
 
 
+#: Where a bit width comes from, as the cost model reads it: a quantizer module (its rounded
+#: learned bits, so the same term costs differently as the bits change) or a fixed width.
+BitSource = nn.Module | int
+
+
+def bit_source(op: Operand, stored: Mapping[str, StoredWeight] | None = None) -> BitSource:
+    """The quantizer an operand is read through, else its fixed bits (:func:`weight_bits`)."""
+    if op.quantizer is not None:
+        return op.quantizer
+    return weight_bits(op, stored) if stored is not None else bits_of(op)
+
+
+def source_bits(src: BitSource) -> int:
+    """Rounded bits of a :data:`BitSource` now."""
+    return src if isinstance(src, int) else int(round(quantizer_bits(src)))
+
+
+@dataclass(frozen=True)
+class BopsTerm:
+    """``macs * bits(w) * bits(a)``: one part of a layer's BOPs."""
+
+    macs: int
+    w: BitSource
+    a: BitSource
+
+
+def bops_terms(lay: Layer, stored: Mapping[str, StoredWeight]) -> list[BopsTerm]:
+    """A layer's BOPs as terms in its operands' bit sources (GETA_SPEC §E: MACs * b_w * b_a;
+    an activation x activation matmul has the second activation in the ``w`` place; sdpa adds
+    its unquantized ``softmax(QK^T) @ V`` part)."""
+    if lay.weight is not None:  # the graph path decides (a tied weight may be read
+        w = bit_source(lay.weight, stored)  # quantized by one layer, float by another)
+    else:
+        w = bit_source(lay.other) if lay.other is not None else FP_BITS
+    a = bit_source(lay.act) if lay.act is not None else FP_BITS
+    terms = [BopsTerm(lay.macs, w, a)]
+    if lay.value is not None:
+        terms.append(BopsTerm(lay.extra_macs, FP_BITS, bit_source(lay.value)))
+    return terms
+
+
 @dataclass(frozen=True)
 class Storage:
     params: int                # model parameters (stored weights at their logical size)
     bits: float                # their storage bits at the learned widths
     quantizer_scalars: int     # quantizer parameters, or a lowered graph's frozen constants
     unlearned: tuple[str, ...]  # stored weights whose learned bits are unknown
+    quant_params: int = 0      # of ``params``, those stored at a learned (quantized) width
+    quant_bits: float = 0.0    # ... and their bits
+    #: weight-quantizer module name -> parameters stored at its bits (tied ones once)
+    by_quantizer: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def storage(gm: torch.fx.GraphModule) -> Storage:
@@ -609,8 +654,10 @@ def storage(gm: torch.fx.GraphModule) -> Storage:
     aliases: dict[int, set[str]] = {}
     for name, p in gm.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), set()).add(name)
-    n = scalars = 0
-    bits = 0.0
+    qname = {id(m): name for name, m in quantizers(gm).items()}
+    n = scalars = qn = 0
+    bits = qbits = 0.0
+    by_q: dict[str, int] = {}
     for name, p in gm.named_parameters():
         if quant_prefixes and name.startswith(quant_prefixes):
             scalars += p.numel()
@@ -619,10 +666,18 @@ def storage(gm: torch.fx.GraphModule) -> Storage:
             continue
         q = wq_by_tensor.get(id(p))  # by tensor: tied weights have several FQNs
         n += p.numel()
-        bits += p.numel() * (round(quantizer_bits(q)) if q is not None else p.element_size() * 8)
+        if q is None:
+            bits += p.numel() * p.element_size() * 8
+            continue
+        b = p.numel() * round(quantizer_bits(q))
+        bits, qn, qbits = bits + b, qn + p.numel(), qbits + b
+        by_q[qname[id(q)]] = by_q.get(qname[id(q)], 0) + p.numel()
     for s in stored.values():
         n += s.numel
         bits += s.numel * s.bits
+        if s.learned:
+            qn, qbits = qn + s.numel, qbits + s.numel * s.bits
     scalars += sum(b.numel() for name, b in gm.named_buffers()
                    if name.startswith(f"{HOLDER}.") and name not in stored)
-    return Storage(n, bits, scalars, tuple(s.path for s in stored.values() if not s.learned))
+    return Storage(n, bits, scalars, tuple(s.path for s in stored.values() if not s.learned),
+                   quant_params=qn, quant_bits=qbits, by_quantizer=by_q)

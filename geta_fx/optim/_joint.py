@@ -193,7 +193,8 @@ def _block_stats(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Ten
 
 
 def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Tensor,
-                 q_m: Tensor, t: Tensor, signed: Tensor, b_l: float, b_u: float, rate: float,
+                 q_m: Tensor, t: Tensor, signed: Tensor, b_l: float | Tensor,
+                 b_u: float | Tensor, rate: float,
                  lr: float, num_groups: int, reduce: Reduce | None = None
                  ) -> tuple[list[Tensor], Tensor, Tensor, list[Parts | None]]:
     """One joint step over the redundant rows.
@@ -205,7 +206,8 @@ def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Ten
         d_old, q_m, t, signed: per quantizer, with a dummy last entry for "not quantized"
             (``[L + 1]``); ``d_old`` before this step, ``q_m`` (effective) and ``t`` after the
             plain step of the quantizer scalars.
-        b_l, b_u: the bit range in force.
+        b_l, b_u: the bit range in force (or per quantizer, ``[L + 1]``: a bit budget's
+            allocation, :mod:`geta_fx.optim._budget`).
         rate: ``1 / (T - t)``, the positive-alignment forget rate.
         lr: the weights' current learning rate (the reference's alpha).
         reduce: ``reduce(op, tensor)`` completes per-group/per-layer sums (``"sum"``) and the
@@ -229,8 +231,10 @@ def joint_update(plan: JointPlan, xs: list[Tensor], gs: list[Tensor], d_old: Ten
         gamma_l = reduce("min", gamma_l)
     joint = lstats[:, 3] > 0
     gamma_l = torch.where(joint, gamma_l, torch.zeros_like(gamma_l))
-    d_lo = d_for_bits(torch.tensor(b_u, dtype=torch.float32), q_m, t, signed)
-    d_hi = d_for_bits(torch.tensor(b_l, dtype=torch.float32), q_m, t, signed)
+    d_lo = d_for_bits(torch.as_tensor(b_u, dtype=torch.float32, device=d_old.device), q_m, t,
+                      signed)
+    d_hi = d_for_bits(torch.as_tensor(b_l, dtype=torch.float32, device=d_old.device), q_m, t,
+                      signed)
     d_new, gamma_l = _step_size(lstats[:, :3], gamma_l, d_lo, d_hi, lr)
     rates = [gamma_l[b.layer] if b.layer < num_layers
              else _along(gamma_g[b.row_group], b.dim, x.dim())

@@ -96,7 +96,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from geta_fx.errors import InputError, TrainingError
-from geta_fx.optim import _directions, _joint, _limits, _saliency
+from geta_fx.optim import _budget, _directions, _joint, _limits, _saliency
 from geta_fx.optim._layout import Layout, build_layout, local_tensor
 from geta_fx.optim._schedule import STEP_ARGS, Schedule, Stage, resolve_steps
 from geta_fx.quantizer import Q_M_MIN, bit_width, d_for_bits
@@ -211,6 +211,15 @@ class QASSO(torch.optim.Optimizer):
             row raise :class:`geta_fx.TrainingError` naming the step and the first non-finite
             gradient.  The check costs one host sync per step (as ``GradScaler`` does);
             ``None`` turns it off (non-finite values then flow into the weights).
+        target_avg_bits: a bit budget: the mean weight bit width, weighted by parameters, of
+            the quantized weights the slim model (``gm.compress()``) keeps; met within 0.05
+            bits.  ``target_bops``: instead, the slim model's BOPs as a fraction of the dense
+            FP32 model's (pruning and bits together, :func:`geta_fx.report.bit_cost`); met
+            within 1% of the target.  Either one replaces the reference's "every pruned
+            layer to ``b_l``" with a sensitivity-driven allocation of integer bits in
+            ``[b_l, final b_u]`` (:mod:`geta_fx.optim._budget`; the achieved value is in
+            ``metrics()``, the bits in :meth:`bit_allocation`).  A budget the bit range
+            cannot reach is an InputError here.  Not with FSDP2.
         process_group: DDP group whose rank 0 broadcasts selections and frozen bit widths
             (default: the default group when ``torch.distributed`` is initialised).
     """
@@ -228,6 +237,7 @@ class QASSO(torch.optim.Optimizer):
                  importance: Mapping[str, float] | None = None, group_divisible: int = 1,
                  min_kept: _limits.Limit = None, max_sparsity: _limits.Limit = None,
                  skip: Sequence[str] = (), nonfinite_patience: int | None = 5,
+                 target_avg_bits: float | None = None, target_bops: float | None = None,
                  process_group: Any = None) -> None:
         _check_arguments(gm, variant, target_sparsity, group_divisible, lr, lr_quant,
                          nonfinite_patience, act_bit_range)
@@ -261,7 +271,8 @@ class QASSO(torch.optim.Optimizer):
             "total_steps": total_steps, **steps, "importance": dict(self.importance),
             "group_divisible": group_divisible, "min_kept": _copy_limit(min_kept),
             "max_sparsity": _copy_limit(max_sparsity), "skip": tuple(skip),
-            "nonfinite_patience": nonfinite_patience}
+            "nonfinite_patience": nonfinite_patience, "target_avg_bits": target_avg_bits,
+            "target_bops": target_bops}
 
         quants, weights = self._split_parameters(gm)
         groups: list[dict[str, Any]] = [
@@ -275,6 +286,7 @@ class QASSO(torch.optim.Optimizer):
 
         self._init_layout(gm, quants, weights, min_kept, max_sparsity, skip, group_divisible)
         self._init_state(weights)
+        self._init_budget(gm, weights, _budget.make(target_avg_bits, target_bops))
 
     # ------------------------------------------------------------------ construction helpers
     def _split_parameters(self, gm: nn.Module) -> tuple[list[Any], list[nn.Parameter]]:
@@ -376,6 +388,159 @@ class QASSO(torch.optim.Optimizer):
             self._qstate.update(exp_avg=torch.zeros(n, device=device),
                                 exp_avg_sq=torch.zeros(n, device=device))
 
+    def _init_budget(self, gm: nn.Module, weights: list[nn.Parameter],
+                     budget: _budget.Budget | None) -> None:
+        """Bit-budget mode (:mod:`geta_fx.optim._budget`): the dense cost, the weight each
+        weight quantizer reads, and the up-front reachability checks."""
+        self.budget = budget
+        self._alloc: Tensor | None = None           # [L] allocated bits (weights; budget mode)
+        self._budget_reached: float | None = None   # what the final allocation reaches
+        self._fisher_steps = 0                      # sgd: steps in the g^2 EMA
+        if budget is None:
+            return
+        n_l = self._num_layers
+        if not n_l or not bool(self._is_weight_q[:n_l].any()):
+            raise InputError("QASSO: a bit budget (target_avg_bits / target_bops) needs weight "
+                             "quantizers; transform the model with quantize='weight' or "
+                             "'weight_act'")
+        if self.layout.sharded:
+            raise InputError("QASSO: bit budgets are not supported with FSDP2 yet (the final "
+                             "allocation compresses the module, which needs whole tensors)")
+        sch = self.schedule
+        self._bit_lo, self._bit_hi = math.ceil(sch.b_l), math.floor(sch.final_b_u)
+        if self._bit_lo > self._bit_hi:
+            raise InputError(f"QASSO: bit_range {sch.b_l:g}-{sch.final_b_u:g} (after "
+                             "bit_reduction) holds no integer bit width to allocate")
+        from geta_fx.ir.query import get_attr_tensor
+        from geta_fx.report import bit_cost
+
+        self._module = gm
+        by_id = {id(p): p for p in weights}
+        self._qweights: list[nn.Parameter | None] = [
+            by_id.get(id(get_attr_tensor(gm.graph_module, q.param_fqn)))
+            if q.kind == "weight" and getattr(q, "param_fqn", None) else None
+            for q in self._quants]
+        self._dense_cost = bit_cost(gm)
+        reachable = self.max_prunable / self.num_units if self.num_units else 0.0
+        lin = self._budget_form(self._dense_cost, (1 - reachable) ** 2)
+        wmask = self._is_weight_q[:n_l].cpu()
+        least = _budget.reach(lin, self._bit_lo, self._bit_hi, wmask)[0]
+        most = _budget.reach(self._budget_form(self._dense_cost, 1.0), self._bit_lo,
+                             self._bit_hi, wmask)[1]
+        what = "target_avg_bits" if budget.kind == "avg_bits" else "target_bops"
+        if not least - budget.tol <= budget.value <= most + budget.tol:
+            extra = ("" if budget.kind == "avg_bits" else
+                     f" (activation and unquantized layers at their bits, every group pruned "
+                     f"as far as the limits allow: {reachable:.0%} of the units)")
+            raise InputError(
+                f"QASSO: {what}={budget.value:g} cannot be reached with weight bits in "
+                f"[{self._bit_lo}, {self._bit_hi}]: the model reads {budget.describe(least)} "
+                f"at the least and {budget.describe(most)} at the most{extra}")
+        if budget.kind == "avg_bits":  # the granularity of the layers' sizes
+            flat = -torch.arange(self._bit_hi - self._bit_lo + 1, dtype=torch.float64)
+            _, got = _budget.allocate(flat.expand(n_l, -1), lin, self._bit_lo, self._bit_hi,
+                                      budget.tol, wmask)
+            if abs(got - budget.value) > budget.tol:
+                raise InputError(
+                    f"QASSO: target_avg_bits={budget.value:g} is not reachable within "
+                    f"{budget.tol} bits by integer bits per layer: the layers' sizes allow "
+                    f"{got:.3f} nearby; choose a budget near that")
+
+    def _budget_form(self, bc: Any, shrink: float) -> _budget.Linear:
+        """The budget as a linear form of the weight bits, activations at their bits now."""
+        n_l = self._num_layers
+        lo, hi = self._bit_bounds(self._k)
+        vals, _ = self._scalars()
+        now = bit_width(vals[:n_l].exp(), _q_m(vals[n_l:2 * n_l]), vals[2 * n_l:],
+                        self._signed[:n_l])
+        if self._frozen_bits is not None:
+            now = self._frozen_bits
+        act = torch.minimum(torch.maximum(torch.round(now), lo.ceil()), hi.floor()).cpu()
+        act_bits = {n: int(b) for n, b in zip(self._quant_names, act.tolist(), strict=True)}
+        return _budget.linear_cost(self.budget, bc, self._quant_names,  # type: ignore[arg-type]
+                                   self._is_weight_q[:n_l].tolist(), act_bits, shrink)
+
+    def _fisher(self, p: nn.Parameter | None) -> Tensor | None:
+        """The diagonal empirical Fisher ``E[g^2]`` of a weight (bias-corrected)."""
+        if p is None or p not in self.state:
+            return None
+        st = self.state[p]
+        b2 = self.param_groups[0]["betas"][1]
+        if "exp_avg_sq" in st and st.get("step", 0):
+            return st["exp_avg_sq"] / (1 - b2 ** int(st["step"]))
+        if "fisher" in st and self._fisher_steps:
+            return st["fisher"] / (1 - b2 ** self._fisher_steps)
+        return None
+
+    def _update_fisher(self, weights: list[nn.Parameter], active: list[int]) -> None:
+        """sgd in budget mode: an EMA of ``g^2`` (decay ``beta2``) of the quantized weights."""
+        qids = {id(p) for p in self._qweights if p is not None}
+        ps = [weights[i] for i in active if id(weights[i]) in qids]
+        if not ps:
+            return
+        for p in ps:
+            self.state.setdefault(p, {}).setdefault(
+                "fisher", torch.zeros_like(_directions.value(p, self.state)))
+        fs = [self.state[p]["fisher"] for p in ps]
+        gs = [_directions.grad(p, self.state) for p in ps]
+        b2 = self.param_groups[0]["betas"][1]
+        torch._foreach_mul_(fs, b2)
+        torch._foreach_addcmul_(fs, gs, gs, value=1 - b2)
+        self._fisher_steps += 1
+
+    @torch.no_grad()
+    def _allocate(self, exact: bool) -> None:
+        """Allocate the weight bits for the budget (provisional on the dense cost, or exact on
+        ``gm.compress()``); pins them through :meth:`_bit_bounds`."""
+        from geta_fx.report import bit_cost
+
+        budget, n_l = self.budget, self._num_layers
+        assert budget is not None
+        if exact:
+            self._zero_committed()   # this step's plain update moved the pruned rows
+            self._copy_masters_down()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # compress() of a train-mode BN model
+                bc = bit_cost(self._module.compress())
+            shrink = 1.0
+        else:
+            bc, shrink = self._dense_cost, (1 - self.target_sparsity) ** 2
+        lin = self._budget_form(bc, shrink)
+        vals, _ = self._scalars()
+        q_m, t = _q_m(vals[n_l:2 * n_l]).cpu(), vals[2 * n_l:].cpu()
+        ws = [None if p is None else _directions.value(p, self.state) for p in self._qweights]
+        sens = _budget.sensitivities(ws, [self._fisher(p) for p in self._qweights], q_m, t,
+                                     self._signed[:n_l].cpu(), self._bit_lo, self._bit_hi)
+        wmask = self._is_weight_q[:n_l].cpu()
+        bits, reached = _budget.allocate(sens, lin, self._bit_lo, self._bit_hi, budget.tol,
+                                         wmask)
+        self._alloc = self._broadcast(bits.to(self._device, torch.float32))
+        hist = torch.bincount(bits[wmask] - self._bit_lo,
+                              minlength=self._bit_hi - self._bit_lo + 1).tolist()
+        logger.info("QASSO step %d: %s bit allocation for %s: %s (weight quantizers per bit "
+                    "width %d..%d: %s)", self._k, "final" if exact else "provisional",
+                    budget.kind, budget.describe(reached), self._bit_lo, self._bit_hi, hist)
+        if not exact:
+            return
+        self._budget_reached = reached
+        if abs(reached - budget.value) > budget.tol:
+            what = "target_avg_bits" if budget.kind == "avg_bits" else "target_bops"
+            fixed = ("" if budget.kind == "avg_bits" else
+                     f"; {budget.describe(lin.fixed)} of it is fixed (unquantized layers and "
+                     "activation x activation matmuls at their bits)")
+            _warn(f"QASSO: {what}={budget.value:g} missed at step {self._k}: the pruned model "
+                  f"reads {budget.describe(reached)} with every weight quantizer in "
+                  f"[{self._bit_lo}, {self._bit_hi}] bits{fixed}", stacklevel=5)
+
+    def bit_allocation(self) -> dict[str, int] | None:
+        """Budget mode: weight quantizer -> its allocated bits (None before the first
+        allocation, at the first projection step; final from the first cool-down step)."""
+        if self._alloc is None:
+            return None
+        w = self._is_weight_q[:self._num_layers].tolist()
+        return {n: int(b) for n, b, isw in zip(self._quant_names, self._alloc.tolist(), w,
+                                                strict=True) if isw}
+
     def _warn_unreachable(self) -> None:
         """Warn (and log) when the limits leave fewer removable units than the target asks."""
         if self.num_units == 0 and self.target_sparsity > 0:
@@ -452,6 +617,11 @@ class QASSO(torch.optim.Optimizer):
 
         weights: list[nn.Parameter] = group["params"]
         active = _directions.update_moments(self.variant, weights, self.state, group)
+        if self.budget is not None and self._frozen_bits is None:
+            if self.variant == "sgd":
+                self._update_fisher(weights, active)
+            if self._alloc is None and stage in ("projection", "pruning"):
+                self._allocate(exact=False)
         if sch.is_selection_step(k):
             self._select(weights, active)
         plan = self._plan if sch.is_joint_step(k) and self._plan is not None else None
@@ -607,7 +777,12 @@ class QASSO(torch.optim.Optimizer):
         returns the forget rates of the plan's blocks and ``(d*, q_m, t, signed)`` (each with
         a dummy "not quantized" entry) the forget term is computed with; else None."""
         n_l = self._num_layers
-        joint_args = (self.schedule.b_l, self.schedule.b_u(k), self.schedule.forget_rate(k),
+        b_lo, b_hi = self.schedule.b_l, self.schedule.b_u(k)
+        if self._alloc is not None:  # per layer (the dummy "not quantized" entry: b_l)
+            lo, hi = self._bit_bounds(k)
+            ext = torch.full((1,), b_lo, device=self._device)
+            b_lo, b_hi = torch.cat([lo, ext]), torch.cat([hi, ext])  # type: ignore[assignment]
+        joint_args = (b_lo, b_hi, self.schedule.forget_rate(k),
                       lr, self.layout.num_groups, self._reduce if self.layout.sharded else None)
         if n_l == 0:
             if plan is None or got is None:
@@ -690,9 +865,14 @@ class QASSO(torch.optim.Optimizer):
         lo_w, hi_w = sch.b_l, sch.b_u(k)
         lo_a, hi_a = self.act_bit_range if self.act_bit_range is not None else (lo_w, hi_w)
         # python scalars, not torch.tensor(..., device=...): no host-to-device copy per step
-        return torch.where(w, lo_w, lo_a), torch.where(w, hi_w, hi_a)
+        lo, hi = torch.where(w, lo_w, lo_a), torch.where(w, hi_w, hi_a)
+        if self._alloc is not None:  # budget mode: weights pinned at their allocated bits
+            lo, hi = torch.where(w, self._alloc, lo), torch.where(w, self._alloc, hi)
+        return lo, hi
 
     def _freeze_bits(self, vals: Tensor, k: int) -> None:
+        if self.budget is not None and self._budget_reached is None:
+            self._allocate(exact=True)  # the pruned structure is final now
         n_l = self._num_layers
         bits = bit_width(vals[:n_l].exp(), _q_m(vals[n_l:2 * n_l]), vals[2 * n_l:],
                          self._signed[:n_l])
@@ -811,7 +991,9 @@ class QASSO(torch.optim.Optimizer):
         rule left unpruned; ``K - num_pruned`` once the last period committed), ``max_prunable``,
         ``b_l``/``b_u`` (weight bit range in force), ``bits_min``/``bits_max``/``bits_mean``
         (continuous weight-quantizer bit widths), ``act_bits_min``/``act_bits_max`` (if any),
-        ``lr``, ``lr_quant``.
+        ``lr``, ``lr_quant``; with a bit budget, ``budget`` (``"avg_bits"``/``"bops"``),
+        ``budget_target`` and ``budget_reached`` (on the slim model, from the first cool-down
+        step; None before).
         """
         k, sch, lay = self._k, self.schedule, self.layout
         zero = torch.zeros(lay.num_units, device=self._device)
@@ -840,6 +1022,10 @@ class QASSO(torch.optim.Optimizer):
             "b_l": sch.b_l, "b_u": sch.b_u(k) if k > sch.start_projection_step else sch.b_u0,
             "lr": float(self.param_groups[0]["lr"]),
         }
+        if self.budget is not None:
+            out["budget"] = self.budget.kind
+            out["budget_target"] = self.budget.value
+            out["budget_reached"] = self._budget_reached
         if self._num_layers:
             out["lr_quant"] = float(self.param_groups[1]["lr_quant"])
             bits = self.bit_widths()
@@ -875,6 +1061,8 @@ class QASSO(torch.optim.Optimizer):
             "quant_state": qs, "config": dict(self._config),
             "signature": self.layout.signature(), "quantizers": list(self._quant_names),
             "skipped_steps": self._skipped, "nonfinite_streak": self._nonfinite_streak,
+            "alloc": None if self._alloc is None else self._alloc.clone(),
+            "budget_reached": self._budget_reached, "fisher_steps": self._fisher_steps,
         }
         return sd
 
@@ -904,6 +1092,10 @@ class QASSO(torch.optim.Optimizer):
         self._redundant = extra["redundant"].to(dev, torch.bool).clone()
         fb = extra["frozen_bits"]
         self._frozen_bits = None if fb is None else fb.to(dev).clone()
+        alloc = extra.get("alloc")  # absent before bit budgets
+        self._alloc = None if alloc is None else alloc.to(dev).clone()
+        self._budget_reached = extra.get("budget_reached")
+        self._fisher_steps = int(extra.get("fisher_steps", 0))
         self._qstate = {k: (v.to(dev).clone() if isinstance(v, Tensor) else v)
                         for k, v in extra["quant_state"].items()}
         lay = self.layout

@@ -1,0 +1,204 @@
+"""QASSO bit budgets (issue #20): ``target_avg_bits`` / ``target_bops`` met on the slim model,
+bits allocated by sensitivity, unreachable budgets refused up front.
+
+    transform(model) -> QASSO(target_avg_bits=B) ─ steps ─▶ report(gm.compress())
+                                                             .avg_quantized_weight_bits ≈ B
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from zoo import MLP, GPTBlock, ResNetCifar
+
+import geta_fx
+from geta_fx.errors import InputError
+from geta_fx.optim import QASSO
+from geta_fx.optim import _budget
+from geta_fx.report import bit_cost, report
+
+STEPS = 24
+
+
+def _task(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "resnet":
+        return ResNetCifar(depth=8, widths=(8, 16, 16)).eval(), torch.randn(8, 3, 8, 8)
+    if name == "gpt":
+        return GPTBlock(d=16, heads=4, vocab=20).eval(), torch.randint(0, 20, (8, 8))
+    return MLP().eval(), torch.randn(8, 12)
+
+
+def _train(gm: geta_fx.GetaModule, x: torch.Tensor, steps: int = STEPS, **kw: object) -> QASSO:
+    opt = QASSO(gm, variant=kw.pop("variant", "adamw"), lr=kw.pop("lr", 1e-3),
+                total_steps=steps, bit_reduction=0, **kw)  # type: ignore[arg-type]
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        opt.zero_grad()
+        out = gm(x)
+        target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g)
+        F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1)).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("name,quantize,budget,sparsity", [
+    ("resnet", "weight", 4.5, 0.3),
+    ("resnet", "weight_act", 3.0, 0.5),
+    ("gpt", "weight", 5.0, 0.3),
+    ("gpt", "weight_act", 4.0, 0.3),
+    ("mlp", "weight", 6.0, 0.0),
+])
+def test_avg_bits_met_on_slim_model(name: str, quantize: str, budget: float,
+                                    sparsity: float) -> None:
+    model, x = _task(name)
+    gm = geta_fx.transform(model, (x[:2],), quantize=quantize)
+    opt = _train(gm, x, target_sparsity=sparsity, bit_range=(2, 8), target_avg_bits=budget,
+                 act_bit_range=(6, 8) if quantize == "weight_act" else None)
+    m = opt.metrics()
+    assert m["budget"] == "avg_bits" and m["budget_target"] == budget
+    gm.eval()
+    rep = report(gm.compress())
+    assert rep.avg_quantized_weight_bits == pytest.approx(m["budget_reached"], abs=1e-9)
+    assert abs(rep.avg_quantized_weight_bits - budget) <= 0.05
+    alloc = opt.bit_allocation()
+    assert alloc is not None and set(alloc.values()) <= set(range(2, 9))
+    for qname, q in gm.quantizers.items():  # the frozen bits are the allocation
+        b = round(float(q.bit_width().detach()))
+        if q.kind == "weight":
+            assert b == alloc[qname], qname
+        else:  # activation quantizers stay within act_bit_range
+            assert 6 <= b <= 8, qname
+    if sparsity:
+        assert m["sparsity"] == pytest.approx(sparsity, abs=0.02)
+
+
+def test_bops_budget_met() -> None:
+    model, x = _task("gpt")
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight_act")
+    # the dense model (no pruning) at weight bits 2 and 8, activations pinned at 8 bits
+    bc = bit_cost(gm)
+    names = list(gm.quantizers)
+    w = [gm.quantizers[n].kind == "weight" for n in names]
+    lin = _budget.linear_cost(_budget.Budget("bops", 0.5), bc, names, w,
+                              dict.fromkeys(names, 8))
+    least, most = _budget.reach(lin, 2, 8, torch.tensor(w))
+    target = least + 0.55 * (most - least)
+    opt = _train(gm, x, target_sparsity=0.0, bit_range=(2, 8), act_bit_range=(8, 8),
+                 target_bops=target)
+    gm.eval()
+    rep = report(gm.compress())
+    assert opt.metrics()["budget_reached"] == pytest.approx(rep.relative_bops, rel=1e-9)
+    assert abs(rep.relative_bops / target - 1) <= 0.01
+    assert len(set(opt.bit_allocation().values())) > 1  # a mixed allocation
+
+
+def test_bops_budget_with_pruning() -> None:
+    model, x = _task("resnet")
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    rep0 = report(gm)  # activations unquantized: weight bits x 32
+    target = rep0.relative_bops / 16 * 4 * 0.55  # 4-bit weights on a ~30%-pruned model
+    opt = _train(gm, x, target_sparsity=0.3, bit_range=(2, 8), target_bops=target)
+    gm.eval()
+    rep = report(gm.compress())
+    assert abs(rep.relative_bops / target - 1) <= 0.01, (rep.relative_bops, target)
+    assert opt.metrics()["budget_reached"] == pytest.approx(rep.relative_bops, rel=1e-9)
+
+
+class TwoPaths(nn.Module):
+    """``a`` feeds the loss at full scale, ``b`` at 1e-4: quantizing ``b`` costs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32, bias=False)
+        self.b = nn.Linear(32, 32, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + 1e-4 * self.b(x)
+
+
+@pytest.mark.parametrize("variant", ["adamw", "sgd"])
+def test_sensitive_layer_keeps_bits(variant: str) -> None:
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        target = model(x)
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    opt = QASSO(gm, variant=variant, lr=1e-4, total_steps=12, target_sparsity=0.0,
+                bit_range=(2, 8), bit_reduction=0, target_avg_bits=5)
+    for _ in range(12):
+        opt.zero_grad()
+        F.mse_loss(gm(x), target).backward()
+        opt.step()
+    alloc = opt.bit_allocation()
+    qa = next(n for n in alloc if n.endswith(".a_weight"))
+    qb = next(n for n in alloc if n.endswith(".b_weight"))
+    assert (alloc[qa], alloc[qb]) == (8, 2), alloc
+    assert opt.metrics()["budget_reached"] == pytest.approx(5.0)
+
+
+def test_allocate_known_answer() -> None:
+    """The knapsack: the loss-ignored layer goes to the floor, sizes respected."""
+    sens = torch.tensor([[4.0 ** -b for b in range(2, 9)],     # sensitive
+                         [0.0] * 7,                             # ignored
+                         [4.0 ** -b * 0.01 for b in range(2, 9)]], dtype=torch.float64)
+    lin = _budget.Linear(torch.tensor([100.0, 100.0, 200.0], dtype=torch.float64), 0.0,
+                         5.0 * 400, 400.0)
+    bits, got = _budget.allocate(sens, lin, 2, 8, 0.05, torch.tensor([True, True, True]))
+    assert bits[1] == 2 and bits[0] > bits[2]
+    assert abs(got - 5.0) <= 0.05
+
+
+def test_unreachable_budgets_raise() -> None:
+    model, x = _task("mlp")
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    with pytest.raises(InputError, match=r"target_avg_bits=9 cannot be reached .*\[2, 8\]"):
+        QASSO(gm, bit_range=(2, 8), bit_reduction=0, target_avg_bits=9)
+    with pytest.raises(InputError, match="target_avg_bits=3 cannot be reached"):
+        QASSO(gm, bit_range=(4, 8), bit_reduction=0, target_avg_bits=3)
+    with pytest.raises(InputError, match=r"target_avg_bits=7 cannot be reached .*\[4, 6\]"):
+        QASSO(gm, bit_range=(4, 8), bit_reduction=2, target_avg_bits=7)  # final b_u = 6
+    with pytest.raises(InputError, match="not both"):
+        QASSO(gm, target_avg_bits=4, target_bops=0.1)
+    with pytest.raises(InputError, match="target_bops is a fraction"):
+        QASSO(gm, target_bops=2.0)
+    with pytest.raises(InputError, match="target_bops=0.0001 cannot be reached"):
+        QASSO(gm, bit_range=(2, 8), bit_reduction=0, target_bops=1e-4)
+    with pytest.raises(InputError, match="no integer bit width"):
+        QASSO(gm, bit_range=(4.2, 4.8), bit_reduction=0, target_avg_bits=4.5)
+    float_gm = geta_fx.transform(MLP().eval(), (x[:2],), quantize=None)
+    with pytest.raises(InputError, match="needs weight quantizers"):
+        QASSO(float_gm, target_avg_bits=4)
+
+
+def test_granularity_is_checked() -> None:
+    """Two equal layers between 4 and 5 bits average 4, 4.5 or 5: 4.25 is refused."""
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    gm = geta_fx.transform(model, (torch.randn(2, 32),), quantize="weight")
+    with pytest.raises(InputError, match="not reachable within 0.05 bits"):
+        QASSO(gm, bit_range=(4, 5), bit_reduction=0, target_avg_bits=4.25, target_sparsity=0)
+    QASSO(gm, bit_range=(4, 5), bit_reduction=0, target_avg_bits=4.5, target_sparsity=0)
+
+
+def test_budget_state_resumes() -> None:
+    model, x = _task("mlp")
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    opt = _train(gm, x, target_sparsity=0.3, bit_range=(2, 8), target_avg_bits=4)
+    sd = opt.state_dict()
+    opt2 = QASSO(gm, **opt.config)
+    opt2.load_state_dict(sd)
+    assert opt2.bit_allocation() == opt.bit_allocation()
+    assert opt2.metrics()["budget_reached"] == opt.metrics()["budget_reached"]
+    assert opt.config["target_avg_bits"] == 4
+
+
+def test_no_budget_keeps_reference_rule() -> None:
+    """Without a budget nothing changes: no allocation, the bits follow GETA_SPEC C.6/C.7."""
+    model, x = _task("mlp")
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    opt = _train(gm, x, target_sparsity=0.3, bit_range=(2, 8))
+    assert opt.bit_allocation() is None and "budget" not in opt.metrics()
