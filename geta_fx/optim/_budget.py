@@ -152,8 +152,9 @@ def allocate(sens: Tensor, cost: Linear, lo: int, hi: int, tol: float,
 
     A multiple-choice knapsack solved by dynamic programming over the layers, on a grid of
     the budget fine enough (``tol / (2 L)``) that rounding every layer's cost to it moves the
-    total by at most ``tol / 4``.  Preferred: a total in ``[limit - tol, limit]``; else within
-    ``tol`` above; else the reachable total nearest the limit (the caller reports the miss).
+    total by at most ``tol / 4``.  Preferred: a total in ``[limit - tol, limit + tol / 4]``;
+    else within ``tol`` above; else the reachable total nearest the limit (the caller reports
+    the miss).
     """
     L, nb = sens.shape
     unit = cost.unit
@@ -185,9 +186,11 @@ def allocate(sens: Tensor, cost: Linear, lo: int, hi: int, tol: float,
     grid = torch.arange(G, dtype=torch.float64) * delta + base
     finite = torch.isfinite(dp)
     pick = None
-    for lo_t, hi_t in ((cost.limit - tol_raw, cost.limit), (cost.limit - tol_raw,
-                                                             cost.limit + tol_raw)):
-        ok = finite & (grid >= lo_t - tol_raw / 4) & (grid <= hi_t + tol_raw / 4)
+    # the grid total is within tol / 4 of the exact one: windows narrowed by that much
+    inner = 0.75 * tol_raw
+    for lo_t, hi_t in ((cost.limit - inner, cost.limit), (cost.limit - inner,
+                                                         cost.limit + inner)):
+        ok = finite & (grid >= lo_t) & (grid <= hi_t)
         if bool(ok.any()):
             pick = int(torch.where(ok, dp, torch.tensor(inf, dtype=torch.float64)).argmin())
             break

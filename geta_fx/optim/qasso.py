@@ -77,6 +77,12 @@ implemented:
 * #13 see :mod:`geta_fx.optim._schedule` (B reductions, never below b_l, no division).
 * #14 Adam moments start at zero and are bias-corrected (the reference starts them at g, g^2);
   see :mod:`geta_fx.optim._directions`.
+* Bit budgets (issue #20; a known defect of the reference to add to GETA_SPEC G.2): the
+  reference's ``d* = d_hi`` branch of C.6 sends every quantized layer of a pruned group to
+  ``b_l``, so a run ends as uniform ``b_l``-bit QAT and no size can be asked for.  With
+  ``target_avg_bits`` / ``target_bops`` the weight bits are allocated by sensitivity instead
+  (:mod:`geta_fx.optim._budget`) and the joint step's ``[d(b_u), d(b_l)]`` is each layer's
+  allocated grid; without a budget the reference rule is kept, for comparison.
 * Decoupled (adamw) weight decay applies to every weight, also inside the joint update (the
   reference skips it there); a period that could not prune its share (``group_divisible``)
   passes the rest to the next period instead of dropping it.

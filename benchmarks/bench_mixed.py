@@ -1,0 +1,136 @@
+"""Mixed precision that is mixed: a bit budget met exactly, bits where the loss can afford them.
+
+Issue #20 item 3.  From the converged dense models of ``bench_pretrained.py`` (the MNIST
+ResNet-8 and the char LM; cached in ``benchmarks/.cache/``; the char LM here is trained for
+``--lm-epochs`` epochs, to convergence), at ``--sparsity`` (30%) group sparsity and each
+average weight-bit budget of ``--budgets`` (3, 4, 6), three runs with the same steps, batches,
+peak LR, cosine decay and loss (task loss + KL distillation from the dense model):
+
+    mixed      QASSO(target_avg_bits=B, bit_range=(2, 8)): bits allocated by Fisher-weighted
+               quantization error (geta_fx.optim._budget), pinned from projection, redone
+               exactly on the pruned model at cool-down
+    uniform    QASSO(bit_range=(B, B)): every weight quantizer at the budget's bit width,
+               the same pruning (uniform-bit QAT of the same pruned model)
+    reference  QASSO(bit_range=(B, 8)), no budget: GETA's own rule (GETA_SPEC C.6/C.7: the
+               joint step drives every layer of a pruned group to b_l = B, the others keep
+               what they learned), i.e. what a user of the reference sets to get B bits
+
+All three quantize weights and activations (``quantize="weight_act"``, activations pinned at 8
+bits: ``act_bit_range=(8, 8)``), use ``variant="adamw"``, ``max_sparsity=target + 0.05`` and
+``bench_pretrained.SHARES`` as stage shares.  Columns: held-out accuracy / validation loss of
+the compressed model (``gm.compress()``) and its change against the dense model, the average
+bits per quantized weight on the slim model (``report().avg_quantized_weight_bits``), the
+histogram of weight-quantizer bit widths (``bits:count``), parameter bytes at the learned bit
+widths, BOPs vs the dense FP32 model, and the training seconds.
+
+    python benchmarks/bench_mixed.py                       # both tasks, budgets 3, 4, 6
+    python benchmarks/bench_mixed.py --tasks mnist --budgets 4 --steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import platform
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+from torch import nn
+
+from _common import commit
+from bench_pretrained import (SHARES, CharLMTask, MnistTask, Task, _loss, _train_loop,
+                              _transformed, train_dense)
+
+from geta_fx.optim import QASSO, Distiller, schedule
+from geta_fx.report import report
+
+HEAD = ["task", "budget", "method", "test acc / val loss", "vs dense", "avg w bits",
+        "weight bits: quantizers", "param bytes", "BOPs vs FP32", "train s"]
+
+
+def run(dense: nn.Module, task: Task, method: str, budget: float, sparsity: float,
+        steps: int, lr: float, seed: int, hi: int) -> tuple[Any, QASSO, float]:
+    torch.manual_seed(seed)
+    gm = _transformed(copy.deepcopy(dense), task)
+    b = int(budget)
+    kw: dict[str, Any] = {
+        "mixed": {"bit_range": (2, hi), "target_avg_bits": budget},
+        "uniform": {"bit_range": (b, b)},
+        "reference": {"bit_range": (b, hi)},
+    }[method]
+    opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
+                target_sparsity=sparsity, max_sparsity=min(1.0, sparsity + 0.05),
+                bit_reduction=0, act_bit_range=(8, 8), **kw, **schedule(steps, **SHARES))
+    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
+    return gm.eval(), opt, secs
+
+
+def row(task: Task, budget: float, method: str, gm: Any, dense_q: float,
+        secs: float) -> list[str]:
+    slim = gm.compress()
+    q = task.evaluate(slim)
+    rep = report(gm, compressed=True)
+    hist = Counter(round(float(m.bit_width().detach())) for m in gm.quantizers.values()
+                   if m.kind == "weight")
+    if task.metric == "acc":
+        qs, dq = f"{q:.2%}", f"{100 * (q - dense_q):+.2f} pt"
+    else:
+        qs, dq = f"{q:.4f} (ppl {math.exp(q):.3f})", f"{q - dense_q:+.4f}"
+    return [task.name, f"{budget:g}", method, qs, dq, f"{rep.avg_quantized_weight_bits:.3f}",
+            " ".join(f"{b}:{n}" for b, n in sorted(hist.items())),
+            f"{rep.param_bytes / 1024:.1f} KiB", f"{rep.relative_bops:.3%}", f"{secs:.0f}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="mnist,charlm")
+    ap.add_argument("--budgets", default="3,4,6")
+    ap.add_argument("--methods", default="mixed,uniform,reference")
+    ap.add_argument("--sparsity", type=float, default=0.3)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--max-bits", type=int, default=8, help="b_u of mixed and reference")
+    ap.add_argument("--lm-epochs", type=int, default=12,
+                    help="dense char-LM epochs (bench_pretrained's 4 leave it short of "
+                         "convergence)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# bench_mixed  {time.strftime('%Y-%m-%d')}  commit {commit()}  torch "
+          f"{torch.__version__}  device cpu ({platform.processor() or platform.machine()}, "
+          f"{args.threads} thread(s))  steps {args.steps}  sparsity {args.sparsity:.0%}  "
+          f"seed {args.seed}\n")
+    rows: list[list[str]] = []
+    t0 = time.perf_counter()
+    for name in args.tasks.split(","):
+        task: Task = MnistTask() if name == "mnist" else CharLMTask()
+        if name == "charlm":
+            task.dense_epochs = args.lm_epochs
+        task.load(args.seed)
+        dense, info = train_dense(task, args.seed)
+        dense_q = task.evaluate(dense)
+        print(f"{name}: dense {info['steps']} AdamW steps, last-epoch train loss "
+              f"{info['last_epoch_loss']:.4f} (previous {info['prev_epoch_loss']:.4f}), "
+              f"held-out {task.metric} {dense_q:.4f}", flush=True)
+        for budget in (float(b) for b in args.budgets.split(",")):
+            for method in args.methods.split(","):
+                gm, opt, secs = run(dense, task, method, budget, args.sparsity, args.steps,
+                                    args.lr, args.seed, args.max_bits)
+                rows.append(row(task, budget, method, gm, dense_q, secs))
+                print("  " + " | ".join(rows[-1]), flush=True)
+                if method == "mixed":
+                    alloc = opt.bit_allocation() or {}
+                    print("    allocation: " + ", ".join(
+                        f"{n.removeprefix('geta_quant.').removesuffix('_weight')}={b}"
+                        for n, b in alloc.items()), flush=True)
+    print(f"\n{time.perf_counter() - t0:.0f} s in all\n")
+    print("| " + " | ".join(HEAD) + " |\n|" + "---|" * len(HEAD))
+    print("\n".join("| " + " | ".join(r) + " |" for r in rows))
+
+
+if __name__ == "__main__":
+    main()
