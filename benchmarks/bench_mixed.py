@@ -4,13 +4,16 @@ Issue #20 item 3.  From the converged dense models of ``bench_pretrained.py`` (t
 ResNet-8 and the char LM; cached in ``benchmarks/.cache/``; the char LM here is trained for
 ``--lm-epochs`` epochs, to convergence), at ``--sparsity`` (30%) group sparsity and each
 average weight-bit budget of ``--budgets`` (3, 4, 6), three runs with the same steps, batches,
-peak LR, cosine decay and loss (task loss + KL distillation from the dense model):
+peak LR, cosine decay and loss (task loss + KL distillation from the dense model) (four, with
+the BOPs-matched mixed run):
 
     mixed      QASSO(target_avg_bits=B, bit_range=(2, 8)): bits allocated by Fisher-weighted
                quantization error (geta_fx.optim._budget), pinned from projection, redone
                exactly on the pruned model at cool-down
     uniform    QASSO(bit_range=(B, B)): every weight quantizer at the budget's bit width,
                the same pruning (uniform-bit QAT of the same pruned model)
+    mixed@BOPs QASSO(target_bops=<the uniform run's BOPs>, bit_range=(2, 8)): the same
+               allocation rule at the uniform model's BOPs instead of its size
     reference  QASSO(bit_range=(B, 8)), no budget: GETA's own rule (GETA_SPEC C.6/C.7: the
                joint step drives every layer of a pruned group to b_l = B, the others keep
                what they learned), i.e. what a user of the reference sets to get B bits
@@ -25,6 +28,7 @@ widths, BOPs vs the dense FP32 model, and the training seconds.
 
     python benchmarks/bench_mixed.py                       # both tasks, budgets 3, 4, 6
     python benchmarks/bench_mixed.py --tasks mnist --budgets 4 --steps 100
+    python benchmarks/bench_mixed.py --quick               # CI: digits CNN, budget 4
 """
 
 from __future__ import annotations
@@ -41,8 +45,8 @@ import torch
 from torch import nn
 
 from _common import commit
-from bench_pretrained import (SHARES, CharLMTask, MnistTask, Task, _loss, _train_loop,
-                              _transformed, train_dense)
+from bench_pretrained import (SHARES, CharLMTask, DigitsTask, MnistTask, Task, _loss,
+                              _train_loop, _transformed, train_dense)
 
 from geta_fx.optim import QASSO, Distiller, schedule
 from geta_fx.report import report
@@ -52,12 +56,14 @@ HEAD = ["task", "budget", "method", "test acc / val loss", "vs dense", "avg w bi
 
 
 def run(dense: nn.Module, task: Task, method: str, budget: float, sparsity: float,
-        steps: int, lr: float, seed: int, hi: int) -> tuple[Any, QASSO, float]:
+        steps: int, lr: float, seed: int, hi: int, bops: float | None = None
+        ) -> tuple[Any, QASSO, float]:
     torch.manual_seed(seed)
     gm = _transformed(copy.deepcopy(dense), task)
     b = int(budget)
     kw: dict[str, Any] = {
         "mixed": {"bit_range": (2, hi), "target_avg_bits": budget},
+        "mixed@BOPs": {"bit_range": (2, hi), "target_bops": bops},
         "uniform": {"bit_range": (b, b)},
         "reference": {"bit_range": (b, hi)},
     }[method]
@@ -88,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="mnist,charlm")
     ap.add_argument("--budgets", default="3,4,6")
-    ap.add_argument("--methods", default="mixed,uniform,reference")
+    ap.add_argument("--methods", default="uniform,mixed,mixed@BOPs,reference")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -98,7 +104,11 @@ def main() -> None:
                          "convergence)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true",
+                    help="CI smoke run: digits CNN, budget 4, 80 steps")
     args = ap.parse_args()
+    if args.quick:
+        args.tasks, args.budgets, args.steps = "digits", "4", 80
     torch.set_num_threads(args.threads)
     print(f"# bench_mixed  {time.strftime('%Y-%m-%d')}  commit {commit()}  torch "
           f"{torch.__version__}  device cpu ({platform.processor() or platform.machine()}, "
@@ -107,7 +117,7 @@ def main() -> None:
     rows: list[list[str]] = []
     t0 = time.perf_counter()
     for name in args.tasks.split(","):
-        task: Task = MnistTask() if name == "mnist" else CharLMTask()
+        task: Task = {"mnist": MnistTask, "digits": DigitsTask, "charlm": CharLMTask}[name]()
         if name == "charlm":
             task.dense_epochs = args.lm_epochs
         task.load(args.seed)
@@ -117,12 +127,17 @@ def main() -> None:
               f"{info['last_epoch_loss']:.4f} (previous {info['prev_epoch_loss']:.4f}), "
               f"held-out {task.metric} {dense_q:.4f}", flush=True)
         for budget in (float(b) for b in args.budgets.split(",")):
+            bops = None  # the uniform run's BOPs: the budget of "mixed@BOPs"
             for method in args.methods.split(","):
+                if method == "mixed@BOPs" and bops is None:
+                    raise SystemExit("--methods: mixed@BOPs needs uniform before it")
                 gm, opt, secs = run(dense, task, method, budget, args.sparsity, args.steps,
-                                    args.lr, args.seed, args.max_bits)
+                                    args.lr, args.seed, args.max_bits, bops)
+                if method == "uniform":
+                    bops = report(gm, compressed=True).relative_bops
                 rows.append(row(task, budget, method, gm, dense_q, secs))
                 print("  " + " | ".join(rows[-1]), flush=True)
-                if method == "mixed":
+                if method.startswith("mixed"):
                     alloc = opt.bit_allocation() or {}
                     print("    allocation: " + ", ".join(
                         f"{n.removeprefix('geta_quant.').removesuffix('_weight')}={b}"

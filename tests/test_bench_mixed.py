@@ -1,0 +1,33 @@
+"""benchmarks/bench_mixed.py --quick (issue #20): the mixed-precision benchmark runs end to end,
+every method meets the average-bit budget it is given and mixed is mixed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "bench_mixed.py")
+
+pytest.importorskip("sklearn", reason="the benchmark's digits task needs scikit-learn")
+
+
+@pytest.mark.slow
+def test_quick_run_meets_the_budget(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run([sys.executable, SCRIPT, "--quick"], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=600, check=True).stdout
+    table = [line for line in out.splitlines() if line.startswith("| digits |")]
+    rows = {c[2]: c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in table)}
+    assert list(rows) == ["uniform", "mixed", "mixed@BOPs", "reference"], out
+    for cells in rows.values():
+        assert 10.0 < float(cells[3].rstrip("%")) <= 100.0, cells  # still classifies
+    assert abs(float(rows["mixed"][5]) - 4.0) <= 0.05
+    assert rows["uniform"][6] == "4:5" and float(rows["uniform"][5]) == 4.0
+    assert len(rows["mixed"][6].split()) > 1, rows["mixed"]  # several bit widths
+    # mixed@BOPs meets the uniform model's BOPs within 1%
+    bops = {m: float(c[8].rstrip("%")) for m, c in rows.items()}
+    assert abs(bops["mixed@BOPs"] / bops["uniform"] - 1) <= 0.01, bops
