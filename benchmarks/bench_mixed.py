@@ -4,14 +4,17 @@ Issue #20 item 3.  From the converged dense models of ``bench_pretrained.py`` (t
 ResNet-8 and the char LM; cached in ``benchmarks/.cache/``; the char LM here is trained for
 ``--lm-epochs`` epochs, to convergence), at ``--sparsity`` (30%) group sparsity and each
 average weight-bit budget of ``--budgets`` (3, 4, 6), three runs with the same steps, batches,
-peak LR, cosine decay and loss (task loss + KL distillation from the dense model) (four, with
-the BOPs-matched mixed run):
+peak LR, cosine decay and loss (task loss + KL distillation from the dense model) (five, with
+the measured-sensitivity and the BOPs-matched mixed runs):
 
     mixed      QASSO(target_avg_bits=B, bit_range=(2, 8)): bits allocated by Fisher-weighted
                quantization error (geta_fx.optim._budget), pinned from projection, redone
                exactly on the pruned model at cool-down
     uniform    QASSO(bit_range=(B, B)): every weight quantizer at the budget's bit width,
                the same pruning (uniform-bit QAT of the same pruned model)
+    mixed measured   the same with ``budget_loss``: each layer's loss change at each bit width
+               measured on 4 fixed training batches (the training loss), instead of the Fisher
+               proxy
     mixed@BOPs QASSO(target_bops=<the uniform run's BOPs>, bit_range=(2, 8)): the same
                allocation rule at the uniform model's BOPs instead of its size
     reference  QASSO(bit_range=(B, 8)), no budget: GETA's own rule (GETA_SPEC C.6/C.7: the
@@ -61,8 +64,19 @@ def run(dense: nn.Module, task: Task, method: str, budget: float, sparsity: floa
     torch.manual_seed(seed)
     gm = _transformed(copy.deepcopy(dense), task)
     b = int(budget)
+    distill = Distiller(dense)
+    loss_fn = _loss(task, distill)
+    # held-out for the allocation: fixed training batches (never the test split)
+    x_cal, y_cal = task.split[0][-4 * task.batch:], task.split[1][-4 * task.batch:]
+
+    def calibration_loss() -> torch.Tensor:
+        return sum(loss_fn(gm(x_cal[i:i + task.batch]), x_cal[i:i + task.batch],
+                           y_cal[i:i + task.batch]) for i in range(0, len(y_cal), task.batch))
+
     kw: dict[str, Any] = {
         "mixed": {"bit_range": (2, hi), "target_avg_bits": budget},
+        "mixed measured": {"bit_range": (2, hi), "target_avg_bits": budget,
+                           "budget_loss": calibration_loss},
         "mixed@BOPs": {"bit_range": (2, hi), "target_bops": bops},
         "uniform": {"bit_range": (b, b)},
         "reference": {"bit_range": (b, hi)},
@@ -70,7 +84,7 @@ def run(dense: nn.Module, task: Task, method: str, budget: float, sparsity: floa
     opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
                 target_sparsity=sparsity, max_sparsity=min(1.0, sparsity + 0.05),
                 bit_reduction=0, act_bit_range=(8, 8), **kw, **schedule(steps, **SHARES))
-    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
+    secs = _train_loop(gm, opt, task, steps, seed, loss_fn)
     return gm.eval(), opt, secs
 
 
@@ -94,7 +108,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="mnist,charlm")
     ap.add_argument("--budgets", default="3,4,6")
-    ap.add_argument("--methods", default="uniform,mixed,mixed@BOPs,reference")
+    ap.add_argument("--methods", default="uniform,mixed,mixed measured,mixed@BOPs,reference")
     ap.add_argument("--sparsity", type=float, default=0.3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)

@@ -140,6 +140,37 @@ def test_sensitive_layer_keeps_bits(variant: str) -> None:
     assert opt.metrics()["budget_reached"] == pytest.approx(5.0)
 
 
+def test_measured_sensitivity_with_budget_loss() -> None:
+    """budget_loss: the allocation measures the loss per layer and bit width (eval mode, no
+    grad); the quantizers are left as they were between allocations."""
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    x, held_out = torch.randn(64, 32), torch.randn(32, 32)
+    with torch.no_grad():
+        target, held_target = model(x), model(held_out)
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    calls = []
+
+    def held_out_loss() -> torch.Tensor:
+        calls.append((gm.training, torch.is_grad_enabled()))
+        return F.mse_loss(gm(held_out), held_target)
+
+    opt = QASSO(gm, variant="adamw", lr=1e-4, total_steps=12, target_sparsity=0.0,
+                bit_range=(2, 8), bit_reduction=0, target_avg_bits=5,
+                budget_loss=held_out_loss)
+    gm.train()
+    for _ in range(12):
+        opt.zero_grad()
+        F.mse_loss(gm(x), target).backward()
+        opt.step()
+    assert gm.training  # restored
+    alloc = opt.bit_allocation()
+    assert (alloc["geta_quant.a_weight"], alloc["geta_quant.b_weight"]) == (8, 2), alloc
+    assert len(calls) == 2 * (1 + 2 * 7) and set(calls) == {(False, False)}
+    with pytest.raises(InputError, match="budget_loss is only used with"):
+        QASSO(gm, budget_loss=held_out_loss)
+
+
 def test_allocate_known_answer() -> None:
     """The knapsack: the loss-ignored layer goes to the floor, sizes respected."""
     sens = torch.tensor([[4.0 ** -b for b in range(2, 9)],     # sensitive

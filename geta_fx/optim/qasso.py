@@ -226,6 +226,11 @@ class QASSO(torch.optim.Optimizer):
             ``[b_l, final b_u]`` (:mod:`geta_fx.optim._budget`; the achieved value is in
             ``metrics()``, the bits in :meth:`bit_allocation`).  A budget the bit range
             cannot reach is an InputError here.  Not with FSDP2.
+        budget_loss: with a budget, ``budget_loss()`` returns the loss on a few held-out
+            batches (no backward; QASSO runs it under ``no_grad`` with the module in eval
+            mode): the allocation then *measures* each weight quantizer's loss change at every
+            bit width in range (the others as they are) instead of the Fisher proxy --
+            ``L x (b_u - b_l + 1)`` calls, twice a run.
         process_group: DDP group whose rank 0 broadcasts selections and frozen bit widths
             (default: the default group when ``torch.distributed`` is initialised).
     """
@@ -244,6 +249,7 @@ class QASSO(torch.optim.Optimizer):
                  min_kept: _limits.Limit = None, max_sparsity: _limits.Limit = None,
                  skip: Sequence[str] = (), nonfinite_patience: int | None = 5,
                  target_avg_bits: float | None = None, target_bops: float | None = None,
+                 budget_loss: Callable[[], Any] | None = None,
                  process_group: Any = None) -> None:
         _check_arguments(gm, variant, target_sparsity, group_divisible, lr, lr_quant,
                          nonfinite_patience, act_bit_range)
@@ -293,6 +299,10 @@ class QASSO(torch.optim.Optimizer):
         self._init_layout(gm, quants, weights, min_kept, max_sparsity, skip, group_divisible)
         self._init_state(weights)
         self._init_budget(gm, weights, _budget.make(target_avg_bits, target_bops))
+        if budget_loss is not None and self.budget is None:
+            raise InputError("QASSO: budget_loss is only used with target_avg_bits or "
+                             "target_bops")
+        self._budget_loss = budget_loss
 
     # ------------------------------------------------------------------ construction helpers
     def _split_parameters(self, gm: nn.Module) -> tuple[list[Any], list[nn.Parameter]]:
@@ -514,9 +524,13 @@ class QASSO(torch.optim.Optimizer):
         lin = self._budget_form(bc, shrink)
         vals, _ = self._scalars()
         q_m, t = _q_m(vals[n_l:2 * n_l]).cpu(), vals[2 * n_l:].cpu()
-        ws = [None if p is None else _directions.value(p, self.state) for p in self._qweights]
-        sens = _budget.sensitivities(ws, [self._fisher(p) for p in self._qweights], q_m, t,
-                                     self._signed[:n_l].cpu(), self._bit_lo, self._bit_hi)
+        if self._budget_loss is not None:
+            sens = self._measured_sensitivities(q_m, t)
+        else:
+            ws = [None if p is None else _directions.value(p, self.state)
+                  for p in self._qweights]
+            sens = _budget.sensitivities(ws, [self._fisher(p) for p in self._qweights], q_m, t,
+                                         self._signed[:n_l].cpu(), self._bit_lo, self._bit_hi)
         wmask = self._is_weight_q[:n_l].cpu()
         bits, reached = _budget.allocate(sens, lin, self._bit_lo, self._bit_hi, budget.tol,
                                          wmask)
@@ -537,6 +551,32 @@ class QASSO(torch.optim.Optimizer):
             _warn(f"QASSO: {what}={budget.value:g} missed at step {self._k}: the pruned model "
                   f"reads {budget.describe(reached)} with every weight quantizer in "
                   f"[{self._bit_lo}, {self._bit_hi}] bits{fixed}", stacklevel=5)
+
+    def _measured_sensitivities(self, q_m: Tensor, t: Tensor) -> Tensor:
+        """``s[l, j]``: ``budget_loss()`` with weight quantizer ``l`` at ``b_l + j`` bits minus
+        the loss as the quantizers are now; made non-increasing in the bits (more bits never
+        cost loss: a noisy measurement must not buy fewer)."""
+        n_l, mod = self._num_layers, self._module
+        nb = self._bit_hi - self._bit_lo + 1
+        sens = torch.zeros(n_l, nb, dtype=torch.float64)
+        was_training = mod.training
+        mod.eval()
+        try:
+            base = float(self._budget_loss())  # type: ignore[misc]
+            for i in range(n_l):
+                if self._qweights[i] is None:
+                    continue
+                log_d = local_tensor(self._qparams[i])
+                keep = log_d.detach().clone()
+                for j in range(nb):
+                    d = d_for_bits(torch.tensor(float(self._bit_lo + j)), q_m[i], t[i],
+                                   bool(self._signed[i]))
+                    log_d.copy_(d.log().reshape(log_d.shape).to(log_d))
+                    sens[i, j] = float(self._budget_loss()) - base  # type: ignore[misc]
+                log_d.copy_(keep)
+        finally:
+            mod.train(was_training)
+        return torch.cummin(sens, 1).values  # s[l, j] = min(s[l, :j + 1])
 
     def bit_allocation(self) -> dict[str, int] | None:
         """Budget mode: weight quantizer -> its allocated bits (None before the first
