@@ -88,20 +88,34 @@ def run(dense: nn.Module, task: Task, method: str, budget: float, sparsity: floa
     return gm.eval(), opt, secs
 
 
-def row(task: Task, budget: float, method: str, gm: Any, dense_q: float,
-        secs: float) -> list[str]:
+def measure(task: Task, gm: Any, secs: float) -> dict[str, Any]:
     slim = gm.compress()
-    q = task.evaluate(slim)
     rep = report(gm, compressed=True)
     hist = Counter(round(float(m.bit_width().detach())) for m in gm.quantizers.values()
                    if m.kind == "weight")
+    return {"q": task.evaluate(slim), "bits": rep.avg_quantized_weight_bits,
+            "hist": " ".join(f"{b}:{n}" for b, n in sorted(hist.items())),
+            "bytes": rep.param_bytes, "bops": rep.relative_bops, "secs": secs}
+
+
+def row(task: Task, budget: float, method: str, runs: list[dict[str, Any]],
+        dense_q: float) -> list[str]:
+    """One table row: quality as the mean over the seeds (each seed's value after it), the
+    rest as means; the bit histogram of the first seed."""
+    def mean(k: str) -> float:
+        return sum(r[k] for r in runs) / len(runs)
+
+    q = mean("q")
+    each = ", ".join((f"{r['q']:.2%}" if task.metric == "acc" else f"{r['q']:.4f}")
+                     for r in runs) if len(runs) > 1 else ""
     if task.metric == "acc":
         qs, dq = f"{q:.2%}", f"{100 * (q - dense_q):+.2f} pt"
     else:
         qs, dq = f"{q:.4f} (ppl {math.exp(q):.3f})", f"{q - dense_q:+.4f}"
-    return [task.name, f"{budget:g}", method, qs, dq, f"{rep.avg_quantized_weight_bits:.3f}",
-            " ".join(f"{b}:{n}" for b, n in sorted(hist.items())),
-            f"{rep.param_bytes / 1024:.1f} KiB", f"{rep.relative_bops:.3%}", f"{secs:.0f}"]
+    if each:
+        qs += f" [{each}]"
+    return [task.name, f"{budget:g}", method, qs, dq, f"{mean('bits'):.3f}", runs[0]["hist"],
+            f"{mean('bytes') / 1024:.1f} KiB", f"{mean('bops'):.3%}", f"{mean('secs'):.0f}"]
 
 
 def main() -> None:
@@ -116,7 +130,10 @@ def main() -> None:
     ap.add_argument("--lm-epochs", type=int, default=12,
                     help="dense char-LM epochs (bench_pretrained's 4 leave it short of "
                          "convergence)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the dense models and data")
+    ap.add_argument("--seeds", default="0",
+                    help="compression seeds (batch order, quantizer init): quality is their "
+                         "mean")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke run: digits CNN, budget 4, 80 steps")
@@ -127,7 +144,8 @@ def main() -> None:
     print(f"# bench_mixed  {time.strftime('%Y-%m-%d')}  commit {commit()}  torch "
           f"{torch.__version__}  device cpu ({platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s))  steps {args.steps}  sparsity {args.sparsity:.0%}  "
-          f"seed {args.seed}\n")
+          f"seed {args.seed}  compression seeds {args.seeds}\n")
+    seeds = [int(v) for v in args.seeds.split(",")]
     rows: list[list[str]] = []
     t0 = time.perf_counter()
     for name in args.tasks.split(","):
@@ -141,21 +159,25 @@ def main() -> None:
               f"{info['last_epoch_loss']:.4f} (previous {info['prev_epoch_loss']:.4f}), "
               f"held-out {task.metric} {dense_q:.4f}", flush=True)
         for budget in (float(b) for b in args.budgets.split(",")):
-            bops = None  # the uniform run's BOPs: the budget of "mixed@BOPs"
-            for method in args.methods.split(","):
-                if method == "mixed@BOPs" and bops is None:
-                    raise SystemExit("--methods: mixed@BOPs needs uniform before it")
-                gm, opt, secs = run(dense, task, method, budget, args.sparsity, args.steps,
-                                    args.lr, args.seed, args.max_bits, bops)
-                if method == "uniform":
-                    bops = report(gm, compressed=True).relative_bops
-                rows.append(row(task, budget, method, gm, dense_q, secs))
-                print("  " + " | ".join(rows[-1]), flush=True)
-                if method.startswith("mixed"):
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for seed in seeds:
+                bops = None  # the uniform run's BOPs: the budget of "mixed@BOPs"
+                for method in args.methods.split(","):
+                    if method == "mixed@BOPs" and bops is None:
+                        raise SystemExit("--methods: mixed@BOPs needs uniform before it")
+                    gm, opt, secs = run(dense, task, method, budget, args.sparsity,
+                                        args.steps, args.lr, seed, args.max_bits, bops)
+                    r = measure(task, gm, secs)
+                    if method == "uniform":
+                        bops = r["bops"]
+                    runs.setdefault(method, []).append(r)
                     alloc = opt.bit_allocation() or {}
-                    print("    allocation: " + ", ".join(
-                        f"{n.removeprefix('geta_quant.').removesuffix('_weight')}={b}"
-                        for n, b in alloc.items()), flush=True)
+                    print(f"  seed {seed} {name} {budget:g} {method}: {task.metric} "
+                          f"{r['q']:.4f}, {r['bits']:.3f} bits, BOPs {r['bops']:.3%}" +
+                          ("; " + ", ".join(
+                              f"{n.removeprefix('geta_quant.').removesuffix('_weight')}={b}"
+                              for n, b in alloc.items()) if alloc else ""), flush=True)
+            rows += [row(task, budget, m, rs, dense_q) for m, rs in runs.items()]
     print(f"\n{time.perf_counter() - t0:.0f} s in all\n")
     print("| " + " | ".join(HEAD) + " |\n|" + "---|" * len(HEAD))
     print("\n".join("| " + " | ".join(r) + " |" for r in rows))
