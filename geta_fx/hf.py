@@ -8,7 +8,13 @@ config, the field ``geta_fx`` (saved in ``config.json`` by ``save_pretrained``):
      "shapes": {fqn: [sizes], ...},          # every parameter/buffer whose shape changed
      "attributes": {module: {name: value}},  # module attributes that changed (in_features,
                                              # num_heads, eps of a rescaled RMSNorm, ...)
-     "classes": {module: "KeptCountLayerNorm"}, "full_size": {module: C}}
+     "classes": {module: "KeptCountLayerNorm"}, "full_size": {module: C},
+     "act_quantizers": [{"modules": [module, ...], "name": str}, ...]}
+
+``act_quantizers`` (``quantize="weight_act"``) lists each carried activation quantizer with the
+modules whose input it quantizes, the first being the one that holds it (its scalars are the
+checkpoint's ``<module>.geta_input_quant.*`` tensors); :func:`from_pretrained` attaches them
+again as :mod:`geta_fx.into` does (child module plus forward pre-hook) before loading.
 
 :func:`from_pretrained` rebuilds the smaller model from it (the dense architecture from the
 config, then those shapes, attributes and classes) and loads the saved weights strictly.
@@ -48,7 +54,7 @@ def record(model: nn.Module, before_shapes: dict[str, tuple[int, ...]],
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    from geta_fx.into import KeptCountLayerNorm
+    from geta_fx.into import KeptCountLayerNorm, input_quantizer_layout
 
     shapes = {name: list(t.shape) for name, t in [*model.named_parameters(),
                                                   *model.named_buffers()]
@@ -64,7 +70,9 @@ def record(model: nn.Module, before_shapes: dict[str, tuple[int, ...]],
             if isinstance(m, KeptCountLayerNorm)}
     setattr(config, FIELD, {"format": FORMAT, "shapes": shapes, "attributes": attributes,
                             "classes": {name: "KeptCountLayerNorm" for name in kept},
-                            "full_size": kept})
+                            "full_size": kept,
+                            "act_quantizers": [{"modules": list(paths), "name": q.name}
+                                               for paths, q in input_quantizer_layout(model)]})
 
 
 def _apply(model: nn.Module, spec: dict[str, Any]) -> None:
@@ -89,6 +97,33 @@ def _apply(model: nn.Module, spec: dict[str, Any]) -> None:
         m = model.get_submodule(path)
         m.__class__ = KeptCountLayerNorm
         m.full_size = int(spec["full_size"][path])
+    _attach_act_quantizers(model, spec.get("act_quantizers", []))
+
+
+def _attach_act_quantizers(model: nn.Module, entries: list[dict[str, Any]]) -> None:
+    """Fresh activation quantizers where ``compress(into=)`` had put them (values: the weights)."""
+    from geta_fx.into import InputQuantizer, attach_input_quantizer
+
+    for entry in entries:
+        paths = tuple(entry.get("modules") or ())
+        for path in paths:
+            try:
+                model.get_submodule(path)
+            except AttributeError:
+                raise InputError(f"geta_fx.from_pretrained: config.json puts activation "
+                                 f"quantizer {entry.get('name', '')!r} on module {path!r}, "
+                                 "which the model does not have") from None
+        if paths:
+            attach_input_quantizer(model, InputQuantizer("act", name=str(entry.get("name", ""))),
+                                   paths)
+
+
+def _unplaced(key: str, spec: dict[str, Any]) -> str:
+    if ".geta_input_quant." in key:
+        return (f"{key!r}: an activation quantizer's tensor on a module config.json's "
+                f"geta_fx.act_quantizers does not list ({len(spec.get('act_quantizers', []))} "
+                "listed)")
+    return f"{key!r}: no such parameter or buffer in the rebuilt model"
 
 
 def from_pretrained(directory: str | os.PathLike[str], **config_overrides: Any) -> nn.Module:
@@ -116,13 +151,21 @@ def from_pretrained(directory: str | os.PathLike[str], **config_overrides: Any) 
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(os.path.join(directory, f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor whose shape is not the recorded one
+        raise InputError(f"geta_fx.from_pretrained: {directory!r} does not fit the recorded "
+                         f"shapes: {str(e).splitlines()[-1].strip()[:300]}") from None
     tied = set(getattr(model, "_tied_weights_keys", None) or ())
     tied |= {k for k in missing if k.endswith("lm_head.weight")}
     missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise InputError(f"geta_fx.from_pretrained: {directory!r} does not fit the recorded "
-                         f"shapes (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if unexpected:
+        raise InputError(f"geta_fx.from_pretrained: {directory!r} has a tensor that cannot be "
+                         f"placed, {_unplaced(unexpected[0], spec)} (unexpected: "
+                         f"{unexpected[:3]}, missing: {missing[:3]})")
+    if missing:
+        raise InputError(f"geta_fx.from_pretrained: {directory!r} has no tensor {missing[0]!r} "
+                         f"of the rebuilt model (missing: {missing[:3]})")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return model.eval()

@@ -16,11 +16,14 @@ itself slices the graph's attributes with.  Then:
 4. only then are the same tensors and attributes written into ``model``.
 
 Activation quantizers (``quantize="weight_act"``) are carried as modules plus forward
-pre-hooks: each one (a copy of gm's, trained values) becomes the child ``geta_input_quant`` of
-every module whose input it quantizes (the innermost module of the layer op it feeds, from
-``nn_module_stack``; its scalars are saved as ``<module>.geta_input_quant.log_d`` / ``.log_q_m``
-/ ``.t``) and :func:`quantize_input`, a pre-hook on that module, quantizes its first
-positional input.  Invariant: a quantizer is carried only if that is exact on the graph:
+pre-hooks: each one (an :class:`InputQuantizer` copy of gm's, trained values) becomes
+``geta_input_quant`` of every module whose input it quantizes (the innermost module of the
+layer op it feeds, from ``nn_module_stack``): the child of the first such module, whose
+``state_dict`` holds its scalars (``<module>.geta_input_quant.log_d`` / ``.log_q_m`` / ``.t`` /
+``._extra_state`` = ``signed``), and the same object as a plain attribute of the others (q/k/v),
+so a ``state_dict`` has no shared tensors and ``save_pretrained`` works; :func:`quantize_input`,
+a pre-hook on each module, quantizes its first positional input.  ``geta_fx.from_pretrained``
+rebuilds them from the layout :mod:`geta_fx.hf` records in the config.  Invariant: a quantizer is carried only if that is exact on the graph:
 its input, back through views inside the module, comes from outside the module, the module
 reads it only through the quantizer, and every call of the module has the same quantizer.
 Otherwise ``compress(into=)`` raises ``InputError`` naming the quantizer and why (a layer op
@@ -44,6 +47,7 @@ from geta_fx.errors import GetaFxError, InputError
 from geta_fx.ir import meta, op_sets
 from geta_fx.ir.args import arg
 from geta_fx.ir.query import quantizer_of
+from geta_fx.quantizer import Quantizer
 
 
 class CompressIntoError(GetaFxError):
@@ -492,18 +496,57 @@ def act_quantizer_plan(gm: Any) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
     return {qid: (q, tuple(paths)) for qid, (q, paths) in plan.items()}
 
 
+class InputQuantizer(Quantizer):
+    """The carried copy of an activation quantizer: a :class:`~geta_fx.quantizer.Quantizer`
+    whose ``state_dict`` holds tensors only (``signed`` as a 0-d bool ``_extra_state``), so
+    that safetensors / ``save_pretrained`` can store it.  Loads a dict ``_extra_state`` too."""
+
+    def get_extra_state(self) -> torch.Tensor:  # type: ignore[override]
+        return torch.tensor(self.signed)
+
+    def set_extra_state(self, state: Any) -> None:
+        self.signed = bool(state["signed"] if isinstance(state, dict) else state)
+
+
+def attach_input_quantizer(model: nn.Module, q: Quantizer, paths: tuple[str, ...]) -> None:
+    """``q`` on the modules at ``paths``, with :func:`quantize_input` as their pre-hook.
+
+    One instance for all of them (q/k/v reading one normed input stay one quantizer): the
+    first module owns it as its child ``geta_input_quant`` (the only ``state_dict`` entries,
+    so ``save_pretrained`` sees no shared tensors); the others hold the same object as a
+    plain attribute of that name (kept by deepcopy and pickling, moved with its owner).
+    On the consumer, not the root: a child added to a root ``nn.Sequential`` would run."""
+    for i, path in enumerate(paths):
+        module = model.get_submodule(path)
+        if i == 0:
+            module.add_module(ACT_QUANT_ATTR, q)
+        else:
+            object.__setattr__(module, ACT_QUANT_ATTR, q)
+        module.register_forward_pre_hook(quantize_input)
+
+
+def input_quantizer_layout(model: nn.Module) -> list[tuple[tuple[str, ...], Quantizer]]:
+    """``(module paths, quantizer)`` of every carried quantizer on ``model``, owner first."""
+    owners: dict[int, tuple[list[str], Quantizer]] = {}
+    for path, module in model.named_modules():
+        q = module._modules.get(ACT_QUANT_ATTR)
+        if isinstance(q, Quantizer):
+            owners.setdefault(id(q), ([], q))[0].insert(0, path)
+    for path, module in model.named_modules():
+        q = module.__dict__.get(ACT_QUANT_ATTR)
+        if isinstance(q, Quantizer) and id(q) in owners:
+            owners[id(q)][0].append(path)
+    return [(tuple(paths), q) for paths, q in owners.values()]
+
+
 def attach_act_quantizers(model: nn.Module,
                           plan: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> None:
-    """A copy of each planned quantizer as ``<module>.geta_input_quant`` (one instance shared
-    by all the modules it serves, e.g. q/k/v) and :func:`quantize_input` as their pre-hook.
-
-    On the consumer, not the root: a child added to a root ``nn.Sequential`` would run."""
+    """A copy of each planned quantizer (an :class:`InputQuantizer`) as
+    ``<module>.geta_input_quant`` of the modules it serves; see :func:`attach_input_quantizer`."""
     for q, paths in plan.values():
         mine = copy.deepcopy(q)
-        for path in paths:
-            module = model.get_submodule(path)
-            module.add_module(ACT_QUANT_ATTR, mine)
-            module.register_forward_pre_hook(quantize_input)
+        mine.__class__ = InputQuantizer
+        attach_input_quantizer(model, mine, paths)
 
 
 def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,

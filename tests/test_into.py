@@ -251,6 +251,7 @@ def test_act_hooks_survive_modes_copies_state_dict_and_torch_save(tmp_path: Any)
     assert max_rel_err(want, model(x)) < 1e-5
     keys = [k for k in model.state_dict() if ACT_QUANT_ATTR in k]
     assert "fc2.geta_input_quant.log_d" in keys and len(keys) == 4 * 3  # 3 scalars + signed
+    assert all(isinstance(v, torch.Tensor) for v in model.state_dict().values())  # safetensors
     twin = copy.deepcopy(model)
     assert twin.fc2.geta_input_quant is not model.fc2.geta_input_quant
     with torch.no_grad():
@@ -347,3 +348,64 @@ def test_act_hook_that_fails_verification_leaves_the_model_unchanged() -> None:
     after = _state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
     assert not model.out._forward_pre_hooks and not _act_quantizers(model)
+
+
+def _saved_weight_act(name: str, bits: float, path: Any) -> tuple[nn.Module, torch.Tensor]:
+    """``name`` at ``bits``-bit activations (one quantizer made unsigned, so ``signed`` must
+    travel too), compressed into the HF model and saved with ``save_pretrained``."""
+    model, (ids,) = ZOO[name]()
+    gm = geta_fx.transform(model, (ids,), quantize="weight_act")
+    acts = [q for q in gm.quantizers.values() if q.kind == "act"]
+    acts[-1].signed = False
+    for q in acts:
+        q.set_bit_width(bits)
+    zero_random_units(gm, 1 / 3)
+    gm.eval().compress(into=model)
+    model.save_pretrained(str(path))
+    return model, ids
+
+
+@pytest.mark.slow  # HF capture ~3 s each
+@pytest.mark.parametrize(("name", "bits"), [("hf_llama_gqa", 5.0), ("hf_gpt2", 16.0)])
+def test_weight_act_save_pretrained_and_from_pretrained(name: str, bits: float,
+                                                        tmp_path: Any) -> None:
+    """The activation quantizers come back where compress(into=) put them (a shared one
+    still one instance, ``signed`` kept): the same outputs at two shapes."""
+    pytest.importorskip("transformers")
+    model, ids = _saved_weight_act(name, bits, tmp_path)
+    back = geta_fx.from_pretrained(str(tmp_path))
+    layout = back.config.geta_fx["act_quantizers"]
+    assert layout and len(_act_quantizers(back)) == len(layout) == len(_act_quantizers(model))
+    for entry in layout:
+        mine, theirs = (m.get_submodule(entry["modules"][0]).geta_input_quant
+                        for m in (back, model))
+        assert mine.signed == theirs.signed and torch.equal(mine.log_d, theirs.log_d)
+        assert all(back.get_submodule(p).geta_input_quant is mine for p in entry["modules"])
+    assert any(not back.get_submodule(e["modules"][0]).geta_input_quant.signed for e in layout)
+    for x in (ids, torch.randint(0, 64, (3, 13))):
+        torch.testing.assert_close(back(x).logits, model(x).logits, rtol=1e-5, atol=1e-6)
+    if bits < 16:  # the quantizers matter: without their hooks the outputs differ
+        for entry in layout:
+            for p in entry["modules"]:
+                back.get_submodule(p)._forward_pre_hooks.clear()
+        assert max_rel_err(model(ids).logits, back(ids).logits) > 1e-3
+
+
+@pytest.mark.slow  # HF capture ~3 s
+def test_from_pretrained_names_a_key_it_cannot_place(tmp_path: Any) -> None:
+    pytest.importorskip("transformers")
+    import json
+
+    _saved_weight_act("hf_llama_gqa", 5.0, tmp_path)
+    config = tmp_path / "config.json"
+    saved = json.loads(config.read_text())
+    dropped = saved["geta_fx"]["act_quantizers"].pop(0)  # a quantizer nobody attaches
+    config.write_text(json.dumps(saved))
+    key = dropped["modules"][0] + ".geta_input_quant."
+    with pytest.raises(geta_fx.InputError, match="cannot be placed, '" + key):
+        geta_fx.from_pretrained(str(tmp_path))
+    dropped["modules"] = ["model.layers.7.mlp"]  # a module the model does not have
+    saved["geta_fx"]["act_quantizers"].append(dropped)
+    config.write_text(json.dumps(saved))
+    with pytest.raises(geta_fx.InputError, match="on module 'model.layers.7.mlp'"):
+        geta_fx.from_pretrained(str(tmp_path))
