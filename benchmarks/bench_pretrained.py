@@ -22,6 +22,9 @@ distillation from the dense model, ``geta_fx.optim.Distiller``):
               compress().
               With the ablation on, one more row at 50% uses QASSO's default per-group limit
               instead of max_sparsity ("GETA default limits").
+              ``--matched``: after each L2+QAT row, "GETA @ its BOPs": QASSO(target_bops=the
+              baseline's BOPs, act_bit_range=(its bits, its bits), bit_range=(2, 8)), the
+              weight bits allocated by sensitivity (issue #20).
     L2+QAT    what a user of a magnitude pruner (Torch-Pruning's default: per-group L2 norm
               of each unit's parameter slices, the same groups, round(target x units) removed
               in every group) + a QAT tool does: prune at step 0, then QAT at a fixed bit width
@@ -44,6 +47,7 @@ rule alone buy.
     python benchmarks/bench_pretrained.py                    # all three tasks
     python benchmarks/bench_pretrained.py --quick            # CI: digits, 50%, few steps
     python benchmarks/bench_pretrained.py --tasks mnist --sparsity 0.5 --bits 4-8
+    python benchmarks/bench_pretrained.py --matched-only     # L2+QAT vs GETA at its BOPs
 """
 
 from __future__ import annotations
@@ -344,6 +348,20 @@ def run_geta(dense: nn.Module, task: Task, sparsity: float, bits: tuple[int, int
     return gm.eval(), secs
 
 
+def run_geta_matched(dense: nn.Module, task: Task, sparsity: float, act_bits: int,
+                     bops: float, steps: int, lr: float, seed: int) -> tuple[Any, float]:
+    """QASSO with a BOPs budget (issue #20): the baseline's BOPs, its activation bits, weight
+    bits allocated in 2-8 by sensitivity; otherwise as :func:`run_geta`."""
+    torch.manual_seed(seed)
+    gm = _transformed(dense, task)
+    opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
+                target_sparsity=sparsity, bit_range=(2, 8), bit_reduction=0,
+                act_bit_range=(act_bits, act_bits), target_bops=bops,
+                max_sparsity=min(1.0, sparsity + 0.05), **schedule(steps, **SHARES))
+    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
+    return gm.eval(), secs
+
+
 def l2_prune(gm: Any, fraction: float) -> int:
     """Zero, in every prunable group, the ``round(fraction * units)`` units of smallest L2 norm
     (all their parameter slices, as Torch-Pruning's default importance); returns the number of
@@ -523,6 +541,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads while training (latency is always timed on 1)")
+    ap.add_argument("--matched", action="store_true",
+                    help="after each L2+QAT row, a GETA row at its BOPs and activation bits "
+                         "(QASSO(target_bops=...), weight bits allocated in 2-8)")
+    ap.add_argument("--matched-only", action="store_true",
+                    help="only the L2+QAT rows and their BOPs-matched GETA rows")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke run: digits, 50%%, 4-8 vs 8 bits, 150 steps")
     args = ap.parse_args()
@@ -548,8 +571,8 @@ def main() -> None:
               f"{info['prev_epoch_loss']:.4f}), test {task.metric} {dense_q:.4f}", flush=True)
         spars = args.lm_sparsity if task.metric == "loss" else args.sparsity
         for sp in (float(s) for s in spars.split(",")):
-            runs = [("GETA", r, True) for r in ranges]
-            if args.ablation and sp == 0.5:
+            runs = [] if args.matched_only else [("GETA", r, True) for r in ranges]
+            if args.ablation and sp == 0.5 and not args.matched_only:
                 runs.append(("GETA default limits", ranges[0], False))
             for method, (lo, hi), uniform in runs:
                 gm, secs = run_geta(dense, task, sp, (lo, hi), args.steps, args.lr, args.seed,
@@ -562,6 +585,12 @@ def main() -> None:
                 rows.append(measure(gm, dense, task, "L2+QAT", sp, f"{b}", dense_q, secs,
                                     args.latency_batch))
                 print("  " + " | ".join(rows[-1].cells()), flush=True)
+                if args.matched or args.matched_only:
+                    gm, secs = run_geta_matched(dense, task, sp, b, rows[-1].bops, args.steps,
+                                                args.lr, args.seed)
+                    rows.append(measure(gm, dense, task, "GETA @ its BOPs", sp,
+                                        f"2-8 / A{b}", dense_q, secs, args.latency_batch))
+                    print("  " + " | ".join(rows[-1].cells()), flush=True)
     print(f"\n{time.perf_counter() - t_start:.0f} s in all\n")
     print(markdown(rows))
 
