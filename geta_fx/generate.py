@@ -45,9 +45,10 @@ Design (and why this one):
 
 Invariants: the user's model is never touched (the skeleton is a copy; so are the slices);
 greedy tokens equal those of the zeroed GetaModule decoding without a cache (tested, five
-transformers families); ``generate`` returns the prompt followed by exactly
-``max_new_tokens`` tokens (no end-of-sequence stopping), runs prefill once and then one decode
-step per further token.  The generation state is not saved by ``geta_fx.save`` (a pickle of
+transformers families), and transformers' own ``generate`` with the same padding mask and stop
+tokens; ``generate`` returns the prompt followed by at most ``max_new_tokens`` tokens (fewer
+when every row produced a stop token: finished rows are padded, as in transformers), runs
+prefill once and then one decode step per further token.  The generation state is not saved by ``geta_fx.save`` (a pickle of
 ``slim`` keeps the sliced model and recaptures the graphs on first use).
 """
 
@@ -98,6 +99,11 @@ class Generation:
         reason: why generation is unavailable (None: available).
         example: input ids the GetaModule was captured with (the graphs' check).
         max_positions: longest sequence (prompt + new tokens) the graphs accept.
+        vocab: rows of the input embedding (token ids are ``0 <= id < vocab``).
+        eos_token_id: the default stop tokens (the model's ``generation_config``, else its
+            ``config``; empty: none).
+        pad_token_id: the default token of finished rows (same source; None: the first stop
+            token, as transformers' ``generate`` does).
         graphs: (prefill, decode) once captured; dropped when pickled.
     """
 
@@ -105,6 +111,9 @@ class Generation:
     reason: str | None = None
     example: torch.Tensor | None = None
     max_positions: int = DEFAULT_MAX_POSITIONS
+    vocab: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
     graphs: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = field(default=None,
                                                                                repr=False)
 
@@ -149,6 +158,16 @@ def _max_positions(lm: nn.Module) -> int:
     return int(limit) if isinstance(limit, int) and limit > 1 else DEFAULT_MAX_POSITIONS
 
 
+def _special_tokens(lm: nn.Module) -> tuple[tuple[int, ...], int | None]:
+    """(eos ids, pad id) transformers' ``generate`` defaults to: the model's
+    ``generation_config``, or its ``config`` when it has none."""
+    source = getattr(lm, "generation_config", None) or getattr(lm, "config", None)
+    eos = getattr(source, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = getattr(source, "pad_token_id", None)
+    return tuple(int(e) for e in eos), (int(pad) if isinstance(pad, int) else None)
+
+
 def attach_generation(slim: torch.fx.GraphModule, gm: Any, *, removed_units: Any = None,
                       align: int | str = 1, lowered: bool = False) -> None:
     """For ``GetaModule.compress``: give ``slim`` its :class:`Generation` (causal LMs only).
@@ -180,7 +199,9 @@ def attach_generation(slim: torch.fx.GraphModule, gm: Any, *, removed_units: Any
     shared = _share_parameters(lm, slim)
     logger.debug("generation: %d of %d parameters shared with the slim graph", shared,
                  len(list(lm.parameters())))
-    slim.meta[META_KEY] = Generation(lm.eval(), None, example, _max_positions(lm))
+    eos, pad = _special_tokens(lm)
+    slim.meta[META_KEY] = Generation(lm.eval(), None, example, _max_positions(lm),
+                                     int(lm.get_input_embeddings().weight.shape[0]), eos, pad)
 
 
 def _check_materialized(lm: nn.Module) -> None:
@@ -354,7 +375,7 @@ def _graphs(slim: torch.fx.GraphModule, gen: Generation) -> tuple[torch.fx.Graph
 
 # ---------------------------------------------------------------- generate
 def _check_arguments(input_ids: Any, max_new_tokens: Any, temperature: Any, top_k: Any,
-                     generator: Any, max_positions: int) -> None:
+                     generator: Any, max_positions: int, vocab: int | None) -> None:
     """Raise InputError naming the first bad argument."""
     if not isinstance(input_ids, torch.Tensor):
         raise InputError(f"generate: input_ids must be a torch.long tensor [batch, length], "
@@ -365,6 +386,10 @@ def _check_arguments(input_ids: Any, max_new_tokens: Any, temperature: Any, top_
     if input_ids.dim() != 2 or 0 in input_ids.shape:
         raise InputError(f"generate: input_ids must be [batch, length] with both >= 1, got "
                          f"shape {tuple(input_ids.shape)}")
+    if vocab is not None and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise InputError(f"generate: input_ids must be token ids in [0, {vocab}) (the "
+                         f"vocabulary), got values in [{int(input_ids.min())}, "
+                         f"{int(input_ids.max())}]")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
             max_new_tokens < 0:
         raise InputError(f"generate: max_new_tokens must be an int >= 0, got "
@@ -412,6 +437,29 @@ def _padding_mask(attention_mask: Any, input_ids: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _stop_tokens(eos_token_id: Any, pad_token_id: Any, gen: Generation
+                 ) -> tuple[torch.Tensor | None, int | None]:
+    """(stop ids as a tensor or None when there are none, pad id); InputError naming the
+    argument.  None takes the model's default (:class:`Generation`); ``[]``: no stop token."""
+    eos = gen.eos_token_id if eos_token_id is None else eos_token_id
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if not all(_is_token(e) for e in ids):
+        raise InputError(f"generate: eos_token_id must be None, an int >= 0 or a list of "
+                         f"them ([] for no stop token), got {eos_token_id!r}")
+    if not ids:
+        return None, None
+    pad = gen.pad_token_id if pad_token_id is None else pad_token_id
+    pad = ids[0] if pad is None else pad  # transformers: "Setting pad_token_id to eos_token_id"
+    if not _is_token(pad) or (gen.vocab is not None and pad >= gen.vocab):
+        raise InputError(f"generate: pad_token_id must be None or a token id in [0, "
+                         f"{gen.vocab}) (finished rows feed it to the model), got {pad!r}")
+    return torch.tensor(ids, dtype=torch.long), int(pad)
+
+
 def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
                 generator: torch.Generator | None) -> torch.Tensor:
     """[batch, vocab] logits -> [batch, 1] token ids (argmax, or a sample)."""
@@ -428,15 +476,18 @@ def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
 def generate(slim: torch.fx.GraphModule, input_ids: torch.Tensor, max_new_tokens: int = 20, *,
              attention_mask: torch.Tensor | None = None, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Generate from a compressed causal LM with a KV cache: prompt + new tokens.
 
-    Runs the prefill graph once on ``input_ids``, then one decode step per further token.
+    Runs the prefill graph once on ``input_ids``, then one decode step per further token,
+    until ``max_new_tokens`` or until every row has produced a stop token.
 
     Args:
-        slim: ``gm.compress()`` of ``geta_fx.transform(causal_lm, (input_ids,))``.
+        slim: ``gm.compress()`` of ``geta_fx.transform(causal_lm, (input_ids,))``, or
+            ``geta_fx.load`` of its ``geta_fx.save``.
         input_ids: [batch, length] torch.long prompt, on the slim model's device.
-        max_new_tokens: how many tokens to append (exactly that many; no stop token).
+        max_new_tokens: the most tokens to append.
         attention_mask: [batch, length] 0/1 (or bool) of left-padded prompts of different
             lengths (0: padding), as for transformers' ``generate``: positions count from each
             row's first token and padded keys are masked in prefill and every decode step, so
@@ -444,31 +495,47 @@ def generate(slim: torch.fx.GraphModule, input_ids: torch.Tensor, max_new_tokens
         do_sample: sample from the softmax of ``logits / temperature`` instead of argmax.
         temperature: > 0; divides the logits when sampling.
         top_k: when sampling, only the ``top_k`` most likely tokens can be drawn.
+        eos_token_id: stop token(s): a row that produced one is finished and gets
+            ``pad_token_id`` from then on; generation stops when every row is finished, as in
+            transformers' ``generate``.  None: the model's ``generation_config.eos_token_id``
+            (kept from the captured model); ``[]``: no stop token (exactly
+            ``max_new_tokens``).
+        pad_token_id: the token of finished rows; None: the model's, else the first stop
+            token.
         generator: the ``torch.Generator`` samples are drawn with (reproducible runs).
 
     Returns:
-        [batch, length + max_new_tokens] torch.long tensor.
+        [batch, length + n] torch.long tensor, ``n <= max_new_tokens`` (fewer when every row
+        stopped early).
 
     Raises:
-        InputError: naming the bad argument (``slim`` without generation graphs, dtype or
-            shape of ``input_ids``, ``max_new_tokens`` beyond the position limit, an
-            ``attention_mask`` of another shape, right padding or an all-zero row, ...).
+        InputError: naming the bad argument (``slim`` without generation graphs, dtype,
+            shape or range of ``input_ids``, ``max_new_tokens`` beyond the position limit, an
+            ``attention_mask`` of another shape, right padding or an all-zero row, a stop or
+            pad token that is no token id, ...).
         GenerationError: the decode-step graphs could not be captured or disagree with slim.
     """
     gen = _state(slim)
     _check_arguments(input_ids, max_new_tokens, temperature, top_k, generator,
-                     gen.max_positions)
+                     gen.max_positions, gen.vocab)
     mask = _padding_mask(attention_mask, input_ids)
+    eos, pad = _stop_tokens(eos_token_id, pad_token_id, gen)
     prefill, decode = _graphs(slim, gen)
     if max_new_tokens == 0:
         return input_ids.clone()
     tokens = [input_ids]
+    unfinished = torch.ones(input_ids.shape[0], 1, dtype=torch.bool, device=input_ids.device)
+    eos = None if eos is None else eos.to(input_ids.device)
     with torch.no_grad():
         logits, *cache = prefill(input_ids, mask, ())
         for step in range(max_new_tokens):
             token = _next_token(logits[:, -1], do_sample, float(temperature), top_k, generator)
+            if eos is not None:  # transformers: finished rows get pad, then stop when all are
+                token = token.masked_fill(~unfinished, pad if pad is not None else 0)
+                unfinished = unfinished & ~torch.isin(token, eos)
             tokens.append(token)
-            if step + 1 < max_new_tokens:
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                logits, *cache = decode(token, mask, tuple(cache))
+            if step + 1 == max_new_tokens or (eos is not None and not bool(unfinished.any())):
+                break
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            logits, *cache = decode(token, mask, tuple(cache))
     return torch.cat(tokens, dim=1)

@@ -213,6 +213,66 @@ def test_bad_attention_masks_name_the_argument(llama: Any, mask: Any, words: lis
         assert w in str(e.value)
 
 
+# ---------------------------------------------------------------- stop tokens
+@pytest.mark.slow  # captures the prefill and decode graphs twice (~10 s)
+def test_stop_tokens_pad_finished_rows_and_stop_as_hf_generate() -> None:
+    model, gm, slim = _compressed("llama")
+    rows = [torch.randint(1, VOCAB, (1, n)) for n in (6, 4)]
+    ids, mask = _left_padded(rows)
+    free = geta_fx.generate(slim, ids, max_new_tokens=8, attention_mask=mask)
+    new = free[:, ids.shape[1]:]
+    eos = int(new[0, 2])  # the token row 0 emits at step 3: forced to be a stop token
+    hf = _zeroed_hf(model, gm)
+
+    def both(eos_ids: Any, pad: int | None, ids: torch.Tensor = ids,
+             mask: torch.Tensor = mask) -> torch.Tensor:
+        got = geta_fx.generate(slim, ids, max_new_tokens=8, attention_mask=mask,
+                               eos_token_id=eos_ids, pad_token_id=pad)
+        want = hf.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                           eos_token_id=eos_ids or None, pad_token_id=pad)  # HF: None
+        assert torch.equal(got, want), (eos_ids, pad)
+        return got
+
+    got = both(eos, 5)
+    stops = [int((r == eos).nonzero()[0]) + 1 if (r == eos).any() else 8 for r in new]
+    assert got.shape[1] == ids.shape[1] + max(stops)  # until every row finished
+    for i, stop in enumerate(stops):  # each row: its tokens up to the stop token, then pad
+        assert torch.equal(got[i, ids.shape[1]:ids.shape[1] + stop], new[i, :stop])
+        assert (got[i, ids.shape[1] + stop:] == 5).all()
+    stop = stops[0]
+    alone = both(eos, None, rows[0], torch.ones_like(rows[0]))  # pad: the stop token
+    assert alone.shape[1] == rows[0].shape[1] + stop  # every row finished: stops early
+    other = int(new[1, 4])
+    both([other, eos], 7)  # a list of stop tokens
+    assert torch.equal(both([], None), free)  # no stop token
+    # the default: the captured model's generation_config (same seed: same weights, units)
+    _, _, slim_eos = _compressed("llama", tokens=dict(eos_token_id=eos, pad_token_id=5))
+    assert slim_eos.meta[META_KEY].eos_token_id == (eos,)
+    assert torch.equal(geta_fx.generate(slim_eos, ids, max_new_tokens=8, attention_mask=mask),
+                       got)
+
+
+@pytest.mark.parametrize("bad, words", [
+    (dict(eos_token_id="2"), ["eos_token_id", "'2'"]),
+    (dict(eos_token_id=[1, 2.0]), ["eos_token_id"]),
+    (dict(eos_token_id=-1), ["eos_token_id"]),
+    (dict(eos_token_id=True), ["eos_token_id"]),
+    (dict(eos_token_id=3, pad_token_id=VOCAB), ["pad_token_id", f"{VOCAB}"]),
+    (dict(eos_token_id=3, pad_token_id=-2), ["pad_token_id"]),
+    (dict(input_ids=torch.full((1, 3), VOCAB)), ["input_ids", f"[0, {VOCAB})"]),
+    (dict(input_ids=torch.full((1, 3), -1)), ["input_ids", f"[0, {VOCAB})"]),
+])
+def test_bad_stop_tokens_and_token_ids_name_the_argument(llama: Any, bad: dict[str, Any],
+                                                         words: list[str]) -> None:
+    _, _, slim = llama
+    kwargs: dict[str, Any] = dict(input_ids=torch.zeros(1, 4, dtype=torch.long),
+                                  max_new_tokens=2) | bad
+    with pytest.raises(geta_fx.InputError) as e:
+        geta_fx.generate(slim, **kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
 # ---------------------------------------------------------------- sampling
 @pytest.mark.slow  # captures the prefill and decode graphs (~5 s)
 def test_seeded_sampling_is_reproducible_and_stays_in_top_k(llama: Any) -> None:
