@@ -225,7 +225,10 @@ class QASSO(torch.optim.Optimizer):
             layer to ``b_l``" with a sensitivity-driven allocation of integer bits in
             ``[b_l, final b_u]`` (:mod:`geta_fx.optim._budget`; the achieved value is in
             ``metrics()``, the bits in :meth:`bit_allocation`).  A budget the bit range
-            cannot reach is an InputError here.  Not with FSDP2.
+            cannot reach is an InputError here.  Not with FSDP2.  The final allocation
+            compresses the module once (a copy of its parameters, at the first cool-down step).
+            Fisher sensitivities are a second-order proxy: at 2-3 bits it can misjudge (issue
+            #20's benchmark); ``budget_loss`` measures instead.
         budget_loss: with a budget, ``budget_loss()`` returns the loss on a few held-out
             batches (no backward; QASSO runs it under ``no_grad`` with the module in eval
             mode): the allocation then *measures* each weight quantizer's loss change at every
