@@ -8,7 +8,8 @@ config, the field ``geta_fx`` (saved in ``config.json`` by ``save_pretrained``):
      "shapes": {fqn: [sizes], ...},          # every parameter/buffer whose shape changed
      "attributes": {module: {name: value}},  # module attributes that changed (in_features,
                                              # num_heads, eps of a rescaled RMSNorm, ...)
-     "classes": {module: "KeptCountLayerNorm"}, "full_size": {module: C},
+     "classes": {module: "KeptCountLayerNorm" | "QuantizedWeightLinear"},
+     "full_size": {module: C},
      "act_quantizers": [{"modules": [module, ...], "name": str}, ...]}
 
 ``act_quantizers`` (``quantize="weight_act"``) lists each carried activation quantizer with the
@@ -54,7 +55,7 @@ def record(model: nn.Module, before_shapes: dict[str, tuple[int, ...]],
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return
-    from geta_fx.into import KeptCountLayerNorm, input_quantizer_layout
+    from geta_fx.into import KeptCountLayerNorm, QuantizedWeightLinear, input_quantizer_layout
 
     shapes = {name: list(t.shape) for name, t in [*model.named_parameters(),
                                                   *model.named_buffers()]
@@ -68,15 +69,18 @@ def record(model: nn.Module, before_shapes: dict[str, tuple[int, ...]],
                                 for k, v in changed.items()}
     kept = {name: m.full_size for name, m in model.named_modules()
             if isinstance(m, KeptCountLayerNorm)}
+    classes = {name: type(m).__name__ for name, m in model.named_modules()
+               if isinstance(m, (KeptCountLayerNorm, QuantizedWeightLinear))}
     setattr(config, FIELD, {"format": FORMAT, "shapes": shapes, "attributes": attributes,
-                            "classes": {name: "KeptCountLayerNorm" for name in kept},
+                            "classes": classes,
                             "full_size": kept,
                             "act_quantizers": [{"modules": list(paths), "name": q.name}
                                                for paths, q in input_quantizer_layout(model)]})
 
 
 def _apply(model: nn.Module, spec: dict[str, Any]) -> None:
-    from geta_fx.into import KeptCountLayerNorm
+    from geta_fx.into import (WEIGHT_QUANT_ATTR, CarriedQuantizer, KeptCountLayerNorm,
+                              QuantizedWeightLinear)
 
     for fqn, shape in spec["shapes"].items():
         path, _, name = fqn.rpartition(".")
@@ -92,17 +96,21 @@ def _apply(model: nn.Module, spec: dict[str, Any]) -> None:
         for k, v in attrs.items():
             setattr(m, k, tuple(v) if isinstance(getattr(m, k, None), tuple) else v)
     for path, cls in spec["classes"].items():
-        if cls != "KeptCountLayerNorm":
-            raise InputError(f"geta_fx.from_pretrained: unknown module class {cls!r} at {path!r}")
         m = model.get_submodule(path)
-        m.__class__ = KeptCountLayerNorm
-        m.full_size = int(spec["full_size"][path])
+        if cls == "KeptCountLayerNorm":
+            m.__class__ = KeptCountLayerNorm
+            m.full_size = int(spec["full_size"][path])
+        elif cls == "QuantizedWeightLinear" and isinstance(m, nn.Linear):
+            m.__class__ = QuantizedWeightLinear  # its quantizer's values: the checkpoint's
+            m.add_module(WEIGHT_QUANT_ATTR, CarriedQuantizer("weight", name=f"{path}.weight"))
+        else:
+            raise InputError(f"geta_fx.from_pretrained: unknown module class {cls!r} at {path!r}")
     _attach_act_quantizers(model, spec.get("act_quantizers", []))
 
 
 def _attach_act_quantizers(model: nn.Module, entries: list[dict[str, Any]]) -> None:
     """Fresh activation quantizers where ``compress(into=)`` had put them (values: the weights)."""
-    from geta_fx.into import InputQuantizer, attach_input_quantizer
+    from geta_fx.into import CarriedQuantizer, attach_input_quantizer
 
     for entry in entries:
         paths = tuple(entry.get("modules") or ())
@@ -114,8 +122,8 @@ def _attach_act_quantizers(model: nn.Module, entries: list[dict[str, Any]]) -> N
                                  f"quantizer {entry.get('name', '')!r} on module {path!r}, "
                                  "which the model does not have") from None
         if paths:
-            attach_input_quantizer(model, InputQuantizer("act", name=str(entry.get("name", ""))),
-                                   paths)
+            q = CarriedQuantizer("act", name=str(entry.get("name", "")))
+            attach_input_quantizer(model, q, paths)
 
 
 def _unplaced(key: str, spec: dict[str, Any]) -> str:

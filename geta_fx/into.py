@@ -7,8 +7,10 @@ itself slices the graph's attributes with.  Then:
 
 1. ``model`` must be the captured module (same parameter and buffer names and shapes);
 2. a deep copy of it gets GetaModule's current values (a quantized weight as its fake-quantized
-   value, the learned grid), sliced; tied names share one tensor; module attributes follow the
-   tensors (``in_features``, ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
+   value, the learned grid; a weight the graph also reads unquantized, GPT-2's ``wte`` tied
+   to the quantized ``lm_head``, keeps its raw value and the ``nn.Linear`` reading it
+   quantized becomes a :class:`QuantizedWeightLinear` with the quantizer), sliced; tied names
+   share one tensor; module attributes follow the tensors (``in_features``, ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
    ``normalized_shape``, ``num_groups``, ``embedding_dim``, ...);
 3. the copy is run on the example inputs against the GetaModule: an exception or a different
    output is a ``CompressIntoError`` naming the module (a channel count written as a literal in
@@ -16,16 +18,17 @@ itself slices the graph's attributes with.  Then:
 4. only then are the same tensors and attributes written into ``model``.
 
 Activation quantizers (``quantize="weight_act"``) are carried as modules plus forward
-pre-hooks: each one (an :class:`InputQuantizer` copy of gm's, trained values) becomes
+pre-hooks: each one (a :class:`CarriedQuantizer` copy of gm's, trained values) becomes
 ``geta_input_quant`` of every module whose input it quantizes (the innermost module of the
 layer op it feeds, from ``nn_module_stack``): the child of the first such module, whose
 ``state_dict`` holds its scalars (``<module>.geta_input_quant.log_d`` / ``.log_q_m`` / ``.t`` /
 ``._extra_state`` = ``signed``), and the same object as a plain attribute of the others (q/k/v),
 so a ``state_dict`` has no shared tensors and ``save_pretrained`` works; :func:`quantize_input`,
 a pre-hook on each module, quantizes its first positional input.  ``geta_fx.from_pretrained``
-rebuilds them from the layout :mod:`geta_fx.hf` records in the config.  Invariant: a quantizer is carried only if that is exact on the graph:
-its input, back through views inside the module, comes from outside the module, the module
-reads it only through the quantizer, and every call of the module has the same quantizer.
+rebuilds them from the layout :mod:`geta_fx.hf` records in the config.  Invariant: a
+quantizer is carried only if that is exact on the graph: its input, back through views inside
+the module, comes from outside the module, the module reads it only through the quantizer, and
+every call of the module has the same quantizer.
 Otherwise ``compress(into=)`` raises ``InputError`` naming the quantizer and why (a layer op
 called functionally, an op between the module's input and the layer, a module called twice
 with different quantizers); none is ever dropped.  That the quantized value is the module's
@@ -35,7 +38,7 @@ with different quantizers); none is ever dropped.  That the quantized value is t
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
 import torch
@@ -85,11 +88,12 @@ def _check_same_model(gm: Any, model: Any) -> None:
                          "captured module; it is another model")
 
 
-def _current_values(gm: Any) -> dict[str, torch.Tensor]:
-    """GetaModule's current tensor per fqn; quantized weights as their fake-quantized value."""
+def _current_values(gm: Any, raw: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """GetaModule's current tensor per fqn; quantized weights as their fake-quantized value
+    (those in ``raw`` as they are: read unquantized too, their quantizer is carried)."""
     g = gm.graph_module
     quant = {q.param_fqn: q for q in gm.quantizers.values()
-             if q.kind == "weight" and getattr(q, "param_fqn", None)}
+             if q.kind == "weight" and getattr(q, "param_fqn", None) not in (None, *raw)}
     values = {}
     with torch.no_grad():
         for name, t, _ in _tensors(g):
@@ -496,7 +500,7 @@ def act_quantizer_plan(gm: Any) -> dict[str, tuple[nn.Module, tuple[str, ...]]]:
     return {qid: (q, tuple(paths)) for qid, (q, paths) in plan.items()}
 
 
-class InputQuantizer(Quantizer):
+class CarriedQuantizer(Quantizer):
     """The carried copy of an activation quantizer: a :class:`~geta_fx.quantizer.Quantizer`
     whose ``state_dict`` holds tensors only (``signed`` as a 0-d bool ``_extra_state``), so
     that safetensors / ``save_pretrained`` can store it.  Loads a dict ``_extra_state`` too."""
@@ -541,12 +545,80 @@ def input_quantizer_layout(model: nn.Module) -> list[tuple[tuple[str, ...], Quan
 
 def attach_act_quantizers(model: nn.Module,
                           plan: dict[str, tuple[nn.Module, tuple[str, ...]]]) -> None:
-    """A copy of each planned quantizer (an :class:`InputQuantizer`) as
+    """A copy of each planned quantizer (a :class:`CarriedQuantizer`) as
     ``<module>.geta_input_quant`` of the modules it serves; see :func:`attach_input_quantizer`."""
     for q, paths in plan.values():
         mine = copy.deepcopy(q)
-        mine.__class__ = InputQuantizer
+        mine.__class__ = CarriedQuantizer
         attach_input_quantizer(model, mine, paths)
+
+
+# ------------------------------------------------------------------ weights read both ways
+#: Attribute of the weight quantizer a :class:`QuantizedWeightLinear` reads its weight through.
+WEIGHT_QUANT_ATTR = "geta_weight_quant"
+
+
+class QuantizedWeightLinear(nn.Linear):
+    """``nn.Linear`` that reads its weight through its child ``geta_weight_quant``.
+
+    For a weight that the graph reads both quantized and raw, which one tensor cannot hold
+    baked: GPT-2's ``lm_head`` (quantized ``linear``) tied to ``wte`` (raw ``embedding``).
+    The tensor keeps the raw value (the tie stays one tensor) and this module quantizes it
+    per call, the same per-tensor op on the same values as the graph: exact.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, getattr(self, WEIGHT_QUANT_ATTR)(self.weight), self.bias)
+
+
+def weight_quantizer_plan(gm: Any, model: nn.Module) -> dict[str, tuple[nn.Module, list[str]]]:
+    """``param fqn -> (gm's weight quantizer, module paths)`` for each quantized weight that
+    the graph also reads unquantized (a tied weight): its quantizer is carried onto those
+    modules (each an ``nn.Linear``, which becomes a :class:`QuantizedWeightLinear`), and the
+    tensor keeps its raw value.  Every other quantized weight is baked (its grid value).
+
+    Raises:
+        InputError: naming the quantizer, when a quantized read of such a weight is not the
+            weight of an ``nn.Linear`` (nothing else can carry it exactly).
+    """
+    g = gm.graph_module
+    tied = dict(g.meta.get(meta.TIED, {}))
+    plan: dict[str, tuple[nn.Module, list[str]]] = {}
+    for node in g.graph.nodes:
+        q = quantizer_of(g, node)
+        src = node.args[0] if q is not None and q.kind == "weight" and node.args else None
+        if not isinstance(src, torch.fx.Node) or src.op != "get_attr":
+            continue
+        raw = [u for u in src.users if quantizer_of(g, u) is None and u.target not in _NOT_READS]
+        if not raw:
+            continue
+        fqn = str(src.target)
+        for use in node.users:
+            where = _innermost(use)
+            module = model.get_submodule(where[1]) if where is not None else None
+            if not (isinstance(module, nn.Linear) and use.target is torch.ops.aten.linear.default
+                    and len(use.args) > 1 and use.args[1] is node
+                    and tied.get(f"{where[1]}.weight", f"{where[1]}.weight") == fqn):
+                raise InputError(
+                    f"compress(into=...) cannot carry weight quantizer {str(node.target)!r}: "
+                    f"{fqn!r} is read unquantized (at {raw[0].name!r}) and quantized (at "
+                    f"{use.name!r}), and the quantized read is not an nn.Linear's weight")
+            paths = plan.setdefault(fqn, (q, []))[1]
+            paths.extend(p for p in [where[1]] if p not in paths)
+    return plan
+
+
+def attach_weight_quantizers(model: nn.Module,
+                             plan: dict[str, tuple[nn.Module, list[str]]]) -> None:
+    """Each planned module becomes a :class:`QuantizedWeightLinear` with a copy of the
+    quantizer (a :class:`CarriedQuantizer`) as ``geta_weight_quant``."""
+    for q, paths in plan.values():
+        for path in paths:
+            mine = copy.deepcopy(q)
+            mine.__class__ = CarriedQuantizer
+            module = model.get_submodule(path)
+            module.__class__ = QuantizedWeightLinear
+            module.add_module(WEIGHT_QUANT_ATTR, mine)
 
 
 def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
@@ -557,11 +629,11 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
     ``geta_fx.generate`` compares the graphs it captures from it with the slim graph).
     """
     _check_same_model(gm, model)
-    carried = act_quantizer_plan(gm)
+    carried, read_raw = act_quantizer_plan(gm), weight_quantizer_plan(gm, model)
     g = gm.graph_module
     from geta_fx.passes.physical_prune import kept_indices
 
-    values = {k: v for k, v in _sliced(_current_values(gm),
+    values = {k: v for k, v in _sliced(_current_values(gm, read_raw),
                                        kept_indices(g, removed_units, align)).items()
               if k in gm._source_shapes}
     tied = dict(g.meta.get(meta.TIED, {}))
@@ -576,6 +648,7 @@ def compress_into(gm: Any, model: nn.Module, *, removed_units: Any = None,
         _rescale_rms_norms(target, widths)
         _keep_layer_norm_counts(target, widths)
         attach_act_quantizers(target, carried)
+        attach_weight_quantizers(target, read_raw)
         if verify and target is candidate:
             _verify(gm, candidate)
     hf.record(model, shapes_before, attrs_before)  # transformers: per-layer widths in config

@@ -266,18 +266,17 @@ def test_act_hooks_survive_modes_copies_state_dict_and_torch_save(tmp_path: Any)
 
 @pytest.mark.slow  # HF capture ~3 s each
 def test_act_quantizers_on_llama_and_gpt2() -> None:
-    """Llama: one quantizer shared by q/k/v (one normed input), at 5 bits, exact; GPT-2 at
-    the initial 16 bits (its eager attention differs from the graph by float rounding, which a
-    coarse grid would turn into whole steps: see the module's verification)."""
+    """Llama: one quantizer shared by q/k/v (one normed input); GPT-2 (its tied lm_head a
+    QuantizedWeightLinear): both at 5 bits, exact at two shapes."""
     pytest.importorskip("transformers")
-    for name, bits in (("hf_llama_gqa", 5.0), ("hf_gpt2", 16.0)):
+    for name, bits in (("hf_llama_gqa", 5.0), ("hf_gpt2", 5.0)):
         model, (ids,) = ZOO[name]()
         gm = _weight_act(model, (ids,), bits)
         gm.compress(into=model)
         attn = model.get_submodule("model.layers.0.self_attn" if "llama" in name
                                    else "transformer.h.0.attn")
         for xs in (ids, torch.randint(0, 64, (3, 13))):
-            assert max_rel_err(gm(xs), model(xs)) < (1e-5 if bits < 16 else 1e-4), name
+            assert max_rel_err(gm(xs), model(xs)) < 1e-5, name
         if "llama" in name:
             assert attn.q_proj.geta_input_quant is attn.k_proj.geta_input_quant
         assert _act_quantizers(model)
@@ -366,7 +365,7 @@ def _saved_weight_act(name: str, bits: float, path: Any) -> tuple[nn.Module, tor
 
 
 @pytest.mark.slow  # HF capture ~3 s each
-@pytest.mark.parametrize(("name", "bits"), [("hf_llama_gqa", 5.0), ("hf_gpt2", 16.0)])
+@pytest.mark.parametrize(("name", "bits"), [("hf_llama_gqa", 5.0), ("hf_gpt2", 5.0)])
 def test_weight_act_save_pretrained_and_from_pretrained(name: str, bits: float,
                                                         tmp_path: Any) -> None:
     """The activation quantizers come back where compress(into=) put them (a shared one
@@ -409,3 +408,85 @@ def test_from_pretrained_names_a_key_it_cannot_place(tmp_path: Any) -> None:
     config.write_text(json.dumps(saved))
     with pytest.raises(geta_fx.InputError, match="on module 'model.layers.7.mlp'"):
         geta_fx.from_pretrained(str(tmp_path))
+
+
+# ------------------------------------------------------------------ a weight read both ways
+class TiedFunctional(nn.Module):
+    """The tied head as a functional linear from the root: no module to carry its quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(12, 8), nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(torch.relu(self.fc(self.emb(ids))), self.emb.weight)
+
+
+def _at_4_bits(model: nn.Module, inputs: tuple) -> geta_fx.GetaModule:
+    gm = geta_fx.transform(model, inputs, quantize="weight")
+    for q in gm.quantizers.values():
+        q.set_bit_width(4.0)
+    zero_random_units(gm, 1 / 3)
+    return gm.eval()
+
+
+def test_tied_weight_quantized_at_one_read_only_keeps_its_raw_value() -> None:
+    """The graph reads a tied weight raw (embedding) and quantized (the head's linear): one
+    tensor cannot hold both baked, so it stays raw (still tied) and the head quantizes it per
+    call.  Baking the grid values (what compress(into=) did) changed the embedding's output,
+    which at 4 bits fails verification."""
+    from test_tie_weights import TiedLM
+
+    from geta_fx.into import QuantizedWeightLinear
+
+    model = TiedLM().eval()
+    ids = torch.randint(0, 12, (4, 5))
+    gm = _at_4_bits(model, (ids,))
+    slim = gm.compress()
+    gm.compress(into=model)
+    assert isinstance(model.head, QuantizedWeightLinear) and model.head.weight is model.emb.weight
+    assert torch.equal(model.emb.weight, slim.get_parameter("emb.weight"))  # raw, not the grid
+    for x in (ids, torch.randint(0, 12, (3, 9))):
+        torch.testing.assert_close(model(x), slim(x), rtol=0, atol=0)
+        assert max_rel_err(gm(x), model(x)) < 1e-6
+    assert num_params(model) - 3 == _weights(slim)  # + the head quantizer's scalars
+
+
+def test_tied_weight_quantized_by_a_functional_linear_is_refused() -> None:
+    model = TiedFunctional().eval()
+    ids = torch.randint(0, 12, (4, 5))
+    gm = _at_4_bits(model, (ids,))
+    before = _state(model)
+    with pytest.raises(geta_fx.InputError, match="cannot carry weight quantizer .*'emb.weight'"):
+        gm.compress(into=model)
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())
+
+
+@pytest.mark.slow  # HF capture ~3 s each
+@pytest.mark.parametrize("quantize", ["weight", "weight_act"])
+def test_gpt2_tied_lm_head_at_4_bits_equals_the_slim_graph(quantize: str, tmp_path: Any) -> None:
+    """The 'Found, not fixed' ~1e-5 of GPT-2 under quantize='weight' (and a refusal at low
+    bits): wte was written as lm_head's grid values.  Now the eager model equals the slim
+    graph bit for bit, and gm to float rounding (gm sums over the zeroed units too); the
+    lm_head's quantizer survives save_pretrained / geta_fx.from_pretrained."""
+    pytest.importorskip("transformers")
+    from geta_fx.into import QuantizedWeightLinear
+
+    model, (ids,) = ZOO["hf_gpt2"]()
+    gm = geta_fx.transform(model, (ids,), quantize=quantize)
+    for q in gm.quantizers.values():
+        q.set_bit_width(4.0 if q.kind == "weight" else 5.0)
+    zero_random_units(gm, 1 / 3)
+    gm.eval()
+    slim = gm.compress()
+    gm.compress(into=model)
+    assert isinstance(model.lm_head, QuantizedWeightLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.save_pretrained(str(tmp_path))
+    back = geta_fx.from_pretrained(str(tmp_path))
+    assert isinstance(back.lm_head, QuantizedWeightLinear)
+    for x in (ids, torch.randint(0, 64, (3, 13))):
+        logits = model(x).logits
+        torch.testing.assert_close(logits, slim(x).logits, rtol=0, atol=0)
+        torch.testing.assert_close(back(x).logits, logits, rtol=0, atol=0)
+        assert max_rel_err(gm(x).logits, logits) < 1e-6
