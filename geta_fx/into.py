@@ -10,8 +10,9 @@ itself slices the graph's attributes with.  Then:
    value, the learned grid; a weight the graph also reads unquantized, GPT-2's ``wte`` tied
    to the quantized ``lm_head``, keeps its raw value and the ``nn.Linear`` reading it
    quantized becomes a :class:`QuantizedWeightLinear` with the quantizer), sliced; tied names
-   share one tensor; module attributes follow the tensors (``in_features``, ``out_channels``, ``groups`` of a depthwise conv, ``num_features``,
-   ``normalized_shape``, ``num_groups``, ``embedding_dim``, ...);
+   share one tensor; module attributes follow the tensors (``in_features``, ``out_channels``,
+   ``groups`` of a depthwise conv, ``num_features``, ``normalized_shape``, ``num_groups``,
+   ``embedding_dim``, ...);
 3. the copy is run on the example inputs against the GetaModule: an exception or a different
    output is a ``CompressIntoError`` naming the module (a channel count written as a literal in
    ``forward``) and ``model`` is left exactly as it was;
