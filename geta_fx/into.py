@@ -12,7 +12,7 @@ itself slices the graph's attributes with.  Then:
    quantized becomes a :class:`QuantizedWeightLinear` with the quantizer), sliced; tied names
    share one tensor; module attributes follow the tensors (``in_features``, ``out_channels``,
    ``groups`` of a depthwise conv, ``num_features``, ``normalized_shape``, ``num_groups``,
-   ``embedding_dim``, ...);
+   ``embedding_dim``, ``input_size``/``hidden_size`` of an ``nn.LSTM``/``GRU``/``RNN``, ...);
 3. the copy is run on the example inputs against the GetaModule: an exception or a different
    output is a ``CompressIntoError`` naming the module (a channel count written as a literal in
    ``forward``) and ``model`` is left exactly as it was;
@@ -175,10 +175,37 @@ def _fix_attributes(model: nn.Module, original: dict[str, dict[str, Any]]) -> No
                 m.normalized_shape = tuple(m.weight.shape)
         elif isinstance(m, nn.Embedding):
             m.num_embeddings, m.embedding_dim = m.weight.shape
+        elif isinstance(m, nn.RNNBase):
+            _fix_rnn(name, m)
         elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
             m.nf = int(m.weight.shape[1])
     for m in model.modules():
         _fix_hf_attention(m)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+def _fix_rnn(name: str, m: nn.RNNBase) -> None:
+    """``input_size``/``hidden_size`` of an ``nn.LSTM``/``GRU``/``RNN`` follow its (sliced)
+    weights, and its flat weight list points at the new tensors.
+
+    The graph prunes hidden unit j in every layer and direction at once (gate rows
+    ``k * H + j`` of ``weight_ih``/``weight_hh``/biases, ``weight_hh`` column j, the next
+    layer's ``weight_ih`` columns), so one ``hidden_size`` describes all layers.
+
+    Raises:
+        InputError: for an ``nn.LSTM`` with ``proj_size`` whose hidden units were removed (its
+            ``weight_hr`` would have to follow; the graph pins those units, so only a foreign
+            slice gets here).
+    """
+    gates = _GATES.get(m.mode, 1)
+    hidden = int(m.weight_hh_l0.shape[0]) // gates
+    if m.proj_size and hidden != m.hidden_size:
+        raise InputError(f"compress(into=...): {name or '<root>'!r} is an nn.LSTM with "
+                         f"proj_size={m.proj_size}; removing its hidden units is not supported")
+    m.input_size, m.hidden_size = int(m.weight_ih_l0.shape[1]), hidden
+    m._init_flat_weights()
 
 
 def _out_features(m: Any) -> int | None:

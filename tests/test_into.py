@@ -490,3 +490,55 @@ def test_gpt2_tied_lm_head_at_4_bits_equals_the_slim_graph(quantize: str, tmp_pa
         torch.testing.assert_close(logits, slim(x).logits, rtol=0, atol=0)
         torch.testing.assert_close(back(x).logits, logits, rtol=0, atol=0)
         assert max_rel_err(gm(x).logits, logits) < 1e-6
+
+
+# ------------------------------------------------------------------ recurrent layers
+def _rnn_group(gm: geta_fx.GetaModule, fqn: str) -> Any:
+    return next(g for g in gm.groups if any(m.fqn == fqn and m.role == "out" for m in g.members))
+
+
+@pytest.mark.parametrize(("kind", "layers", "bidirectional", "batch_first"), [
+    ("lstm", 1, False, True), ("lstm", 2, True, True), ("gru", 2, True, False),
+    ("rnn", 2, False, True)])
+def test_rnn_hidden_and_input_units_slice_the_module(kind: str, layers: int,
+                                                     bidirectional: bool,
+                                                     batch_first: bool) -> None:
+    """Hidden units (every gate's rows in every layer and direction) and the stem's units
+    (weight_ih_l0's columns) leave an nn.LSTM/GRU/RNN with smaller hidden_size/input_size:
+    gm at two batch sizes, the zeroed eager model at another sequence length too."""
+    from geta_fx.testing.models import RNNHead
+    from helpers import zero_eager
+
+    torch.manual_seed(0)
+    model = RNNHead(kind, layers=layers, bidirectional=bidirectional,
+                    batch_first=batch_first).eval()
+    shape = (2, 4, 6) if batch_first else (4, 2, 6)
+    x = torch.randn(shape)
+    gm = geta_fx.transform(model, (x,))
+    gm.zero_units(_rnn_group(gm, "rnn.weight_hh_l0").id, [1, 4])
+    gm.zero_units(_rnn_group(gm, "stem.weight").id, [0, 2, 7])
+    gm.eval()
+    oracle = zero_eager(model, gm).eval()
+    slim = gm.compress(align=1)
+    gm.compress(into=model, align=1)
+    rnn = model.rnn
+    assert (rnn.input_size, rnn.hidden_size, rnn.num_layers) == (5, 3, layers)
+    assert all(w is getattr(rnn, n) for w, n in zip(rnn._flat_weights, rnn._flat_weights_names,
+                                                    strict=True))
+    assert num_params(model) == _weights(slim)
+    batch = torch.randn(3, 4, 6) if batch_first else torch.randn(4, 3, 6)
+    for xs in (x, batch):
+        assert max_rel_err(gm(xs), model(xs)) < 1e-5
+    longer = torch.randn(3, 9, 6) if batch_first else torch.randn(9, 3, 6)  # another length
+    assert max_rel_err(oracle(longer), model(longer)) < 1e-5
+
+
+def test_lstm_projection_with_removed_hidden_units_is_refused() -> None:
+    """The graph pins an nn.LSTM with proj_size (its weight_hr_l*); a slice that removes its
+    hidden units anyway is an InputError naming the module."""
+    from geta_fx.into import _fix_rnn
+
+    rnn = nn.LSTM(8, 5, proj_size=3)
+    rnn._parameters["weight_hh_l0"] = nn.Parameter(rnn.weight_hh_l0[:16])
+    with pytest.raises(geta_fx.InputError, match="'enc.rnn' is an nn.LSTM with proj_size=3"):
+        _fix_rnn("enc.rnn", rnn)
