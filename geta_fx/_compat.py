@@ -44,3 +44,29 @@ def deepcopy_module(module: Any, memo: dict[int, Any] | None = None) -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
         return copy.deepcopy(module, memo)
+
+
+def can_store_programs() -> bool:
+    """Whether this torch writes several exported programs into one ``.pt2`` (torch.export's
+    ``pt2_archive``: ``package_pt2``/``load_pt2``, which ``torch.export.save``/``load`` call)."""
+    try:
+        from torch.export.pt2_archive._package import load_pt2, package_pt2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_programs(f: Any, programs: dict[str, torch.export.ExportedProgram],
+                  extra_files: dict[str, str]) -> None:
+    """Write ``programs`` (one named ``"model"``: what ``torch.export.load`` returns) and
+    ``extra_files`` into the ``.pt2`` archive ``f``."""
+    from torch.export.pt2_archive._package import package_pt2
+
+    package_pt2(f, exported_programs=programs, extra_files=extra_files)
+
+
+def load_programs(f: Any) -> dict[str, torch.export.ExportedProgram]:
+    """Every exported program in the ``.pt2`` archive ``f``, by name."""
+    from torch.export.pt2_archive._package import load_pt2
+
+    return dict(load_pt2(f).exported_programs)

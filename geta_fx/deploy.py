@@ -276,11 +276,29 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         metadata["dense"] = gm.meta[DENSE]  # a slim graph saved as is (lower_first=False)
     # The content hash covers every entry but the metadata itself; torch.export.save writes
     # the same entries for the same program, so a first in-memory save yields it.
+    from geta_fx.generate_save import FIELD, export_generation
+
+    # a causal LM's prefill/decode steps as two more programs of the archive (generate_save)
+    steps, generation = export_generation(gm, ep.state_dict)
+    if generation is not None:
+        metadata[FIELD] = generation
     staging = io.BytesIO()
-    torch.export.save(ep, staging, extra_files={EXTRA_FILE: json.dumps(metadata)})
+    _write(staging, ep, steps, metadata)
     metadata["sha256"] = _payload_digest(zipfile.ZipFile(staging))
-    torch.export.save(ep, path, extra_files={EXTRA_FILE: json.dumps(metadata)})
+    _write(path, ep, steps, metadata)
     return ep
+
+
+def _write(f: Any, ep: torch.export.ExportedProgram,
+           steps: dict[str, torch.export.ExportedProgram], metadata: dict[str, Any]) -> None:
+    """``torch.export.save`` of ``ep`` (plus ``steps``, when there are) with the metadata."""
+    extra = {EXTRA_FILE: json.dumps(metadata)}
+    if steps:
+        from geta_fx._compat import save_programs
+
+        save_programs(f, {"model": ep, **steps}, extra)
+    else:
+        torch.export.save(ep, f, extra_files=extra)
 
 
 def _is_metadata(name: str) -> bool:
@@ -367,20 +385,28 @@ def load(path: str | os.PathLike[str]) -> torch.fx.GraphModule:
         from geta_fx._compat import aoti_load_package
 
         return aoti_load_package(path)  # type: ignore[no-any-return]
-    extra: dict[str, Any] = {EXTRA_FILE: ""}
+    from geta_fx.generate_save import FIELD, restore_generation
+
+    metadata = load_metadata(path)
+    programs: dict[str, torch.export.ExportedProgram] = {}
     try:
-        ep = torch.export.load(path, extra_files=extra)
+        if (metadata.get(FIELD) or {}).get("programs"):  # + generation steps (generate_save)
+            from geta_fx._compat import load_programs
+
+            programs = load_programs(path)
+            ep = programs["model"]
+        else:
+            ep = torch.export.load(path)
     except Exception as e:  # noqa: BLE001 - a readable zip that is not an exported program
         raise InputError(f"geta_fx.load: {os.fspath(path)!r} is not a torch.export artifact "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200]})") from e
     module = ep.module()
-    raw = extra.get(EXTRA_FILE) or ""
-    metadata: dict[str, Any] = json.loads(raw) if raw else {}
     module.meta[META_KEY] = metadata
     from geta_fx.passes.lower_quant import LOWBIT, adopt_holders
     from geta_fx.report import DENSE
 
     adopt_holders(module)  # .half()/.to(bf16) keep the float32 op scalars, as before saving
+    restore_generation(module, metadata.get(FIELD), programs)  # a causal LM's steps
 
     if metadata.get("weights"):
         module.meta[LOWBIT] = tuple(metadata["weights"])

@@ -48,8 +48,11 @@ greedy tokens equal those of the zeroed GetaModule decoding without a cache (tes
 transformers families), and transformers' own ``generate`` with the same padding mask and stop
 tokens; ``generate`` returns the prompt followed by at most ``max_new_tokens`` tokens (fewer
 when every row produced a stop token: finished rows are padded, as in transformers), runs
-prefill once and then one decode step per further token.  The generation state is not saved by ``geta_fx.save`` (a pickle of
-``slim`` keeps the sliced model and recaptures the graphs on first use).
+prefill once and then one decode step per further token.  A pickle or deepcopy of ``slim`` keeps the sliced model and
+recaptures the graphs on first use; ``geta_fx.save`` writes the two steps into the ``.pt2``
+next to the forward program, sharing its weights (:mod:`geta_fx.generate_save`), so
+``geta_fx.generate(geta_fx.load(path), ...)`` needs no model code (transformers must be
+importable: the forward program's output is one of its ``ModelOutput`` classes).
 """
 
 from __future__ import annotations
@@ -105,6 +108,11 @@ class Generation:
         pad_token_id: the default token of finished rows (same source; None: the first stop
             token, as transformers' ``generate`` does).
         graphs: (prefill, decode) once captured; dropped when pickled.
+        inputs: parameter names the prefill graph takes as its last argument
+            (``geta_fx.load``: the loaded module's tensors, bound by
+            :mod:`geta_fx.generate_save`; the decode graph takes every parameter, the rest
+            from the prefill graph); else empty.
+        programs: the exported programs of a loaded model's graphs (to save it again).
     """
 
     lm: nn.Module | None
@@ -114,12 +122,20 @@ class Generation:
     vocab: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
-    graphs: tuple[torch.fx.GraphModule, torch.fx.GraphModule] | None = field(default=None,
-                                                                               repr=False)
+    graphs: tuple[nn.Module, nn.Module] | None = field(default=None, repr=False)
+    inputs: tuple[str, ...] = ()
+    decode_inputs: tuple[str, ...] = ()
+    programs: tuple[Any, Any] | None = field(default=None, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable state: captured graphs hold export's local hooks; recaptured on use."""
-        return {**self.__dict__, "graphs": None}
+        """Picklable state: captured graphs hold export's local hooks; recaptured on use
+        (from ``lm``; a loaded model has none: it says to load the file again)."""
+        state = {**self.__dict__, "graphs": None, "programs": None}
+        if self.lm is None and self.graphs is not None:
+            state["reason"] = ("the generation graphs of a geta_fx.load()ed model are exported "
+                               "programs that pickle/deepcopy do not carry; geta_fx.load the "
+                               "file again")
+        return state
 
 
 # ---------------------------------------------------------------- transform / compress hooks
@@ -241,23 +257,27 @@ class _Step(nn.Module):
     padding), so a left-padded row sees the positions it has unpadded.
     """
 
-    def __init__(self, lm: nn.Module) -> None:
+    def __init__(self, lm: nn.Module, inputs: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.lm = lm
+        self.inputs = inputs  # parameters passed as the ``weights`` argument (saved form)
         params = inspect.signature(lm.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                past: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+                past: tuple[torch.Tensor, ...],
+                weights: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
         pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
         cache = DynamicCache(pairs) if pairs else DynamicCache()
         length = input_ids.shape[1]
         positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        out = self.lm(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=positions[:, attention_mask.shape[1] - length:],
-                      use_cache=True, **{self._cache_kw: cache})
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask,
+                  "position_ids": positions[:, attention_mask.shape[1] - length:],
+                  "use_cache": True, self._cache_kw: cache}
+        out = torch.func.functional_call(self.lm, dict(zip(self.inputs, weights, strict=True)),
+                                         (), kwargs) if self.inputs else self.lm(**kwargs)
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
 
@@ -270,31 +290,54 @@ def _example_ids(example: torch.Tensor | None, vocab: int, limit: int) -> torch.
     return ids.repeat(2 if ids.shape[0] == 1 else 1, 2 if ids.shape[1] == 1 else 1) % vocab
 
 
-def _export(step: _Step, args: tuple[Any, ...], dynamic_shapes: Any) -> torch.fx.GraphModule:
-    """torch.export ``step``; the unlifted graph without per-call input guards.
-
-    The two graphs are private to :func:`generate`, which checks ``input_ids`` itself and
-    builds every cache tensor it passes; export's guards (``check_guards``) and input
-    constraint hook (``validate_inputs``) would cost ~1 ms of a few-ms decode step.
-    """
+def _export(step: _Step, args: tuple[Any, ...], dynamic_shapes: Any
+            ) -> torch.export.ExportedProgram:
+    """torch.export ``step``; GenerationError naming the step and the model."""
     try:
-        ep = torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
+        return torch.export.export(step, args, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - reported as a GenerationError naming the model
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise GenerationError(f"could not capture the {'decode' if args[2] else 'prefill'} "
                               f"step of the slim {type(step.lm).__name__}: "
                               f"{type(e).__name__}: {first}") from e
+
+
+def runnable(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """The unlifted, normalized graph of a step program, without per-call input guards.
+
+    The two graphs are private to :func:`generate`, which checks ``input_ids`` itself and
+    builds every cache tensor it passes; export's guards (``check_guards``) and input
+    constraint hook (``validate_inputs``) would cost ~1 ms of a few-ms decode step.
+    """
     g = ep.module(check_guards=False)
     g.validate_inputs = False
-    return g
+    for node in g.graph.nodes:  # export records val=None for ops that return nothing (the
+        if node.op == "call_function" and not node.users:  # asserts); a loaded program has
+            node.meta.setdefault("val", None)  # no key there, which shape_prop would refuse
+    return _normalized(g)
 
 
-def _capture_graphs(gen: Generation) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
-    """Capture the prefill and decode graphs of ``gen.lm`` (dynamic batch, length, past)."""
+def _without(lm: nn.Module, names: tuple[str, ...]) -> nn.Module:
+    """A copy of ``lm`` with empty tensors for the parameters ``names`` (passed as inputs:
+    a program exported from it stores 0 bytes for them); ``lm`` itself when none."""
+    if not names:
+        return lm
+    memo: dict[int, Any] = {id(lm.get_parameter(n)): nn.Parameter(
+        lm.get_parameter(n).new_empty(0), requires_grad=False) for n in names}
+    return copy.deepcopy(lm, memo)
+
+
+def export_steps(gen: Generation, inputs: tuple[str, ...] = (),
+                 decode_inputs: tuple[str, ...] = ()
+                 ) -> tuple[torch.export.ExportedProgram, torch.export.ExportedProgram]:
+    """Export the prefill and decode steps of ``gen.lm`` (dynamic batch, length, past).
+
+    ``inputs`` / ``decode_inputs``: parameters of ``gen.lm`` that the prefill / decode step
+    takes as a trailing ``weights`` argument instead of holding them (saved programs).
+    """
     from torch.export import Dim
 
     assert gen.lm is not None
-    step = _Step(gen.lm).eval()
     device = next(gen.lm.parameters()).device
     vocab = int(gen.lm.get_input_embeddings().weight.shape[0])
     ids = _example_ids(gen.example, vocab, gen.max_positions).to(device)
@@ -303,13 +346,33 @@ def _capture_graphs(gen: Generation) -> tuple[torch.fx.GraphModule, torch.fx.Gra
     dyn = Dim.DYNAMIC
     mask = torch.ones_like(ids)
     grown = torch.ones(ids.shape[0], ids.shape[1] + 1, dtype=torch.long, device=device)
+
+    def step_args(names: tuple[str, ...]) -> tuple[_Step, tuple[Any, ...], tuple[Any, ...]]:
+        """The step over a copy without ``names``, their tensors as inputs, static dims."""
+        assert gen.lm is not None
+        weights = tuple(gen.lm.get_parameter(n) for n in names)
+        extra = ((weights,), (tuple(None for _ in weights),)) if names else ((), ())
+        return _Step(_without(gen.lm, names), names).eval(), *extra
+
     with torch.no_grad():
-        present = step(ids, mask, ())[1:]
-        prefill = _export(step, (ids, mask, ()), ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, ()))
-        decode = _export(step, (ids[:, -1:], grown, tuple(present)),
+        step, extra, fixed = step_args(inputs)
+        present = step(ids, mask, (), *extra)[1:]
+        prefill = _export(step, (ids, mask, (), *extra),
+                          ({0: dyn, 1: dyn}, {0: dyn, 1: dyn}, (), *fixed))
+        step, extra, fixed = step_args(decode_inputs)
+        decode = _export(step, (ids[:, -1:], grown, tuple(present), *extra),
                          ({0: dyn}, {0: dyn, 1: dyn},
-                          tuple({0: dyn, 2: dyn} for _ in present)))
-    return _normalized(prefill), _normalized(decode)
+                          tuple({0: dyn, 2: dyn} for _ in present), *fixed))
+    for ep, names in ((prefill, inputs), (decode, decode_inputs)):
+        if names:  # a saved program keeps its example inputs: these would store the weights
+            ep.example_inputs = None
+    return prefill, decode
+
+
+def _capture_graphs(gen: Generation) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The prefill and decode graphs of ``gen.lm``, parameters inside."""
+    prefill, decode = export_steps(gen)
+    return runnable(prefill), runnable(decode)
 
 
 def _normalized(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -321,8 +384,8 @@ def _normalized(g: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return Pipeline([passes.ShapeProp(), passes.Normalize()], log=False)(g).graph_module
 
 
-def _check_graphs(slim: torch.fx.GraphModule, gen: Generation,
-                  prefill: torch.fx.GraphModule, decode: torch.fx.GraphModule) -> None:
+def check_graphs(slim: torch.fx.GraphModule, gen: Generation, prefill: nn.Module,
+                 decode: nn.Module) -> None:
     """Prefill equals ``slim`` on the example; a decode step equals one more prefill token."""
     if gen.example is None:
         return
@@ -356,19 +419,18 @@ def _state(slim: Any) -> Generation:
                 if _is_causal_lm(slim) else "")
         raise InputError(f"generate: slim must be gm.compress() of a GetaModule transformed "
                          f"from a transformers causal LM; got {type(slim).__name__} with no "
-                         f"generation graphs{hint} (geta_fx.save/load keep only the forward "
-                         "graph)")
-    if gen.reason is not None or gen.lm is None:
+                         f"generation graphs{hint} (geta_fx.load of a geta_fx.save .pt2 keeps "
+                         "them; .onnx files and AOTInductor packages hold the forward only)")
+    if gen.reason is not None or (gen.lm is None and gen.graphs is None):
         raise InputError(f"generate: slim has no generation graphs: {gen.reason}")
     return gen
 
 
-def _graphs(slim: torch.fx.GraphModule, gen: Generation) -> tuple[torch.fx.GraphModule,
-                                                                  torch.fx.GraphModule]:
+def _graphs(slim: torch.fx.GraphModule, gen: Generation) -> tuple[nn.Module, nn.Module]:
     """``slim``'s (prefill, decode) graphs, captured and checked on first use."""
     if gen.graphs is None:
         prefill, decode = _capture_graphs(gen)
-        _check_graphs(slim, gen, prefill, decode)
+        check_graphs(slim, gen, prefill, decode)
         gen.graphs = (prefill, decode)
     return gen.graphs
 

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import copy
 import io
+import pickle
+import subprocess
+import sys
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -374,3 +378,76 @@ def test_a_copy_of_slim_generates_on_its_own(llama: Any) -> None:
     name = "model.layers.0.mlp.up_proj.weight"
     assert lm.get_parameter(name) is twin.get_parameter(name)
     assert twin.get_parameter(name) is not slim.get_parameter(name)
+
+
+# ---------------------------------------------------------------- geta_fx.save / load
+def test_save_load_keeps_the_generation_steps_without_a_second_copy_of_weights(
+        llama: Any, tmp_path: Path) -> None:
+    _, gm, slim = llama
+    geta_fx.save(slim, tmp_path / "lm.pt2")
+    loaded = geta_fx.load(tmp_path / "lm.pt2")
+    rows = [torch.randint(1, VOCAB, (1, n)) for n in (5, 2)]
+    ids, mask = _left_padded(rows)
+    got = geta_fx.generate(loaded, ids, max_new_tokens=4, attention_mask=mask)
+    for i, r in enumerate(rows):
+        assert torch.equal(got[i, ids.shape[1] - r.shape[1]:], _without_cache(gm, r, 4)[0])
+    gen: Generation = loaded.meta[META_KEY]
+    assert gen.lm is None and gen.max_positions == MAX_POS and gen.vocab == VOCAB
+    prefill, decode = gen.programs  # type: ignore[misc]
+    # decode: every weight an input (empty in the program), bound to the loaded tensors;
+    # prefill holds only what the forward program has not: the norm weights geta_fx.into
+    # rescales over a pruned hidden size
+    assert all(t.numel() == 0 for t in decode.state_dict.values())
+    held = [k for k, t in prefill.state_dict.items() if t.numel()]
+    assert held and all("norm" in k for k in held), held
+    # pickle/deepcopy do not carry exported programs: generate says to load again
+    with pytest.raises(geta_fx.InputError, match="load the file again"):
+        geta_fx.generate(pickle.loads(pickle.dumps(loaded)), ids, max_new_tokens=2)
+
+
+def test_a_saved_reason_is_reported_after_load(tmp_path: Path) -> None:
+    slim = _mlp_slim()
+    slim.meta[META_KEY] = Generation(None, "the graph is lowered")
+    geta_fx.save(slim, tmp_path / "m.pt2")
+    with pytest.raises(geta_fx.InputError, match="the graph is lowered"):
+        geta_fx.generate(geta_fx.load(tmp_path / "m.pt2"), torch.zeros(1, 2, dtype=torch.long))
+    geta_fx.save(_mlp_slim(), tmp_path / "plain.pt2")  # no causal LM: the forward only
+    with pytest.raises(geta_fx.InputError, match="causal LM"):
+        geta_fx.generate(geta_fx.load(tmp_path / "plain.pt2"),
+                         torch.zeros(1, 2, dtype=torch.long))
+
+
+# The forward program's output is a transformers ModelOutput, whose pytree node only
+# transformers registers: loading needs it importable (the generation steps return tuples).
+_CHILD = """
+import sys, torch, geta_fx
+import transformers.modeling_outputs
+m = geta_fx.load(sys.argv[1])
+ids, mask, eos = torch.load(sys.argv[2])
+torch.save([geta_fx.generate(m, ids, max_new_tokens=6, attention_mask=mask),
+            geta_fx.generate(m, ids, max_new_tokens=6, attention_mask=mask, eos_token_id=eos,
+                             pad_token_id=1)], sys.argv[3])
+"""
+
+
+@pytest.mark.slow  # captures, exports and saves two models, two fresh processes (~30 s)
+@pytest.mark.parametrize("family, quantize", [("llama", "weight"), ("gpt2", None)])
+def test_a_saved_model_generates_the_same_tokens_in_a_fresh_process(
+        family: str, quantize: str | None, tmp_path: Path) -> None:
+    """quantize="weight": the saved forward is lowered (packed levels), the steps keep the
+    fake-quantized weights once; gpt2: tied embeddings, learned positions."""
+    _, _, slim = _compressed(family, quantize=quantize)
+    rows = [torch.randint(1, VOCAB, (1, n)) for n in (6, 3)]
+    ids, mask = _left_padded(rows)
+    free = geta_fx.generate(slim, ids, max_new_tokens=6, attention_mask=mask)
+    eos = int(free[0, ids.shape[1] + 2])
+    want = [free, geta_fx.generate(slim, ids, max_new_tokens=6, attention_mask=mask,
+                                   eos_token_id=eos, pad_token_id=1)]
+    geta_fx.save(slim, tmp_path / "lm.pt2")
+    torch.save((ids, mask, eos), tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "lm.pt2"),
+                           str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))

@@ -19,6 +19,8 @@ INTERNALS = [
     ("torch.fx.passes.fake_tensor_prop", "FakeTensorProp"),
     ("torch._inductor", "aoti_compile_and_package"),  # geta_fx._compat
     ("torch._inductor", "aoti_load_package"),
+    ("torch.export.pt2_archive._package", "package_pt2"),  # _compat.save_programs
+    ("torch.export.pt2_archive._package", "load_pt2"),  # _compat.load_programs
 ]
 
 
