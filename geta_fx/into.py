@@ -177,6 +177,8 @@ def _fix_attributes(model: nn.Module, original: dict[str, dict[str, Any]]) -> No
             m.num_embeddings, m.embedding_dim = m.weight.shape
         elif isinstance(m, nn.RNNBase):
             _fix_rnn(name, m)
+        elif isinstance(m, nn.MultiheadAttention):
+            _fix_mha(name, m, was)
         elif type(m).__name__ == "Conv1D" and hasattr(m, "nf"):
             m.nf = int(m.weight.shape[1])
     for m in model.modules():
@@ -206,6 +208,37 @@ def _fix_rnn(name: str, m: nn.RNNBase) -> None:
                          f"proj_size={m.proj_size}; removing its hidden units is not supported")
     m.input_size, m.hidden_size = int(m.weight_ih_l0.shape[1]), hidden
     m._init_flat_weights()
+
+
+def _fix_mha(name: str, m: nn.MultiheadAttention, was: dict[str, Any]) -> None:
+    """``embed_dim``/``num_heads``/``head_dim``/``kdim``/``vdim`` of an
+    ``nn.MultiheadAttention`` follow its sliced projections, where the module can hold them.
+
+    Raises:
+        InputError: when the query/output width (the residual stream it reads and writes) and
+            ``heads x head_dim`` no longer agree: ``nn.MultiheadAttention`` has one
+            ``embed_dim`` for both, so pruned heads with an intact residual (or the reverse)
+            cannot be expressed by the module.
+    """
+    who = name or "<root>"
+    head_dim = was.get("head_dim", m.head_dim)
+    if m._qkv_same_embed_dim:
+        inner, query = m.in_proj_weight.shape[0] // 3, m.in_proj_weight.shape[1]
+        kdim = vdim = query
+    else:
+        inner, query = m.q_proj_weight.shape
+        kdim, vdim = m.k_proj_weight.shape[1], m.v_proj_weight.shape[1]
+    out, out_in = m.out_proj.weight.shape
+    if not (inner == query == out == out_in) or inner % head_dim:
+        raise InputError(
+            f"compress(into=...): {who!r} is an nn.MultiheadAttention, whose one embed_dim is "
+            f"both its query/output width and heads x head_dim; after pruning they are "
+            f"{query}/{out} and {inner // head_dim if head_dim else '?'} x {head_dim} "
+            f"({inner}), which it cannot express. Keep its groups whole (QASSO(skip=["
+            f"'{who}'])) or use an attention module with separate q/k/v/out projections")
+    m.embed_dim, m.num_heads, m.head_dim = int(inner), int(inner // head_dim), int(head_dim)
+    m.kdim, m.vdim = int(kdim), int(vdim)
+    m._qkv_same_embed_dim = m._qkv_same_embed_dim and kdim == vdim == inner
 
 
 def _out_features(m: Any) -> int | None:
@@ -338,7 +371,7 @@ def _norm_widths(model: nn.Module) -> dict[str, int]:
 
 
 def _module_attrs(model: nn.Module) -> dict[str, dict[str, Any]]:
-    keys = ("out_channels", "in_channels", "groups", "num_channels", "num_groups")
+    keys = ("out_channels", "in_channels", "groups", "num_channels", "num_groups", "head_dim")
     return {name: {k: getattr(m, k) for k in keys if isinstance(getattr(m, k, None), int)}
             for name, m in model.named_modules()}
 

@@ -542,3 +542,48 @@ def test_lstm_projection_with_removed_hidden_units_is_refused() -> None:
     rnn._parameters["weight_hh_l0"] = nn.Parameter(rnn.weight_hh_l0[:16])
     with pytest.raises(geta_fx.InputError, match="'enc.rnn' is an nn.LSTM with proj_size=3"):
         _fix_rnn("enc.rnn", rnn)
+
+
+class _MHANet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.fc = nn.Linear(16, 24)
+        self.out = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        a, _ = self.mha(h, h, h, need_weights=False)
+        return self.out(torch.relu(self.fc(a + h)))
+
+
+def _mha_gm() -> tuple[nn.Module, torch.Tensor, Any]:
+    torch.manual_seed(0)
+    model, x = _MHANet().eval(), torch.randn(2, 5, 8)
+    return model, x, geta_fx.transform(model, (x,))
+
+
+def test_multihead_attention_outside_the_pruned_groups_keeps_working() -> None:
+    model, x, gm = _mha_gm()
+    for g in gm.prunable_groups():  # prune only the MLP hidden units (24 wide)
+        if g.num_units == 24:
+            gm.zero_units(g.id, torch.arange(8))
+    out = gm.compress(into=model)
+    assert out is model and model.fc.out_features == 16
+    assert (model.mha.embed_dim, model.mha.num_heads, model.mha.head_dim) == (16, 4, 4)
+    assert max_rel_err(gm(x), model(x)) < 1e-5
+    assert max_rel_err(gm(x[:, :3]), model(x[:, :3])) < 1e-5  # another sequence length
+
+
+@pytest.mark.parametrize("width", [4, 16])  # 4 heads; the 16-wide residual stream
+def test_pruned_multihead_attention_is_refused_by_name(width: int) -> None:
+    model, x, gm = _mha_gm()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = next(g for g in gm.prunable_groups() if g.num_units == width)
+    gm.zero_units(g.id, torch.arange(1 if width == 4 else 5))
+    with pytest.raises(geta_fx.InputError, match=r"'mha' is an nn.MultiheadAttention.*skip=\['mha'\]"):
+        gm.compress(into=model)
+    after = model.state_dict()  # untouched
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert model.mha.embed_dim == 16
