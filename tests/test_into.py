@@ -582,7 +582,8 @@ def test_pruned_multihead_attention_is_refused_by_name(width: int) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     g = next(g for g in gm.prunable_groups() if g.num_units == width)
     gm.zero_units(g.id, torch.arange(1 if width == 4 else 5))
-    with pytest.raises(geta_fx.InputError, match=r"'mha' is an nn.MultiheadAttention.*skip=\['mha'\]"):
+    with pytest.raises(geta_fx.InputError,
+                       match=r"'mha' is an nn.MultiheadAttention.*skip=\['mha'\]"):
         gm.compress(into=model)
     after = model.state_dict()  # untouched
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
