@@ -26,6 +26,7 @@ are).  The header names device, threads, torch, transformers, commit and date.
 
     python benchmarks/bench_generate.py                         # ~3 min, 1 thread
     python benchmarks/bench_generate.py --new-tokens 32 --rounds 2 --sparsity 0.5
+    python benchmarks/bench_generate.py --saved --sparsity 0.5  # + geta_fx.load(save) column
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -61,7 +64,8 @@ def build(args: argparse.Namespace) -> nn.Module:
 
 
 def _no_stop(model: nn.Module) -> None:
-    """HF generate runs exactly max_new_tokens (geta_fx.generate has no stop token)."""
+    """No stop token: HF generate, and geta_fx.generate (which takes its default stop token
+    from the captured model's generation_config), run exactly max_new_tokens."""
     gc = model.generation_config
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
 
@@ -81,9 +85,10 @@ def geta_call(slim: torch.fx.GraphModule, ids: torch.Tensor) -> Callable[[int], 
     return lambda n: geta_fx.generate(slim, ids, max_new_tokens=n)
 
 
-def variants(model: nn.Module, ids: torch.Tensor, sparsity: float
+def variants(model: nn.Module, ids: torch.Tensor, sparsity: float, saved: str | None = None
              ) -> tuple[dict[str, Callable[[int], torch.Tensor]], int, int]:
-    """The geta and HF-into generators at ``sparsity`` (0: nothing zeroed); their params."""
+    """The geta and HF-into generators at ``sparsity`` (0: nothing zeroed); their params.
+    ``saved``: a .pt2 path; adds ``geta loaded``, ``geta_fx.load`` of ``geta_fx.save(slim)``."""
     gm = geta_fx.transform(model, (ids.expand(2, -1).clone(),))
     if sparsity > 0:
         zero_random_units(gm, sparsity)
@@ -93,8 +98,11 @@ def variants(model: nn.Module, ids: torch.Tensor, sparsity: float
     _no_stop(into)
     params = sum(p.numel() for p in slim.parameters())
     geta_fx.generate(slim, ids, max_new_tokens=2)  # capture the two graphs (not timed)
-    return {"geta": geta_call(slim, ids), "HF into": hf_call(into, ids)}, params, \
-        sum(p.numel() for p in into.parameters())
+    calls = {"geta": geta_call(slim, ids), "HF into": hf_call(into, ids)}
+    if saved is not None:
+        geta_fx.save(slim, saved)
+        calls["geta loaded"] = geta_call(geta_fx.load(saved), ids)
+    return calls, params, sum(p.numel() for p in into.parameters())
 
 
 def fastest(calls: dict[str, Callable[[int], torch.Tensor]], n: int, rounds: int,
@@ -140,6 +148,9 @@ def main() -> int:
                     help="cpu (default): this thread's CPU time (time.thread_time; needs "
                          "--threads 1), robust to other jobs on a shared machine; wall: "
                          "perf_counter")
+    ap.add_argument("--saved", action="store_true",
+                    help="add a 'geta loaded' column: geta_fx.generate of geta_fx.load(path) "
+                         "after geta_fx.save(slim, path) (a temporary .pt2), and its file size")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.clock == "cpu" and args.threads != 1:
@@ -159,12 +170,15 @@ def main() -> int:
           f"{args.mlp}, vocab {args.vocab}: {dense_params:,} params; prompt 1x{args.prompt}, "
           f"{n} new tokens, greedy; fastest of {args.rounds} interleaved rounds, "
           f"{args.clock} clock\n")
+    extra = " geta loaded ms/tok (file MB) | loaded tokens == geta |" if args.saved else ""
     print("| group sparsity | params (slim / into) | HF dense ms/tok | geta ms/tok | "
           "HF into ms/tok | HF dense tok/s | geta tok/s | HF into tok/s | geta vs HF dense "
-          "(decode) | HF into vs HF dense (decode) | geta tokens == HF into |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(decode) | HF into vs HF dense (decode) | geta tokens == HF into |" + extra)
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * bool(extra))
+    tmp = tempfile.TemporaryDirectory()
+    saved = os.path.join(tmp.name, "slim.pt2") if args.saved else None
     for s in [0.0] + [float(x) for x in args.sparsity.split(",")]:
-        calls, p_slim, p_into = variants(model, ids, s)
+        calls, p_slim, p_into = variants(model, ids, s, saved)
         got = fastest({"HF dense": hf_call(model, ids), **calls}, n, args.rounds, clock)
         ms_tok = {k: cells(t1, tn, n) for k, (t1, tn, _) in got.items()}
         same = torch.equal(got["geta"][2], got["HF into"][2])
@@ -173,7 +187,10 @@ def main() -> int:
               f"{d:.2f} | {ms_tok['geta'][0]:.2f} | {ms_tok['HF into'][0]:.2f} | "
               f"{ms_tok['HF dense'][1]:.0f} | {ms_tok['geta'][1]:.0f} | "
               f"{ms_tok['HF into'][1]:.0f} | {d / ms_tok['geta'][0]:.2f}x | "
-              f"{d / ms_tok['HF into'][0]:.2f}x | {'yes' if same else 'NO'} |", flush=True)
+              f"{d / ms_tok['HF into'][0]:.2f}x | {'yes' if same else 'NO'} |"
+              + (f" {ms_tok['geta loaded'][0]:.2f} ({os.path.getsize(saved) / 1e6:.1f}) | "
+                 f"{'yes' if torch.equal(got['geta loaded'][2], got['geta'][2]) else 'NO'} |"
+                 if saved else ""), flush=True)
     return 0
 
 
