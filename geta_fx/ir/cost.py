@@ -39,7 +39,9 @@ from geta_fx.ir.query import get_attr_tensor, is_quantizer, tensor_val
 
 __all__ = [
     "FP_BITS", "LAYER_OPS", "BitSource", "BopsTerm", "Layer", "Operand", "PackedRef", "Sizes",
-    "Storage", "StoredWeight", "bit_source", "bits_of", "bops_terms", "source_bits", "find_layers", "frozen_quantize_bits", "kept_channels", "module_path", "quantizer_bits", "storage",
+    "Storage", "StoredWeight", "bit_source", "bits_of", "bops_terms", "find_layers",
+    "frozen_quantize_bits", "kept_channels", "module_path", "quantizer_bits", "source_bits",
+    "storage",
     "stored_weights", "weight_bits", "weight_fqn", "weight_numel", "weight_shape",
 ]
 
