@@ -40,8 +40,9 @@ Design (and why this one):
   against each other (a decode step equals the prefill of one more token).
   A graph step costs what transformers' own step costs, plus one copy of the past per layer
   (``DynamicCache(pairs)`` concatenates it onto an empty tensor); the cache grows by
-  ``torch.cat`` as in ``DynamicCache``.  Activation quantizers and lowered graphs are not
-  supported (``compress(into=)`` cannot carry them): ``generate`` says so.
+  ``torch.cat`` as in ``DynamicCache``.  Activation quantizers come along as
+  ``compress(into=)`` carries them (input hooks); lowered graphs (packed weights) are not
+  supported: ``generate`` says so.
 
 Invariants: the user's model is never touched (the skeleton is a copy; so are the slices);
 greedy tokens equal those of the zeroed GetaModule decoding without a cache (tested, five
