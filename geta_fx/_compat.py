@@ -15,10 +15,15 @@ import torch
 
 def aoti_compile_and_package(ep: torch.export.ExportedProgram,
                              path: str | os.PathLike[str]) -> str:
-    """Compile ``ep`` with AOTInductor and write the ``.pt2`` package at ``path``."""
+    """Compile ``ep`` with AOTInductor and write the ``.pt2`` package at ``path`` (its copies of
+    the graph warn about LeafSpec, see :data:`_LEAFSPEC_WARNING`: silenced)."""
+    import warnings
+
     import torch._inductor
 
-    out: str = torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEAFSPEC_WARNING, category=FutureWarning)
+        out: str = torch._inductor.aoti_compile_and_package(ep, package_path=os.fspath(path))
     return out
 
 
