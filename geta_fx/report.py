@@ -540,16 +540,6 @@ class BitCost:
             return None
         return sum(k * round(float(bits[q])) for q, k in self.weight_numel.items()) / n
 
-    def weight_macs(self, bits: Any) -> dict[str, int]:
-        """Weight quantizer -> BOPs one more bit of it costs (MACs x the other operand's
-        bits, with ``bits`` for the other operands)."""
-        out: dict[str, int] = {}
-        for macs, w, a in self.terms:
-            for mine, other in ((w, a), (a, w)):
-                if isinstance(mine, str) and mine in self.weight_numel:
-                    o = other if isinstance(other, int) else int(round(float(bits[other])))
-                    out[mine] = out.get(mine, 0) + macs * o
-        return out
 
 
 def bit_cost(m: Any, example_inputs: Any = None, *, reference: Any = None) -> BitCost:

@@ -1,6 +1,9 @@
 """Assertions shared by the QADG tests (they live in :mod:`geta_fx.testing`)."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 
@@ -18,3 +21,14 @@ def zero_eager(model: torch.nn.Module, gm: torch.nn.Module) -> torch.nn.Module:
         for name, p in ref.named_parameters(remove_duplicate=False):
             p.copy_(params[name])
     return ref
+
+
+def run_benchmark(script: str, *args: str, cwd: object) -> str:
+    """stdout of ``python benchmarks/<script> *args`` run from ``cwd`` (warnings off); a
+    non-zero exit fails the test with the script's stderr."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", script), *args],
+                          capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -3,23 +3,15 @@ every method meets the average-bit budget it is given and mixed is mixed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "benchmarks", "bench_mixed.py")
+from helpers import run_benchmark
 
 pytest.importorskip("sklearn", reason="the benchmark's digits task needs scikit-learn")
 
 
 @pytest.mark.slow
 def test_quick_run_meets_the_budget(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, SCRIPT, "--quick"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=600, check=True).stdout
+    out = run_benchmark("bench_mixed.py", "--quick", cwd=tmp_path)
     table = [line for line in out.splitlines() if line.startswith("| digits |")]
     rows = {c[2]: c for c in ([x.strip() for x in line.split("|")[1:-1]] for line in table)}
     assert list(rows) == ["uniform", "mixed", "mixed measured", "mixed@BOPs",

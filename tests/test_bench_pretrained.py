@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import run_benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "bench_pretrained.py")
@@ -49,9 +49,7 @@ def test_l2_prune_zeroes_the_smallest_units_of_every_group():
 
 @pytest.mark.slow
 def test_quick_run_prints_geta_and_baseline_rows(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, SCRIPT, "--quick"], capture_output=True, text=True,
-                         env=env, cwd=tmp_path, timeout=600, check=True).stdout
+    out = run_benchmark("bench_pretrained.py", "--quick", cwd=tmp_path)
     table = [line for line in out.splitlines() if line.startswith("| digits |")]
     methods = [line.split("|")[2].strip() for line in table]
     assert methods == ["GETA", "L2+QAT"], out

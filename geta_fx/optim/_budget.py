@@ -37,7 +37,7 @@ Tolerance: 0.05 bits for ``target_avg_bits``; 1% of the target for ``target_bops
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -45,6 +45,9 @@ from torch import Tensor
 from geta_fx.errors import InputError
 from geta_fx.optim._joint import fake_quant
 from geta_fx.quantizer import d_for_bits
+
+if TYPE_CHECKING:
+    from geta_fx.report import BitCost
 
 AVG_BITS_TOL = 0.05   # bits
 BOPS_REL_TOL = 0.01   # of the target
@@ -94,30 +97,26 @@ class Linear:
     limit: float
     scale: float    # what the total is divided by to read as the budget (params; 1)
 
-    def value(self, bits: Tensor) -> float:
-        return (self.fixed + float((self.unit * bits.double()).sum())) / self.scale
 
-
-def linear_cost(budget: Budget, bc: object, names: list[str], is_weight: list[bool],
+def linear_cost(budget: Budget, bc: BitCost, names: list[str], is_weight: list[bool],
                 act_bits: dict[str, int], shrink: float = 1.0) -> Linear:
-    """The budget as a :class:`Linear` form over the weight quantizers ``names`` (``bc``: a
-    :class:`geta_fx.report.BitCost`; ``act_bits``: the activation quantizers' rounded bits).
+    """The budget as a :class:`Linear` form over the weight quantizers ``names`` (``bc``: the
+    report's cost with the bits left open; ``act_bits``: the activation quantizers' bits).
     ``shrink`` scales the MACs (the provisional BOPs estimate of pruning to come)."""
     L = len(names)
     unit = torch.zeros(L, dtype=torch.float64)
     index = {n: i for i, n in enumerate(names)}
     if budget.kind == "avg_bits":
         n = 0
-        for q, k in bc.weight_numel.items():  # type: ignore[attr-defined]
+        for q, k in bc.weight_numel.items():
             if q in index and is_weight[index[q]]:
                 unit[index[q]] += k
                 n += k
         return Linear(unit, 0.0, budget.value * n, float(max(n, 1)))
     fixed = 0.0
-    fp32 = float(bc.fp32_bops)  # type: ignore[attr-defined]
-    for macs, w, a in bc.terms:  # type: ignore[attr-defined]
-        srcs = [w, a]
-        wq = [s for s in srcs if isinstance(s, str) and s in index and is_weight[index[s]]]
+    fp32 = float(bc.fp32_bops)
+    for macs, w, a in bc.terms:
+        wq = [s for s in (w, a) if isinstance(s, str) and s in index and is_weight[index[s]]]
         if wq:  # linear in the weight quantizer's bits
             other = a if wq[0] == w else w
             ob = other if isinstance(other, int) else act_bits[other]
