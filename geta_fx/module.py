@@ -261,6 +261,17 @@ class GetaModule(nn.Module):
         if align != "auto" and (isinstance(align, bool) or not isinstance(align, int)
                                 or align < 1):
             raise InputError(f"compress: align must be an int >= 1 or 'auto', got {align!r}")
+        if any(hasattr(p, "device_mesh") for p in self.parameters()):
+            raise InputError("compress() of a module with FSDP2-sharded (DTensor) parameters: "
+                             "gather a full state dict (torch.distributed.checkpoint.state_dict."
+                             "get_model_state_dict(..., full_state_dict=True)), load it into an "
+                             "unsharded copy and compress that (examples/fsdp2_llama.py)")
+        if self.graph_module.meta.get(meta.BLOCKS):  # split for FSDP2: prune the flat graph
+            from geta_fx.distributed import merge_blocks
+
+            flat = deepcopy_module(self)
+            merge_blocks(flat)
+            return flat.compress(removed_units, lower=lower, align=align, into=into)
         self.validate()
         if into is not None:
             if lower:

@@ -295,7 +295,9 @@ def _unwrap(m: Any, example_inputs: Any) -> tuple[torch.fx.GraphModule, str]:
     from geta_fx.module import GetaModule
 
     if isinstance(m, GetaModule):
-        return m.graph_module, "GetaModule"
+        from geta_fx.distributed import flat_graph_module
+
+        return flat_graph_module(m.graph_module), "GetaModule"
     if isinstance(m, torch.fx.GraphModule):
         return m, "GraphModule"
     if isinstance(m, nn.Module):

@@ -681,7 +681,9 @@ def _graph_module(m: Any) -> torch.fx.GraphModule:
     gm = getattr(m, "graph_module", m)
     if not isinstance(gm, torch.fx.GraphModule):
         raise InputError(f"expected a GetaModule or torch.fx.GraphModule, got {type(m).__name__}")
-    return gm
+    from geta_fx.distributed import flat_graph_module
+
+    return flat_graph_module(gm)
 
 
 def to_dot(m: Any, color_by: ColorBy = "group", *, params: bool = True, buffers: bool = False,

@@ -24,6 +24,7 @@ LOG = "geta.log"                # gm.meta: list[PassRecord]
 FACTS = "geta.facts"            # gm.meta: frozenset[str] of established facts
 UNGROUPED = "geta.ungrouped"    # gm.meta: tuple[ParamNote, ...] trainable params in no group
 UNQUANTIZED = "geta.unquantized"  # gm.meta: tuple[ParamNote, ...] weights left float, and why
+BLOCKS = "geta.blocks"          # gm.meta: tuple[str, ...] block paths of a split graph
 
 
 @dataclass(frozen=True)
