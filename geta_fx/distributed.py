@@ -143,15 +143,28 @@ def _collect(graph: torch.fx.Graph, paths: Sequence[str]) -> tuple[dict[str, _Bl
                     and n.target not in b.modules:
                 b.modules.append(str(n.target))
             outside = [u for u in n.users if u not in inside]
-            if outside and n.op == "get_attr":
+            if outside and _param_view(n) is not None:
                 raise InputError(
-                    f"split_blocks: {n.target!r} of block {b.path!r} is also read outside it "
+                    f"split_blocks: {_param_view(n)!r} of block {b.path!r} is also read outside it "
                     f"(by {outside[0].format_node()}): a weight shared across the block "
                     f"boundary cannot be sharded with the block; leave {b.path!r} out of "
                     f"blocks=")
             if outside:
                 b.outputs.append(n)
     return blocks, owner
+
+
+def _param_view(node: torch.fx.Node) -> str | None:
+    """The attribute ``node`` is (a view of), if it is one: FSDP2 frees a block's unsharded
+    parameters after its forward, so no such value may leave the block."""
+    while node.op == "call_function":
+        schema = getattr(node.target, "_schema", None)
+        returns = schema.returns if schema is not None else ()
+        if not (returns and returns[0].alias_info is not None and node.args
+                and isinstance(node.args[0], torch.fx.Node)):
+            return None
+        node = node.args[0]
+    return str(node.target) if node.op == "get_attr" else None
 
 
 def _block_graph(b: _Block) -> torch.fx.Graph:
@@ -260,7 +273,7 @@ def split_blocks(graph_module: torch.fx.GraphModule | nn.Module,
     if len(set(paths)) != len(paths):
         raise InputError(f"split_blocks: a block is named twice in {list(paths)}")
     known = _stack_classes(gm)
-    unknown = [p for p in paths if p not in known]
+    unknown = [p for p in paths if not any(q == p or q.startswith(p + ".") for q in known)]
     if unknown:
         raise InputError(f"split_blocks: no op of the graph runs in module {unknown[0]!r} "
                          f"(known paths include {sorted(known)[:6]})")
