@@ -57,11 +57,11 @@ restored in fp32 by ``load_state_dict``) with fp32 moments, and copied down (rou
 of every step: AdamW on fp32 copies of the weights.  Quantizer scalars are fp32 throughout.
 Memory: 12 bytes of state per 16-bit weight (master + two moments) instead of 8.
 
-Distributed: DDP, or FSDP2 with ``fully_shard(gm)`` on the root GetaModule (DTensor shards;
-unit statistics all-reduced, rank 0 selects).  ``fully_shard`` on blocks inside it does not
-work: the captured graph reads their weights as attributes and never calls the block modules,
-so FSDP2's per-module hooks would never gather them.  The root as the only unit shards the
-gradients and the optimizer state; the parameters are gathered whole for forward/backward.
+Distributed: DDP, or FSDP2 (DTensor shards; unit statistics all-reduced, rank 0 selects):
+``geta_fx.distributed.fully_shard_blocks(gm)`` splits the flat graph into one GraphModule per
+block (parameter names unchanged) and shards each block, then the root, so a block's weights
+are gathered only while it runs; ``fully_shard(gm)`` alone makes the root the only unit (the
+whole model gathered for every forward/backward).
 
 Departures from the reference implementation (GETA_SPEC G.2), each also noted where it is
 implemented:
