@@ -336,7 +336,8 @@ def run_digits(*, epochs: int = 40, geta_epochs: int = 30, batch_size: int = 64,
 
 
 # =============================================================================== charlm
-def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16,
+def run_charlm(*, steps: int = 5000, geta_steps: int = 1500, pretrained: bool = True,
+               batch_size: int = 16,
                block: int = 64, d_model: int = 64, heads: int = 4, layers: int = 2,
                lr: float = 3e-3, geta_lr: float = 3e-3, lr_quant: float = 1e-3,
                weight_decay: float = 1e-2, target_sparsity: float = 0.4,
@@ -349,8 +350,11 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
     """Dense vs GETA character-level GPT on ``pydoc_data.topics``; prints the table.
 
     Args:
-        steps: dense training steps (AdamW, cosine LR); both runs train this long.
-        geta_steps: GETA (QASSO) steps, from the dense model at step steps - geta_steps.
+        steps: dense training steps (AdamW, cosine LR).
+        geta_steps: GETA (QASSO) steps.
+        pretrained: GETA starts from the dense model at the end of its training (converged,
+            as a user's pretrained model; the val loss over its last 20% of steps is printed);
+            False: from its step steps - geta_steps snapshot (both runs train steps in all).
         batch_size: sequences per step.
         block: context length in characters.
         d_model: embedding width.
@@ -378,8 +382,9 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
 
     if threads:
         torch.set_num_threads(threads)
-    if not 0 < geta_steps <= steps:
-        raise ValueError(f"need 0 < geta_steps <= steps, got {geta_steps}, {steps}")
+    if geta_steps <= 0 or (not pretrained and geta_steps > steps) or steps < 5:
+        raise ValueError(f"need steps >= 5 and 0 < geta_steps (<= steps unless pretrained), "
+                         f"got {geta_steps}, {steps}")
     text = load_topics_text()
     chars = sorted(set(text))
     stoi = {c: i for i, c in enumerate(chars)}
@@ -422,11 +427,19 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
     example = (windows(train, torch.arange(batch_size))[0],)
 
     dense = copy.deepcopy(base)
-    pre_steps = steps - geta_steps
-    t_dense, start, t_pre = _dense_run(dense, steps=steps, snapshot_at=pre_steps, lr=lr,
-                                       weight_decay=weight_decay, batch_fn=batches(),
-                                       loss_fn=loss_fn, progress=progress)
+    pre_steps = int(0.8 * steps) if pretrained else steps - geta_steps
+    t_dense, snap, t_pre = _dense_run(dense, steps=steps, snapshot_at=pre_steps, lr=lr,
+                                      weight_decay=weight_decay, batch_fn=batches(),
+                                      loss_fn=loss_fn, progress=progress)
     vl = val_loss(dense)
+    if pretrained:  # GETA compresses the trained model; the snapshot shows how far it is
+        vl_snap, start, t_pre = val_loss(snap), copy.deepcopy(dense).eval(), 0.0
+        origin = (f"GETA: the trained dense model (val loss {vl_snap:.4f} after {pre_steps} "
+                  f"steps, {vl:.4f} after {steps}: {(vl - vl_snap) / vl_snap:+.1%} over the "
+                  f"last 20%), then {geta_steps} QASSO steps")
+    else:
+        start, vl_snap = snap, None
+        origin = f"GETA: the dense model after {pre_steps} steps, then {geta_steps} QASSO steps"
     dense_row = _summary("dense", {"val_loss": vl, "perplexity": math.exp(vl)},
                          report(dense, example), None, t_dense)
     kwargs = _qasso_kwargs(geta_lr, lr_quant, weight_decay, target_sparsity, bit_range,
@@ -446,9 +459,8 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
                         report(gm, compressed=True), _weight_bits(gm), t_pre + t_geta)
     m = opt.metrics()
     print(f"charlm: {len(train):,} train / {len(val):,} validation characters of "
-          f"pydoc_data.topics, vocab {vocab}; dense: {steps} AdamW steps; GETA: the dense model "
-          f"after {pre_steps} steps, then {geta_steps} QASSO steps; batch {batch_size}x{block}, "
-          f"quantize={quantize}")
+          f"pydoc_data.topics, vocab {vocab}; dense: {steps} AdamW steps; {origin}; batch "
+          f"{batch_size}x{block}, quantize={quantize}")
     print(_table([dense_row, geta_row], [("val_loss", "val loss", ".3f"),
                                          ("perplexity", "ppl", ".2f")]))
     print(f"GETA: {m['num_pruned']}/{m['num_units']} prunable units (heads, MLP channels) zero "
@@ -457,7 +469,9 @@ def run_charlm(*, steps: int = 1500, geta_steps: int = 750, batch_size: int = 16
           f"uncompressed {vl_gm:.4f}; MACs/BOPs/params of the compressed model vs the FP32 "
           f"model")
     return {"dense": dense_row, "geta": geta_row, "qasso": m, "dense_steps": steps,
-            "geta_steps": geta_steps, "geta_uncompressed_val_loss": vl_gm}
+            "geta_steps": geta_steps, "geta_uncompressed_val_loss": vl_gm,
+            "pretrained": pretrained,
+            "dense_snapshot_val_loss": vl_snap}
 
 
 # =============================================================================== CLI

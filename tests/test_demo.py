@@ -34,14 +34,21 @@ def test_digits_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert res["geta"]["accuracy"] == res["geta_uncompressed_accuracy"]
 
 
-def test_charlm_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    res = demo.run_charlm(steps=12, geta_steps=10, batch_size=4, block=16, d_model=16,
-                          layers=1, eval_batches=2, progress=False)
-    assert "ppl" in capsys.readouterr().out
+@pytest.mark.parametrize("pretrained", [True, False])
+def test_charlm_smoke(capsys: pytest.CaptureFixture[str], pretrained: bool) -> None:
+    res = demo.run_charlm(steps=12, geta_steps=10, pretrained=pretrained, batch_size=4,
+                          block=16, d_model=16, layers=1, eval_batches=2, progress=False)
+    out = capsys.readouterr().out
+    assert "ppl" in out
     _check(res, "perplexity")
     assert res["geta"]["val_loss"] == pytest.approx(res["geta_uncompressed_val_loss"], abs=1e-5)
+    # pretrained: GETA starts from the trained dense model, whose late-training val loss is shown
+    assert ("the trained dense model (val loss" in out) == pretrained
+    assert (res["dense_snapshot_val_loss"] is not None) == pretrained
 
 
 def test_bad_lengths_rejected() -> None:
     with pytest.raises(ValueError, match="geta_epochs"):
         demo.run_digits(epochs=1, geta_epochs=2, progress=False)
+    with pytest.raises(ValueError, match="geta_steps"):
+        demo.run_charlm(steps=12, geta_steps=20, pretrained=False, progress=False)
