@@ -96,7 +96,7 @@ def _dense_origin(gm: torch.fx.GraphModule, reference: Any, example_inputs: Any
 
 def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None,
           max_bits: int = 8, fuse_linear: bool = True, freeze_act: bool = True,
-          inplace: bool = False) -> torch.fx.GraphModule:
+          act_table: bool = True, inplace: bool = False) -> torch.fx.GraphModule:
     """Lower a slim model's quantized weights to packed integer levels (the ``lower_quant`` pass).
 
     Args:
@@ -109,6 +109,11 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         max_bits: widest packed weight (2..8); wider weights stay float.
         fuse_linear: linear layers compute with ``geta::lowbit_linear``.
         freeze_act: activation quantizers become ``geta::quantize`` on frozen constants.
+        act_table: and then ``geta::quantize.table``: the same values bit for bit, read from a
+            threshold table built at lowering instead of an ``exp``/``log`` per element, with
+            a ``relu`` read only by an unsigned quantizer dropped (``passes/lower_act.py``;
+            ``meta["geta.act_table"]`` lists the tables and any quantizer kept as it was).
+            Only with ``freeze_act``.
         inplace: lower ``model`` itself instead of a copy (GraphModule only).
 
     Returns:
@@ -124,6 +129,8 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     from geta_fx.pipeline import Pipeline
 
     ensure_loaded()  # the fused CPU kernel, when the installed package ships it
+    if not isinstance(act_table, bool):
+        raise InputError(f"geta_fx.lower: act_table must be True or False, got {act_table!r}")
     if isinstance(model, GetaModule):
         reference = model if reference is None else reference
         gm = model.compress()
@@ -143,6 +150,10 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     # dropout), whatever mode the trained model was in; then the packing (lower_quant).
     passes = lower_pipeline(max_bits=max_bits, fuse_linear=fuse_linear, freeze_act=freeze_act) \
         if _has_quantizers(gm) else [SetTrainingMode(False)]
+    if act_table and freeze_act:
+        from geta_fx.passes.lower_act import LowerActTable
+
+        passes.append(LowerActTable())
     gm = Pipeline(passes)(gm).graph_module
     weights = [dataclasses.asdict(w) for w in gm.meta.get(LOWBIT, ())]
     by_param = {w["param"]: w for w in weights}
@@ -257,6 +268,7 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
         if os.fspath(path).endswith(".onnx"):  # ONNX Runtime/OpenVINO/TensorRT (export_onnx)
             from geta_fx.export_onnx import save_onnx
 
+            gm = _without_act_tables(gm)
             return save_onnx(gm, path, tuple(example_inputs), dynamic_shapes,
                              opset=onnx_opset, matmul_nbits=onnx_matmulnbits)
         ep = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes,
@@ -287,6 +299,21 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
     metadata["sha256"] = _payload_digest(zipfile.ZipFile(staging))
     _write(path, ep, steps, metadata)
     return ep
+
+
+def _without_act_tables(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm``, or an eval copy whose ``geta::quantize.table`` nodes are the ``geta::quantize``
+    they stand for (same values; ONNX has a form of that one, not of a table lookup)."""
+    from geta_fx.ops.quantize_table import as_quantize
+
+    if not any(n.target is torch.ops.geta.quantize.table for n in gm.graph.nodes):
+        return gm
+    gm = deepcopy_module(gm).eval()
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.geta.quantize.table:
+            as_quantize(node)  # the table's get_attrs stay, unread
+    gm.recompile()
+    return gm
 
 
 def _write(f: Any, ep: torch.export.ExportedProgram,

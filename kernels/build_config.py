@@ -66,6 +66,9 @@ OPSETS: dict[str, OpSetSources] = {
         ops=("geta::lowbit_linear", "geta::unpack_weight"),
         cpu=("cpu/lowbit_cpu.cpp",), cuda=("cuda/lowbit_cuda.cu",),
         cuda_switch="GETA_FX_BUILD_LOWBIT_CUDA"),
+    "quantize_table": OpSetSources(
+        ops=("geta::quantize.table",),
+        cpu=("cpu/quantize_table_cpu.cpp",), cuda=("cuda/quantize_table_cuda.cu",)),
 }
 
 #: CPU libraries built on this machine's architecture, by ATen capability tag.

@@ -72,3 +72,4 @@ def _load_kernels() -> bool:
 _load_kernels()
 
 from geta_fx.ops import lowbit as lowbit  # noqa: E402  (geta::lowbit_linear / unpack_weight)
+from geta_fx.ops import quantize_table as quantize_table  # noqa: E402  (geta::quantize.table)

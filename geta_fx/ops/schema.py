@@ -38,3 +38,10 @@ lib.define(
     "unpack_weight(Tensor packed, Tensor scale, int bits, bool signed, int[] shape,"
     " ScalarType dtype) -> Tensor"
 )
+# --- inference form of an activation quantizer (reference, fake and contract:
+# geta_fx/ops/quantize_table.py): geta::quantize(x, d, q_m, t, signed) with the levels read from
+# a precomputed threshold table (``scale``, ``bounds``, ``base``) instead of exp/log per element.
+lib.define(
+    "quantize.table(Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed, Tensor scale,"
+    " Tensor bounds, Tensor base) -> Tensor"
+)

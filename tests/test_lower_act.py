@@ -1,0 +1,305 @@
+"""lower_act (issue #12 item 4): frozen activation quantizers as ``geta::quantize.table``.
+
+    x -> geta::quantize(x, d, q_m, t, s)   ==>   geta::quantize.table(x, d, q_m, t, s, scale,
+                                                                       bounds, base)
+
+The table op must equal ``geta::quantize`` bit for bit (signs of zero and NaN included), so a
+lowered ``quantize="weight_act"`` slim model computes exactly what the fake-quant slim graph does.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import geta_fx
+from geta_fx import deploy
+from geta_fx.errors import InputError, NodeError
+from geta_fx.ops import quantize_table as qt
+from geta_fx.ops.quantize_table import build_table, quantize_table_reference
+from geta_fx.passes.lower_act import ACT_TABLE, LowerActTable
+
+geta = torch.ops.geta
+EDGES = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 1e30, -1e30]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.float().contiguous().view(torch.int32)
+
+
+def consts(d: float, q_m: float, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (torch.tensor([d]), torch.tensor([q_m]), torch.tensor([t]))
+
+
+def table_args(d: torch.Tensor, q_m: torch.Tensor, t: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    tab = build_table(d, q_m, t)
+    return tab.scale, tab.bounds, tab.base
+
+
+def sample(n: int, q_m: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * q_m * 0.8
+    k = min(n, len(EDGES) + 2)
+    x[:k] = torch.tensor(EDGES + [q_m, -q_m])[:k]
+    return x
+
+
+# (d, q_m, t): 8-bit unsigned act-like, t far from 1, the exact linear case, 2-level, wide t
+PARAMS = [(0.0298, 7.52, 0.99975), (0.0223, 2.82, 1.00723), (0.05, 3.0, 1.0),
+          (0.4, 1.0, 1.3), (0.0404, 9.26, 1.14375), (0.001, 0.5, 0.7)]
+
+
+@pytest.mark.parametrize(("d", "q_m", "t"), PARAMS)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 100_003])
+def test_table_equals_quantize_bitwise(d: float, q_m: float, t: float, signed: bool,
+                                       n: int) -> None:
+    seed = n + int(signed)
+    dd, qq, tt = consts(d, q_m, t)
+    x = sample(n, q_m, seed)
+    tab = table_args(dd, qq, tt)
+    want = geta.quantize(x, dd, qq, tt, signed)
+    got = geta.quantize.table(x, dd, qq, tt, signed, *tab)
+    ref = quantize_table_reference(x, dd, qq, tt, signed, *tab)
+    assert torch.equal(bits(got), bits(want)), f"seed {seed}"
+    assert torch.equal(bits(ref), bits(want)), f"seed {seed}"
+
+
+def test_table_near_every_threshold() -> None:
+    """Every float32 within 3 ulp of each threshold, both signs: the step is where the
+    quantizer puts it."""
+    dd, qq, tt = consts(0.0404, 9.26, 1.14375)
+    tab = build_table(dd, qq, tt)
+    thr = tab.bounds[tab.bounds != 0x7F800000].long()
+    m = (thr[:, None] + torch.arange(-3, 4)).reshape(-1).to(torch.int32).view(torch.float32)
+    x = torch.cat([m, -m])
+    for signed in (True, False):
+        assert torch.equal(bits(geta.quantize.table(x, dd, qq, tt, signed, tab.scale, tab.bounds,
+                                                    tab.base)),
+                           bits(geta.quantize(x, dd, qq, tt, signed)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_table_half_dtypes(dtype: torch.dtype) -> None:
+    dd, qq, tt = consts(0.0298, 7.52, 0.99975)
+    x = sample(1000, 7.52, 3).to(dtype)
+    tab = table_args(dd, qq, tt)
+    got = geta.quantize.table(x, dd, qq, tt, False, *tab)
+    assert got.dtype == dtype
+    assert torch.equal(got.float().view(torch.int32),
+                       geta.quantize(x, dd, qq, tt, False).float().view(torch.int32))
+
+
+def test_table_layouts() -> None:
+    """Channels-last, transposed, sliced and 0-dim inputs: values and empty_like strides."""
+    dd, qq, tt = consts(0.0223, 2.82, 1.00723)
+    tab = table_args(dd, qq, tt)
+    base = sample(2 * 5 * 7 * 9, 2.82, 5).reshape(2, 5, 7, 9)
+    for x in (base.to(memory_format=torch.channels_last), base.transpose(1, 3),
+              base[:, ::2, 1:], base[0, 0, 0, 0]):
+        got = geta.quantize.table(x, dd, qq, tt, True, *tab)
+        want = geta.quantize(x, dd, qq, tt, True)
+        assert got.shape == want.shape and got.stride() == want.stride()
+        assert torch.equal(bits(got), bits(want))
+
+
+def test_degenerate_quantizer_has_no_levels() -> None:
+    """q_m^t / d < 0.5: every finite x quantizes to 0; the table has no threshold."""
+    dd, qq, tt = consts(1.0, 0.3, 1.0)
+    tab = build_table(dd, qq, tt)
+    assert tab.max_level == 0 and bool((tab.base == 0).all())
+    x = sample(100, 0.3, 1)
+    assert torch.equal(bits(geta.quantize.table(x, dd, qq, tt, True, tab.scale, tab.bounds,
+                                                tab.base)),
+                       bits(geta.quantize(x, dd, qq, tt, True)))
+
+
+def test_table_input_checks() -> None:
+    dd, qq, tt = consts(0.05, 3.0, 1.0)
+    scale, bounds, base = table_args(dd, qq, tt)
+    x = torch.randn(10)
+    for fn in (geta.quantize.table, quantize_table_reference):
+        with pytest.raises(RuntimeError, match="bounds must be a 1-D int32 tensor"):
+            fn(x, dd, qq, tt, True, scale, bounds.float(), base)
+        with pytest.raises(RuntimeError, match="must have the same non-zero length"):
+            fn(x, dd, qq, tt, True, scale, bounds, base[:-1])
+        with pytest.raises(RuntimeError, match="scale must be float32 with one element"):
+            fn(x, dd, qq, tt, True, scale.double(), bounds, base)
+        with pytest.raises(RuntimeError, match="x must be float32, float16 or bfloat16"):
+            fn(x.double(), dd, qq, tt, True, scale, bounds, base)
+
+
+def test_build_table_refuses() -> None:
+    with pytest.raises(ValueError, match="needs finite d > 0 and q_m > 0"):
+        build_table(*consts(float("nan"), 1.0, 1.0))
+    with pytest.raises(ValueError, match="needs finite d > 0 and q_m > 0"):
+        build_table(*consts(0.1, 0.0, 1.0))
+    with pytest.raises(ValueError, match="verify must be 'window' or 'all'"):
+        build_table(*consts(0.1, 1.0, 1.0), verify="some")
+
+
+def test_build_table_detects_a_non_monotone_quantizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantizer whose level drops back near a threshold cannot be a table: ValueError."""
+    real = qt._levels
+
+    def wobbly(f_bits: torch.Tensor, d: torch.Tensor, q_m: torch.Tensor, t: torch.Tensor
+               ) -> torch.Tensor:
+        lv = real(f_bits, d, q_m, t)
+        odd = (f_bits.to(torch.int64) % 97 == 0) & (lv > 0)  # sporadic one-level dips
+        return lv - odd.to(lv.dtype)
+
+    monkeypatch.setattr(qt, "_levels", wobbly)
+    with pytest.raises(ValueError, match="not monotone in \\|x\\|"):
+        build_table(*consts(0.05, 3.0, 1.0))
+
+
+def test_build_table_refuses_too_many_levels() -> None:
+    with pytest.raises(ValueError, match="levels .* more than a table of 65536 cells holds"):
+        build_table(*consts(1e-5, 1.0, 1.0))
+
+
+def test_build_table_refuses_a_tiny_clipping_range() -> None:
+    """cells / q_m must be a finite float32 (the cell index is m * scale)."""
+    d, q_m = (torch.tensor([b], dtype=torch.int32).view(torch.float32) for b in (2, 20))
+    with pytest.raises(ValueError, match="q_m=.* is too small for a table"):
+        build_table(d, q_m, torch.ones(1))
+
+
+# ------------------------------------------------------------------------------ model level
+class Net(nn.Module):
+    """conv-bn-relu (unsigned act quantizer next), relu-maxpool-flatten, a signed input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8 * 4 * 4, 16), nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.max_pool2d(F.relu(self.bn2(self.conv2(h))), 2)
+        return self.fc2(F.relu(self.fc1(h.flatten(1))))
+
+
+def _trained_like(seed: int = 0) -> tuple[geta_fx.GetaModule, torch.Tensor]:
+    """A weight_act GetaModule with calibrated quantizers, t != 1 (as after QASSO) and
+    zeroed units."""
+    torch.manual_seed(seed)
+    model = Net()
+    with torch.no_grad():
+        for bn in (model.bn1, model.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(4, 3, 8, 8)
+    gm = geta_fx.transform(model.eval(), (x,), quantize="weight_act")
+    geta_fx.calibrate(gm, [(torch.randn(16, 3, 8, 8),)])
+    with torch.no_grad():
+        for i, q in enumerate(gm.quantizers.values()):
+            q.t.fill_(0.95 + 0.03 * i)
+            q.set_bit_width(8 if q.kind == "act" else 4)
+    for g in gm.prunable_groups():
+        gm.zero_units(g.id, torch.arange(0, g.num_units, 3))
+    return gm.eval(), x
+
+
+def test_lowered_weight_act_model_is_bit_exact() -> None:
+    gm, x = _trained_like()
+    slim = gm.compress()
+    low = gm.compress(lower=True)  # the default: act_table=True
+    plain = deploy.lower(slim, act_table=False)
+    # unfused linears: the lowered graph is the fake-quant one op for op (the fused
+    # geta::lowbit_linear kernel agrees with aten.linear only to matmul rounding)
+    unfused = deploy.lower(slim, fuse_linear=False)
+    record = low.meta[ACT_TABLE]
+    assert record["kept"] == [] and len(record["tables"]) == 4
+    assert {r["qid"]: r["relu_fused"] for r in record["tables"]} == {
+        "conv1_input": False, "conv2_input": True, "fc1_input": True, "fc2_input": True}
+    nodes = list(low.graph.nodes)
+    assert not any(n.target is geta.quantize.default for n in nodes)
+    assert sum(n.target is torch.ops.aten.relu.default for n in nodes) == 0
+    with torch.inference_mode():
+        for xb in (x, torch.randn(7, 3, 8, 8) * 3):  # the captured batch and another
+            want = slim(xb)
+            assert torch.equal(unfused(xb), want)
+            assert torch.equal(low(xb), plain(xb))
+            torch.testing.assert_close(low(xb), want, rtol=1e-5, atol=1e-6)
+            # the unpruned fake-quant model with the same zeroed units: pruned convs sum fewer
+            # terms (float rounding), which can move an activation level by one step
+            torch.testing.assert_close(gm(xb), want, rtol=0.05, atol=0.05)
+
+
+def test_lowered_table_model_saves_loads_and_converts(tmp_path: object) -> None:
+    gm, x = _trained_like(1)
+    low = gm.compress(lower=True)
+    path = f"{tmp_path}/m.pt2"
+    geta_fx.save(low, path)
+    back = geta_fx.load(path)
+    with torch.inference_mode():
+        assert torch.equal(back(x), low(x))
+        half = low.half()
+        holder = half.geta_lowbit.conv1_input
+        assert holder.scale.dtype == torch.float32 and holder.bounds.dtype == torch.int32
+        assert half(x.half()).dtype == torch.float16
+
+
+def test_onnx_path_turns_tables_back_into_quantize() -> None:
+    gm, x = _trained_like(2)
+    low = gm.compress(lower=True)
+    back = deploy._without_act_tables(low)
+    assert back is not low
+    assert not any(n.target is geta.quantize.table for n in back.graph.nodes)
+    assert any(n.target is geta.quantize.table for n in low.graph.nodes)  # untouched
+    with torch.inference_mode():
+        assert torch.equal(back(x), low(x))
+    assert deploy._without_act_tables(back) is back
+
+
+def test_lower_refuses_bad_options_and_diverged_quantizers() -> None:
+    gm, _ = _trained_like(3)
+    slim = gm.compress()
+    with pytest.raises(InputError, match="act_table must be True or False, got 'yes'"):
+        deploy.lower(slim, act_table="yes")  # type: ignore[arg-type]
+    low = deploy.lower(slim, act_table=False)
+    low.geta_lowbit.conv2_input.d.fill_(float("nan"))
+    with pytest.raises(NodeError, match="activation quantizer 'conv2_input'.*diverged"):
+        LowerActTable()(low)
+
+
+def test_untabulable_quantizer_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table build that fails (non-monotone, too many cells) keeps that quantizer as
+    geta::quantize, says so in meta, and the model stays exact."""
+    gm, x = _trained_like(5)
+    slim = gm.compress()
+    real = qt.build_table
+
+    def refuse_fc1(d: torch.Tensor, q_m: torch.Tensor, t: torch.Tensor, **kw: object
+                   ) -> qt.QuantizeTable:
+        if abs(float(t) - float(gm.quantizers["geta_quant.fc1_input"].t.detach())) < 1e-7:
+            raise ValueError("build_table: thresholds too unevenly spaced (test)")
+        return real(d, q_m, t, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(qt, "build_table", refuse_fc1)
+    low = deploy.lower(slim)
+    kept = low.meta[ACT_TABLE]["kept"]
+    assert [k["qid"] for k in kept] == ["fc1_input"] and "unevenly" in kept[0]["reason"]
+    assert sum(n.target is geta.quantize.default for n in low.graph.nodes) == 1
+    with torch.inference_mode():
+        assert torch.equal(low(x), deploy.lower(slim, act_table=False)(x))
+
+
+def test_report_reads_bits_of_table_nodes() -> None:
+    gm, x = _trained_like(6)
+    slim = gm.compress()
+    a = geta_fx.report(deploy.lower(slim, act_table=False), (x,))
+    b = geta_fx.report(deploy.lower(slim), (x,))
+    assert a.bops == b.bops and a.macs == b.macs
+
+
+@pytest.mark.slow
+def test_build_table_exhaustive_act_quantizer() -> None:
+    """verify="all": every float32 in (0, q_m] of a 6-bit act-like quantizer with t != 1."""
+    tab = build_table(*consts(0.07, 4.4, 1.07), verify="all")
+    assert tab.max_level == int(round(4.4 ** 1.07 / 0.07))
