@@ -40,7 +40,10 @@ params, and CPU speed-ups against the dense eager model at batch ``--latency-bat
 per call of this thread on 1 torch thread, fastest of interleaved blocks, see
 :func:`latencies`): "slim" is ``gm.compress()`` as a user gets it (default ``align="auto"``,
 weights and activations fake-quantized in fp32, the emulation of the low-bit grid: its
-quantize ops cost time on a CPU), "pruned fp32" the same kept widths without quantizers, with
+quantize ops cost time on a CPU), "lowered W&A" its deployable form ``gm.compress(lower=True)``
+(packed weights; activation quantizers as ``geta::quantize.table``, the same values read from a
+threshold table instead of an exp/log per element), "pruned fp32" the same kept widths without
+quantizers, with
 the exact kept counts (``align=1``) and auto-aligned, to show what pruning and the alignment
 rule alone buy.
 
@@ -475,13 +478,15 @@ class Row:
         return [self.task, self.method, f"{self.sparsity:.0%}", self.bits, q, dq,
                 f"{self.group_sparsity:.1%}", removed, f"{self.avg_bits:.2f}",
                 f"{self.bops:.2%}", f"{self.params:,}",
-                *(f"{self.speedups[k]:.2f}x" for k in ("slim", "fp32 exact", "fp32 auto")),
+                *(f"{self.speedups[k]:.2f}x" for k in ("slim", "lowered", "fp32 exact",
+                                                        "fp32 auto")),
                 f"{self.seconds:.0f}"]
 
 
 HEAD = ["task", "method", "target", "bits", "test acc / val loss", "vs dense",
         "group sparsity", "units removed", "avg w bits", "BOPs vs FP32", "params",
-        "slim vs dense", "pruned fp32: exact", "pruned fp32: auto-aligned", "train s"]
+        "slim vs dense", "lowered W&A vs dense", "pruned fp32: exact",
+        "pruned fp32: auto-aligned", "train s"]
 
 
 _PLAIN: dict[int, Any] = {}
@@ -506,7 +511,10 @@ def measure(gm: Any, dense: nn.Module, task: Task, method: str, sparsity: float,
             dense_quality: float, seconds: float, latency_batch: int) -> Row:
     slim = gm.compress()  # the default: align="auto"
     rep = report(gm, compressed=True)
-    variants = {"dense": dense, "slim": slim, "fp32 exact": pruned_fp32(gm, dense, task, 1),
+    # "lowered": the deployable form (geta_fx.lower: packed weights, activation quantizers as
+    # geta::quantize.table, relus before unsigned quantizers dropped); same values as slim
+    variants = {"dense": dense, "slim": slim, "lowered": gm.compress(lower=True),
+                "fp32 exact": pruned_fp32(gm, dense, task, 1),
                 "fp32 auto": pruned_fp32(gm, dense, task, "auto")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

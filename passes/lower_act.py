@@ -1,4 +1,4 @@
-"""lower_act: frozen activation quantizers read their levels from a table (``geta::quantize.table``).
+"""lower_act: frozen activation quantizers read their levels from a table (quantize.table).
 
 Why: a lowered ``quantize="weight_act"`` graph keeps every activation quantizer as
 ``geta::quantize(x, d, q_m, t, signed)`` on frozen buffers (``lower_quant``), and with a learned

@@ -1,4 +1,4 @@
-"""``geta::quantize.table``: an activation quantizer's inference form, levels from a threshold table.
+"""``geta::quantize.table``: an activation quantizer's inference form (levels from a table).
 
 ``geta::quantize(x, d, q_m, t, signed)`` computes ``round(min(|x|, q_m)^t / d)`` per element; with
 ``t != 1`` (every trained GETA quantizer) that is an ``exp`` and a ``log`` per element, which on
@@ -169,7 +169,8 @@ def build_table(d: Tensor, q_m: Tensor, t: Tensor, *, verify: str = "window",
 
     Raises:
         ValueError: non-finite or non-positive parameters, more than ``MAX_CELLS / 2``
-            levels (over 15 bits) or more than :data:`MAX_CELLS` cells needed, or a level that is not a non-decreasing function of ``|x|`` near a
+            levels (over 15 bits) or more than :data:`MAX_CELLS` cells needed, or a level that
+            is not a non-decreasing function of ``|x|`` near a
             threshold (the table would differ from ``geta::quantize`` there).
     """
     if verify not in ("window", "all"):
