@@ -58,3 +58,19 @@ def test_quick_run_prints_geta_and_baseline_rows(tmp_path):
         acc = float(cells[4].rstrip("%"))
         assert 10.0 < acc <= 100.0, line  # a compressed model that still classifies
         assert cells[6] == "50.0%", line  # both reach the requested group sparsity
+
+
+def test_mean_row_averages_the_seeds_and_shows_their_spread():
+    bench = _bench()
+
+    def row(q: float, bops: float, speed: float) -> object:
+        return bench.Row("mnist", "acc", "GETA", 0.7, "4-8", q, 0.98, 0.7, 5.0, bops, 1000,
+                         {"channel": "1/2"}, dict.fromkeys(("slim", "lowered", "fp32 exact",
+                                                             "fp32 auto"), speed), 10.0)
+
+    m = bench.mean_row([row(0.95, 0.01, 1.0), row(0.93, 0.03, 2.0)])
+    assert m.quality == pytest.approx(0.94) and m.bops == pytest.approx(0.02)
+    assert m.speedups["slim"] == pytest.approx(1.5) and m.per_seed == (0.95, 0.93)
+    cell = m.cells()[4]
+    assert cell.startswith("94.00% ±1.4 (95.0/93.0)"), cell  # sd of 95 and 93: 1.41
+    assert "±" not in bench.mean_row([row(0.95, 0.01, 1.0)]).cells()[4]  # one seed: no spread
