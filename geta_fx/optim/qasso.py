@@ -61,7 +61,9 @@ Distributed: DDP, or FSDP2 (DTensor shards; unit statistics all-reduced, rank 0 
 ``geta_fx.distributed.fully_shard_blocks(gm)`` splits the flat graph into one GraphModule per
 block (parameter names unchanged) and shards each block, then the root, so a block's weights
 are gathered only while it runs; ``fully_shard(gm)`` alone makes the root the only unit (the
-whole model gathered for every forward/backward).
+whole model gathered for every forward/backward).  In bf16 (fp32 masters, or a bf16
+``MixedPrecisionPolicy``) the quantizer scalars stay fp32 outside the units
+(``ignored_params``; their gradients averaged here); a unit holding them otherwise is refused.
 
 Departures from the reference implementation (GETA_SPEC G.2), each also noted where it is
 implemented:
@@ -170,6 +172,39 @@ def _grad_norms(grads: list[Tensor]) -> list[Tensor]:
 def _q_m(log_q_m: Tensor) -> Tensor:
     """The range the quantizers' op sees, ``max(exp(log_q_m), Q_M_MIN)`` (vectorised)."""
     return log_q_m.exp().clamp_min(Q_M_MIN)
+
+
+#: how to keep the quantizer scalars out of FSDP2 (whole and float32 on every rank).
+_IGNORE_SCALARS = ("fully_shard(..., ignored_params={p for q in gm.quantizers.values() "
+                   "for p in q.parameters()}); QASSO then averages their gradients over the "
+                   "ranks")
+
+
+def _check_fsdp_units(gm: nn.Module, qparams: list[nn.Parameter]) -> None:
+    """Refuse an FSDP2 unit that would hand ``geta::quantize`` 16-bit scalars (a
+    ``MixedPrecisionPolicy`` param_dtype) or mixes them with 16-bit weights (FSDP2 needs one
+    dtype per unit and would fail at the first forward)."""
+    qids = {id(p) for p in qparams}
+    for name, m in gm.named_modules():
+        get = getattr(m, "_get_fsdp_state", None)
+        group = getattr(get(), "_fsdp_param_group", None) if callable(get) else None
+        if group is None:
+            continue
+        params = [fp.sharded_param for fp in getattr(group, "fsdp_params", ())]
+        if not any(id(p) in qids for p in params):
+            continue
+        cast = getattr(getattr(group, "mp_policy", None), "param_dtype", None)
+        dtypes = sorted({str(p.dtype) for p in params})
+        if cast not in (None, torch.float32):
+            why = f"with MixedPrecisionPolicy(param_dtype={cast}), which casts them to {cast}"
+        elif len(dtypes) > 1:
+            why = (f"together with weights of another dtype ({', '.join(dtypes)}; FSDP2 needs "
+                   "one dtype per unit)")
+        else:
+            continue
+        raise InputError(f"QASSO: the FSDP2 unit {name or '<root>'!r} holds the quantizer "
+                         f"scalars (log_d, log_q_m, t) {why}; geta::quantize needs them "
+                         f"float32: leave them out, {_IGNORE_SCALARS}")
 
 
 class QASSO(torch.optim.Optimizer):
@@ -349,7 +384,7 @@ class QASSO(torch.optim.Optimizer):
                                            len(quants), device)
         widx = {id(p): i for i, p in enumerate(weights)}
         self._stats_widx = [widx[id(p)] for p in self.layout.params]
-        self._init_sharding(weights)
+        self._init_sharding(gm, weights)
         self.num_units = self.layout.num_units
         self.k_target = math.floor(self.target_sparsity * self.num_units)
         by_id = {g.id: g for g in gm.groups}
@@ -364,18 +399,29 @@ class QASSO(torch.optim.Optimizer):
         self._warn_unreachable()
         self._param_names = self._name_params(gm, weights)
 
-    def _init_sharding(self, weights: list[nn.Parameter]) -> None:
-        """FSDP2: the group parameters are sharded over, who holds which quantizer scalar,
-        and which slabs this rank counts in the unit statistics (replicated rows: rank 0)."""
+    def _init_sharding(self, gm: nn.Module, weights: list[nn.Parameter]) -> None:
+        """FSDP2: the group parameters are sharded over, who holds which quantizer scalar
+        (sharded: one rank each; left whole by ``ignored_params``: every rank, gradients
+        averaged here), and which slabs this rank counts in the unit statistics (replicated
+        rows: rank 0)."""
         lay = self.layout
         self._shard_group = self.process_group
         sharded = [p for p in weights if hasattr(p, "device_mesh")]
         if sharded and self._shard_group is None:
             self._shard_group = sharded[0].device_mesh.get_group()  # type: ignore[attr-defined]
         self._q_owned: Tensor | None = None
-        if self._qparams and any(hasattr(p, "device_mesh") for p in self._qparams):
+        self._q_averaged = False
+        q_sharded = [hasattr(p, "device_mesh") for p in self._qparams]
+        if any(q_sharded) and not all(q_sharded):
+            raise InputError("QASSO: some quantizer scalars are FSDP2-sharded and others are "
+                             f"not; shard all of them or leave all out: {_IGNORE_SCALARS}")
+        if any(q_sharded):
             owned = [i for i, p in enumerate(self._qparams) if local_tensor(p).numel() > 0]
             self._q_owned = torch.tensor(owned, dtype=torch.long, device=self._device)
+        elif sharded and self._qparams:  # fully_shard(..., ignored_params=<the scalars>)
+            self._q_averaged = True
+        if sharded:
+            _check_fsdp_units(gm, self._qparams)
         count_replicated = not lay.sharded or dist.get_rank(self._shard_group) == 0
         self._stats_slabs = [[s for s in lay.param_slabs(i) if count_replicated or
                               not s.replicated] for i in range(len(lay.params))]
@@ -883,6 +929,8 @@ class QASSO(torch.optim.Optimizer):
         if with_grads:
             grads = torch.cat([local_tensor(p.grad).view(-1) if p.grad is not None
                                else torch.zeros_like(v) for p, v in zip(self._qparams, locs)])
+        if self._q_averaged and with_grads:  # whole on every rank: average, as FSDP2 does
+            return vals, self._reduce("sum", grads).div_(dist.get_world_size(self._shard_group))
         if self._q_owned is None:
             return vals, grads
         full = torch.zeros(2, len(self._qparams), dtype=vals.dtype, device=vals.device)
