@@ -16,7 +16,9 @@ batches vs one fed the halves' mean: sharding adds nothing): QASSO-adamw max |dw
 (8.8e-3 on a log_d at step 9), torch.optim.AdamW 4.4e-2; bf16 selects other units (|dw|
 0.11).  Fed the ranks' gradients, all of them are bit-exact (|dw| = 0).
 
-The root GetaModule is the only FSDP2 unit here (per-block units: test_distributed_blocks.py).
+The root GetaModule is the FSDP2 unit here, except in the adamw/bf16 test's "_blocks" cases
+(``fully_shard_blocks``: one unit per decoder layer, then the root; more in
+test_distributed_blocks.py).
 
 One capture per dtype: the parent transforms the models and the ranks are *forked* from it
 (no re-import, no re-capture), each sharding deep copies; the file runs in ~30 s on 2 cores.
@@ -31,8 +33,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from torch.multiprocessing.spawn import ProcessExitedException
+from helpers import run_ranks
 
 WORLD = 2
 STEPS = 11
@@ -116,14 +117,9 @@ def _in_process_group(body):  # noqa: ANN001, ANN202
 def _fork(worker, tmp_path, *args) -> list[dict]:  # noqa: ANN001
     """Run ``worker`` on WORLD forked ranks (they inherit the captured models and every
     import: no re-capture); their results."""
-    try:
-        mp.start_processes(worker, args=(str(tmp_path / "init"), str(tmp_path), *args),
-                           nprocs=WORLD, join=True, start_method="fork")
-    except ProcessExitedException as e:  # gloo teardown noise, see test_qasso_ddp
-        if not all((tmp_path / f"rank{r}.pt").is_file() for r in range(WORLD)):
-            raise
-        warnings.warn(f"an FSDP worker crashed while shutting down: {e}", stacklevel=1)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    results = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+    run_ranks(worker, (str(tmp_path / "init"), str(tmp_path), *args), WORLD, list(map(str, results)))
+    return [torch.load(f, weights_only=False) for f in results]
 
 
 def _sgd_rank(rank: int, out_dir: str, gm0, batches) -> dict:  # noqa: ANN001
@@ -172,7 +168,9 @@ ADAMW = {k: v for k, v in KW.items() if k != "momentum"} | {"variant": "adamw"}
 #: the quantizer scalars out of FSDP2 (float32, whole on every rank; QASSO averages their
 #: gradients).
 CASES = {"adamw": ("fp32", "qasso"), "torch_adamw": ("fp32", "torch"),
-         "bf16": ("bf16", "qasso"), "mp": ("mp", "qasso")}
+         "bf16": ("bf16", "qasso"), "mp": ("mp", "qasso"),
+         # one FSDP2 unit per decoder layer (geta_fx.distributed.fully_shard_blocks), then root
+         "adamw_blocks": ("fp32", "qasso"), "mp_blocks": ("mp", "qasso")}
 
 
 def _bf16_model():  # noqa: ANN202
@@ -198,13 +196,16 @@ def _scalars(gm) -> set:  # noqa: ANN001
     return {p for q in gm.quantizers.values() for p in q.parameters()}
 
 
-def _shard(gm, kind: str, ignore: set | None = None):  # noqa: ANN001, ANN202
+def _shard(gm, kind: str, ignore: set | None = None, blocks: bool = False):  # noqa: ANN001, ANN202
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from geta_fx.distributed import fully_shard_blocks
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if kind == "mp" else MixedPrecisionPolicy()
-    fully_shard(gm, mp_policy=policy,
-                ignored_params=_scalars(gm) if ignore is None and kind != "fp32" else ignore)
+    (fully_shard_blocks if blocks else fully_shard)(
+        gm, mp_policy=policy,
+        ignored_params=_scalars(gm) if ignore is None and kind != "fp32" else ignore)
     return gm
 
 
@@ -251,8 +252,8 @@ def _refusal(make) -> str:  # noqa: ANN001
 def _adam_bf16_rank(rank: int, out_dir: str, models, batches) -> dict:  # noqa: ANN001
     out: dict = {}
     for name, (kind, which) in CASES.items():
-        def make(kind=kind, which=which):  # noqa: ANN001, ANN202
-            gm = _shard(_prepared(models, kind), kind)
+        def make(kind=kind, which=which, blocks=name.endswith("_blocks")):  # noqa: ANN001, ANN202
+            gm = _shard(_prepared(models, kind), kind, blocks=blocks)
             return gm, _optimizer(gm, which)
         if name == "bf16":  # also resumed from a per-rank checkpoint (fp32 masters in it)
             (gm, opt), (gm2, _) = _run_and_resume(make, batches,
