@@ -111,9 +111,13 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         freeze_act: activation quantizers become ``geta::quantize`` on frozen constants.
         act_table: and then ``geta::quantize.table``: the same values bit for bit, read from a
             threshold table built at lowering instead of an ``exp``/``log`` per element, with
-            a ``relu`` read only by an unsigned quantizer dropped (``passes/lower_act.py``;
-            ``meta["geta.act_table"]`` lists the tables and any quantizer kept as it was).
-            Only with ``freeze_act``.
+            a ``relu`` read only by an unsigned quantizer dropped, and an eval ``batch_norm``
+            (+ residual ``add``) (+ ``max_pool2d``) read only by a table quantizer fused into
+            it (``geta::quantize.affine_table``: one pass; ``fma(x, alpha, beta)`` with
+            ``alpha``/``beta`` read back from ``batch_norm`` and checked equal to it on this
+            CPU, else left unfused) (``passes/lower_act.py``; ``meta["geta.act_table"]`` lists
+            the tables, the fusions and any quantizer kept as it was).  Only with
+            ``freeze_act``.
         inplace: lower ``model`` itself instead of a copy (GraphModule only).
 
     Returns:
@@ -303,15 +307,20 @@ def save(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: Any 
 
 def _without_act_tables(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """``gm``, or an eval copy whose ``geta::quantize.table`` nodes are the ``geta::quantize``
-    they stand for (same values; ONNX has a form of that one, not of a table lookup)."""
-    from geta_fx.ops.quantize_table import as_quantize
+    they stand for (same values; ONNX has a form of that one, not of a table lookup), and whose
+    ``geta::quantize.affine_table`` nodes are ``x * alpha + beta`` (+ other) (max_pool2d) and
+    ``geta::quantize`` (the affine rounded twice instead of once: at most one level apart)."""
+    from geta_fx.ops.quantize_table import as_quantize, unfuse_affine_table
 
-    if not any(n.target is torch.ops.geta.quantize.table for n in gm.graph.nodes):
+    tables = (torch.ops.geta.quantize.table, torch.ops.geta.quantize.affine_table)
+    if not any(n.target in tables for n in gm.graph.nodes):
         return gm
     gm = deepcopy_module(gm).eval()
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         if node.target is torch.ops.geta.quantize.table:
             as_quantize(node)  # the table's get_attrs stay, unread
+        elif node.target is torch.ops.geta.quantize.affine_table:
+            unfuse_affine_table(gm, node)
     gm.recompile()
     return gm
 

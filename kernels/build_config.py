@@ -69,6 +69,9 @@ OPSETS: dict[str, OpSetSources] = {
     "quantize_table": OpSetSources(
         ops=("geta::quantize.table",),
         cpu=("cpu/quantize_table_cpu.cpp",), cuda=("cuda/quantize_table_cuda.cu",)),
+    "affine_table": OpSetSources(
+        ops=("geta::quantize.affine_table",),
+        cpu=("cpu/affine_table_cpu.cpp",), cuda=("cuda/affine_table_cuda.cu",)),
 }
 
 #: CPU libraries built on this machine's architecture, by ATen capability tag.

@@ -9,6 +9,8 @@ lowered ``quantize="weight_act"`` slim model computes exactly what the fake-quan
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,13 +186,18 @@ class Net(nn.Module):
         return self.fc2(F.relu(self.fc1(h.flatten(1))))
 
 
-def _trained_like(seed: int = 0) -> tuple[geta_fx.GetaModule, torch.Tensor]:
+def _trained_like(seed: int = 0, net: type[nn.Module] = Net, t: tuple[float, float] = (0.95, 0.03),
+                  every: int = 3, bn_scales: bool = False
+                  ) -> tuple[geta_fx.GetaModule, torch.Tensor]:
     """A weight_act GetaModule with calibrated quantizers, t != 1 (as after QASSO) and
-    zeroed units."""
+    zeroed units (every ``every``-th of each group); ``bn_scales``: batch norm scales in
+    (-1.5, 1.5), negative ones too (``max_pool(bn(x)) != bn(max_pool(x))`` then)."""
     torch.manual_seed(seed)
-    model = Net()
+    model = net()
     with torch.no_grad():
-        for bn in (model.bn1, model.bn2):
+        for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            if bn_scales:
+                bn.weight.uniform_(-1.5, 1.5)
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
     x = torch.randn(4, 3, 8, 8)
@@ -198,10 +205,10 @@ def _trained_like(seed: int = 0) -> tuple[geta_fx.GetaModule, torch.Tensor]:
     geta_fx.calibrate(gm, [(torch.randn(16, 3, 8, 8),)])
     with torch.no_grad():
         for i, q in enumerate(gm.quantizers.values()):
-            q.t.fill_(0.95 + 0.03 * i)
+            q.t.fill_(t[0] + t[1] * i)
             q.set_bit_width(8 if q.kind == "act" else 4)
     for g in gm.prunable_groups():
-        gm.zero_units(g.id, torch.arange(0, g.num_units, 3))
+        gm.zero_units(g.id, torch.arange(0, g.num_units, every))
     return gm.eval(), x
 
 
@@ -303,3 +310,261 @@ def test_build_table_exhaustive_act_quantizer() -> None:
     """verify="all": every float32 in (0, q_m] of a 6-bit act-like quantizer with t != 1."""
     tab = build_table(*consts(0.07, 4.4, 1.07), verify="all")
     assert tab.max_level == int(round(4.4 ** 1.07 / 0.07))
+
+
+# ------------------------------------------------- batch_norm (+ add) (+ pool) -> table, fused
+def test_fma_reference_rounds_once_at_float32_midpoints() -> None:
+    """Products whose float64 sum lands on a float32 rounding midpoint: a float64 fma would
+    round twice there; fma_reference must round the exact value once (checked with
+    Fractions)."""
+    from fractions import Fraction
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(0)
+    x, a = (1 + torch.rand(300_000, generator=gen)).float(), (1 + torch.rand(300_000,
+                                                                           generator=gen)).float()
+    p = x.double() * a.double()
+    ulp = torch.where(p >= 2, 2.0 ** -22, 2.0 ** -23).double()
+    delta = (torch.floor(p / ulp) + 0.5) * ulp - p  # to the midpoint above, exact
+    keep = (delta.abs() < 2.0 ** -34) & (delta != 0) & (delta.float().double() == delta)
+    x, a, delta = x[keep], a[keep], delta[keep].float()
+    sign = 1.0 - 2.0 * (torch.arange(len(x)) % 2)
+    b = (delta.double() * (1 + sign * 2.0 ** -20)).float()  # just past / short of the midpoint
+    assert len(x) > 50
+
+    def exact(xi: float, ai: float, bi: float) -> float:
+        q = Fraction(xi) * Fraction(ai) + Fraction(bi)
+        c = np.float32(float(q))
+        near = [c, np.nextafter(c, np.float32(np.inf)), np.nextafter(c, np.float32(-np.inf))]
+        return float(min(near, key=lambda v: (abs(Fraction(float(v)) - q),
+                                              int(np.float32(v).view(np.int32)) & 1)))
+
+    want = torch.tensor([exact(*v) for v in zip(x.tolist(), a.tolist(), b.tolist())])
+    got = qt.fma_reference(x, a, b)
+    assert torch.equal(got, want.float())
+    assert not torch.equal((x.double() * a.double() + b.double()).float(), want.float())
+
+
+AFFINE_CASES = [  # (shape, pool, other: 0 none / 1 raw / 2 through its own affine)
+    ((3, 5, 37), [], 0), ((5, 7), [], 1), ((4, 6, 9, 11), [], 2), ((2, 3, 40, 40), [], 1),
+    ((4, 6, 16, 16), [2, 2, 2, 2], 0), ((4, 6, 9, 11), [2, 2, 2, 2], 2),
+    ((2, 3, 8, 40), [2, 2, 2, 2], 1), ((2, 3, 9, 9), [3, 3, 2, 2], 0),
+    ((2, 3, 7, 8), [2, 3, 1, 2], 2), ((1, 2, 4, 4), [4, 4, 4, 4], 0)]
+
+
+def _affine_case(shape: tuple[int, ...], other: int, seed: int
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen) * 4
+    x.view(-1)[:8] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0, 1e-40, -1e-40,
+                                   1e30, float("nan")])
+    kw = {"alpha": torch.randn(c, generator=gen), "beta": torch.randn(c, generator=gen)}
+    if other:
+        kw["other"] = torch.randn(shape, generator=gen) * 3
+    if other == 2:
+        kw["alpha2"], kw["beta2"] = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    return x, kw
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, NaN payloads aside (max pooling keeps one of several NaNs)."""
+    nan = torch.isnan(a)
+    return bool(torch.equal(nan, torch.isnan(b))
+                and torch.equal(bits(a)[~nan], bits(b)[~nan]))
+
+
+@pytest.mark.parametrize(("shape", "pool", "other"), AFFINE_CASES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_affine_table_kernel_equals_reference(shape: tuple[int, ...], pool: list[int],
+                                              other: int, signed: bool) -> None:
+    dd, qq, tt = consts(0.0298, 7.52, 0.99975)
+    tab = table_args(dd, qq, tt)
+    x, kw = _affine_case(shape, other, len(shape) + other)
+    got = geta.quantize.affine_table(x, dd, qq, tt, signed, *tab, pool=pool, **kw)
+    ref = qt.affine_table_reference(x, dd, qq, tt, signed, *tab, pool=pool, **kw)
+    assert got.shape == ref.shape and got.is_contiguous()
+    assert same(got, ref)
+
+
+@pytest.mark.parametrize(("shape", "pool", "other"), AFFINE_CASES[:7])
+def test_affine_table_equals_the_aten_ops_it_replaces(shape: tuple[int, ...], pool: list[int],
+                                                      other: int) -> None:
+    """batch_norm (+ batch_norm | + x) (max_pool2d) -> quantize.table, as the lowered graph
+    had them, with alpha/beta from batch_norm_affine: bit for bit on this CPU."""
+    gen = torch.Generator().manual_seed(7)
+    c = shape[1]
+
+    def bn_params() -> tuple[torch.Tensor, ...]:
+        return (torch.randn(c, generator=gen), torch.randn(c, generator=gen),
+                torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 0.1)
+
+    dd, qq, tt = consts(0.0404, 9.26, 1.14375)
+    tab = table_args(dd, qq, tt)
+    x, o = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen) * 3
+    p1, p2 = bn_params(), bn_params()
+    plane = math.prod(shape[2:])
+    ab1 = qt.batch_norm_affine(*p1, 1e-5, (min(plane, 37),))
+    ab2 = qt.batch_norm_affine(*p2, 1e-5, (min(plane, 37),))
+    if isinstance(ab1, str) or isinstance(ab2, str):
+        pytest.skip(f"this CPU's batch_norm is not an fma: {ab1 if isinstance(ab1, str) else ab2}")
+    bn = torch.ops.aten.batch_norm.default
+    v = bn(x, *p1, False, 0.1, 1e-5, False)
+    kw: dict[str, torch.Tensor] = {}
+    if other == 1:
+        v, kw = v + o, {"other": o}
+    elif other == 2:
+        v = v + bn(o, *p2, False, 0.1, 1e-5, False)
+        kw = {"other": o, "alpha2": ab2[0], "beta2": ab2[1]}
+    if pool:
+        v = F.max_pool2d(v, pool[:2], pool[2:])
+    want = geta.quantize.table(v, dd, qq, tt, False, *tab)
+    got = geta.quantize.affine_table(x, dd, qq, tt, False, *tab, ab1[0], ab1[1], pool=pool,
+                                     **kw)
+    assert same(got, want)
+
+
+def test_affine_table_dtypes_and_layouts() -> None:
+    """float16/bfloat16 (computed in float32, cast back, as the reference) and non-contiguous
+    inputs (made contiguous; the result is contiguous)."""
+    dd, qq, tt = consts(0.0223, 2.82, 1.00723)
+    tab = table_args(dd, qq, tt)
+    x, kw = _affine_case((2, 4, 6, 6), 2, 3)
+    for dtype in (torch.float16, torch.bfloat16):
+        xs, o = x.to(dtype), kw["other"].to(dtype)
+        args = (dd, qq, tt, True, *tab, kw["alpha"], kw["beta"], o, kw["alpha2"], kw["beta2"])
+        got = geta.quantize.affine_table(xs, *args, pool=[2, 2, 2, 2])
+        assert got.dtype == dtype and got.shape == (2, 4, 3, 3)
+        assert same(got.float(), qt.affine_table_reference(xs, *args, pool=[2, 2, 2, 2]).float())
+    xt = x.transpose(2, 3)
+    ot = kw["other"].transpose(2, 3)
+    kt = dict(kw, other=ot)
+    assert same(geta.quantize.affine_table(xt, dd, qq, tt, False, *tab, **kt),
+                geta.quantize.affine_table(xt.contiguous(), dd, qq, tt, False, *tab,
+                                           **dict(kw, other=ot.contiguous())))
+
+
+def test_affine_table_input_checks() -> None:
+    dd, qq, tt = consts(0.05, 3.0, 1.0)
+    tab = table_args(dd, qq, tt)
+    x = torch.randn(2, 3, 4, 4)
+    a, b = torch.ones(3), torch.zeros(3)
+    for fn in (geta.quantize.affine_table, qt.affine_table_reference):
+        with pytest.raises(RuntimeError, match="alpha must be a 1-D float tensor of 3 channels"):
+            fn(x, dd, qq, tt, True, *tab, torch.ones(4), b)
+        with pytest.raises(RuntimeError, match="alpha2 and beta2 must be given together"):
+            fn(x, dd, qq, tt, True, *tab, a, b, x, a, None)
+        with pytest.raises(RuntimeError, match="alpha2/beta2 need other"):
+            fn(x, dd, qq, tt, True, *tab, a, b, None, a, b)
+        with pytest.raises(RuntimeError, match="other must have x's shape"):
+            fn(x, dd, qq, tt, True, *tab, a, b, x[:1])
+        with pytest.raises(RuntimeError, match=r"pool must be \[\] or \[kh, kw, sh, sw\]"):
+            fn(x, dd, qq, tt, True, *tab, a, b, pool=[2, 2])
+        with pytest.raises(RuntimeError, match="does not fit x"):
+            fn(x, dd, qq, tt, True, *tab, a, b, pool=[5, 5, 1, 1])
+        with pytest.raises(RuntimeError, match="pool needs x of shape"):
+            fn(x.flatten(2), dd, qq, tt, True, *tab, a, b, pool=[2, 2, 2, 2])
+        with pytest.raises(RuntimeError, match="must have a channel dimension"):
+            fn(torch.randn(5), dd, qq, tt, True, *tab, torch.ones(1), torch.zeros(1))
+
+
+def test_batch_norm_affine_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = 4
+    w, b, m, v = torch.randn(c), torch.randn(c), torch.randn(c), torch.rand(c) + 0.1
+    ok = qt.batch_norm_affine(w, b, m, v, 1e-5)
+    assert not isinstance(ok, str) and ok[0].dtype == torch.float32
+    assert "not float32" in str(qt.batch_norm_affine(w.double(), b, m, v, 1e-5))
+    assert "non-finite" in str(qt.batch_norm_affine(w * float("inf"), b, m, v, 1e-5))
+    monkeypatch.setattr(qt, "fma_reference", lambda x, a, bb: x * a + bb)  # two roundings
+    assert "is not fma" in str(qt.batch_norm_affine(w, b, m, v, 1e-5))
+
+
+class ResNetlet(nn.Module):
+    """stem conv-bn-relu, two blocks with conv-bn shortcuts, an identity-shortcut block,
+    relu-maxpool-flatten, fc: each fusion pattern (bn, bn + bn, bn + x -> pool -> flatten) and
+    one that must stay unfused (a block output read by the next block's conv and shortcut)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        def cb(i: int, o: int, k: int = 3) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, bias=False),
+                                 nn.BatchNorm2d(o))
+        self.stem, self.c1, self.c2, self.sc = cb(3, 8), cb(8, 12), cb(12, 12), cb(8, 12, 1)
+        self.c3, self.sc2, self.c4 = cb(12, 12), cb(12, 12, 1), cb(12, 12)
+        self.fc = nn.Linear(12 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.stem(x))
+        h = F.relu(self.c2(F.relu(self.c1(h))) + self.sc(h))
+        h = F.relu(self.c3(h) + self.sc2(h))
+        h = F.relu(self.c4(h) + h)
+        return self.fc(F.max_pool2d(h, 2).flatten(1))
+
+
+def _resnetlet(seed: int = 0) -> tuple[geta_fx.GetaModule, torch.Tensor]:
+    return _trained_like(seed, ResNetlet, (0.97, 0.02), 4, bn_scales=True)
+
+
+def test_lowered_model_fuses_batch_norms_bit_exact() -> None:
+    gm, x = _resnetlet()
+    slim = gm.compress()
+    low = gm.compress(lower=True)
+    unfused = deploy.lower(slim, fuse_linear=False)
+    record = low.meta[ACT_TABLE]["affine"]
+    if any(not r["fused"] for r in record):
+        pytest.skip(f"this CPU's batch_norm is not an fma: {record}")
+    shapes = sorted((r["batch_norms"], r["add"], r["pool"]) for r in record)
+    assert shapes == [(1, False, []), (1, False, []), (1, True, [2, 2, 2, 2]),
+                      (2, True, [])], shapes
+    nodes = list(low.graph.nodes)
+    # left: block 2's (its output feeds block 3's conv quantizer and the identity add)
+    assert sum(n.target is torch.ops.aten.batch_norm.default for n in nodes) == 2
+    assert sum(n.target is geta.quantize.affine_table for n in nodes) == 4
+    # the fused batch_norms' constants are read no more (alpha/beta are, from the holders);
+    # their tensors stay, as the model's parameters
+    read = {str(n.target).rpartition(".")[0] for n in nodes
+            if n.op == "get_attr" and str(n.target).endswith(".running_var")}
+    assert read == {"c3.1", "sc2.1"}, read
+    assert "c1.1.weight" in dict(low.named_parameters())
+    two = next(r["qid"] for r in record if r["batch_norms"] == 2)
+    assert getattr(low.geta_lowbit, two).alpha2.shape == (12 - 3,)
+    with torch.inference_mode():
+        for xb in (x, torch.randn(7, 3, 8, 8) * 3):
+            want = slim(xb)
+            assert torch.equal(unfused(xb), want)
+            torch.testing.assert_close(low(xb), want, rtol=1e-5, atol=1e-6)  # fused linear
+            assert torch.equal(low(xb), deploy.lower(slim)(xb))  # deterministic
+            no_fuse = deploy.lower(slim, act_table=False)
+            torch.testing.assert_close(low(xb), no_fuse(xb), rtol=1e-5, atol=1e-6)
+    report_a = geta_fx.report(deploy.lower(slim, act_table=False), (x,))
+    report_b = geta_fx.report(low, (x,))
+    assert report_a.bops == report_b.bops and report_a.macs == report_b.macs
+
+
+def test_fusion_left_out_where_batch_norm_is_not_fma(monkeypatch: pytest.MonkeyPatch) -> None:
+    gm, x = _resnetlet(1)
+    slim = gm.compress()
+    monkeypatch.setattr(qt, "batch_norm_affine", lambda *a, **k: "not an fma (test)")
+    low = deploy.lower(slim)
+    record = low.meta[ACT_TABLE]["affine"]
+    assert record and all(r == {"qid": r["qid"], "fused": False, "reason": "not an fma (test)"}
+                          for r in record)
+    assert not any(n.target is geta.quantize.affine_table for n in low.graph.nodes)
+    with torch.inference_mode():
+        assert torch.equal(low(x), deploy.lower(slim, fuse_linear=True, act_table=True)(x))
+
+
+def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None:
+    gm, x = _resnetlet(2)
+    low = gm.compress(lower=True)
+    path = f"{tmp_path}/m.pt2"
+    geta_fx.save(low, path)
+    back = geta_fx.load(path)
+    plain = deploy._without_act_tables(low)
+    assert not any(n.target in (geta.quantize.table, geta.quantize.affine_table)
+                   for n in plain.graph.nodes)
+    with torch.inference_mode():
+        assert torch.equal(back(x), low(x))
+        # x * alpha + beta rounds twice: an activation may move one level (d <= 0.05 here)
+        torch.testing.assert_close(plain(x), low(x), rtol=0.05, atol=0.1)

@@ -42,6 +42,23 @@ ulp of a threshold; :func:`build_table` evaluates the quantizer at every float32
 refuses (``ValueError``) a table that disagrees there.  ``verify="all"`` checks every float32 in
 ``(0, q_m]`` instead (seconds; tests).
 
+``geta::quantize.affine_table(x, d, q_m, t, signed, scale, bounds, base, alpha, beta,
+other=None, alpha2=None, beta2=None, pool=[])``: the same table quantizer applied to an eval
+batch_norm's output (and whatever sat between them), in one pass (reference:
+:func:`affine_table_reference`; CPU kernel ``kernels/csrc/cpu/affine_table_cpu.cpp``, CUDA one
+compile-checked only)::
+
+    v = fma(x, alpha[c], beta[c])                  # c = dim 1; one rounding (fma_reference)
+    v = v + other                                  # if other (alpha2/beta2: fma(other, .) first)
+    v = max_pool2d(v, pool[:2], pool[2:])          # if pool = [kh, kw, sh, sw] (no padding)
+    y = quantize.table(v, d, q_m, t, signed, scale, bounds, base)   # contiguous, x.dtype
+
+float16/bfloat16 inputs are computed in float32 and rounded once at the end.  Equal bit for bit
+(NaN payloads aside) to ``batch_norm [-> add] [-> max_pool2d] -> quantize.table`` on float32
+contiguous inputs wherever ATen's eval batch_norm is ``fma(x, alpha, beta)`` with the
+``alpha``/``beta`` of :func:`batch_norm_affine` (checked by it when lowering; true of ATen's
+AVX2/AVX-512 CPU builds for planes of more than one element).
+
 Inference only: no autograd formula (the lowered model is not trained).
 """
 
@@ -57,9 +74,10 @@ from geta_fx.kernels import KernelLoader, OpSet
 from geta_fx.ops.reference import check_quantize_inputs
 from geta_fx.ops.schema import lib
 
-__all__ = ["MAX_CELLS", "TABLE_KERNELS", "WINDOW", "QuantizeTable", "as_quantize", "build_table",
-           "check_quantize_table_inputs", "ensure_loaded", "quantize_table_reference",
-           "status"]
+__all__ = ["AFFINE_KERNELS", "MAX_CELLS", "TABLE_KERNELS", "WINDOW", "QuantizeTable",
+           "affine_table_reference", "as_quantize", "batch_norm_affine", "build_table",
+           "check_affine_table_inputs", "check_quantize_table_inputs", "ensure_loaded",
+           "fma_reference", "quantize_table_reference", "status", "unfuse_affine_table"]
 
 #: ulp on each side of every threshold where :func:`build_table` checks the table.
 WINDOW = 1024
@@ -69,16 +87,22 @@ _INF_BITS = 0x7F800000
 
 #: Kernel op set of this op (``kernels/build_config.py``); loaded with the device libraries.
 TABLE_KERNELS = OpSet(owner="geta_fx.ops.quantize_table", name="quantize_table")
+#: Kernel op set of ``geta::quantize.affine_table``.
+AFFINE_KERNELS = OpSet(owner="geta_fx.ops.quantize_table", name="affine_table")
 _LOADER = KernelLoader(TABLE_KERNELS)
+_AFFINE_LOADER = KernelLoader(AFFINE_KERNELS)
 
 
-def status() -> dict[str, dict[str, object]]:
-    """Which implementation serves ``geta::quantize.table`` per device, and why."""
-    return _LOADER.status()
+def status(op: str = "table") -> dict[str, dict[str, object]]:
+    """Which implementation serves ``geta::quantize.table`` (``op="affine_table"``:
+    ``geta::quantize.affine_table``) per device, and why."""
+    return (_AFFINE_LOADER if op == "affine_table" else _LOADER).status()
 
 
 def ensure_loaded() -> dict[str, dict[str, object]]:
-    """Load the shipped kernels (shared device libraries) and check this op; never raises."""
+    """Load the shipped kernels (shared device libraries) and check both ops; never raises.
+    Returns ``geta::quantize.table``'s status (:func:`status`)."""
+    _AFFINE_LOADER.ensure_loaded()
     return _LOADER.ensure_loaded()
 
 
@@ -133,6 +157,187 @@ def _quantize_table_fake(x: Tensor, d: Tensor, q_m: Tensor, t: Tensor, signed: b
                          scale: Tensor, bounds: Tensor, base: Tensor) -> Tensor:
     check_quantize_table_inputs(x, d, q_m, t, scale, bounds, base)
     return torch.empty_like(x)
+
+
+# ------------------------------------------------------------------------- fused affine form
+def fma_reference(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``fma(x, a, b)`` of float32 tensors (broadcast), rounded once, as the kernels' ``fmaf``.
+
+    The product is exact in float64; the float64 sum ``s`` rounds, and only where ``s`` lands
+    exactly on a float32 rounding midpoint can rounding ``s`` to float32 differ from rounding
+    the exact sum once: there the sum's error term (TwoSum) picks the side.
+    """
+    p = x.double() * a.double()
+    bd = b.double()
+    s = p + bd
+    bb = s - p
+    err = (p - (s - bb)) + (bd - bb)                     # exact: s + err == p + bd
+    r = s.float()
+    r64 = r.double()
+    inf = torch.tensor(math.inf, dtype=torch.float32, device=r.device)
+    toward = torch.nextafter(r, torch.where(s > r64, inf, -inf))  # the other neighbour of s
+    tie = (s != r64) & ((s - r64) * 2 == (toward.double() - r64))
+    beyond = tie & (err != 0) & ((err > 0) == (s > r64))  # exact sum past the midpoint
+    return torch.where(beyond, toward, r)
+
+
+def _pool_pairs(pool: list[int] | tuple[int, ...]) -> tuple[list[int], list[int]]:
+    return [int(pool[0]), int(pool[1])], [int(pool[2]), int(pool[3])]
+
+
+def check_affine_table_inputs(x: Tensor, alpha: Tensor, beta: Tensor, other: Tensor | None,
+                              alpha2: Tensor | None, beta2: Tensor | None,
+                              pool: list[int] | tuple[int, ...]) -> None:
+    """The affine operands of ``geta::quantize.affine_table`` (the C++ check's conditions)."""
+    op = "geta::quantize.affine_table"
+    torch._check(x.dim() >= 2, lambda: f"{op}: x must have a channel dimension (N, C, ...), "
+                 f"got {tuple(x.shape)}")
+    c = x.shape[1]
+    for name, v in (("alpha", alpha), ("beta", beta), ("alpha2", alpha2), ("beta2", beta2)):
+        if v is None:
+            continue
+        torch._check(v.dim() == 1 and v.numel() == c and v.is_floating_point(),
+                     lambda: f"{op}: {name} must be a 1-D float tensor of {c} channels, got "
+                     f"{v.dtype} {tuple(v.shape)}")
+        torch._check(v.device == x.device,
+                     lambda: f"{op}: {name} is on {v.device} but x is on {x.device}")
+    torch._check((alpha2 is None) == (beta2 is None),
+                 lambda: f"{op}: alpha2 and beta2 must be given together")
+    torch._check(alpha2 is None or other is not None, lambda: f"{op}: alpha2/beta2 need other")
+    if other is not None:
+        torch._check(other.shape == x.shape and other.dtype == x.dtype
+                     and other.device == x.device,
+                     lambda: f"{op}: other must have x's shape, dtype and device, got "
+                     f"{other.dtype} {tuple(other.shape)} vs {x.dtype} {tuple(x.shape)}")
+    torch._check(len(pool) in (0, 4), lambda: f"{op}: pool must be [] or [kh, kw, sh, sw], "
+                 f"got {list(pool)}")
+    if pool:
+        torch._check(x.dim() == 4, lambda: f"{op}: pool needs x of shape (N, C, H, W), got "
+                     f"{tuple(x.shape)}")
+        torch._check(all(int(v) > 0 for v in pool) and pool[0] <= x.shape[2]
+                     and pool[1] <= x.shape[3],
+                     lambda: f"{op}: pool {list(pool)} does not fit x {tuple(x.shape)}")
+
+
+def affine_table_reference(x: Tensor, d: Tensor, q_m: Tensor, t: Tensor, signed: bool,
+                           scale: Tensor, bounds: Tensor, base: Tensor, alpha: Tensor,
+                           beta: Tensor, other: Tensor | None = None,
+                           alpha2: Tensor | None = None, beta2: Tensor | None = None,
+                           pool: list[int] | tuple[int, ...] = ()) -> Tensor:
+    """Reference ``geta::quantize.affine_table`` (module docstring); CompositeExplicitAutograd."""
+    check_quantize_table_inputs(x, d, q_m, t, scale, bounds, base)
+    check_affine_table_inputs(x, alpha, beta, other, alpha2, beta2, pool)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+
+    def affine(v: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return fma_reference(v.float(), a.float().reshape(shape), b.float().reshape(shape))
+
+    v = affine(x, alpha, beta)
+    if other is not None:
+        v = v + (other.float() if alpha2 is None or beta2 is None
+                 else affine(other, alpha2, beta2))
+    if pool:
+        v = torch.ops.aten.max_pool2d.default(v, *_pool_pairs(pool))
+    y = quantize_table_reference(v.contiguous(), d, q_m, t, signed, scale, bounds, base)
+    return y.to(x.dtype)
+
+
+lib.impl("quantize.affine_table", affine_table_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("geta::quantize.affine_table")
+def _affine_table_fake(x: Tensor, d: Tensor, q_m: Tensor, t: Tensor, signed: bool,
+                       scale: Tensor, bounds: Tensor, base: Tensor, alpha: Tensor, beta: Tensor,
+                       other: Tensor | None = None, alpha2: Tensor | None = None,
+                       beta2: Tensor | None = None, pool: list[int] | tuple[int, ...] = ()
+                       ) -> Tensor:
+    check_quantize_table_inputs(x, d, q_m, t, scale, bounds, base)
+    check_affine_table_inputs(x, alpha, beta, other, alpha2, beta2, pool)
+    shape = list(x.shape)
+    if pool:
+        shape[2] = (shape[2] - pool[0]) // pool[2] + 1
+        shape[3] = (shape[3] - pool[1]) // pool[3] + 1
+    return x.new_empty(shape)
+
+
+def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
+                      eps: float, planes: tuple[int, ...] = (37,)
+                      ) -> tuple[Tensor, Tensor] | str:
+    """``(alpha, beta)`` (float32 ``[C]``) with ``fma(x, alpha, beta)`` equal to eval
+    ``aten.batch_norm(x, weight, bias, mean, var, False, ., eps)`` bit for bit, or the reason
+    why not.
+
+    ``alpha`` and ``beta`` are read back from ``aten.batch_norm`` itself (``alpha``: of ones
+    with zero bias and mean; ``beta``: of zeros), so whatever formula ATen uses for them is
+    what the fused op multiplies with; then ATen's result on probes (random and edge values)
+    with ``planes`` elements per (n, c) plane is compared with ``fma``: ATen has one CPU code
+    path for planes of 1 element (``(N, C)`` inputs: found *not* to be an fma on an AVX-512
+    build) and one for larger planes (an fma there), so ``planes`` names the sizes the layer
+    runs at.  A mismatch (e.g. an ATen build computing ``x * alpha + beta`` with two roundings)
+    is refused here.
+    """
+    bn = torch.ops.aten.batch_norm.default
+    c = mean.numel()
+    if not all(v is None or (v.dtype == torch.float32 and v.numel() == c)
+               for v in (weight, bias, mean, var)):
+        return "batch_norm parameters are not float32 vectors of one length"
+    with torch.no_grad():
+        zeros = torch.zeros(c, dtype=torch.float32, device=mean.device)
+        ones = torch.ones(1, c, 2, dtype=torch.float32, device=mean.device)
+        alpha = bn(ones, weight, None, zeros, var, False, 0.1, eps, False)[0, :, 0].clone()
+        beta = bn(torch.zeros_like(ones), weight, bias, mean, var, False, 0.1, eps,
+                  False)[0, :, 0].clone()
+        if not bool(torch.isfinite(alpha).all() and torch.isfinite(beta).all()):
+            return "batch_norm has non-finite scale or shift"
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        scale = torch.logspace(-3, 3, 37).reshape(1, 1, 37)
+        probe = (torch.randn(4, c, 37, generator=gen) * scale).to(mean.device)
+        probe[0, :, :3] = torch.stack([mean, mean + var.clamp_min(0).sqrt(), zeros], dim=-1)
+        for plane in planes:
+            x = (probe.repeat(1, 1, -(-plane // 37))[:, :, :plane] if plane > 1
+                 else probe[:, :, 0]).contiguous()  # ATen's contiguous paths (conv outputs)
+            want = bn(x, weight, bias, mean, var, False, 0.1, eps, False)
+            shape = (1, c) + (1,) * (x.dim() - 2)
+            got = fma_reference(x, alpha.reshape(shape), beta.reshape(shape))
+            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                return ("aten.batch_norm on this CPU is not fma(x, alpha, beta) "
+                        "(two roundings?)")
+    return alpha, beta
+
+
+def unfuse_affine_table(gm: torch.fx.GraphModule, node: torch.fx.Node) -> None:
+    """Replace a ``geta::quantize.affine_table`` node by aten ops and ``geta::quantize``
+    (``x * alpha + beta`` [+ other] [max_pool2d] -> quantize: the same values up to the fma's
+    one rounding; for exporters without a form of the fused op, as ONNX)."""
+    x, d, q_m, t, signed, _s, _b, _c, alpha, beta, *rest = node.args
+    rest += [None] * (4 - len(rest))
+    other, alpha2, beta2, pool = rest
+    pool = node.kwargs.get("pool", pool) or []
+    other = node.kwargs.get("other", other)
+    alpha2, beta2 = node.kwargs.get("alpha2", alpha2), node.kwargs.get("beta2", beta2)
+    val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
+    ndim = val.dim() if isinstance(val, Tensor) else 4
+    aten = torch.ops.aten
+    g = gm.graph
+    with g.inserting_before(node):
+        def affine(v: object, a: object, b: object) -> torch.fx.Node:
+            c = -1
+            sa = g.call_function(aten.view.default, (a, [1, c] + [1] * (ndim - 2)))
+            sb = g.call_function(aten.view.default, (b, [1, c] + [1] * (ndim - 2)))
+            return g.call_function(aten.add.Tensor,
+                                   (g.call_function(aten.mul.Tensor, (v, sa)), sb))
+
+        v = affine(x, alpha, beta)
+        if other is not None:
+            w = other if alpha2 is None else affine(other, alpha2, beta2)
+            v = g.call_function(aten.add.Tensor, (v, w))
+        if pool:
+            v = g.call_function(aten.max_pool2d.default, (v, *_pool_pairs(pool)))
+        q = g.call_function(torch.ops.geta.quantize.default, (v, d, q_m, t, signed))
+    q.meta.update({k: node.meta[k] for k in ("val", "nn_module_stack", "stack_trace")
+                   if k in node.meta})
+    node.replace_all_uses_with(q)
+    g.erase_node(node)
 
 
 # ------------------------------------------------------------------------------------- builder

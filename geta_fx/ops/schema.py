@@ -45,3 +45,8 @@ lib.define(
     "quantize.table(Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed, Tensor scale,"
     " Tensor bounds, Tensor base) -> Tensor"
 )
+lib.define(  # eval batch_norm (+ residual add) (+ max pool) -> quantize.table, fused (same file)
+    "quantize.affine_table(Tensor x, Tensor d, Tensor q_m, Tensor t, bool signed, Tensor scale,"
+    " Tensor bounds, Tensor base, Tensor alpha, Tensor beta, Tensor? other=None,"
+    " Tensor? alpha2=None, Tensor? beta2=None, int[] pool=[]) -> Tensor"
+)

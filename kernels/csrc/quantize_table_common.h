@@ -1,5 +1,6 @@
-// Shared pieces of the geta::quantize.table kernels (CPU: cpu/quantize_table_cpu.cpp, CUDA:
-// cuda/quantize_table_cuda.cu).  Contract and reference: geta_fx/ops/quantize_table.py; the
+// Shared pieces of the geta::quantize.table and .affine_table kernels (CPU:
+// cpu/quantize_table_cpu.cpp, cpu/affine_table_cpu.cpp; CUDA: cuda/quantize_table_cuda.cu,
+// cuda/affine_table_cuda.cu).  Contract and reference: geta_fx/ops/quantize_table.py; the
 // schema is defined in geta_fx/ops/schema.py.  Nothing here registers anything.
 #pragma once
 
@@ -7,10 +8,12 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #ifdef __CUDACC__
 #define GETA_TABLE_HD __host__ __device__
@@ -48,6 +51,79 @@ inline void check_quantize_table_inputs(const char* op, const at::Tensor& x, con
     TORCH_CHECK(ps[i]->device() == x.device(), op, ": ", pnames[i], " is on ",
                 ps[i]->device().str(), " but x is on ", x.device().str());
   }
+}
+
+// Same conditions as geta_fx.ops.quantize_table.check_affine_table_inputs.
+inline void check_affine_table_inputs(const char* op, const at::Tensor& x, const at::Tensor& alpha,
+                               const at::Tensor& beta, const c10::optional<at::Tensor>& other,
+                               const c10::optional<at::Tensor>& alpha2,
+                               const c10::optional<at::Tensor>& beta2, c10::IntArrayRef pool) {
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have a channel dimension (N, C, ...), got ",
+              shape_str(x.sizes()));
+  const int64_t c = x.size(1);
+  const char* names[2] = {"alpha", "beta"};
+  const at::Tensor* ab[2] = {&alpha, &beta};
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(ab[i]->dim() == 1 && ab[i]->numel() == c && ab[i]->is_floating_point(), op,
+                ": ", names[i], " must be a 1-D float tensor of ", c, " channels, got ",
+                c10::toString(ab[i]->scalar_type()), " ", shape_str(ab[i]->sizes()));
+    TORCH_CHECK(ab[i]->device() == x.device(), op, ": ", names[i], " is on ",
+                ab[i]->device().str(), " but x is on ", x.device().str());
+  }
+  TORCH_CHECK(alpha2.has_value() == beta2.has_value(), op,
+              ": alpha2 and beta2 must be given together");
+  TORCH_CHECK(!alpha2.has_value() || other.has_value(), op, ": alpha2/beta2 need other");
+  if (other.has_value()) {
+    TORCH_CHECK(other->sizes() == x.sizes() && other->scalar_type() == x.scalar_type() &&
+                    other->device() == x.device(),
+                op, ": other must have x's shape, dtype and device, got ",
+                c10::toString(other->scalar_type()), " ", shape_str(other->sizes()), " vs ",
+                c10::toString(x.scalar_type()), " ", shape_str(x.sizes()));
+  }
+  if (alpha2.has_value()) {
+    const at::Tensor* ab2[2] = {&*alpha2, &*beta2};
+    for (int i = 0; i < 2; ++i) {
+      TORCH_CHECK(ab2[i]->dim() == 1 && ab2[i]->numel() == c && ab2[i]->is_floating_point() &&
+                      ab2[i]->device() == x.device(),
+                  op, ": ", i == 0 ? "alpha2" : "beta2", " must be a 1-D float tensor of ", c,
+                  " channels on x's device, got ", shape_str(ab2[i]->sizes()));
+    }
+  }
+  TORCH_CHECK(pool.empty() || pool.size() == 4, op,
+              ": pool must be [] or [kh, kw, sh, sw], got ", shape_str(pool));
+  if (!pool.empty()) {
+    TORCH_CHECK(x.dim() == 4, op, ": pool needs x of shape (N, C, H, W), got ",
+                shape_str(x.sizes()));
+    TORCH_CHECK(pool[0] > 0 && pool[1] > 0 && pool[2] > 0 && pool[3] > 0 &&
+                    pool[0] <= x.size(2) && pool[1] <= x.size(3),
+                op, ": pool ", shape_str(pool), " does not fit x ", shape_str(x.sizes()));
+  }
+}
+
+// geta::quantize.affine_table's operands as float32 contiguous tensors (undefined where not
+// given) and its output sizes (pooled: (h - kh) / sh + 1 rows, likewise columns).
+struct AffineOperands {
+  at::Tensor x, other, alpha, beta, alpha2, beta2;
+  std::vector<int64_t> out_sizes;
+};
+
+inline AffineOperands affine_operands(const at::Tensor& x, const at::Tensor& alpha,
+                                      const at::Tensor& beta,
+                                      const c10::optional<at::Tensor>& other,
+                                      const c10::optional<at::Tensor>& alpha2,
+                                      const c10::optional<at::Tensor>& beta2,
+                                      c10::IntArrayRef pool) {
+  auto f32 = [](const c10::optional<at::Tensor>& t) {
+    return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
+  };
+  AffineOperands o{x.to(at::kFloat).contiguous(), f32(other), f32(alpha), f32(beta),
+                   f32(alpha2), f32(beta2), std::vector<int64_t>(x.sizes().begin(),
+                                                                 x.sizes().end())};
+  if (!pool.empty()) {
+    o.out_sizes[2] = (x.size(2) - pool[0]) / pool[2] + 1;
+    o.out_sizes[3] = (x.size(3) - pool[1]) / pool[3] + 1;
+  }
+  return o;
 }
 
 GETA_TABLE_HD inline int32_t float_bits(float f) {
