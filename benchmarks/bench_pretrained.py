@@ -363,14 +363,16 @@ def run_geta(dense: nn.Module, task: Task, sparsity: float, bits: tuple[int, int
 
 
 def run_geta_matched(dense: nn.Module, task: Task, sparsity: float, act_bits: int,
-                     bops: float, steps: int, lr: float, seed: int) -> tuple[Any, float]:
+                     bops: float, steps: int, lr: float, seed: int,
+                     bits: tuple[int, int] = (2, 8),
+                     importance: dict[str, float] | None = None) -> tuple[Any, float]:
     """QASSO with a BOPs budget (issue #20): the baseline's BOPs, its activation bits, weight
-    bits allocated in 2-8 by sensitivity; otherwise as :func:`run_geta`."""
+    bits allocated in ``bits`` by sensitivity; otherwise as :func:`run_geta`."""
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
     opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
-                target_sparsity=sparsity, bit_range=(2, 8), bit_reduction=0,
-                act_bit_range=(act_bits, act_bits), target_bops=bops,
+                target_sparsity=sparsity, bit_range=bits, bit_reduction=0,
+                act_bit_range=(act_bits, act_bits), target_bops=bops, importance=importance,
                 max_sparsity=min(1.0, sparsity + 0.05), **schedule(steps, **SHARES))
     secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
     return gm.eval(), secs
@@ -600,6 +602,9 @@ def main() -> None:
     ap.add_argument("--matched", action="store_true",
                     help="after each L2+QAT row, a GETA row at its BOPs and activation bits "
                          "(QASSO(target_bops=...), weight bits allocated in 2-8)")
+    ap.add_argument("--matched-bits", default="2-8",
+                    help="weight bit ranges b_l-b_u the BOPs-matched GETA rows allocate in "
+                         "(comma-separated: one row each)")
     ap.add_argument("--matched-only", action="store_true",
                     help="only the L2+QAT rows and their BOPs-matched GETA rows")
     ap.add_argument("--quick", action="store_true",
@@ -612,6 +617,7 @@ def main() -> None:
     ranges = [tuple(int(b) for b in r.split("-")) for r in args.bits.split(",")]
     fixed = [int(b) for b in args.baseline_bits.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    matched_ranges = [tuple(int(b) for b in r.split("-")) for r in args.matched_bits.split(",")]
     importances = [x.strip() for x in args.importance.split(",")]
     unknown = sorted(set(importances) - set(IMPORTANCE))
     if unknown:
@@ -658,10 +664,14 @@ def main() -> None:
                 base = emit(lambda seed: run_baseline(dense, task, sp, b, args.steps, args.lr,
                                                       seed),
                             task, dense, "L2+QAT", sp, f"{b}", dense_q)
-                if args.matched or args.matched_only:
+                for imp, matched in [(i, r) for i in importances for r in matched_ranges] \
+                        if args.matched or args.matched_only else ():
+                    label, weights = IMPORTANCE[imp]
                     emit(lambda seed: run_geta_matched(dense, task, sp, b, base.bops,
-                                                       args.steps, args.lr, seed),
-                         task, dense, "GETA @ its BOPs", sp, f"2-8 / A{b}", dense_q)
+                                                       args.steps, args.lr, seed, matched,
+                                                       weights),
+                         task, dense, label + " @ its BOPs", sp,
+                         f"{matched[0]}-{matched[1]} / A{b}", dense_q)
     print(f"\n{time.perf_counter() - t_start:.0f} s in all\n")
     print(markdown(rows))
 
