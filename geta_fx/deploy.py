@@ -96,7 +96,8 @@ def _dense_origin(gm: torch.fx.GraphModule, reference: Any, example_inputs: Any
 
 def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None,
           max_bits: int = 8, fuse_linear: bool = True, freeze_act: bool = True,
-          act_table: bool = True, inplace: bool = False) -> torch.fx.GraphModule:
+          act_table: bool = True, pack: str = "all", inplace: bool = False
+          ) -> torch.fx.GraphModule:
     """Lower a slim model's quantized weights to packed integer levels (the ``lower_quant`` pass).
 
     Args:
@@ -118,6 +119,11 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
             CPU, else left unfused) (``passes/lower_act.py``; ``meta["geta.act_table"]`` lists
             the tables, the fusions and any quantizer kept as it was).  Only with
             ``freeze_act``.
+        pack: ``"all"`` keeps every quantized weight packed; ``"linear"`` keeps packed only
+            the weights ``geta::lowbit_linear`` reads and freezes those a layer reads through
+            ``geta::unpack_weight`` (convs) as their float values (``passes/freeze_unpacked.py``;
+            exact, ``32 / bits`` times their bytes; measured 3-6% faster on the benchmark CNNs
+            on CPU, where the unpack per call costs more than those convs' weights weigh).
         inplace: lower ``model`` itself instead of a copy (GraphModule only).
 
     Returns:
@@ -135,6 +141,8 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
     ensure_loaded()  # the fused CPU kernel, when the installed package ships it
     if not isinstance(act_table, bool):
         raise InputError(f"geta_fx.lower: act_table must be True or False, got {act_table!r}")
+    if pack not in ("all", "linear"):
+        raise InputError(f"geta_fx.lower: pack must be 'all' or 'linear', got {pack!r}")
     if isinstance(model, GetaModule):
         reference = model if reference is None else reference
         gm = model.compress()
@@ -158,6 +166,10 @@ def lower(model: nn.Module, *, reference: Any = None, example_inputs: Any = None
         from geta_fx.passes.lower_act import LowerActTable
 
         passes.append(LowerActTable())
+    if pack == "linear" and _has_quantizers(gm):
+        from geta_fx.passes.freeze_unpacked import FreezeUnpacked
+
+        passes.append(FreezeUnpacked())
     gm = Pipeline(passes)(gm).graph_module
     weights = [dataclasses.asdict(w) for w in gm.meta.get(LOWBIT, ())]
     by_param = {w["param"]: w for w in weights}

@@ -568,3 +568,31 @@ def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None
         assert torch.equal(back(x), low(x))
         # x * alpha + beta rounds twice: an activation may move one level (d <= 0.05 here)
         torch.testing.assert_close(plain(x), low(x), rtol=0.05, atol=0.1)
+
+
+def test_pack_linear_freezes_unpacked_conv_weights(tmp_path: object) -> None:
+    """lower(pack="linear"): conv weights frozen as their unpacked float values (no
+    geta::unpack_weight per call), linear weights packed; same outputs, same report."""
+    gm, x = _resnetlet(3)
+    slim = gm.compress()
+    packed = deploy.lower(slim)
+    low = deploy.lower(slim, pack="linear")
+    ops = [n.target for n in low.graph.nodes]
+    assert geta.unpack_weight.default not in ops and geta.lowbit_linear.default in ops
+    modes = {r.param: r.mode for r in low.meta["geta.lowbit"]}
+    assert modes["fc.weight"] == "packed"
+    assert {m for p, m in modes.items() if p != "fc.weight"} == {"float"}
+    assert list(dict(low.geta_lowbit.c1_0_weight.named_buffers())) == ["weight"]
+    rows = {r["weight"]: r["stored_as"] for r in low.meta[deploy.META_KEY]["layers"]
+            if r.get("weight")}
+    assert rows == {"fc.weight": "packed"} | {p: "float" for p in modes if p != "fc.weight"}
+    with torch.inference_mode():
+        assert torch.equal(low(x), packed(x))
+    a, b = geta_fx.report(slim, (x,), reference=gm), geta_fx.report(low, (x,))
+    assert (a.bops, a.macs, a.params) == (b.bops, b.macs, b.params)
+    path = f"{tmp_path}/m.pt2"
+    geta_fx.save(low, path)
+    with torch.inference_mode():
+        assert torch.equal(geta_fx.load(path)(x), low(x))
+    with pytest.raises(InputError, match="pack must be 'all' or 'linear', got 'conv'"):
+        deploy.lower(slim, pack="conv")
