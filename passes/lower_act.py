@@ -36,9 +36,10 @@ pruning saved (a 30%-pruned ResNet-8 ran 0.7x the dense model).  Runs after ``lo
   its quantizers; ATen's NCHW max_pool2d more than the table).  ``alpha``/``beta``
   (:func:`~geta_fx.ops.quantize_table.batch_norm_affine`: read back from ``batch_norm`` and
   checked to give its results bit for bit as an fma on this CPU) go into the quantizer's
-  holder; a batch_norm that is not an fma here stays and ``meta["geta.act_table"]["affine"]``
-  says why.  The batch_norm's tensors stay in the module, unread (they are still the model's
-  parameters for :func:`geta_fx.report`).
+  holder; a batch_norm that is not an fma here stays, as do all where no compiled kernel of
+  the op serves the device (its reference is exact but slow), and
+  ``meta["geta.act_table"]["affine"]`` says why.  The batch_norm's tensors stay in the module,
+  unread (they are still the model's parameters for :func:`geta_fx.report`).
 
 Invariants: every ``geta::quantize`` node on ``get_attr`` constants is rewritten or listed as kept;
 a second run finds none (idempotent); new ``get_attr`` nodes carry ``val`` and the layer's
@@ -273,6 +274,8 @@ def _affine_of(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> tuple[torch.Tenso
 def fuse_affine(gm: torch.fx.GraphModule, mode: Any) -> list[dict[str, Any]]:
     """Fold each eval batch_norm (+ residual add) (+ max pool) read only by a table quantizer
     into it (``geta::quantize.affine_table``); returns one record per quantizer looked at."""
+    from geta_fx.ops.quantize_table import status
+
     records: list[dict[str, Any]] = []
     for table in [n for n in gm.graph.nodes if n.target is torch.ops.geta.quantize.table]:
         m = _match(table)
@@ -281,6 +284,12 @@ def fuse_affine(gm: torch.fx.GraphModule, mode: Any) -> list[dict[str, Any]]:
         _x, d_n, q_n, t_n, signed, *tab = table.args
         path = str(d_n.target).rpartition(".")[0]  # type: ignore[union-attr]
         qid = path.rpartition(".")[2]
+        dev = get_attr_tensor(gm, str(d_n.target)).device.type  # type: ignore[union-attr]
+        served = status("affine_table").get(dev, {})
+        if served.get("impl") != "fused":  # the reference is exact but slow: keep the aten ops
+            records.append({"qid": qid, "fused": False, "reason": "no compiled "
+                            f"geta::quantize.affine_table kernel on {dev}: {served.get('reason')}"})
+            continue
         affines = [_affine_of(gm, bn) for bn in (m.bn, m.bn2) if bn is not None]
         why = next((a for a in affines if isinstance(a, str)), None)
         if why is not None:

@@ -555,6 +555,18 @@ def test_fusion_left_out_where_batch_norm_is_not_fma(monkeypatch: pytest.MonkeyP
         assert torch.equal(low(x), deploy.lower(slim, fuse_linear=True, act_table=True)(x))
 
 
+def test_fusion_needs_a_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    gm, x = _resnetlet(4)
+    slim = gm.compress()
+    monkeypatch.setattr(qt, "status", lambda op="table": {"cpu": {"impl": "reference",
+                                                                  "reason": "(test)"}})
+    low = deploy.lower(slim)
+    record = low.meta[ACT_TABLE]["affine"]
+    assert record and all(not r["fused"] and "no compiled geta::quantize.affine_table kernel "
+                          "on cpu: (test)" == r["reason"] for r in record)
+    assert not any(n.target is geta.quantize.affine_table for n in low.graph.nodes)
+
+
 def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None:
     gm, x = _resnetlet(2)
     low = gm.compress(lower=True)
