@@ -35,7 +35,7 @@ from __future__ import annotations
 import heapq
 import operator
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,19 +233,20 @@ def _schedule(graph: torch.fx.Graph, blocks: dict[str, _Block],
     return order
 
 
-def _install(graph_module: torch.fx.GraphModule, path: str, graph: torch.fx.Graph) -> None:
-    """Put a GraphModule running ``graph`` at ``path``, over the holder there (its submodules,
-    parameters and buffers, under the same names)."""
+def _replace_at(graph_module: torch.fx.GraphModule, path: str,
+                make: Callable[[nn.Module], nn.Module]) -> None:
+    """Put ``make(old)`` at ``path`` in place of the module ``old`` there, holding ``old``'s
+    submodules, parameters and buffers under the same names."""
     parent_path, _, name = path.rpartition(".")
     parent = graph_module.get_submodule(parent_path) if parent_path else graph_module
-    holder = getattr(parent, name)
-    block = torch.fx.GraphModule(holder, graph, class_name="GetaBlock")
-    block._modules = OrderedDict(holder._modules)
-    block._parameters = OrderedDict(holder._parameters)
-    block._buffers = OrderedDict(holder._buffers)
-    block._non_persistent_buffers_set = set(holder._non_persistent_buffers_set)
-    block.train(holder.training)
-    parent._modules[name] = block
+    old = getattr(parent, name)
+    new = make(old)
+    new._modules = OrderedDict(old._modules)
+    new._parameters = OrderedDict(old._parameters)
+    new._buffers = OrderedDict(old._buffers)
+    new._non_persistent_buffers_set = set(old._non_persistent_buffers_set)
+    new.train(old.training)
+    parent._modules[name] = new
 
 
 def split_blocks(graph_module: torch.fx.GraphModule | nn.Module,
@@ -298,8 +299,9 @@ def split_blocks(graph_module: torch.fx.GraphModule | nn.Module,
                 env[o] = new.create_node("call_function", operator.getitem, (call, k),
                                          name=o.name)
                 env[o].meta = dict(o.meta)
-    for p in paths:
-        _install(gm, p, _block_graph(found[p]))
+    for p in paths:  # a GraphModule running the block's ops, over the attribute holder
+        _replace_at(gm, p, lambda holder, p=p: torch.fx.GraphModule(holder, _block_graph(found[p]),
+                                                                  class_name="GetaBlock"))
     gm.graph = new  # recompiles
     gm.meta[BLOCKS] = paths
     return paths
@@ -329,17 +331,8 @@ def merge_blocks(graph_module: torch.fx.GraphModule | nn.Module) -> None:
             env[n] = outs[n.args[0]][n.args[1]]
         else:
             env[n] = new.node_copy(n, env.__getitem__)
-    for p in paths:
-        parent_path, _, name = p.rpartition(".")
-        parent = gm.get_submodule(parent_path) if parent_path else gm
-        block = getattr(parent, name)
-        holder = nn.Module()
-        holder._modules = OrderedDict(block._modules)
-        holder._parameters = OrderedDict(block._parameters)
-        holder._buffers = OrderedDict(block._buffers)
-        holder._non_persistent_buffers_set = set(block._non_persistent_buffers_set)
-        holder.train(block.training)
-        parent._modules[name] = holder
+    for p in paths:  # a plain attribute holder again
+        _replace_at(gm, p, lambda _block: nn.Module())
     gm.graph = new
     del gm.meta[BLOCKS]
 
