@@ -22,8 +22,9 @@ as an attribute and never calls the layer), so ``geta_fx.distributed.fully_shard
 splits it into one GraphModule per decoder layer, installed at the layer's own path (parameter
 names unchanged), and shards each: a layer's weights are all-gathered only while it runs.  The
 script prints the most parameter bytes rank 0 held whole at once during a forward (sampled at
-every unit's forward hooks), plus its shards, next to the model's size; ``--root-only`` shards only the root (the
-whole model is gathered for every forward/backward; gradients and optimizer state stay sharded).
+every unit's forward hooks), plus its shards, next to the model's size; ``--root-only`` shards
+only the root (the whole model is gathered for every forward/backward; gradients and optimizer
+state stay sharded).
 ``--out DIR`` also writes one sharded checkpoint per rank (``gm.state_dict()`` and
 ``opt.state_dict()`` per rank), which QASSO resumes from bit-exactly
 (tests/test_qasso_fsdp.py, tests/test_distributed_blocks.py).

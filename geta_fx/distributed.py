@@ -24,10 +24,11 @@ rewritten back (:func:`merge_blocks`) is the flat graph, node names and metadata
 (which owns what no block owns: embeddings, final norm, head, quantizer scalars).
 
 A block is a set of nodes: the ops whose ``nn_module_stack`` passes through the block's module
-or one inside it, and the parameter/buffer reads under its path.  The split refuses, naming the block, when a
-parameter of the block is also read outside it (a weight tied across the block boundary: FSDP
-could not unshard it there) or when the block's ops do not form one region (some op outside
-the block both reads a result of the block and feeds it).
+or one inside it, and the parameter/buffer reads under its path.  The split refuses, naming
+the block, when a parameter of the block (or a view of one) is also read outside it (a weight
+tied across the block boundary: FSDP2 frees it after the block's forward) or when the block's
+ops do not form one region (some op outside the block both reads a result of the block and
+feeds it).
 """
 
 from __future__ import annotations

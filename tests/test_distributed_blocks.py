@@ -257,7 +257,7 @@ def _worker(rank: int, gm0: nn.Module, batches: list[torch.Tensor], init: str,
     try:
         gm, opt = _sharded(gm0)
         g = gm.graph_module
-        w0, w1 = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight")
+        w0, w1 = (f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1))
         seen: list[tuple[bool, bool]] = []  # in layer 1's forward: is layer 0 / 1 sharded?
         g.get_submodule("model.layers.1").register_forward_pre_hook(
             lambda *_: seen.append((isinstance(g.get_parameter(w0), DTensor),

@@ -118,7 +118,8 @@ def _fork(worker, tmp_path, *args) -> list[dict]:  # noqa: ANN001
     """Run ``worker`` on WORLD forked ranks (they inherit the captured models and every
     import: no re-capture); their results."""
     results = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    run_ranks(worker, (str(tmp_path / "init"), str(tmp_path), *args), WORLD, list(map(str, results)))
+    run_ranks(worker, (str(tmp_path / "init"), str(tmp_path), *args), WORLD,
+              [str(f) for f in results])
     return [torch.load(f, weights_only=False) for f in results]
 
 
