@@ -261,6 +261,13 @@ def _affine_of(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> tuple[torch.Tenso
     val = _val(x)
     if not (isinstance(val, torch.Tensor) and val.dtype == torch.float32 and val.dim() >= 2):
         return "batch_norm input is not a float32 (N, C, ...) tensor"
+    # ATen's eval batch_norm is an fma on contiguous and channels-last inputs (checked below);
+    # on other layouts (a transposed (N, C, L) input) it rounds twice
+    four = val.dim() == 4
+    if not (val.is_contiguous()
+            or (four and val.is_contiguous(memory_format=torch.channels_last))):
+        return ("batch_norm input is neither contiguous nor channels-last (strides "
+                f"{tuple(val.stride())}): aten.batch_norm on it is not an fma")
     get = [None if a is None else get_attr_tensor(gm, str(a.target))  # type: ignore[union-attr]
            for a in (w, b, mean, var)]
     # ATen's eval batch_norm has one CPU path for 1-element planes and one for the rest
@@ -268,7 +275,8 @@ def _affine_of(gm: torch.fx.GraphModule, bn: torch.fx.Node) -> tuple[torch.Tenso
     plane = math.prod(int(s) for s in spatial) if all(isinstance(s, int) for s in spatial) \
         else None
     planes = (37, 1) if plane is None else (max(1, min(plane, 37)),)
-    return batch_norm_affine(*get, float(eps), planes)  # type: ignore[arg-type]
+    return batch_norm_affine(*get, float(eps), planes,  # type: ignore[arg-type]
+                             channels_last=four)
 
 
 def fuse_affine(gm: torch.fx.GraphModule, mode: Any) -> list[dict[str, Any]]:

@@ -567,6 +567,52 @@ def test_fusion_needs_a_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None
     assert not any(n.target is geta.quantize.affine_table for n in low.graph.nodes)
 
 
+class TransposedBN(nn.Module):
+    """(N, L, C) -> transpose -> BatchNorm1d -> relu -> conv1d: the batch_norm reads a
+    non-contiguous input, on which ATen's eval batch_norm rounds twice (not an fma)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm1d(8), nn.Conv1d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(F.relu(self.bn(x.transpose(1, 2)))).flatten(1))
+
+
+def test_batch_norm_on_a_transposed_input_stays_unfused() -> None:
+    torch.manual_seed(0)
+    model = TransposedBN()
+    with torch.no_grad():
+        model.bn.weight.uniform_(-1.5, 1.5)
+        model.bn.bias.uniform_(-1.0, 1.0)
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    gm = geta_fx.transform(model.eval(), (torch.randn(4, 6, 8),), quantize="weight_act")
+    geta_fx.calibrate(gm, [(torch.randn(16, 6, 8),)])
+    with torch.no_grad():
+        for q in gm.quantizers.values():
+            q.set_bit_width(8 if q.kind == "act" else 4)
+    slim = gm.eval().compress()
+    low = deploy.lower(slim, fuse_linear=False)
+    plain = deploy.lower(slim, fuse_linear=False, act_table=False)
+    (rec,) = low.meta[ACT_TABLE]["affine"]
+    assert not rec["fused"] and "neither contiguous nor channels-last" in rec["reason"], rec
+    # inputs whose batch_norm lands within 8 ulp of each level threshold of the next quantizer
+    bn = next(n for n in plain.graph.nodes if n.target is torch.ops.aten.batch_norm.default)
+    w, b, mean, var = (plain.get_parameter(str(a.target)) if "weight" in str(a.target)
+                       or "bias" in str(a.target) else plain.get_buffer(str(a.target))
+                       for a in bn.args[1:5])
+    alpha, beta = qt.batch_norm_affine(w.detach(), b.detach(), mean, var, float(bn.args[7]))
+    tab = low.geta_lowbit.conv_input
+    thr = tab.bounds[tab.bounds != 0x7F800000].view(torch.float32)
+    tgt = (thr[:, None] * (1 + torch.arange(-8.0, 9.0) * 2.0**-23)).reshape(-1)
+    tgt = tgt[: tgt.numel() // 6 * 6]
+    x = ((tgt[:, None] - beta) / alpha).reshape(-1, 6, 8)
+    with torch.inference_mode():
+        assert torch.equal(low(x), plain(x))
+
+
 def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None:
     gm, x = _resnetlet(2)
     low = gm.compress(lower=True)

@@ -261,8 +261,8 @@ def _affine_table_fake(x: Tensor, d: Tensor, q_m: Tensor, t: Tensor, signed: boo
 
 
 def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, var: Tensor,
-                      eps: float, planes: tuple[int, ...] = (37,)
-                      ) -> tuple[Tensor, Tensor] | str:
+                      eps: float, planes: tuple[int, ...] = (37,), *,
+                      channels_last: bool = False) -> tuple[Tensor, Tensor] | str:
     """``(alpha, beta)`` (float32 ``[C]``) with ``fma(x, alpha, beta)`` equal to eval
     ``aten.batch_norm(x, weight, bias, mean, var, False, ., eps)`` bit for bit, or the reason
     why not.
@@ -273,7 +273,9 @@ def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, 
     with ``planes`` elements per (n, c) plane is compared with ``fma``: ATen has one CPU code
     path for planes of 1 element (``(N, C)`` inputs: found *not* to be an fma on an AVX-512
     build) and one for larger planes (an fma there), so ``planes`` names the sizes the layer
-    runs at.  A mismatch (e.g. an ATen build computing ``x * alpha + beta`` with two roundings)
+    runs at.  ``channels_last``: the probes are also run channels-last (ATen's third CPU
+    path; others, as a transposed ``(N, C, L)`` input's, are not fmas: not fused by lower_act).
+    A mismatch (e.g. an ATen build computing ``x * alpha + beta`` with two roundings)
     is refused here.
     """
     bn = torch.ops.aten.batch_norm.default
@@ -296,12 +298,14 @@ def batch_norm_affine(weight: Tensor | None, bias: Tensor | None, mean: Tensor, 
         for plane in planes:
             x = (probe.repeat(1, 1, -(-plane // 37))[:, :, :plane] if plane > 1
                  else probe[:, :, 0]).contiguous()  # ATen's contiguous paths (conv outputs)
-            want = bn(x, weight, bias, mean, var, False, 0.1, eps, False)
-            shape = (1, c) + (1,) * (x.dim() - 2)
-            got = fma_reference(x, alpha.reshape(shape), beta.reshape(shape))
-            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
-                return ("aten.batch_norm on this CPU is not fma(x, alpha, beta) "
-                        "(two roundings?)")
+            cl = x.reshape(x.shape[0], c, -1, 1).contiguous(memory_format=torch.channels_last)
+            for x in (x, cl) if channels_last else (x,):
+                want = bn(x, weight, bias, mean, var, False, 0.1, eps, False)
+                shape = (1, c) + (1,) * (x.dim() - 2)
+                got = fma_reference(x, alpha.reshape(shape), beta.reshape(shape))
+                if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                    return ("aten.batch_norm on this CPU is not fma(x, alpha, beta) "
+                            "(two roundings?)")
     return alpha, beta
 
 
