@@ -234,6 +234,9 @@ def _match(table: torch.fx.Node) -> _Match | None:
         n = n.args[0]
     pool = None
     if _single_user(n, aten.max_pool2d.default) and _pool_of(n) is not None:
+        val = _val(n.args[0])  # a 3-D input is an unbatched (C, H, W): it pools channels
+        if not (isinstance(val, torch.Tensor) and val.dim() == 4):
+            return None
         pool, n = n, n.args[0]
     add = None
     if _single_user(n, aten.add.Tensor) and not n.kwargs and len(n.args) == 2:

@@ -567,6 +567,16 @@ def test_fusion_needs_a_compiled_kernel(monkeypatch: pytest.MonkeyPatch) -> None
     assert not any(n.target is geta.quantize.affine_table for n in low.graph.nodes)
 
 
+def _slim_8_4(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
+    """The calibrated weight_act slim graph of ``model`` (8-bit activations, 4-bit weights)."""
+    gm = geta_fx.transform(model.eval(), (x,), quantize="weight_act")
+    geta_fx.calibrate(gm, [(torch.randn(16, *x.shape[1:]),)])
+    with torch.no_grad():
+        for q in gm.quantizers.values():
+            q.set_bit_width(8 if q.kind == "act" else 4)
+    return gm.eval().compress()
+
+
 class TransposedBN(nn.Module):
     """(N, L, C) -> transpose -> BatchNorm1d -> relu -> conv1d: the batch_norm reads a
     non-contiguous input, on which ATen's eval batch_norm rounds twice (not an fma)."""
@@ -588,12 +598,7 @@ def test_batch_norm_on_a_transposed_input_stays_unfused() -> None:
         model.bn.bias.uniform_(-1.0, 1.0)
         model.bn.running_mean.uniform_(-0.5, 0.5)
         model.bn.running_var.uniform_(0.5, 2.0)
-    gm = geta_fx.transform(model.eval(), (torch.randn(4, 6, 8),), quantize="weight_act")
-    geta_fx.calibrate(gm, [(torch.randn(16, 6, 8),)])
-    with torch.no_grad():
-        for q in gm.quantizers.values():
-            q.set_bit_width(8 if q.kind == "act" else 4)
-    slim = gm.eval().compress()
+    slim = _slim_8_4(model, torch.randn(4, 6, 8))
     low = deploy.lower(slim, fuse_linear=False)
     plain = deploy.lower(slim, fuse_linear=False, act_table=False)
     (rec,) = low.meta[ACT_TABLE]["affine"]
@@ -611,6 +616,29 @@ def test_batch_norm_on_a_transposed_input_stays_unfused() -> None:
     x = ((tgt[:, None] - beta) / alpha).reshape(-1, 6, 8)
     with torch.inference_mode():
         assert torch.equal(low(x), plain(x))
+
+
+class Pool3d(nn.Module):
+    """BatchNorm1d on (N, C, L), then max_pool2d of that 3-D tensor (unbatched (C, H, W) to
+    max_pool2d: it pools channels): not the fused op's pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.bn = nn.Conv1d(3, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.conv, self.fc = nn.Conv1d(4, 4, 3, padding=1), nn.Linear(4 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(F.max_pool2d(self.bn(self.conv0(x)), 2)).flatten(1))
+
+
+def test_max_pool_of_a_3d_batch_norm_output_stays_unfused() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 6)
+    slim = _slim_8_4(Pool3d(), x)
+    low = deploy.lower(slim, fuse_linear=False)
+    assert not low.meta[ACT_TABLE].get("affine")
+    with torch.inference_mode():
+        assert torch.equal(low(x), deploy.lower(slim, fuse_linear=False, act_table=False)(x))
 
 
 def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None:
