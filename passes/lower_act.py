@@ -328,7 +328,9 @@ def fuse_affine(gm: torch.fx.GraphModule, mode: Any) -> list[dict[str, Any]]:
             table.replace_all_uses_with(m.views[0])
         else:
             table.replace_all_uses_with(fused)
-        dead = [table, *(n for n in (m.pool, m.add, m.bn2, m.bn) if n is not None)]
+        # dict.fromkeys: ``h + h`` has m.bn2 is m.bn (one node, erased once)
+        dead = list(dict.fromkeys([table, *(n for n in (m.pool, m.add, m.bn2, m.bn)
+                                            if n is not None)]))
         attrs = [a for n in dead for a in n.args[1:] if isinstance(a, torch.fx.Node)
                  and a.op == "get_attr"]
         for n in dead:
@@ -337,6 +339,7 @@ def fuse_affine(gm: torch.fx.GraphModule, mode: Any) -> list[dict[str, Any]]:
             if not a.users:             # model's parameters (geta_fx.report counts them)
                 gm.graph.erase_node(a)
         records.append({"qid": qid, "fused": True,
-                        "batch_norms": 1 + (m.bn2 is not None), "add": m.add is not None,
+                        "batch_norms": 1 + (m.bn2 is not None and m.bn2 is not m.bn),
+                        "add": m.add is not None,
                         "pool": pool})
     return records

@@ -641,6 +641,35 @@ def test_max_pool_of_a_3d_batch_norm_output_stays_unfused() -> None:
         assert torch.equal(low(x), deploy.lower(slim, fuse_linear=False, act_table=False)(x))
 
 
+class DoubledBN(nn.Module):
+    """conv -> bn -> h + h -> relu -> conv: the residual add reads one batch_norm twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        return self.head(F.relu(h + h))
+
+
+def test_an_add_of_one_batch_norm_to_itself_fuses_once_and_exactly() -> None:
+    import warnings
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    slim = _slim_8_4(DoubledBN(), x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fx warns when a node is erased twice
+        low = deploy.lower(slim, fuse_linear=False)
+    fused = [r for r in low.meta[ACT_TABLE].get("affine", []) if r.get("fused")]
+    if not fused:
+        pytest.skip(f"no fused affine_table here: {low.meta[ACT_TABLE].get('affine')}")
+    assert fused[0]["batch_norms"] == 1 and fused[0]["add"]
+    with torch.inference_mode():
+        assert torch.equal(low(x), deploy.lower(slim, fuse_linear=False, act_table=False)(x))
+
+
 def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None:
     gm, x = _resnetlet(2)
     low = gm.compress(lower=True)
