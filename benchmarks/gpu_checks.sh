@@ -54,7 +54,7 @@ for f in re.split(r'\n\s*Function : ', sys.stdin.read())[1:]:
     print(name[:100], {k: ops[k] for k in ('FRND', 'F2F', 'F2FP', 'MUFU', 'CALL', 'FFMA', 'FADD', 'FMUL')})
 " >> "$OUT/build.txt" 2>&1
 fi
-[ "${1:-}" = profile ] || step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_module_device.py tests/ops/test_kernels.py -m cuda
+[ "${1:-}" = profile ] || step tests 300 python3 -m pytest -q -p no:cacheprovider tests/test_deploy.py tests/test_module_device.py tests/ops/test_kernels.py tests/test_lower_act.py -m cuda
 wait; cat /tmp/lab_builds.txt
 step gemv_lab 240 /tmp/gemv_lab $([ "${1:-}" = quick ] && echo --quick)
 step quant_lab 240 /tmp/quant_lab

@@ -139,6 +139,25 @@ def test_compress_report_deepcopy_pickle_and_modes_of_a_split_module() -> None:
     assert list(loaded.quantizers) == list(gm.quantizers)
 
 
+def test_compress_into_and_dtype_moves_of_a_split_module() -> None:
+    pytest.importorskip("transformers")
+    model, x = ZOO["hf_llama_gqa"]()
+    gm = geta_fx.transform(model, x, quantize="weight").eval()
+    split_blocks(gm)
+    g = gm.groups[3]
+    gm.zero_units(g.id, torch.arange(0, g.num_units, 2))
+    ids = torch.randint(0, 64, (2, 6))  # another shape than the capture's
+    want = gm(ids).logits
+    eager = copy.deepcopy(model)
+    assert gm.compress(into=eager) is eager  # the user's module, sliced from the split graph
+    assert torch.equal(eager(ids).logits, want)
+    assert sum(p.numel() for p in eager.parameters()) < sum(p.numel() for p in model.parameters())
+    half = copy.deepcopy(gm).to(torch.bfloat16)  # reaches the blocks' parameters
+    dtypes = {(n.startswith("graph_module.geta_quant"), p.dtype)
+              for n, p in half.named_parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}  # scalars stay fp32
+
+
 KW = dict(lr=1e-2, lr_quant=1e-2, target_sparsity=0.4, bit_range=(4, 16), bit_reduction=4,
           start_projection_step=1, projection_steps=3, projection_periods=2,
           start_pruning_step=4, pruning_steps=6, pruning_periods=2)

@@ -711,3 +711,19 @@ def test_pack_linear_freezes_unpacked_conv_weights(tmp_path: object) -> None:
         assert torch.equal(geta_fx.load(path)(x), low(x))
     with pytest.raises(InputError, match="pack must be 'all' or 'linear', got 'conv'"):
         deploy.lower(slim, pack="conv")
+
+
+@pytest.mark.cuda  # for a GPU session (benchmarks/gpu_checks.sh runs it): the CUDA kernels
+def test_lowered_on_cuda_equals_the_fake_quant_slim_graph_on_cuda() -> None:  # are unrun yet
+    """Lowered on the GPU (tables built with CUDA's own geta::quantize), the table and fused
+    batch_norm kernels give the fake-quant slim graph's outputs there, bit for bit."""
+    from geta_fx.module import move_to_device
+
+    gm, x = _resnetlet()
+    slim = move_to_device(gm.compress(), "cuda")
+    low = deploy.lower(slim, fuse_linear=False)
+    assert any(n.target in (torch.ops.geta.quantize.table, torch.ops.geta.quantize.affine_table)
+               for n in low.graph.nodes)
+    xc = x.cuda()
+    with torch.inference_mode():
+        assert torch.equal(low(xc), slim(xc))
