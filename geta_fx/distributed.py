@@ -45,6 +45,7 @@ import torch.fx
 from torch import nn
 
 from geta_fx.errors import InputError
+from geta_fx.ir.cost import clean_path
 from geta_fx.ir.meta import BLOCKS
 
 __all__ = ["call_quantizer", "find_blocks", "flat_graph_module", "fully_shard_blocks",
@@ -67,18 +68,24 @@ def call_quantizer(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return module(*args, **kwargs)
 
 
+def _stack(node: torch.fx.Node) -> list[tuple[str, str]]:
+    """(module path, class name) of every module ``node`` was traced in, outermost first
+    (paths as :func:`geta_fx.ir.cost.clean_path` normalises them)."""
+    stack = (node.meta.get("nn_module_stack") or {}).values()
+    return [(clean_path(v[0]), str(v[1])) for v in stack
+            if isinstance(v, tuple) and len(v) >= 2 and isinstance(v[0], str)]
+
+
 def _stack_paths(node: torch.fx.Node) -> set[str]:
-    return {v[0] for v in (node.meta.get("nn_module_stack") or {}).values()
-            if isinstance(v, tuple) and v and isinstance(v[0], str)}
+    return {path for path, _ in _stack(node)}
 
 
 def _stack_classes(graph_module: torch.fx.GraphModule) -> dict[str, str]:
     """Module path -> class name, from every node's ``nn_module_stack``."""
     out: dict[str, str] = {}
     for node in graph_module.graph.nodes:
-        for v in (node.meta.get("nn_module_stack") or {}).values():
-            if isinstance(v, tuple) and len(v) >= 2 and isinstance(v[0], str):
-                out.setdefault(v[0], str(v[1]))
+        for path, cls in _stack(node):
+            out.setdefault(path, cls)
     return out
 
 

@@ -238,12 +238,17 @@ def test_lowered_weight_act_model_is_bit_exact() -> None:
             torch.testing.assert_close(gm(xb), want, rtol=0.05, atol=0.05)
 
 
+def _saved_and_loaded(gm: torch.fx.GraphModule, tmp_path: object) -> torch.fx.GraphModule:
+    """``gm`` through ``geta_fx.save`` / ``geta_fx.load`` (a .pt2 under ``tmp_path``)."""
+    path = f"{tmp_path}/m.pt2"
+    geta_fx.save(gm, path)
+    return geta_fx.load(path)
+
+
 def test_lowered_table_model_saves_loads_and_converts(tmp_path: object) -> None:
     gm, x = _trained_like(1)
     low = gm.compress(lower=True)
-    path = f"{tmp_path}/m.pt2"
-    geta_fx.save(low, path)
-    back = geta_fx.load(path)
+    back = _saved_and_loaded(low, tmp_path)
     with torch.inference_mode():
         assert torch.equal(back(x), low(x))
         half = low.half()
@@ -673,9 +678,7 @@ def test_an_add_of_one_batch_norm_to_itself_fuses_once_and_exactly() -> None:
 def test_fused_model_saves_loads_and_exports_onnx_form(tmp_path: object) -> None:
     gm, x = _resnetlet(2)
     low = gm.compress(lower=True)
-    path = f"{tmp_path}/m.pt2"
-    geta_fx.save(low, path)
-    back = geta_fx.load(path)
+    back = _saved_and_loaded(low, tmp_path)
     plain = deploy._without_act_tables(low)
     assert not any(n.target in (geta.quantize.table, geta.quantize.affine_table)
                    for n in plain.graph.nodes)
@@ -705,10 +708,9 @@ def test_pack_linear_freezes_unpacked_conv_weights(tmp_path: object) -> None:
         assert torch.equal(low(x), packed(x))
     a, b = geta_fx.report(slim, (x,), reference=gm), geta_fx.report(low, (x,))
     assert (a.bops, a.macs, a.params) == (b.bops, b.macs, b.params)
-    path = f"{tmp_path}/m.pt2"
-    geta_fx.save(low, path)
+    back = _saved_and_loaded(low, tmp_path)
     with torch.inference_mode():
-        assert torch.equal(geta_fx.load(path)(x), low(x))
+        assert torch.equal(back(x), low(x))
     with pytest.raises(InputError, match="pack must be 'all' or 'linear', got 'conv'"):
         deploy.lower(slim, pack="conv")
 
