@@ -56,7 +56,9 @@ rule alone buy.
 
 ``--seeds``: every row is the mean over those compression seeds (same dense model), with the
 standard deviation and each seed's value; single-seed differences under ~1 point (mnist 70%)
-are within the seeds' spread.  ``--importance magnitude`` adds GETA rows whose QASSO selects
+are within the seeds' spread.  With several seeds a second table pairs every GETA row with every
+L2+QAT row of its task and target seed by seed (same seed, same batches): the mean difference,
+its 95% confidence interval and whether it is resolved (:func:`paired`).  ``--importance magnitude`` adds GETA rows whose QASSO selects
 units by the L2 norm alone (GETA_SPEC C.6's first criterion) instead of the five criteria.
 """
 
@@ -569,6 +571,47 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+PAIRED_HEAD = ["task", "target", "GETA row", "bits", "baseline", "BOPs GETA / baseline",
+               "seeds", "GETA - baseline (mean)", "95% CI", "verdict"]
+
+
+def paired(rows: list[Row]) -> str:
+    """GETA minus the baseline, seed by seed, at each task and target: a markdown table.
+
+    Both methods of one seed share the seed's ``torch.manual_seed`` and its batch order
+    (:meth:`Task.batches`), so their difference is paired; the interval is the mean difference
+    +- ``t(0.975, n - 1) * sd / sqrt(n)``.  The sign makes "GETA better" positive: points of
+    accuracy, or the baseline's val loss minus GETA's.  Verdict: "better" / "worse" when the
+    interval excludes 0, else "tie (not resolved by n seeds)".
+    """
+    from scipy.stats import t as student_t
+
+    lines = ["| " + " | ".join(PAIRED_HEAD) + " |", "|" + "---|" * len(PAIRED_HEAD)]
+    for geta in (r for r in rows if r.method.startswith("GETA")):
+        for base in rows:
+            if (base.method != "L2+QAT" or (base.task, base.sparsity) != (geta.task,
+                                                                          geta.sparsity)
+                    or len(base.per_seed) != len(geta.per_seed) or len(geta.per_seed) < 2):
+                continue
+            sign, scale = (1.0, 100.0) if geta.metric == "acc" else (-1.0, 1.0)
+            diff = torch.tensor([sign * scale * (g - b)
+                                 for g, b in zip(geta.per_seed, base.per_seed)],
+                                dtype=torch.float64)
+            n = diff.numel()
+            mean, half = float(diff.mean()), float(student_t.ppf(0.975, n - 1)
+                                                   * diff.std() / math.sqrt(n))
+            verdict = ("better" if mean - half > 0 else "worse" if mean + half < 0
+                       else f"tie (not resolved by {n} seeds)")
+            unit = " pt" if geta.metric == "acc" else " (loss)"
+            lines.append("| " + " | ".join([
+                geta.task, f"{geta.sparsity:.0%}", geta.method, geta.bits,
+                f"L2+QAT {base.bits}", f"{geta.bops / base.bops:.2f}", str(n),
+                f"{mean:+.2f}{unit}" if geta.metric == "acc" else f"{mean:+.3f}{unit}",
+                f"[{mean - half:+.2f}, {mean + half:+.2f}]" if geta.metric == "acc"
+                else f"[{mean - half:+.3f}, {mean + half:+.3f}]", verdict]) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 #: --importance choices: the GETA row's method label and QASSO's ``importance=``.
 IMPORTANCE: dict[str, tuple[str, dict[str, float] | None]] = {
     "default": ("GETA", None),
@@ -674,6 +717,10 @@ def main() -> None:
                          f"{matched[0]}-{matched[1]} / A{b}", dense_q)
     print(f"\n{time.perf_counter() - t_start:.0f} s in all\n")
     print(markdown(rows))
+    table = paired(rows)
+    if table:
+        print("\nPaired by seed (GETA better = positive):\n")
+        print(table)
 
 
 if __name__ == "__main__":
