@@ -22,6 +22,17 @@ while the quantized tensor keeps its own dtype.  Device moves apply as usual.  A
 written before ``log_q_m`` existed (with a raw ``q_m`` entry) loads with ``log_q_m = log(q_m)``;
 a non-positive or non-finite legacy ``q_m`` is a :class:`QuantizerError`.
 
+Inference: an activation quantizer called where no autograd graph is recorded (``no_grad``,
+``inference_mode``, or nothing requiring grad), on a plain CPU tensor in eager mode, reads its
+levels from a threshold table (``geta::quantize.table``, built by
+:func:`geta_fx.ops.quantize_table.build_table` from the ``geta::quantize`` this process runs and
+checked against it), the same values bit for bit at a fraction of the ``exp``/``log`` per
+element; the table is keyed on the scalars' values (read on every call) and built on the second
+call in a row with the same ones.  Training, tracing (``torch.export``, ``make_fx``,
+``torch.compile``, ``torch.jit``), CUDA, ``t == 1`` and more than ``TABLE_MAX_LEVELS`` levels
+run the op.  Weights are not cached (a cached copy would double their memory, and a ``.data``
+write would go unseen).
+
 Bit width (GETA_SPEC §A.3), continuous, with ``q = max(|q_m|, Q_M_MIN)``::
 
     signed:    b = log2(q^t / d + 1) + 1      (q^t/d positive levels, plus a sign bit)
@@ -272,6 +283,10 @@ class Quantizer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        if self.kind == "act" and _table_may_serve(self, x):
+            y = _table_forward(self, x)
+            if y is not None:
+                return y
         return ops.quantize(x, self.d, self.effective_q_m(), self.t, signed=self.signed)
 
     # -- dtype conversions --------------------------------------------------------------------
@@ -316,6 +331,78 @@ class Quantizer(nn.Module):
 
     def _who(self) -> str:
         return f"{self.kind} quantizer {self.name!r}" if self.name else f"{self.kind} quantizer"
+
+
+# ----------------------------------------------------------------- inference table fast path
+#: Most levels (``q_m^t / d``) an activation quantizer may have for its inference table: the
+#: table's check evaluates ``geta::quantize`` at 2 * WINDOW + 1 values per level (13 bits:
+#: ~8M values, ~20 ms once; a fresh 16-bit quantizer would take ~0.3 s).
+TABLE_MAX_LEVELS = 1 << 12
+#: ``(cpu kernel of geta::quantize.table loaded?)``, probed once per process.
+_TABLE_KERNEL: list[bool] = []
+
+
+def _table_may_serve(q: Quantizer, x: Tensor) -> bool:
+    """Whether ``q(x)`` may read its levels from a table: inference (no autograd graph is
+    recorded), eager mode on a plain CPU tensor (no compile, export, fake or dispatch-mode
+    tracing: those must see ``geta::quantize``), and the compiled CPU table kernel loaded."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or q.log_d.requires_grad
+                                    or q.log_q_m.requires_grad or q.t.requires_grad):
+        return False
+    if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in (
+            torch.float32, torch.float16, torch.bfloat16):
+        return False
+    if q.log_d.device.type != "cpu":
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
+        return False
+    if not _TABLE_KERNEL:
+        from geta_fx.ops import quantize_table
+
+        cpu = quantize_table.ensure_loaded().get("cpu", {})
+        _TABLE_KERNEL.append(cpu.get("impl") == "fused")
+    return _TABLE_KERNEL[0]
+
+
+def _table_forward(q: Quantizer, x: Tensor) -> Tensor | None:
+    """``q(x)`` by ``geta::quantize.table`` (bit for bit the same values), or None: use the op.
+
+    The table (:func:`geta_fx.ops.quantize_table.build_table`, checked against the
+    ``geta::quantize`` this process runs) belongs to one value of ``(log_d, log_q_m, t,
+    signed)``, read on every call (three host reads: CPU only), so any change of a scalar, in
+    place or not, is seen.  It is built on the *second* call in a row with the same values: a
+    loop that evaluates once between training steps keeps the op and builds nothing.  ``t ==
+    1`` (a division, as cheap as the table), more than :data:`TABLE_MAX_LEVELS` levels, or a
+    table the builder refuses keep the op.
+    """
+    key = (float(q.log_d), float(q.log_q_m), float(q.t), q.signed)
+    state = getattr(q, "_inference_table", None)
+    if state is None or state[0] != key:
+        q._inference_table = (key, None)  # first call with these values: the op
+        return None
+    entry = state[1]
+    if entry is None:
+        entry = False
+        d, q_m, t = q.d.detach(), q.effective_q_m().detach(), q.t.detach()
+        levels = float((q_m ** t / d).reshape(()))
+        if key[2] != 1.0 and math.isfinite(levels) and levels <= TABLE_MAX_LEVELS:
+            from geta_fx.ops.quantize_table import build_table
+
+            try:
+                tab = build_table(d, q_m, t)
+                entry = (d, q_m, t, tab.scale, tab.bounds, tab.base)
+            except ValueError as e:
+                logger.debug("%s keeps geta::quantize in inference: %s", q._who(), e)
+        q._inference_table = (key, entry)
+    if entry is False:
+        return None
+    d, q_m, t, scale, bounds, base = entry
+    y: Tensor = torch.ops.geta.quantize.table(x, d, q_m, t, q.signed, scale, bounds, base)
+    return y
 
 
 def _upgrade_legacy_q_m(module: Quantizer, state_dict: dict[str, Any], prefix: str,

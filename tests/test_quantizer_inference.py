@@ -1,0 +1,197 @@
+"""Activation quantizers in inference read their levels from a table (issue #12 item 4).
+
+``Quantizer.forward`` of an activation quantizer, when no autograd graph is recorded, on a plain
+CPU tensor in eager mode, takes ``geta::quantize.table`` with a table built (on the second call
+with the same scalars) by ``build_table`` from the ``geta::quantize`` this process runs.  The
+oracle is that op: every value must be equal bit for bit, and every change of a scalar, also
+one autograd does not see (``.data``), must be honoured on the next call.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import geta_fx
+import geta_fx.quantizer as quantizer_mod
+from geta_fx.ops import quantize_table as qt
+from geta_fx.quantizer import TABLE_MAX_LEVELS, Quantizer
+
+pytestmark = pytest.mark.skipif(
+    qt.ensure_loaded().get("cpu", {}).get("impl") != "fused",
+    reason="the fast path needs the compiled CPU kernel of geta::quantize.table "
+           f"({qt.status().get('cpu', {}).get('reason')})")
+
+EDGES = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 1e30, -1e30]
+
+
+def op(q: Quantizer, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.ops.geta.quantize.default(x, q.d, q.effective_q_m(), q.t, q.signed)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit: signs of zero and NaN positions included."""
+    return a.dtype == b.dtype and torch.equal(a.float().view(torch.int32),
+                                              b.float().view(torch.int32))
+
+
+def act(bits: float = 4, q_m: float = 3.0, t: float = 1.07, signed: bool = False) -> Quantizer:
+    return Quantizer("act", signed=signed, bits=bits, q_m=q_m, t=t, name="a")
+
+
+def table_built(q: Quantizer) -> bool:
+    state = getattr(q, "_inference_table", None)
+    return bool(state) and bool(state[1])
+
+
+def sample(shape: tuple[int, ...], q_m: float, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * q_m
+    flat = x.view(-1)
+    flat[:len(EDGES) + 2] = torch.tensor(EDGES + [q_m, -q_m])
+    return x
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("bits", "q_m", "t"), [(4, 3.0, 1.07), (8, 7.5, 0.9997), (2, 1.0, 1.3)])
+def test_inference_equals_the_op_bitwise(signed: bool, dtype: torch.dtype, bits: float,
+                                         q_m: float, t: float) -> None:
+    q = act(bits, q_m, t, signed)
+    x = sample((8, 6, 11, 13), q_m).to(dtype)
+    with torch.inference_mode():
+        first = q(x)
+        assert not table_built(q)  # the first call with these scalars runs the op
+        second, third = q(x), q(x[:, :, ::2].transpose(2, 3))
+    assert table_built(q)
+    assert same(first, op(q, x)) and same(second, op(q, x))
+    assert same(third, op(q, x[:, :, ::2].transpose(2, 3)))  # strided input
+
+
+def test_no_grad_also_uses_the_table_and_training_does_not() -> None:
+    q = act()
+    x = sample((4, 100), 3.0)
+    with torch.no_grad():
+        q(x), q(x)
+    assert table_built(q)
+    y = q(x)  # autograd on: the op, with its gradients to x, d, q_m and t
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert q.log_d.grad is not None and q.t.grad is not None
+
+
+@pytest.mark.parametrize("change", ["data", "set_bit_width", "optimizer", "signed",
+                                    "load_state_dict"])
+def test_a_changed_scalar_is_seen_on_the_next_call(change: str) -> None:
+    q = act()
+    x = sample((4, 300), 3.0)
+    with torch.no_grad():
+        q(x), q(x)
+    assert table_built(q)
+    if change == "data":  # not seen by the version counter: the values are compared
+        q.t.data.fill_(1.21)
+    elif change == "set_bit_width":
+        q.set_bit_width(6)
+    elif change == "optimizer":
+        opt = torch.optim.Adam(q.parameters(), lr=1e-2)
+        q(torch.randn(4, 300)).sum().backward()  # finite: x holds NaN and inf
+        opt.step()
+    elif change == "signed":
+        q.signed = True
+    else:
+        other = act(bits=3, q_m=2.0, t=0.93)
+        q.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        got = [q(x), q(x), q(x)]  # the op, then a new table
+    assert all(same(g, op(q, x)) for g in got)
+    assert table_built(q)
+
+
+def test_linear_and_wide_quantizers_keep_the_op() -> None:
+    x = sample((4, 50), 3.0)
+    for q in (act(t=1.0), act(bits=14)):  # t == 1: a division; 14 bits: > TABLE_MAX_LEVELS
+        with torch.no_grad():
+            got = [q(x), q(x)]
+        assert not table_built(q) and all(same(g, op(q, x)) for g in got)
+    assert 2 ** 13 > TABLE_MAX_LEVELS
+
+
+def test_weight_quantizers_keep_the_op() -> None:
+    q = Quantizer("weight", bits=4, q_m=1.0, t=1.1)
+    x = sample((16, 8), 1.0)
+    with torch.no_grad():
+        got = [q(x), q(x)]
+    assert getattr(q, "_inference_table", None) is None and all(same(g, op(q, x)) for g in got)
+
+
+def test_without_the_compiled_kernel_the_op_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantizer_mod, "_TABLE_KERNEL", [False])
+    q = act()
+    with torch.no_grad():
+        q(sample((3, 40), 3.0)), q(sample((3, 40), 3.0))
+    assert getattr(q, "_inference_table", None) is None
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+def _trained_like(seed: int = 0) -> geta_fx.GetaModule:
+    torch.manual_seed(seed)
+    model = _Net().eval()
+    x = torch.randn(4, 3, 10, 10)
+    gm = geta_fx.transform(model, (x,), quantize="weight_act")
+    geta_fx.calibrate(gm, [(torch.randn(16, 3, 10, 10),)])
+    with torch.no_grad():
+        for i, q in enumerate(gm.quantizers.values()):
+            q.set_bit_width(4 + i % 3)
+            q.t.fill_(1.0 + 0.03 * (i + 1))
+    gm.zero_units(next(g.id for g in gm.prunable_groups()), [0, 3])
+    return gm.eval()
+
+
+def test_exported_and_traced_graphs_keep_geta_quantize() -> None:
+    """Tracing (torch.export: fake tensors; make_fx: a dispatch mode) must record the op the
+    graph means, not the table built for this process's values."""
+    gm = _trained_like()
+    slim = gm.compress()
+    x = torch.randn(2, 3, 10, 10)
+    with torch.no_grad():
+        slim(x), slim(x)  # tables built
+    ep = torch.export.export(slim, (x,))
+    targets = {n.target for n in ep.graph.nodes if n.op == "call_function"}
+    assert torch.ops.geta.quantize.default in targets
+    assert torch.ops.geta.quantize.table not in targets
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.no_grad():
+        traced = make_fx(slim)(x)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_function"}
+    assert torch.ops.geta.quantize.table not in targets
+
+
+def test_slim_and_geta_module_in_inference_equal_the_op() -> None:
+    """compress()'s slim graph and the GetaModule itself, in inference, equal their op run."""
+    gm = _trained_like()
+    slim = gm.compress()
+    x = torch.randn(5, 3, 10, 10)
+    with torch.inference_mode():
+        fast = [slim(x), slim(x), gm(x), gm(x)]
+    assert any(table_built(q) for q in gm.quantizers.values())
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(quantizer_mod, "_TABLE_KERNEL", [False])
+        slow = [slim(x), gm(x)]
+    assert same(fast[0], slow[0]) and same(fast[1], slow[0])
+    assert same(fast[2], slow[1]) and same(fast[3], slow[1])
