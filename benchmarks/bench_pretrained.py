@@ -582,7 +582,8 @@ def paired(rows: list[Row]) -> str:
     (:meth:`Task.batches`), so their difference is paired; the interval is the mean difference
     +- ``t(0.975, n - 1) * sd / sqrt(n)``.  The sign makes "GETA better" positive: points of
     accuracy, or the baseline's val loss minus GETA's.  Verdict: "better" / "worse" when the
-    interval excludes 0, else "tie (not resolved by n seeds)".
+    interval excludes 0, else "tie (not resolved by n seeds)".  A row run at a baseline's BOPs
+    (``--matched``: bits ``"2-8 / A4"``) is paired with that baseline only.
     """
     from scipy.stats import t as student_t
 
@@ -592,6 +593,9 @@ def paired(rows: list[Row]) -> str:
             if (base.method != "L2+QAT" or (base.task, base.sparsity) != (geta.task,
                                                                           geta.sparsity)
                     or len(base.per_seed) != len(geta.per_seed) or len(geta.per_seed) < 2):
+                continue
+            _, at, act = geta.bits.partition(" / A")
+            if at and act != base.bits:  # a GETA row at a baseline's BOPs: that baseline only
                 continue
             sign, scale = (1.0, 100.0) if geta.metric == "acc" else (-1.0, 1.0)
             diff = torch.tensor([sign * scale * (g - b)

@@ -74,3 +74,34 @@ def test_mean_row_averages_the_seeds_and_shows_their_spread():
     cell = m.cells()[4]
     assert cell.startswith("94.00% ±1.4 (95.0/93.0)"), cell  # sd of 95 and 93: 1.41
     assert "±" not in bench.mean_row([row(0.95, 0.01, 1.0)]).cells()[4]  # one seed: no spread
+
+
+def test_paired_table_pairs_seeds_and_matched_rows_with_their_baseline():
+    """GETA - baseline seed by seed with a t interval; a row at a baseline's BOPs is paired
+    with that baseline only; a loss metric counts a lower GETA loss as better."""
+    pytest.importorskip("scipy", reason="the paired table's t quantile")
+    bench = _bench()
+
+    def row(method, bits, per_seed, metric="acc", bops=0.01):
+        return bench.Row("digits", metric, method, 0.5, bits, sum(per_seed) / len(per_seed),
+                         0.99, 0.5, 4.0, bops, 100, {}, {}, 0.0, tuple(per_seed))
+
+    geta = row("GETA", "4-8", [0.980, 0.990, 0.985, 0.990])
+    l2_4 = row("L2+QAT", "4", [0.970, 0.975, 0.980, 0.978], bops=0.004)
+    l2_8 = row("L2+QAT", "8", [0.990, 0.995, 0.990, 0.998], bops=0.016)
+    at4 = row("GETA @ its BOPs", "2-8 / A4", [0.971, 0.976, 0.980, 0.979], bops=0.004)
+    lines = bench.paired([geta, l2_4, l2_8, at4]).splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    pairs = {(c[2], c[4]): c for c in cells}
+    assert set(pairs) == {("GETA", "L2+QAT 4"), ("GETA", "L2+QAT 8"),
+                          ("GETA @ its BOPs", "L2+QAT 4")}
+    assert pairs["GETA", "L2+QAT 4"][7] == "+1.05 pt"  # (1.0 + 1.5 + 0.5 + 1.2) / 4
+    assert pairs["GETA", "L2+QAT 4"][9] == "better"
+    assert pairs["GETA", "L2+QAT 8"][9] == "worse"
+    assert pairs["GETA @ its BOPs", "L2+QAT 4"][9].startswith("tie")
+    assert pairs["GETA", "L2+QAT 4"][5] == "2.50"
+    loss_g = row("GETA", "4-8", [1.40, 1.41, 1.39], metric="loss")
+    loss_b = row("L2+QAT", "8", [1.60, 1.62, 1.61], metric="loss")
+    (only,) = bench.paired([loss_g, loss_b]).splitlines()[2:]
+    assert "+0.210 (loss)" in only and only.rstrip(" |").endswith("better")
+    assert bench.paired([row("GETA", "4-8", [0.9]), row("L2+QAT", "4", [0.8])]) == ""
