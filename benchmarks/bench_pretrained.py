@@ -441,9 +441,12 @@ def removed_by_kind(gm: Any) -> dict[str, str]:
 # =============================================================================== latency
 @torch.inference_mode()
 def latencies(models: dict[str, nn.Module], x: Tensor, calls: int = 10,
-              rounds: int = 5) -> dict[str, float]:
+              rounds: int = 5, warmup_s: float = 0.5) -> dict[str, float]:
     """Per-call ms of each model: the fastest of ``rounds`` interleaved blocks of ``calls``
-    calls, timed with ``time.thread_time`` (CPU time of this thread; torch runs 1 thread here).
+    calls, timed with ``time.thread_time`` (CPU time of this thread; torch runs 1 thread here),
+    after ``warmup_s`` seconds of calls to each: a fake-quant model's activation quantizers
+    switch to their threshold tables once the op has spent what building one costs
+    (``geta_fx.quantizer``), so the steady state is what a deployment sees.
 
     CPU time, not wall time: on this shared 2-core VM (load average 5-8 while other jobs run)
     a call that loses its core stalls for a scheduler slice (~36 ms, seen in ONEDNN_VERBOSE),
@@ -452,9 +455,12 @@ def latencies(models: dict[str, nn.Module], x: Tensor, calls: int = 10,
     if torch.get_num_threads() != 1:
         raise RuntimeError("latencies() times this thread's CPU time: run with 1 torch thread")
     best = dict.fromkeys(models, float("inf"))
-    for m in models.values():
+    for m in models.values():  # warm-up: steady state (geta_fx.quantizer's inference tables)
         m.eval()
+        t0 = time.thread_time()
         m(x)
+        while time.thread_time() - t0 < warmup_s:
+            m(x)
     for _ in range(rounds):
         for name, m in models.items():
             t0 = time.thread_time()

@@ -27,8 +27,9 @@ Inference: an activation quantizer called where no autograd graph is recorded (`
 levels from a threshold table (``geta::quantize.table``, built by
 :func:`geta_fx.ops.quantize_table.build_table` from the ``geta::quantize`` this process runs and
 checked against it), the same values bit for bit at a fraction of the ``exp``/``log`` per
-element; the table is keyed on the scalars' values (read on every call) and built on the second
-call in a row with the same ones.  Training, tracing (``torch.export``, ``make_fx``,
+element; the table is keyed on the scalars' values (read on every call) and built once the op
+has spent, with the same ones, about what building it costs (a ski-rental rule: at most twice
+the op's time, then the table's speed).  Training, tracing (``torch.export``, ``make_fx``,
 ``torch.compile``, ``torch.jit``), CUDA, ``t == 1`` and more than ``TABLE_MAX_LEVELS`` levels
 run the op.  Weights are not cached (a cached copy would double their memory, and a ``.data``
 write would go unseen).
@@ -47,11 +48,13 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from geta_fx import ops
 from geta_fx.errors import InputError, QuantizerError
@@ -284,9 +287,7 @@ class Quantizer(nn.Module):
     # -- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "act" and _table_may_serve(self, x):
-            y = _table_forward(self, x)
-            if y is not None:
-                return y
+            return _table_forward(self, x)
         return ops.quantize(x, self.d, self.effective_q_m(), self.t, signed=self.signed)
 
     # -- dtype conversions --------------------------------------------------------------------
@@ -334,10 +335,15 @@ class Quantizer(nn.Module):
 
 
 # ----------------------------------------------------------------- inference table fast path
-#: Most levels (``q_m^t / d``) an activation quantizer may have for its inference table: the
-#: table's check evaluates ``geta::quantize`` at 2 * WINDOW + 1 values per level (13 bits:
-#: ~8M values, ~20 ms once; a fresh 16-bit quantizer would take ~0.3 s).
+#: Most levels (``q_m^t / d``) an activation quantizer may have for its inference table (12
+#: bits; a table that large takes ~0.2 s to build and check).
 TABLE_MAX_LEVELS = 1 << 12
+#: Build cost model of :func:`_table_forward`: seconds = c0 + c1 * values the builder checks
+#: (``levels * (2 * WINDOW + 1)``); starts at this machine class's measurement (2-core Xeon:
+#: ~10 ms fixed, ~20 ns a value) and is rescaled by every build's measured time.
+_BUILD_COST = [0.010, 20e-9]
+#: ``geta_fx.ops.quantize_table.WINDOW`` (ulp checked on each side of a threshold).
+_TABLE_WINDOW = 1024
 #: ``(cpu kernel of geta::quantize.table loaded?)``, probed once per process.
 _TABLE_KERNEL: list[bool] = []
 
@@ -354,11 +360,7 @@ def _table_may_serve(q: Quantizer, x: Tensor) -> bool:
     if type(x) is not Tensor or x.device.type != "cpu" or x.dtype not in (
             torch.float32, torch.float16, torch.bfloat16):
         return False
-    if q.log_d.device.type != "cpu":
-        return False
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    if _get_current_dispatch_mode() is not None:
+    if q.log_d.device.type != "cpu" or _get_current_dispatch_mode() is not None:
         return False
     if not _TABLE_KERNEL:
         from geta_fx.ops import quantize_table
@@ -368,41 +370,63 @@ def _table_may_serve(q: Quantizer, x: Tensor) -> bool:
     return _TABLE_KERNEL[0]
 
 
-def _table_forward(q: Quantizer, x: Tensor) -> Tensor | None:
-    """``q(x)`` by ``geta::quantize.table`` (bit for bit the same values), or None: use the op.
+def _table_forward(q: Quantizer, x: Tensor) -> Tensor:
+    """``q(x)`` in inference: by ``geta::quantize.table`` once built (the same values bit for
+    bit), else by the op.
 
     The table (:func:`geta_fx.ops.quantize_table.build_table`, checked against the
     ``geta::quantize`` this process runs) belongs to one value of ``(log_d, log_q_m, t,
     signed)``, read on every call (three host reads: CPU only), so any change of a scalar, in
-    place or not, is seen.  It is built on the *second* call in a row with the same values: a
-    loop that evaluates once between training steps keeps the op and builds nothing.  ``t ==
-    1`` (a division, as cheap as the table), more than :data:`TABLE_MAX_LEVELS` levels, or a
-    table the builder refuses keep the op.
+    place or through ``.data``, is seen.  When to build is a ski-rental rule: the op's own time
+    with the same scalars is summed, and the table is built once that sum reaches the
+    estimated cost of building it (:data:`_BUILD_COST`).  A run that stops right after the
+    build has spent at most twice the op's time; any longer one gains the table's speed.  A loop
+    that evaluates a batch or two between training steps keeps the op.  ``t == 1`` (a division,
+    as cheap as the table), more than :data:`TABLE_MAX_LEVELS` levels, or a table the builder
+    refuses keep the op.
     """
     key = (float(q.log_d), float(q.log_q_m), float(q.t), q.signed)
     state = getattr(q, "_inference_table", None)
-    if state is None or state[0] != key:
-        q._inference_table = (key, None)  # first call with these values: the op
-        return None
+    if state is None or state[0] != key:  # [key, entry (None: not built yet), op seconds]
+        state = [key, None, 0.0]
+        q._inference_table = state
     entry = state[1]
     if entry is None:
-        entry = False
-        d, q_m, t = q.d.detach(), q.effective_q_m().detach(), q.t.detach()
-        levels = float((q_m ** t / d).reshape(()))
-        if key[2] != 1.0 and math.isfinite(levels) and levels <= TABLE_MAX_LEVELS:
-            from geta_fx.ops.quantize_table import build_table
-
-            try:
-                tab = build_table(d, q_m, t)
-                entry = (d, q_m, t, tab.scale, tab.bounds, tab.base)
-            except ValueError as e:
-                logger.debug("%s keeps geta::quantize in inference: %s", q._who(), e)
-        q._inference_table = (key, entry)
+        levels = math.exp(max(key[1], math.log(Q_M_MIN)) * key[2] - key[0])  # q_m^t / d
+        if key[2] == 1.0 or not levels <= TABLE_MAX_LEVELS:
+            state[1] = entry = False
+        else:
+            t0 = time.perf_counter()
+            y = ops.quantize(x, q.d, q.effective_q_m(), q.t, signed=q.signed)
+            state[2] += time.perf_counter() - t0
+            checked = math.ceil(levels) * (2 * _TABLE_WINDOW + 1)
+            if state[2] >= _BUILD_COST[0] + _BUILD_COST[1] * checked:
+                state[1] = _build(q, checked)
+            return y
     if entry is False:
-        return None
+        return ops.quantize(x, q.d, q.effective_q_m(), q.t, signed=q.signed)
     d, q_m, t, scale, bounds, base = entry
-    y: Tensor = torch.ops.geta.quantize.table(x, d, q_m, t, q.signed, scale, bounds, base)
-    return y
+    out: Tensor = torch.ops.geta.quantize.table(x, d, q_m, t, q.signed, scale, bounds, base)
+    return out
+
+
+def _build(q: Quantizer, checked: int) -> tuple[Tensor, ...] | bool:
+    """The table entry of :func:`_table_forward` (False: the builder refused), and the cost
+    model rescaled by the build's measured time."""
+    from geta_fx.ops.quantize_table import build_table
+
+    d, q_m, t = q.d.detach(), q.effective_q_m().detach(), q.t.detach()
+    t0 = time.perf_counter()
+    try:
+        tab = build_table(d, q_m, t)
+    except ValueError as e:
+        logger.debug("%s keeps geta::quantize in inference: %s", q._who(), e)
+        return False
+    took = time.perf_counter() - t0
+    estimate = _BUILD_COST[0] + _BUILD_COST[1] * checked
+    if estimate > 0 and took > 0:  # halfway to the measurement (in log): steady under noise
+        _BUILD_COST[:] = [c * (took / estimate) ** 0.5 for c in _BUILD_COST]
+    return (d, q_m, t, tab.scale, tab.bounds, tab.base)
 
 
 def _upgrade_legacy_q_m(module: Quantizer, state_dict: dict[str, Any], prefix: str,

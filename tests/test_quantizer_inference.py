@@ -23,6 +23,13 @@ pytestmark = pytest.mark.skipif(
     reason="the fast path needs the compiled CPU kernel of geta::quantize.table "
            f"({qt.status().get('cpu', {}).get('reason')})")
 
+@pytest.fixture(autouse=True)
+def build_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build a table after its first call (the ski-rental threshold at 0), unless a test
+    sets another cost; the cost model is restored after each test."""
+    monkeypatch.setattr(quantizer_mod, "_BUILD_COST", [0.0, 0.0])
+
+
 EDGES = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-40, -1e-40, 1e30, -1e30]
 
 
@@ -62,8 +69,8 @@ def test_inference_equals_the_op_bitwise(signed: bool, dtype: torch.dtype, bits:
     q = act(bits, q_m, t, signed)
     x = sample((8, 6, 11, 13), q_m).to(dtype)
     with torch.inference_mode():
-        first = q(x)
-        assert not table_built(q)  # the first call with these scalars runs the op
+        first = q(x)  # the first call with these scalars runs the op, then builds
+        assert table_built(q)
         second, third = q(x), q(x[:, :, ::2].transpose(2, 3))
     assert table_built(q)
     assert same(first, op(q, x)) and same(second, op(q, x))
@@ -107,6 +114,36 @@ def test_a_changed_scalar_is_seen_on_the_next_call(change: str) -> None:
         got = [q(x), q(x), q(x)]  # the op, then a new table
     assert all(same(g, op(q, x)) for g in got)
     assert table_built(q)
+
+
+def test_the_table_is_built_once_the_op_has_spent_its_cost(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ski rental: the op's time with the same scalars is summed; the table comes when the sum
+    reaches the estimated build cost, and a change of the scalars starts the sum again."""
+    q = act()
+    x = sample((64, 512), 3.0)
+    monkeypatch.setattr(quantizer_mod, "_BUILD_COST", [float("inf"), 0.0])
+    with torch.no_grad():
+        for _ in range(5):
+            assert same(q(x), op(q, x))
+    assert not table_built(q) and q._inference_table[2] > 0  # the op's seconds, summed
+    spent = q._inference_table[2]
+    monkeypatch.setattr(quantizer_mod, "_BUILD_COST", [spent * 1.5, 0.0])
+    with torch.no_grad():
+        q(x)
+        assert not table_built(q) or q._inference_table[2] >= spent * 1.5
+        for _ in range(200):
+            if table_built(q):
+                break
+            q(x)
+    assert table_built(q)
+    cost = list(quantizer_mod._BUILD_COST)
+    assert cost != [spent * 1.5, 0.0]  # rescaled by the measured build time
+    monkeypatch.setattr(quantizer_mod, "_BUILD_COST", [float("inf"), 0.0])
+    q.set_bit_width(5)
+    with torch.no_grad():
+        q(x)
+    assert q._inference_table[0][0] == float(q.log_d.detach()) and not q._inference_table[1]
 
 
 def test_linear_and_wide_quantizers_keep_the_op() -> None:

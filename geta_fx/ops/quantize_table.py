@@ -443,14 +443,28 @@ def _verify(thr: Tensor, d: Tensor, q_m: Tensor, t: Tensor, q_bits: int, verify:
             _compare(thr, bits, d, q_m, t)
             checked += bits.numel()
         return checked
+    ends = torch.tensor([0, 1, q_bits], device=dev, dtype=torch.int64)
     if thr.numel() == 0:
-        bits = torch.tensor([0, 1, q_bits], device=dev, dtype=torch.int64)
-    else:
-        off = torch.arange(-window, window + 1, device=dev, dtype=torch.int64)
-        bits = (thr[:, None] + off).reshape(-1).clamp_(0, q_bits)
-        bits = torch.cat([bits, torch.tensor([0, 1, q_bits], device=dev)])
-    _compare(thr, bits, d, q_m, t)
-    return bits.numel()
+        _compare(thr, ends, d, q_m, t)
+        return ends.numel()
+    off = torch.arange(-window, window + 1, device=dev, dtype=torch.int64)
+    gaps = thr[1:] - thr[:-1]
+    if thr.numel() > 1 and bool((gaps <= window).any()):  # windows overlap: count them
+        bits = torch.cat([(thr[:, None] + off).reshape(-1).clamp_(0, q_bits), ends])
+        _compare(thr, bits, d, q_m, t)
+        return bits.numel()
+    # Windows apart (every level wider than the window, the usual case): the count at
+    # thr[k] + off is k + (off >= 0), also where a window is clamped at 0 (thr[0] >= 1, so
+    # only k = 0's left half) or at q_m (only the last threshold's right half reaches it).
+    # No search: the check costs a few times what the op does per value.
+    bits = (thr.to(torch.int32)[:, None] + off.to(torch.int32)).clamp_(0, q_bits)
+    got = _levels(bits.reshape(-1), d, q_m, t).view(bits.shape)
+    want = torch.arange(thr.numel(), device=dev)[:, None] + (off >= 0).long()
+    if not torch.equal(got, want):
+        _compare(thr, bits.reshape(-1).long(), d, q_m, t)  # names the first value that differs
+        raise AssertionError("build_table: window check disagrees with the counted one")
+    _compare(thr, ends, d, q_m, t)
+    return bits.numel() + ends.numel()
 
 
 def _compare(thr: Tensor, bits: Tensor, d: Tensor, q_m: Tensor, t: Tensor) -> None:
