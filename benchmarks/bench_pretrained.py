@@ -60,6 +60,12 @@ are within the seeds' spread.  With several seeds a second table pairs every GET
 L2+QAT row of its task and target seed by seed (same seed, same batches): the mean difference,
 its 95% confidence interval and whether it is resolved (:func:`paired`).  ``--importance magnitude`` adds GETA rows whose QASSO selects
 units by the L2 norm alone (GETA_SPEC C.6's first criterion) instead of the five criteria.
+
+``--decompose`` locates a gap between GETA and L2+QAT at bit width b: after each L2+QAT row,
+"L2 + QASSO" (the baseline's step-0 pruning trained by QASSO at fixed b bits: the optimizer's
+share), "GETA fixed bits, progressive" (QASSO's own selection over its pruning periods, every
+quantizer held at b: the removal's share) and "GETA fixed bits, one-shot" (the same with a
+one-step pruning stage, then fine-tuning: the removal schedule's share).
 """
 
 from __future__ import annotations
@@ -380,6 +386,45 @@ def run_geta_matched(dense: nn.Module, task: Task, sparsity: float, act_bits: in
     return gm.eval(), secs
 
 
+def run_geta_fixed(dense: nn.Module, task: Task, sparsity: float, bit: int, steps: int,
+                   lr: float, seed: int, one_shot: bool = False) -> tuple[Any, float]:
+    """``--decompose``: QASSO with every quantizer (weights and activations) held at ``bit``
+    bits, the baseline's grid, so only what QASSO removes, and when, differs from L2+QAT.
+    ``one_shot``: the pruning stage is one step (the whole selection at once, at the same
+    step), then the rest of the budget fine-tunes, as the baseline does after step 0."""
+    torch.manual_seed(seed)
+    gm = _transformed(dense, task)
+    shares = SHARES | ({"pruning": 1 / steps} if one_shot else {})
+    opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
+                target_sparsity=sparsity, bit_range=(bit, bit), bit_reduction=0,
+                act_bit_range=(bit, bit), max_sparsity=min(1.0, sparsity + 0.05),
+                **schedule(steps, **shares))
+    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
+    return gm.eval(), secs
+
+
+def run_l2_qasso(dense: nn.Module, task: Task, sparsity: float, bit: int, steps: int,
+                 lr: float, seed: int) -> tuple[Any, float]:
+    """``--decompose``: the baseline's L2 pruning at step 0, trained by QASSO instead of AdamW
+    (nothing more to prune, every quantizer held at ``bit`` bits, the pruned units held at
+    zero): the optimizer's share of the difference."""
+    torch.manual_seed(seed)
+    gm = _transformed(dense, task)
+    l2_prune(gm, sparsity)
+    masks = {g.id: gm.zero_mask(g.id).nonzero().flatten() for g in gm.prunable_groups()}
+    opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
+                target_sparsity=0.0, bit_range=(bit, bit), bit_reduction=0,
+                act_bit_range=(bit, bit), **schedule(steps, **SHARES))
+
+    def after_step() -> None:
+        for gid, units in masks.items():
+            if len(units):
+                gm.zero_units(gid, units)
+
+    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)), after_step)
+    return gm.eval(), secs
+
+
 def l2_prune(gm: Any, fraction: float) -> int:
     """Zero, in every prunable group, the ``round(fraction * units)`` units of smallest L2 norm
     (all their parameter slices, as Torch-Pruning's default importance); returns the number of
@@ -577,12 +622,12 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-PAIRED_HEAD = ["task", "target", "GETA row", "bits", "baseline", "BOPs GETA / baseline",
+PAIRED_HEAD = ["task", "target", "row", "bits", "baseline", "BOPs GETA / baseline",
                "seeds", "GETA - baseline (mean)", "95% CI", "verdict"]
 
 
 def paired(rows: list[Row]) -> str:
-    """GETA minus the baseline, seed by seed, at each task and target: a markdown table.
+    """Each GETA (or ``--decompose``) row minus the baseline, seed by seed, at each task and target: a markdown table.
 
     Both methods of one seed share the seed's ``torch.manual_seed`` and its batch order
     (:meth:`Task.batches`), so their difference is paired; the interval is the mean difference
@@ -594,7 +639,7 @@ def paired(rows: list[Row]) -> str:
     from scipy.stats import t as student_t
 
     lines = ["| " + " | ".join(PAIRED_HEAD) + " |", "|" + "---|" * len(PAIRED_HEAD)]
-    for geta in (r for r in rows if r.method.startswith("GETA")):
+    for geta in (r for r in rows if r.method != "L2+QAT"):
         for base in rows:
             if (base.method != "L2+QAT" or (base.task, base.sparsity) != (geta.task,
                                                                           geta.sparsity)
@@ -660,6 +705,10 @@ def main() -> None:
                          "(comma-separated: one row each)")
     ap.add_argument("--matched-only", action="store_true",
                     help="only the L2+QAT rows and their BOPs-matched GETA rows")
+    ap.add_argument("--decompose", action="store_true",
+                    help="after each L2+QAT row, three rows that locate a GETA-vs-baseline "
+                         "gap: the baseline's pruning trained by QASSO, and QASSO at the "
+                         "baseline's fixed bits pruning progressively and in one step")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke run: digits, 50%%, 4-8 vs 8 bits, 150 steps")
     args = ap.parse_args()
@@ -725,6 +774,16 @@ def main() -> None:
                                                        weights),
                          task, dense, label + " @ its BOPs", sp,
                          f"{matched[0]}-{matched[1]} / A{b}", dense_q)
+                if args.decompose:
+                    emit(lambda seed: run_l2_qasso(dense, task, sp, b, args.steps, args.lr,
+                                                   seed),
+                         task, dense, "L2 + QASSO (decompose)", sp, f"{b} / A{b}", dense_q)
+                    for one_shot in (False, True):
+                        emit(lambda seed: run_geta_fixed(dense, task, sp, b, args.steps,
+                                                         args.lr, seed, one_shot),
+                             task, dense, "GETA fixed bits, " + ("one-shot" if one_shot
+                                                                 else "progressive"),
+                             sp, f"{b} / A{b}", dense_q)
     print(f"\n{time.perf_counter() - t_start:.0f} s in all\n")
     print(markdown(rows))
     table = paired(rows)
