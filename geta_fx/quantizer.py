@@ -362,6 +362,8 @@ def _table_may_serve(q: Quantizer, x: Tensor) -> bool:
         return False
     if q.log_d.device.type != "cpu" or _get_current_dispatch_mode() is not None:
         return False
+    if any(type(p.data) is not Tensor for p in (q.log_d, q.log_q_m, q.t)):
+        return False  # DTensor (FSDP2) or another subclass: reading it may need a collective
     if not _TABLE_KERNEL:
         from geta_fx.ops import quantize_table
 

@@ -232,3 +232,41 @@ def test_slim_and_geta_module_in_inference_equal_the_op() -> None:
         slow = [slim(x), gm(x)]
     assert same(fast[0], slow[0]) and same(fast[1], slow[0])
     assert same(fast[2], slow[1]) and same(fast[3], slow[1])
+
+
+def test_tables_survive_copies_and_pickles() -> None:
+    """A slim graph whose tables are built deep-copies, pickles and torch.saves; the copies
+    compute the same values (their tables are rebuilt or reused: keyed on the scalars)."""
+    import copy
+    import io
+    import pickle
+
+    gm = _trained_like(1)
+    slim = gm.compress()
+    x = torch.randn(3, 3, 10, 10)
+    with torch.inference_mode():
+        want = [slim(x), slim(x)][1]
+    assert any(table_built(q) for q in gm.quantizers.values()) or any(
+        table_built(m) for m in slim.modules() if isinstance(m, Quantizer))
+    buf = io.BytesIO()
+    torch.save(slim, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(slim), pickle.loads(pickle.dumps(slim)),
+                  torch.load(buf, weights_only=False)):
+        with torch.inference_mode():
+            assert all(same(other(x), want) for _ in range(3))
+
+
+def test_sharded_scalars_keep_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quantizer whose scalars are a tensor subclass (FSDP2's DTensor) is not read on the
+    host: the op runs."""
+
+    class Sub(torch.Tensor):
+        pass
+
+    q = act()
+    q.t = nn.Parameter(torch.Tensor._make_subclass(Sub, q.t.detach().clone()))
+    x = sample((4, 50), 3.0)
+    with torch.no_grad():
+        q(x), q(x)
+    assert getattr(q, "_inference_table", None) is None
