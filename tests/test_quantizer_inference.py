@@ -270,3 +270,8 @@ def test_sharded_scalars_keep_the_op(monkeypatch: pytest.MonkeyPatch) -> None:
     with torch.no_grad():
         q(x), q(x)
     assert getattr(q, "_inference_table", None) is None
+
+
+def test_the_cost_model_reads_the_builders_window() -> None:
+    """geta_fx.quantizer keeps a copy of the window (no import on the hot path)."""
+    assert quantizer_mod._TABLE_WINDOW == qt.WINDOW
