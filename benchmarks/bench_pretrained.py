@@ -56,10 +56,11 @@ rule alone buy.
 
 ``--seeds``: every row is the mean over those compression seeds (same dense model), with the
 standard deviation and each seed's value; single-seed differences under ~1 point (mnist 70%)
-are within the seeds' spread.  With several seeds a second table pairs every GETA row with every
-L2+QAT row of its task and target seed by seed (same seed, same batches): the mean difference,
-its 95% confidence interval and whether it is resolved (:func:`paired`).  ``--importance magnitude`` adds GETA rows whose QASSO selects
-units by the L2 norm alone (GETA_SPEC C.6's first criterion) instead of the five criteria.
+are within the seeds' spread.  With several seeds a second table pairs every GETA row with
+every L2+QAT row of its task and target seed by seed (same seed, same batches): the mean
+difference, its 95% confidence interval and whether it is resolved (:func:`paired`).
+``--importance magnitude`` adds GETA rows whose QASSO selects units by the L2 norm alone
+(GETA_SPEC C.6's first criterion) instead of the five criteria.
 
 ``--decompose`` locates a gap between GETA and L2+QAT at bit width b: after each L2+QAT row,
 "L2 + QASSO" (the baseline's step-0 pruning trained by QASSO at fixed b bits: the optimizer's
@@ -403,6 +404,18 @@ def run_geta_fixed(dense: nn.Module, task: Task, sparsity: float, bit: int, step
     return gm.eval(), secs
 
 
+def _hold_zeros(gm: Any) -> Callable[[], None]:
+    """A callable that zeroes again the units that are zero now (a pruner's fixed mask),
+    for after each optimizer step."""
+    masks = {g.id: gm.zero_mask(g.id).nonzero().flatten() for g in gm.prunable_groups()}
+
+    def hold() -> None:
+        for gid, units in masks.items():
+            if len(units):
+                gm.zero_units(gid, units)
+    return hold
+
+
 def run_l2_qasso(dense: nn.Module, task: Task, sparsity: float, bit: int, steps: int,
                  lr: float, seed: int) -> tuple[Any, float]:
     """``--decompose``: the baseline's L2 pruning at step 0, trained by QASSO instead of AdamW
@@ -411,17 +424,11 @@ def run_l2_qasso(dense: nn.Module, task: Task, sparsity: float, bit: int, steps:
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
     l2_prune(gm, sparsity)
-    masks = {g.id: gm.zero_mask(g.id).nonzero().flatten() for g in gm.prunable_groups()}
     opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
                 target_sparsity=0.0, bit_range=(bit, bit), bit_reduction=0,
                 act_bit_range=(bit, bit), **schedule(steps, **SHARES))
-
-    def after_step() -> None:
-        for gid, units in masks.items():
-            if len(units):
-                gm.zero_units(gid, units)
-
-    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)), after_step)
+    secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)),
+                       _hold_zeros(gm))
     return gm.eval(), secs
 
 
@@ -446,7 +453,7 @@ def run_baseline(dense: nn.Module, task: Task, sparsity: float, bit: int, steps:
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
     l2_prune(gm, sparsity)
-    masks = {g.id: gm.zero_mask(g.id).nonzero().flatten() for g in gm.prunable_groups()}
+    hold_zeros = _hold_zeros(gm)
     quants = list(gm.quantizers.values())
     for q in quants:
         q.set_bit_width(bit)
@@ -457,9 +464,7 @@ def run_baseline(dense: nn.Module, task: Task, sparsity: float, bit: int, steps:
                              {"params": qparams, "lr": 1e-3, "weight_decay": 0.0}])
 
     def after_step() -> None:
-        for gid, units in masks.items():  # the pruned units stay pruned
-            if len(units):
-                gm.zero_units(gid, units)
+        hold_zeros()  # the pruned units stay pruned
         for q in quants:  # the bit width stays fixed; scale and range keep learning
             q.set_bit_width(bit)
 
@@ -627,7 +632,8 @@ PAIRED_HEAD = ["task", "target", "row", "bits", "baseline", "BOPs GETA / baselin
 
 
 def paired(rows: list[Row]) -> str:
-    """Each GETA (or ``--decompose``) row minus the baseline, seed by seed, at each task and target: a markdown table.
+    """Each GETA (or ``--decompose``) row minus the baseline, seed by seed, at each task and
+    target: a markdown table.
 
     Both methods of one seed share the seed's ``torch.manual_seed`` and its batch order
     (:meth:`Task.batches`), so their difference is paired; the interval is the mean difference

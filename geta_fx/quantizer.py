@@ -342,8 +342,6 @@ TABLE_MAX_LEVELS = 1 << 12
 #: (``levels * (2 * WINDOW + 1)``); starts at this machine class's measurement (2-core Xeon:
 #: ~10 ms fixed, ~20 ns a value) and is rescaled by every build's measured time.
 _BUILD_COST = [0.010, 20e-9]
-#: ``geta_fx.ops.quantize_table.WINDOW`` (ulp checked on each side of a threshold).
-_TABLE_WINDOW = 1024
 #: ``(cpu kernel of geta::quantize.table loaded?)``, probed once per process.
 _TABLE_KERNEL: list[bool] = []
 
@@ -365,9 +363,7 @@ def _table_may_serve(q: Quantizer, x: Tensor) -> bool:
     if any(type(p.data) is not Tensor for p in (q.log_d, q.log_q_m, q.t)):
         return False  # DTensor (FSDP2) or another subclass: reading it may need a collective
     if not _TABLE_KERNEL:
-        from geta_fx.ops import quantize_table
-
-        cpu = quantize_table.ensure_loaded().get("cpu", {})
+        cpu = ops.quantize_table.ensure_loaded().get("cpu", {})
         _TABLE_KERNEL.append(cpu.get("impl") == "fused")
     return _TABLE_KERNEL[0]
 
@@ -401,7 +397,7 @@ def _table_forward(q: Quantizer, x: Tensor) -> Tensor:
             t0 = time.perf_counter()
             y = ops.quantize(x, q.d, q.effective_q_m(), q.t, signed=q.signed)
             state[2] += time.perf_counter() - t0
-            checked = math.ceil(levels) * (2 * _TABLE_WINDOW + 1)
+            checked = math.ceil(levels) * (2 * ops.quantize_table.WINDOW + 1)
             if state[2] >= _BUILD_COST[0] + _BUILD_COST[1] * checked:
                 state[1] = _build(q, checked)
             return y
@@ -415,12 +411,10 @@ def _table_forward(q: Quantizer, x: Tensor) -> Tensor:
 def _build(q: Quantizer, checked: int) -> tuple[Tensor, ...] | bool:
     """The table entry of :func:`_table_forward` (False: the builder refused), and the cost
     model rescaled by the build's measured time."""
-    from geta_fx.ops.quantize_table import build_table
-
     d, q_m, t = q.d.detach(), q.effective_q_m().detach(), q.t.detach()
     t0 = time.perf_counter()
     try:
-        tab = build_table(d, q_m, t)
+        tab = ops.quantize_table.build_table(d, q_m, t)
     except ValueError as e:
         logger.debug("%s keeps geta::quantize in inference: %s", q._who(), e)
         return False
