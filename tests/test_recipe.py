@@ -89,6 +89,25 @@ def test_schedule_proportions_and_stage_lengths() -> None:
         schedule(100, warmup=0.5, projection=0.5, pruning=0.5)
 
 
+
+def test_schedule_converged_preset_removes_early_and_explicit_shares_win() -> None:
+    s = schedule(1000, preset="converged")
+    assert s == {"start_projection_step": 20, "projection_steps": 50, "projection_periods": 1,
+                 "start_pruning_step": 70, "pruning_steps": 150, "pruning_periods": 10}
+    stages = [Schedule(**s).stage(k) for k in range(1, 1001)]
+    assert [stages.count(n) for n in ("warmup", "projection", "pruning", "cooldown")] == [
+        20, 50, 150, 780]
+    # an explicit share replaces only that share of the preset
+    one = schedule(300, preset="converged", pruning=1 / 300)
+    assert (one["start_pruning_step"], one["pruning_steps"], one["pruning_periods"]) == (21, 1, 1)
+    assert schedule(1000, preset="default") == schedule(1000)
+    assert schedule(1000, preset="converged", warmup=0.05, projection=0.20, pruning=0.35) == \
+        schedule(1000)
+    with pytest.raises(InputError, match="unknown preset 'pretrained'.*converged"):
+        schedule(100, preset="pretrained")
+    with pytest.raises(InputError, match="sum"):
+        schedule(100, preset="converged", warmup=0.9, projection=0.2)
+
 def test_qasso_total_steps_explicit_wins_and_contradictions(mlp_q) -> None:
     gm = _fresh(mlp_q[0])
     opt = QASSO(gm, total_steps=200)
