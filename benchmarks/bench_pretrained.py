@@ -38,14 +38,14 @@ model and its change against the dense model, group sparsity reached, zero units
 (unquantized ones count 32), BOPs relative to the dense FP32 model (``geta_fx.report``),
 params, and CPU speed-ups against the dense eager model at batch ``--latency-batch`` (CPU time
 per call of this thread on 1 torch thread, fastest of interleaved blocks, see
-:func:`latencies`): "slim" is ``gm.compress()`` as a user gets it (default ``align="auto"``,
-weights and activations fake-quantized in fp32, the emulation of the low-bit grid: its
-quantize ops cost time on a CPU), "lowered W&A" its deployable form ``gm.compress(lower=True)``
-(packed weights; activation quantizers as ``geta::quantize.table``, the same values read from a
-threshold table instead of an exp/log per element), "pruned fp32" the same kept widths without
-quantizers, with
-the exact kept counts (``align=1``) and auto-aligned, to show what pruning and the alignment
-rule alone buy.
+:func:`latencies`): "slim (lower=True)" is the slim model in the form it is deployed,
+``gm.compress(lower=True)`` (packed weights; activation quantizers as ``geta::quantize.table``,
+the same values read from a threshold table instead of an exp/log per element; its outputs equal
+the fake-quant graph's bit for bit); "fake-quant graph" is ``gm.compress()``'s default output
+(``align="auto"``), the trainable QAT emulation of the low-bit grid in fp32 (its quantize, batch
+norm and relu ops run separately: a CPU pays for the emulation); "pruned fp32" the same kept
+widths without quantizers, with the exact kept counts (``align=1``) and auto-aligned, to show
+what pruning and the alignment rule alone buy.
 
     python benchmarks/bench_pretrained.py                    # all three tasks
     python benchmarks/bench_pretrained.py --quick            # CI: digits, 50%, few steps
@@ -557,14 +557,14 @@ class Row:
         return [self.task, self.method, f"{self.sparsity:.0%}", self.bits, q, dq,
                 f"{self.group_sparsity:.1%}", removed, f"{self.avg_bits:.2f}",
                 f"{self.bops:.2%}", f"{self.params:,}",
-                *(f"{self.speedups[k]:.2f}x" for k in ("slim", "lowered", "fp32 exact",
+                *(f"{self.speedups[k]:.2f}x" for k in ("lowered", "slim", "fp32 exact",
                                                         "fp32 auto")),
                 f"{self.seconds:.0f}"]
 
 
 HEAD = ["task", "method", "target", "bits", "test acc / val loss", "vs dense",
         "group sparsity", "units removed", "avg w bits", "BOPs vs FP32", "params",
-        "slim vs dense", "lowered W&A vs dense", "pruned fp32: exact",
+        "slim (lower=True) vs dense", "fake-quant graph vs dense", "pruned fp32: exact",
         "pruned fp32: auto-aligned", "train s"]
 
 
