@@ -233,6 +233,8 @@ class QASSO(torch.optim.Optimizer):
             come from :func:`geta_fx.optim.schedule` (warm-up 5%, projection 20%, pruning 35%,
             cool-down 40%).  Given ones win; a pruning stage that ends after ``total_steps``
             is an InputError.  Without it the step arguments default to 0, 1, 1, 1, 1, 1.
+            From a converged model with a short budget, ``**schedule(N, preset="converged")``
+            instead (remove early, fine-tune long: 2/5/15/78%).
         start_projection_step, projection_steps, projection_periods: ``s_b``, ``K_b``, ``B``.
         start_pruning_step, pruning_steps, pruning_periods: ``s_p``, ``K_p``, ``P``.
         importance: saliency criterion -> weight (default: the five criteria at 0.2 each).
