@@ -7,6 +7,8 @@ bits allocated by sensitivity, unreachable budgets refused up front.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,9 +33,11 @@ def _task(name: str) -> tuple[nn.Module, torch.Tensor]:
     return MLP().eval(), torch.randn(8, 12)
 
 
-def _train(gm: geta_fx.GetaModule, x: torch.Tensor, steps: int = STEPS, **kw: object) -> QASSO:
-    opt = QASSO(gm, variant=kw.pop("variant", "adamw"), lr=kw.pop("lr", 1e-3),
-                total_steps=steps, bit_reduction=0, **kw)  # type: ignore[arg-type]
+def _train(gm: geta_fx.GetaModule, x: torch.Tensor, steps: int = STEPS,
+           opt: QASSO | None = None, **kw: object) -> QASSO:
+    if opt is None:
+        opt = QASSO(gm, variant=kw.pop("variant", "adamw"), lr=kw.pop("lr", 1e-3),
+                    total_steps=steps, bit_reduction=0, **kw)  # type: ignore[arg-type]
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
         opt.zero_grad()
@@ -168,7 +172,7 @@ def test_measured_sensitivity_with_budget_loss() -> None:
     assert (alloc["geta_quant.a_weight"], alloc["geta_quant.b_weight"]) == (8, 2), alloc
     assert len(calls) == 2 * (1 + 2 * 7) and set(calls) == {(False, False)}
     with pytest.raises(InputError, match="budget_loss is only used with"):
-        QASSO(gm, budget_loss=held_out_loss)
+        QASSO(gm, target_sparsity=0.0, budget_loss=held_out_loss)
 
 
 def test_allocate_known_answer() -> None:
@@ -228,8 +232,35 @@ def test_budget_state_resumes() -> None:
 
 
 def test_no_budget_keeps_reference_rule() -> None:
-    """Without a budget nothing changes: no allocation, the bits follow GETA_SPEC C.6/C.7."""
+    """Without a budget nothing changes: no allocation, the bits follow GETA_SPEC C.6/C.7,
+    and a floor of 2 bits says up front where the pruned layers will end."""
     model, x = _task("mlp")
     gm = geta_fx.transform(model, (x[:2],), quantize="weight")
-    opt = _train(gm, x, target_sparsity=0.3, bit_range=(2, 8))
+    with pytest.warns(UserWarning, match=r"b_l=2 without a bit budget.*end at 2 bits.*"
+                                         r"target_bops=") as rec:
+        opt = QASSO(gm, variant="adamw", lr=1e-3, total_steps=STEPS, bit_reduction=0,
+                    target_sparsity=0.3, bit_range=(2, 8))
+    assert rec[0].filename == __file__  # the warning points at the user's QASSO(...) line
+    _train(gm, x, opt=opt)
     assert opt.bit_allocation() is None and "budget" not in opt.metrics()
+    # what the warning states: the layers of the pruned groups are at the floor
+    pruned = {gid for gid, m in opt.unit_masks().items() if bool(m.any())}
+    assert pruned
+    out = {m.fqn for g in gm.groups if g.id in pruned for m in g.out_members}
+    rows = [r for r in report(gm).quantizers if r.kind == "weight" and r.target in out]
+    assert rows and all(r.bits_rounded == 2 for r in rows), rows
+
+
+@pytest.mark.parametrize("kw", [
+    {"bit_range": (4, 8)},                                   # floor above 3 bits
+    {"bit_range": (2, 8), "target_avg_bits": 5},             # a budget allocates instead
+    {"bit_range": (2, 8), "target_sparsity": 0.0},           # nothing is pruned
+    {"bit_range": (2, 2)},                                   # fixed bits: nothing to choose
+])
+def test_no_low_floor_warning_when_nothing_goes_to_the_floor(kw: dict) -> None:
+    model, x = _task("mlp")
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+    kw = {"target_sparsity": 0.3, **kw}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*without a bit budget")
+        QASSO(gm, variant="adamw", lr=1e-3, total_steps=STEPS, bit_reduction=0, **kw)

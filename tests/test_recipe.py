@@ -375,8 +375,9 @@ def test_min_kept_and_skip_and_one_unit_warnings(mlp_q, resnet) -> None:
     with pytest.warns(UserWarning, match=r"asks for 28 of 56 .* at most 16 \(28.6%\) can be "
                                          r"removed: min_kept: group \d+ \(32 units\) keeps "
                                          r"20, group \d+ \(24 units\) keeps 20 "
-                                         r"\[40 units kept in all\]$"):
+                                         r"\[40 units kept in all\]$") as rec:
         QASSO(_fresh(mlp_q[0]), target_sparsity=0.5, min_kept=20)
+    assert rec[0].filename == __file__  # the warning points at the user's QASSO(...) line
     with pytest.warns(UserWarning, match=r"skip: group \d+ \(16 units\) keeps 16"):
         QASSO(_fresh(resnet[0]), target_sparsity=0.9, skip=["blocks.1.conv1"])
     torch.manual_seed(0)
@@ -405,8 +406,9 @@ def test_end_of_pruning_warns_when_divisibility_left_a_shortfall(resnet) -> None
                                      group_divisible=4, start_pruning_step=0,
                                      pruning_steps=2, pruning_periods=2))
     assert opt.k_target == 41 <= opt.max_prunable
-    with pytest.warns(UserWarning, match="pruning ended with 40 of the 41 target units"):
+    with pytest.warns(UserWarning, match="pruning ended with 40 of the 41 target units") as rec:
         _run(gm, opt, x, torch.randint(0, 10, (4,)), 3)
+    assert rec[0].filename == __file__ and rec[0].lineno == _run.__code__.co_firstlineno + 4
 
 
 # ----------------------------------------------------------------------------- metrics

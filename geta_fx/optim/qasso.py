@@ -94,6 +94,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +127,9 @@ _STATE_VERSION = 3
 _READABLE_VERSIONS = (2, 3)
 #: weight dtypes stepped through an fp32 master copy (``state[p]["master"]``).
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Without a bit budget, a floor ``b_l`` at or below this warns (see ``_warn_low_floor``).
+LOW_FLOOR_BITS = 3
 #: QASSO's step arguments without ``total_steps`` (the historic defaults).
 _STEP_DEFAULTS = {"start_projection_step": 0, "projection_steps": 1, "projection_periods": 1,
                   "start_pruning_step": 1, "pruning_steps": 1, "pruning_periods": 1}
@@ -154,9 +159,19 @@ def _as_float(x: Any) -> float | None:
     return float(x.detach().float().mean()) if isinstance(x, Tensor) else float(x)
 
 
-def _warn(msg: str, stacklevel: int) -> None:
-    """A user-facing warning: ``warnings.warn`` (pointing at the user's line) and the log."""
-    warnings.warn(msg, UserWarning, stacklevel=stacklevel + 1)
+_LIBRARY_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+                 os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def _warn(msg: str) -> None:
+    """A user-facing warning: ``warnings.warn`` pointing at the first frame outside geta_fx
+    and torch (the user's ``QASSO(...)`` or ``opt.step()`` line, however many decorators and
+    optimizer hooks lie between), and the log."""
+    level, frame = 2, sys._getframe(1)  # level 1 is this frame, 2 its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _LIBRARY_DIRS):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(msg, UserWarning, stacklevel=level)
     logger.warning(msg)
 
 
@@ -343,6 +358,7 @@ class QASSO(torch.optim.Optimizer):
             raise InputError("QASSO: budget_loss is only used with target_avg_bits or "
                              "target_bops")
         self._budget_loss = budget_loss
+        self._warn_low_floor()
 
     # ------------------------------------------------------------------ construction helpers
     def _split_parameters(self, gm: nn.Module) -> tuple[list[Any], list[nn.Parameter]]:
@@ -601,7 +617,7 @@ class QASSO(torch.optim.Optimizer):
                      "activation x activation matmuls at their bits)")
             _warn(f"QASSO: {what}={budget.value:g} missed at step {self._k}: the pruned model "
                   f"reads {budget.describe(reached)} with every weight quantizer in "
-                  f"[{self._bit_lo}, {self._bit_hi}] bits{fixed}", stacklevel=5)
+                  f"[{self._bit_lo}, {self._bit_hi}] bits{fixed}")
 
     def _measured_sensitivities(self, q_m: Tensor, t: Tensor) -> Tensor:
         """``s[l, j]``: ``budget_loss()`` with weight quantizer ``l`` at ``b_l + j`` bits minus
@@ -638,6 +654,26 @@ class QASSO(torch.optim.Optimizer):
         return {n: int(b) for n, b, isw in zip(self._quant_names, self._alloc.tolist(), w,
                                                 strict=True) if isw}
 
+    def _warn_low_floor(self) -> None:
+        """Warn when GETA's no-budget rule will put pruned layers at a floor of 2-3 bits.
+
+        GETA_SPEC C.6 sets ``d* = d_hi`` (bit width ``b_l``) for every weight quantizer of a
+        group while it is pruned, and nothing raises it again, so without a budget a run ends
+        near uniform ``b_l``-bit QAT in every pruned layer.  At ``b_l <= 3`` that costs
+        accuracy a user did not ask for (benchmarks/README.md, "The 2-6 rows"), so say so and
+        name the alternative."""
+        sch = self.schedule
+        if (self.budget is not None or self.target_sparsity <= 0
+                or not bool(self._is_weight_q[:self._num_layers].any())
+                or sch.b_l > LOW_FLOOR_BITS or sch.b_l >= sch.final_b_u):
+            return
+        _warn(f"QASSO: bit_range floor b_l={sch.b_l:g} without a bit budget: GETA's joint "
+              f"step (GETA_SPEC C.6) sends every weight quantizer of a group it prunes to "
+              f"b_l, so the pruned layers end at {sch.b_l:g} bits, not anywhere in "
+              f"[{sch.b_l:g}, {sch.final_b_u:g}]; pass target_bops= or target_avg_bits= to "
+              f"allocate bits by sensitivity within the range, or raise b_l above "
+              f"{LOW_FLOOR_BITS}")
+
     def _warn_unreachable(self) -> None:
         """Warn (and log) when the limits leave fewer removable units than the target asks."""
         if self.num_units == 0 and self.target_sparsity > 0:
@@ -648,7 +684,7 @@ class QASSO(torch.optim.Optimizer):
                                             self.target_sparsity, self.k_target, self.num_units)
         else:
             return
-        _warn(msg, stacklevel=3)  # _warn_unreachable <- __init__ <- the user's QASSO(...)
+        _warn(msg)
 
     def _name_params(self, gm: nn.Module, weights: list[nn.Parameter]) -> list[str]:
         """Names of ``param_groups``' parameters in order: weights, then every quantizer's
@@ -1040,8 +1076,7 @@ class QASSO(torch.optim.Optimizer):
                 _warn(f"QASSO: pruning ended with {n} of the {self.k_target} target units "
                       f"removed ({n / self.num_units:.1%} vs target "
                       f"{self.target_sparsity:.1%}): group_divisible={self.group_divisible} "
-                      "blocks left too few units to fill the last period's share",
-                      stacklevel=4)  # _commit <- step <- Optimizer's step wrapper <- user
+                      "blocks left too few units to fill the last period's share")
 
     def _rebuild_zero_lists(self) -> None:
         """Rows of committed units per slab (host sync: once per commit), zeroed at once."""
