@@ -62,6 +62,11 @@ difference, its 95% confidence interval and whether it is resolved (:func:`paire
 ``--importance magnitude`` adds GETA rows whose QASSO selects units by the L2 norm alone
 (GETA_SPEC C.6's first criterion) instead of the five criteria.
 
+``--recalibrate-bn N`` re-estimates every BatchNorm's running statistics on N un-augmented
+training batches after each method's last step, GETA and L2+QAT alike
+(``geta_fx.optim.recalibrate_batch_norms``; at 2-3 bits the statistics kept during training can
+lag the final weights).
+
 ``--decompose`` locates a gap between GETA and L2+QAT at bit width b: after each L2+QAT row,
 "L2 + QASSO" (the baseline's step-0 pruning trained by QASSO at fixed b bits: the optimizer's
 share), "GETA fixed bits, progressive" (QASSO's own selection over its pruning periods, every
@@ -90,7 +95,7 @@ from _common import HERE, commit
 
 import geta_fx
 from geta_fx.ir.units import unit_sq_norms
-from geta_fx.optim import QASSO, Distiller, schedule
+from geta_fx.optim import QASSO, Distiller, recalibrate_batch_norms, schedule
 from geta_fx.passes.physical_prune import removed_units_from_zeros
 from geta_fx.report import report
 from geta_fx.testing.models import BasicBlock, CharGPT, DigitsCNN  # the tests' ResNet block
@@ -323,6 +328,19 @@ def _transformed(dense: nn.Module, task: Task) -> Any:
     return gm
 
 
+#: ``--recalibrate-bn N``: after every method's last step, its BatchNorm statistics are
+#: re-estimated on N training batches (``geta_fx.optim.recalibrate_batch_norms``); 0: not.
+RECALIBRATE_BN = 0
+
+
+def _calibration_inputs(task: Task, seed: int) -> Iterator[Tensor]:
+    """Shuffled training inputs without augmentation (what eval-mode inputs look like)."""
+    x_tr = task.split[0]
+    perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(seed))
+    for i in range(0, len(perm) - task.batch + 1, task.batch):
+        yield x_tr[perm[i:i + task.batch]]
+
+
 def _train_loop(gm: Any, opt: torch.optim.Optimizer, task: Task, steps: int, seed: int,
                 loss_fn: Callable[[Tensor, Tensor, Tensor], Tensor],
                 after_step: Callable[[], None] | None = None) -> float:
@@ -339,6 +357,9 @@ def _train_loop(gm: Any, opt: torch.optim.Optimizer, task: Task, steps: int, see
         sched.step()
         if after_step is not None:
             after_step()
+    if RECALIBRATE_BN:
+        recalibrate_batch_norms(gm, _calibration_inputs(task, seed + 2),
+                                num_batches=RECALIBRATE_BN)
     return time.perf_counter() - t0
 
 
@@ -717,6 +738,9 @@ def main() -> None:
                     help="after each L2+QAT row, three rows that locate a GETA-vs-baseline "
                          "gap: the baseline's pruning trained by QASSO, and QASSO at the "
                          "baseline's fixed bits pruning progressively and in one step")
+    ap.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
+                    help="re-estimate BatchNorm statistics on N training batches after each "
+                         "method's last step (both methods; 0: off)")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke run: digits, 50%%, 4-8 vs 8 bits, 150 steps")
     args = ap.parse_args()
@@ -724,6 +748,8 @@ def main() -> None:
         args.tasks, args.sparsity, args.bits, args.baseline_bits = "digits", "0.5", "4-8", "8"
         args.steps, args.ablation = 150, False
     torch.set_num_threads(args.threads)
+    global RECALIBRATE_BN
+    RECALIBRATE_BN = args.recalibrate_bn
     ranges = [tuple(int(b) for b in r.split("-")) for r in args.bits.split(",")]
     fixed = [int(b) for b in args.baseline_bits.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
@@ -735,7 +761,8 @@ def main() -> None:
     print(f"# bench_pretrained  {time.strftime('%Y-%m-%d')}  commit {commit()}  torch "
           f"{torch.__version__}  device cpu ({platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s))  steps {args.steps}  dense seed {args.seed}  "
-          f"compression seeds {','.join(map(str, seeds))}\n")
+          f"compression seeds {','.join(map(str, seeds))}"
+          + (f"  BN recalibration {RECALIBRATE_BN} batches" if RECALIBRATE_BN else "") + "\n")
     rows: list[Row] = []
     t_start = time.perf_counter()
 

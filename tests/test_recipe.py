@@ -22,7 +22,8 @@ from zoo import MLP, ResNetCifar
 import geta_fx
 from geta_fx.errors import GetaFxError, InputError, TrainingError
 from geta_fx.optim import (QASSO, Distiller, Progress, Schedule, distillation_loss,
-                           format_metrics, load_checkpoint, logits_of, save_checkpoint, schedule)
+                           format_metrics, load_checkpoint, logits_of, recalibrate_batch_norms,
+                           save_checkpoint, schedule)
 from geta_fx.optim import _distill, _saliency
 from geta_fx.optim._checkpoint import Recipe
 
@@ -645,6 +646,9 @@ def test_readme_recipe_loop(caplog) -> None:
         assert (~mask).sum() >= math.ceil(0.2 * len(mask) - 1e-9), gid   # max_sparsity=0.8
     for n, v in model.state_dict().items():
         assert torch.equal(v, before[n]), n
+    mode = gm.training
+    moved = recalibrate_batch_norms(gm, (x for x, _ in batches), num_batches=20)
+    assert moved and all(math.isfinite(v) for v in moved.values()) and gm.training == mode
     gm.eval()
     slim = gm.compress()
     torch.testing.assert_close(slim(x), gm(x), rtol=1e-4, atol=1e-5)
