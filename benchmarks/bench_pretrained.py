@@ -63,7 +63,7 @@ difference, its 95% confidence interval and whether it is resolved (:func:`paire
 (GETA_SPEC C.6's first criterion) instead of the five criteria.
 
 ``--recalibrate-bn N`` re-estimates every BatchNorm's running statistics on N un-augmented
-training batches after each method's last step, GETA and L2+QAT alike
+training batches (-1: all of them) after each method's last step, GETA and L2+QAT alike
 (``geta_fx.optim.recalibrate_batch_norms``; at 2-3 bits the statistics kept during training can
 lag the final weights).
 
@@ -329,7 +329,8 @@ def _transformed(dense: nn.Module, task: Task) -> Any:
 
 
 #: ``--recalibrate-bn N``: after every method's last step, its BatchNorm statistics are
-#: re-estimated on N training batches (``geta_fx.optim.recalibrate_batch_norms``); 0: not.
+#: re-estimated on N training batches (``geta_fx.optim.recalibrate_batch_norms``; -1: one
+#: pass over the training set); 0: not.
 RECALIBRATE_BN = 0
 
 
@@ -359,7 +360,7 @@ def _train_loop(gm: Any, opt: torch.optim.Optimizer, task: Task, steps: int, see
             after_step()
     if RECALIBRATE_BN:
         recalibrate_batch_norms(gm, _calibration_inputs(task, seed + 2),
-                                num_batches=RECALIBRATE_BN)
+                                num_batches=RECALIBRATE_BN if RECALIBRATE_BN > 0 else None)
     return time.perf_counter() - t0
 
 
@@ -740,7 +741,8 @@ def main() -> None:
                          "baseline's fixed bits pruning progressively and in one step")
     ap.add_argument("--recalibrate-bn", type=int, default=0, metavar="N",
                     help="re-estimate BatchNorm statistics on N training batches after each "
-                         "method's last step (both methods; 0: off)")
+                         "method's last step (both methods; -1: the whole training set; "
+                         "0: off)")
     ap.add_argument("--quick", action="store_true",
                     help="CI smoke run: digits, 50%%, 4-8 vs 8 bits, 150 steps")
     args = ap.parse_args()
@@ -762,7 +764,8 @@ def main() -> None:
           f"{torch.__version__}  device cpu ({platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s))  steps {args.steps}  dense seed {args.seed}  "
           f"compression seeds {','.join(map(str, seeds))}"
-          + (f"  BN recalibration {RECALIBRATE_BN} batches" if RECALIBRATE_BN else "") + "\n")
+          + (f"  BN recalibration {RECALIBRATE_BN if RECALIBRATE_BN > 0 else 'all'} batches"
+             if RECALIBRATE_BN else "") + "\n")
     rows: list[Row] = []
     t_start = time.perf_counter()
 
