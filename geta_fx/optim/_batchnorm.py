@@ -32,7 +32,10 @@ from geta_fx.errors import InputError
 logger = logging.getLogger("geta_fx.optim")
 
 _BATCH_NORM = torch.ops.aten.batch_norm.default
-_TRAINING, _MOMENTUM = 5, 6   # aten.batch_norm(input, w, b, mean, var, training, momentum, ...)
+#: argument name -> position in ``aten.batch_norm``'s schema (as the train_mode pass reads it)
+_ARG = {a.name: i for i, a in enumerate(_BATCH_NORM._schema.arguments)}
+_MEAN, _VAR, _TRAINING, _MOMENTUM, _EPS = (_ARG[n] for n in (
+    "running_mean", "running_var", "training", "momentum", "eps"))
 
 
 def _sites(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.GraphModule, torch.fx.Node]]:
@@ -43,7 +46,8 @@ def _sites(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.GraphModule, torch.f
             continue
         for node in owner.graph.nodes:
             if (node.op == "call_function" and node.target is _BATCH_NORM
-                    and all(getattr(node.args[i], "op", None) == "get_attr" for i in (3, 4))):
+                    and all(getattr(node.args[i], "op", None) == "get_attr"
+                            for i in (_MEAN, _VAR))):
                 out.append((owner, node))
     return out
 
@@ -105,14 +109,13 @@ def recalibrate_batch_norms(model: nn.Module, batches: Iterable[Any], *,
     users: dict[str, list[str]] = {}
     counters: dict[str, Tensor] = {}
     for owner, node in sites:
-        mean = owner.get_buffer(node.args[3].target)
-        var = owner.get_buffer(node.args[4].target)
-        name = node.args[3].target.removesuffix(".running_mean").removesuffix("running_mean")
-        name = name.rstrip(".") or node.name
+        mean_fqn = node.args[_MEAN].target
+        prefix = mean_fqn.removesuffix("running_mean")
+        name = prefix.rstrip(".") or node.name
         users.setdefault(name, []).append(node.name)
-        eps = float(node.args[7]) if len(node.args) > 7 else 1e-5
-        stats[name] = (mean, var, eps)
-        count = node.args[3].target.removesuffix("running_mean") + "num_batches_tracked"
+        stats[name] = (owner.get_buffer(mean_fqn), owner.get_buffer(node.args[_VAR].target),
+                       float(node.args[_EPS]))
+        count = prefix + "num_batches_tracked"
         try:
             counters[name] = owner.get_buffer(count)
         except AttributeError:
@@ -126,17 +129,18 @@ def recalibrate_batch_norms(model: nn.Module, batches: Iterable[Any], *,
 
     saved = {n: (m.clone(), v.clone()) for n, (m, v, _) in stats.items()}
     saved_counts = {n: c.clone() for n, c in counters.items()}
-    flags = [(owner, node, node.args[_TRAINING], node.args[_MOMENTUM]) for owner, node in sites]
+    flags = [(node, node.args[_TRAINING], node.args[_MOMENTUM]) for _, node in sites]
+    owners = list({id(o): o for o, _ in sites}.values())
     acc = {n: (torch.zeros_like(m, dtype=torch.float64), torch.zeros_like(v, dtype=torch.float64))
            for n, (m, v, _) in stats.items()}
     was_training = model.training
     seen = 0
     try:
         model.eval()   # dropout off; a GetaModule then leaves its BN counters alone
-        for owner, node, _, _ in flags:   # these nodes only: batch statistics, running := them
+        for node, _, _ in flags:   # these nodes only: batch statistics, running := them
             node.update_arg(_TRAINING, True)
             node.update_arg(_MOMENTUM, 1.0)
-        for owner in {id(o): o for o, *_ in flags}.values():
+        for owner in owners:
             owner.recompile()
         with torch.no_grad():
             for batch in batches:
@@ -167,10 +171,10 @@ def recalibrate_batch_norms(model: nn.Module, batches: Iterable[Any], *,
             c.copy_(saved_counts[n])
         raise
     finally:
-        for owner, node, training, momentum in flags:
+        for node, training, momentum in flags:
             node.update_arg(_TRAINING, training)
             node.update_arg(_MOMENTUM, momentum)
-        for owner in {id(o): o for o, *_ in flags}.values():
+        for owner in owners:
             owner.recompile()
         model.train(was_training)
     top = sorted(moved.items(), key=lambda kv: -kv[1])[:3]
