@@ -179,3 +179,37 @@ def test_bad_input_is_refused_and_nothing_changes() -> None:
     torch.testing.assert_close(gm(x), ref(x))
     for k, v in _stats(ref).items():
         torch.testing.assert_close(_stats(gm.graph_module)[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def _train_to_cooldown(model: nn.Module, bit_range: tuple[float, float], caplog) -> list[str]:
+    """QASSO through its bit freeze; the geta_fx.optim log lines."""
+    import logging
+
+    import torch.nn.functional as F
+
+    from geta_fx.optim import QASSO
+    batches = _batches(4)
+    gm = geta_fx.transform(model, (batches[0][0],), quantize="weight")
+    opt = QASSO(gm, variant="adam", lr=1e-2, target_sparsity=0.25, bit_range=bit_range,
+                bit_reduction=0, total_steps=12)
+    gm.train()
+    with caplog.at_level(logging.INFO, logger="geta_fx.optim"):
+        for x, y in itertools.islice(itertools.cycle(batches), 12):
+            opt.zero_grad()
+            F.cross_entropy(gm(x), y).backward()
+            opt.step()
+    assert opt.metrics()["stage"] == "cooldown"
+    return [r.getMessage() for r in caplog.records if "recalibrate_batch_norms(" in r.getMessage()]
+
+
+def test_qasso_names_recalibration_at_the_bit_freeze_for_low_bit_batch_norm_models(
+        caplog) -> None:
+    hint = _train_to_cooldown(_net(), (4, 6), caplog)
+    assert len(hint) == 1          # once, at the freeze, not every step
+    assert "2 BatchNorms (1, 5) and weights at 4 bits" in hint[0]
+    caplog.clear()
+    assert _train_to_cooldown(_net(), (6, 8), caplog) == []     # no weight at <= 4 bits
+    caplog.clear()
+    no_bn = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    assert _train_to_cooldown(no_bn, (4, 6), caplog) == []

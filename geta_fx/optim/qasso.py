@@ -106,6 +106,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from geta_fx.errors import InputError, TrainingError
+from geta_fx.ir import meta as ir_meta
 from geta_fx.optim import _budget, _directions, _joint, _limits, _saliency
 from geta_fx.optim._layout import Layout, build_layout, local_tensor
 from geta_fx.optim._schedule import STEP_ARGS, Schedule, Stage, resolve_steps
@@ -359,6 +360,10 @@ class QASSO(torch.optim.Optimizer):
                              "target_bops")
         self._budget_loss = budget_loss
         self._warn_low_floor()
+        graph = getattr(gm, "graph_module", gm)
+        #: BatchNorms with running statistics (module paths): see _hint_batch_norms
+        self._batch_norms = [s.module for s in getattr(graph, "meta", {}).get(
+            ir_meta.BATCHNORM, ())]
 
     # ------------------------------------------------------------------ construction helpers
     def _split_parameters(self, gm: nn.Module) -> tuple[list[Any], list[nn.Parameter]]:
@@ -1014,6 +1019,29 @@ class QASSO(torch.optim.Optimizer):
         lo, hi = self._bit_bounds(k)
         frozen = torch.minimum(torch.maximum(torch.round(bits), lo.ceil()), hi.floor())
         self._frozen_bits = self._broadcast(frozen)
+        self._hint_batch_norms()
+
+    def _hint_batch_norms(self) -> None:
+        """Log, once (at the bit freeze), that BatchNorm statistics need re-estimating.
+
+        Weights at <= 4 bits keep crossing grid points until the last step, so the running
+        statistics (an average over earlier weights) can disagree with the final model: in
+        ``bench_pretrained.py`` (mnist, 70%, A3, seed 4) eval-mode accuracy swung between 16%
+        and 87% late in cool-down (83% -> 21% in one step) while batch-statistics accuracy
+        stayed at 88-90%.  QASSO has no data to re-estimate them with, so it says what to call."""
+        if not self._batch_norms or self._frozen_bits is None:
+            return
+        w = self._is_weight_q[:self._num_layers]
+        if not bool(w.any()):
+            return
+        low = float(self._frozen_bits[w].min())  # one host sync, once per run
+        if low <= 4:
+            logger.info("QASSO step %d: %d BatchNorms (%s%s) and weights at %g bits: their "
+                        "running statistics trail the weights; after the last step call "
+                        "geta_fx.optim.recalibrate_batch_norms(gm, training_batches) before "
+                        "eval() or compress()", self._k, len(self._batch_norms),
+                        ", ".join(self._batch_norms[:3]),
+                        ", ..." if len(self._batch_norms) > 3 else "", low)
 
     # ------------------------------------------------------------------ pruning
     def _select(self, weights: list[nn.Parameter], active: list[int]) -> None:
