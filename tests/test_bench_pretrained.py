@@ -50,6 +50,7 @@ def test_l2_prune_zeroes_the_smallest_units_of_every_group():
 @pytest.mark.slow
 def test_quick_run_prints_geta_and_baseline_rows(tmp_path):
     out = run_benchmark("bench_pretrained.py", "--quick", cwd=tmp_path)
+    assert "BN recalibration all batches" in out   # the recipe's last step, for both methods
     table = [line for line in out.splitlines() if line.startswith("| digits |")]
     methods = [line.split("|")[2].strip() for line in table]
     assert methods == ["GETA", "L2+QAT"], out
