@@ -1,9 +1,9 @@
 """BatchNorm re-estimation after compression training: :func:`recalibrate_batch_norms`.
 
 At 2-4 bits, quantized weights oscillate between grid points until the last step (Nagel et
-al., "Overcoming Oscillations in Quantization-Aware Training", ICML 2022), and QASSO's
-quantizer scalars keep learning at ``lr_quant`` after the weights' learning rate has decayed.
-The running statistics a BatchNorm keeps are an average over *earlier* weights, so the
+al., "Overcoming Oscillations in Quantization-Aware Training", ICML 2022); decaying
+``lr_quant`` with the weights' schedule did not stop it (benchmarks/README.md, "Every
+comparison again").  The running statistics a BatchNorm keeps are an average over *earlier* weights, so the
 eval-mode model can differ from the one training converged to.  Measured on
 ``benchmarks/bench_pretrained.py`` (mnist ResNet-8, 70% group sparsity, 3-bit activations,
 seed 4): 87.8% test accuracy with batch statistics, **13.7% in eval mode**, 89.3% after

@@ -1019,9 +1019,9 @@ class QASSO(torch.optim.Optimizer):
         lo, hi = self._bit_bounds(k)
         frozen = torch.minimum(torch.maximum(torch.round(bits), lo.ceil()), hi.floor())
         self._frozen_bits = self._broadcast(frozen)
-        self._hint_batch_norms()
+        self._hint_batch_norms(self._frozen_bits)
 
-    def _hint_batch_norms(self) -> None:
+    def _hint_batch_norms(self, frozen: Tensor) -> None:
         """Log, once (at the bit freeze), that BatchNorm statistics need re-estimating.
 
         Weights at <= 4 bits keep crossing grid points until the last step, so the running
@@ -1029,12 +1029,10 @@ class QASSO(torch.optim.Optimizer):
         ``bench_pretrained.py`` (mnist, 70%, A3, seed 4) eval-mode accuracy swung between 16%
         and 87% late in cool-down (83% -> 21% in one step) while batch-statistics accuracy
         stayed at 88-90%.  QASSO has no data to re-estimate them with, so it says what to call."""
-        if not self._batch_norms or self._frozen_bits is None:
-            return
         w = self._is_weight_q[:self._num_layers]
-        if not bool(w.any()):
+        if not self._batch_norms or not bool(w.any()):
             return
-        low = float(self._frozen_bits[w].min())  # one host sync, once per run
+        low = float(frozen[w].min())  # one host sync, once per run
         if low <= 4:
             logger.info("QASSO step %d: %d BatchNorms (%s%s) and weights at %g bits: their "
                         "running statistics trail the weights; after the last step call "
