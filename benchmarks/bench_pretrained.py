@@ -60,7 +60,9 @@ are within the seeds' spread.  With several seeds a second table pairs every GET
 every L2+QAT row of its task and target seed by seed (same seed, same batches): the mean
 difference, its 95% confidence interval and whether it is resolved (:func:`paired`).
 ``--importance magnitude`` adds GETA rows whose QASSO selects units by the L2 norm alone
-(GETA_SPEC C.6's first criterion) instead of the five criteria.
+(GETA_SPEC C.6's first criterion) instead of the five criteria; ``removed`` and
+``magnitude-removed`` score each unit over every row its removal deletes, the consumers'
+input rows included (``QASSO(importance_scope="removed")``), as the baseline's L2 does.
 
 After each method's last step, GETA and L2+QAT alike, every BatchNorm's running statistics are
 re-estimated on one pass over the un-augmented training set
@@ -377,14 +379,15 @@ PRESET = "converged"
 
 def run_geta(dense: nn.Module, task: Task, sparsity: float, bits: tuple[int, int], steps: int,
              lr: float, seed: int, uniform: bool = True,
-             importance: dict[str, float] | None = None) -> tuple[Any, float]:
+             saliency: dict[str, Any] | None = None) -> tuple[Any, float]:
     """QASSO from the dense weights; returns (GetaModule, seconds).
 
     ``uniform``: ``max_sparsity=sparsity + 0.05`` (no group loses much more than the target
     fraction: the allocation across groups stays near even, as the baseline's, with room for
     the ceil of small groups); else QASSO's default per-group limit (a group keeps at least
-    ``ceil((1 - target) / 2 * units)``).  ``importance``: QASSO's saliency weights (None: its
-    default, the five criteria of GETA_SPEC C.6 at 0.2 each).
+    ``ceil((1 - target) / 2 * units)``).  ``saliency``: QASSO's ``importance`` /
+    ``importance_scope`` (None: its defaults, the five criteria of GETA_SPEC C.6 at 0.2 each
+    over each unit's own rows).
     """
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
@@ -392,7 +395,7 @@ def run_geta(dense: nn.Module, task: Task, sparsity: float, bits: tuple[int, int
     limits = {"max_sparsity": min(1.0, sparsity + 0.05)} if uniform else {}
     opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
                 target_sparsity=sparsity, bit_range=(lo, hi + 8), bit_reduction=2,
-                importance=importance, **schedule(steps, preset=PRESET, projection_periods=4),
+                **(saliency or {}), **schedule(steps, preset=PRESET, projection_periods=4),
                 **limits)
     secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
     return gm.eval(), secs
@@ -401,14 +404,14 @@ def run_geta(dense: nn.Module, task: Task, sparsity: float, bits: tuple[int, int
 def run_geta_matched(dense: nn.Module, task: Task, sparsity: float, act_bits: int,
                      bops: float, steps: int, lr: float, seed: int,
                      bits: tuple[int, int] = (2, 8),
-                     importance: dict[str, float] | None = None) -> tuple[Any, float]:
+                     saliency: dict[str, Any] | None = None) -> tuple[Any, float]:
     """QASSO with a BOPs budget (issue #20): the baseline's BOPs, its activation bits, weight
     bits allocated in ``bits`` by sensitivity; otherwise as :func:`run_geta`."""
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
     opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
                 target_sparsity=sparsity, bit_range=bits, bit_reduction=0,
-                act_bit_range=(act_bits, act_bits), target_bops=bops, importance=importance,
+                act_bit_range=(act_bits, act_bits), target_bops=bops, **(saliency or {}),
                 max_sparsity=min(1.0, sparsity + 0.05), **schedule(steps, preset=PRESET))
     secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
     return gm.eval(), secs
@@ -700,10 +703,15 @@ def paired(rows: list[Row]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-#: --importance choices: the GETA row's method label and QASSO's ``importance=``.
-IMPORTANCE: dict[str, tuple[str, dict[str, float] | None]] = {
+#: --importance choices: the GETA row's method label and QASSO's saliency arguments
+#: (``importance=``, ``importance_scope=``).  "removed": the criteria also read the consumers'
+#: input rows a unit's removal deletes, as the baseline's L2 does.
+IMPORTANCE: dict[str, tuple[str, dict[str, Any] | None]] = {
     "default": ("GETA", None),
-    "magnitude": ("GETA (magnitude)", {"magnitude": 1.0}),
+    "magnitude": ("GETA (magnitude)", {"importance": {"magnitude": 1.0}}),
+    "removed": ("GETA (removed rows)", {"importance_scope": "removed"}),
+    "magnitude-removed": ("GETA (magnitude, removed rows)",
+                          {"importance": {"magnitude": 1.0}, "importance_scope": "removed"}),
 }
 
 
@@ -727,7 +735,9 @@ def main() -> None:
                          "--seed's")
     ap.add_argument("--importance", default="default",
                     help="GETA's saliency criteria, comma-separated rows: 'default' (QASSO's "
-                         "five criteria at 0.2 each), 'magnitude' (the L2 norm alone)")
+                         "five criteria at 0.2 each), 'magnitude' (the L2 norm alone), "
+                         "'removed' / 'magnitude-removed' (the same over every row a unit's "
+                         "removal deletes: importance_scope='removed')")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads while training (latency is always timed on 1)")
     ap.add_argument("--matched", action="store_true",

@@ -443,3 +443,47 @@ def test_load_checkpoint_into_a_model_it_does_not_fit_writes_nothing(other: str,
     for k, v in target.state_dict().items():
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, before[k]), k
+
+
+# ----------------------------------------------------------------------------- importance scope
+
+
+def _scope_model() -> tuple[geta_fx.GetaModule, torch.Tensor]:
+    """fc1 (4 -> 6) -> relu -> fc2 (6 -> 3): one prunable group of 6 hidden units.  Units 0-2
+    have small fc1 rows but large fc2 columns (they matter downstream), units 3-5 the reverse,
+    so the unit's own rows and its whole footprint rank them oppositely."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with torch.no_grad():
+        m[0].weight.copy_(torch.tensor([0.1] * 3 + [1.0] * 3)[:, None].expand(6, 4))
+        m[0].bias.zero_()
+        m[2].weight.copy_(torch.tensor([3.0] * 3 + [0.2] * 3).expand(3, 6))
+    x = torch.randn(8, 4)
+    return geta_fx.transform(m, (x,), quantize="weight"), x
+
+
+@pytest.mark.parametrize("scope", ["group", "removed"])
+def test_importance_scope_reads_the_rows_a_removal_deletes(scope: str) -> None:
+    gm, x = _scope_model()
+    group = next(g for g in gm.prunable_groups() if g.num_units == 6)
+    opt = QASSO(gm, variant="sgd", lr=1e-6, target_sparsity=0.5, bit_range=(8, 8),
+                bit_reduction=0, importance={"magnitude": 1.0}, importance_scope=scope,
+                start_projection_step=0, projection_steps=1, projection_periods=1,
+                start_pruning_step=1, pruning_steps=3, pruning_periods=1)
+    assert opt.config["importance_scope"] == scope
+    _train(gm, opt, (x,), 6)
+    zero = gm.zero_mask(group.id).nonzero().flatten().tolist()
+    own = geta_fx.ir.units.unit_sq_norms(gm.graph_module, group, role="out")
+    every = geta_fx.ir.units.unit_sq_norms(gm.graph_module, group, role=None)
+    assert own.sum() > 0 and every.sum() > own.sum()  # the fc2 columns are counted by role=None
+    # "group": the smallest fc1 rows go (GETA_SPEC C.6); "removed": the smallest footprint,
+    # fc2's columns included (Torch-Pruning's L2 group importance), i.e. the other half
+    assert zero == ([0, 1, 2] if scope == "group" else [3, 4, 5])
+    slim = gm.eval().compress()
+    assert torch.allclose(slim(x), gm(x), atol=1e-6)
+
+
+def test_importance_scope_is_checked() -> None:
+    gm, _ = _scope_model()
+    with pytest.raises(InputError, match="importance_scope must be 'group' or 'removed'"):
+        QASSO(gm, importance_scope="all")  # type: ignore[arg-type]

@@ -73,14 +73,14 @@ def _full(gm) -> dict[str, torch.Tensor]:  # noqa: ANN001
             for n, p in gm.named_parameters()}
 
 
-def _sharded(gm0):  # noqa: ANN001, ANN202
+def _sharded(gm0, kw=KW):  # noqa: ANN001, ANN202
     from torch.distributed.fsdp import fully_shard
 
     from geta_fx.optim import QASSO
 
     gm = copy.deepcopy(gm0)
     fully_shard(gm)
-    return gm, QASSO(gm, **KW)
+    return gm, QASSO(gm, **kw)
 
 
 def _run_and_resume(make, batches, ckpt: str, rank: int):  # noqa: ANN001, ANN202
@@ -123,8 +123,8 @@ def _fork(worker, tmp_path, *args) -> list[dict]:  # noqa: ANN001
     return [torch.load(f, weights_only=False) for f in results]
 
 
-def _sgd_rank(rank: int, out_dir: str, gm0, batches) -> dict:  # noqa: ANN001
-    (gm, opt), (gm2, opt2) = _run_and_resume(lambda: _sharded(gm0), batches,
+def _sgd_rank(rank: int, out_dir: str, gm0, batches, kw) -> dict:  # noqa: ANN001
+    (gm, opt), (gm2, opt2) = _run_and_resume(lambda: _sharded(gm0, kw), batches,
                                              os.path.join(out_dir, f"ckpt{rank}.pt"), rank)
     assert opt.layout.sharded
     return {"params": _full(gm), "pruned": opt.pruned_units, "bits": opt.bit_widths(),
@@ -136,16 +136,20 @@ _worker = _in_process_group(_sgd_rank)
 
 @pytest.mark.slow  # ~5 s on 2 CPU cores (the capture and 2 gloo ranks); runs in the slow set
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_fsdp2_two_ranks_match_one_process_and_resume(tmp_path) -> None:
+# "removed" also scores by the consumers' input rows: sums along dim 1 of dim-0-sharded
+# tensors, completed by the same all_reduce
+@pytest.mark.parametrize("scope", ["group", "removed"])
+def test_fsdp2_two_ranks_match_one_process_and_resume(tmp_path, scope: str) -> None:
     pytest.importorskip("transformers")
     from torch.distributed.fsdp import fully_shard  # noqa: F401 - skip early when absent
 
     from geta_fx.optim import QASSO
 
     gm0, batches = _model()
-    ranks = _fork(_worker, tmp_path, gm0, batches)
+    kw = KW | {"importance_scope": scope}
+    ranks = _fork(_worker, tmp_path, gm0, batches, kw)
     gm = copy.deepcopy(gm0)
-    opt = QASSO(gm, **KW)
+    opt = QASSO(gm, **kw)
     _train(gm, opt, batches)
     want = _full(gm)
     for r, got in enumerate(ranks):

@@ -23,13 +23,18 @@ Invariants:
   partial rows -- per-unit sums are then completed by one ``all_reduce`` (:attr:`sharded`);
 * ``overlap[i]`` is True when an element of ``params[i]`` lies in more than one slab (slices on
   several dims, or a row in two slices); the joint update then decays it once, at the largest
-  rate (GETA_SPEC G.2 #10), through a lazily built per-element map of that tensor only.
+  rate (GETA_SPEC G.2 #10), through a lazily built per-element map of that tensor only;
+* ``in_params`` / ``in_slabs`` (built with ``consumer_slices=True`` only) are the trainable
+  tensors holding ``"in"`` slices of prunable units -- the consumers' input rows that a
+  unit's removal deletes along with it -- as slabs read by the saliency statistics alone
+  (``QASSO(importance_scope="removed")``): they are never zeroed or decayed (the unit's
+  ``"out"`` rows being zero already makes them dead), and ``unit_numel`` then counts them too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +92,8 @@ class Layout:
     slabs: list[Slab]
     overlap: list[bool]                   # per param: some element in several slabs
     sharded: bool                         # some param is a sharded DTensor (FSDP2)
+    in_params: list[nn.Parameter] = field(default_factory=list)  # stat-only "in" tensors
+    in_slabs: list[list[Slab]] = field(default_factory=list)     # their slabs (param = None)
 
     @property
     def num_groups(self) -> int:
@@ -169,15 +176,17 @@ def _overlaps(slices: list[meta.ParamSlice]) -> bool:
 
 
 # ------------------------------------------------------------------ construction
-def _collect(graph_module: nn.Module, prunable: list[meta.PruneGroup]
+def _collect(graph_module: nn.Module, prunable: list[meta.PruneGroup], role: str = "out"
              ) -> tuple[dict[str, Tensor], dict[str, list[tuple[meta.ParamSlice, int]]]]:
-    """Tensors with "out" slices (one key per tensor: tied weights once) and their slices."""
+    """Tensors with ``role`` slices (one key per tensor: tied weights once) and their slices."""
     tensors: dict[str, Tensor] = {}
     slices: dict[str, list[tuple[meta.ParamSlice, int]]] = {}
     by_id: dict[int, str] = {}
     off = 0
     for g in prunable:
-        for m in g.out_members:
+        for m in g.members:
+            if m.role != role:
+                continue
             t = get_attr_tensor(graph_module, m.fqn)
             if not isinstance(t, Tensor):
                 raise InputError(f"QASSO: {m.fqn!r} of group {g.id} is not a tensor")
@@ -190,7 +199,7 @@ def _collect(graph_module: nn.Module, prunable: list[meta.PruneGroup]
 
 def build_layout(graph_module: nn.Module, groups: tuple[meta.PruneGroup, ...],
                  weight_layer: dict[int, int], num_layers: int,
-                 device: torch.device) -> Layout:
+                 device: torch.device, consumer_slices: bool = False) -> Layout:
     """Slabs of every prunable unit (construction time only; O(rows) memory).
 
     Args:
@@ -200,6 +209,8 @@ def build_layout(graph_module: nn.Module, groups: tuple[meta.PruneGroup, ...],
             tied weights reached under several FQNs resolve to the same quantizer).
         num_layers: ``L``, the number of quantizers (the "not quantized" layer id).
         device: where the index tensors live (the parameters' device).
+        consumer_slices: also build the stat-only ``in_params`` / ``in_slabs`` (module
+            docstring).
 
     Raises:
         InputError: a slice names something that is not a tensor, a trainable tensor is not
@@ -230,10 +241,22 @@ def build_layout(graph_module: nn.Module, groups: tuple[meta.PruneGroup, ...],
             overlap.append(_overlaps([m for m, _ in slices[key]]))
         for m, off in slices[key]:
             slabs.append(_make_slab(t, key, m, off, ti, pi, device))
-            if pi is not None:  # elements per unit, from the global shape
-                per_row = t.numel() // max(int(t.shape[m.dim]), 1)
-                unit_numel.index_add_(0, m.units.to(torch.long).cpu() + off,
-                                      torch.full((len(m.units),), float(per_row)))
+            if pi is not None:
+                _count_elements(unit_numel, t, m, off)
+    in_params: list[nn.Parameter] = []
+    in_fqns: list[str] = []
+    in_slabs: list[list[Slab]] = []
+    if consumer_slices:
+        in_tensors, in_slices = _collect(graph_module, prunable, role="in")
+        for key, t in in_tensors.items():
+            if not (isinstance(t, nn.Parameter) and t.requires_grad):
+                continue  # a frozen consumer: nothing QASSO steps, nothing to score by
+            in_params.append(t)
+            in_fqns.append(key)
+            in_slabs.append([_make_slab(t, key, m, off, -1, None, device)
+                             for m, off in in_slices[key]])
+            for m, off in in_slices[key]:
+                _count_elements(unit_numel, t, m, off)
     return Layout(
         num_units=total, group_ids=tuple(g.id for g in prunable), group_offsets=tuple(offsets),
         unit_group=unit_group.to(device), group_size=sizes.to(device),
@@ -242,4 +265,13 @@ def build_layout(graph_module: nn.Module, groups: tuple[meta.PruneGroup, ...],
         param_layer=[weight_layer.get(id(p), num_layers) for p in params],
         unit_numel=unit_numel.to(device), tensors=list(tensors.values()),
         tensor_fqns=list(tensors), slabs=slabs, overlap=overlap,
-        sharded=any(_shard_info(p, n)[0] is not None for p, n in zip(params, param_fqns)))
+        sharded=any(_shard_info(p, n)[0] is not None
+                    for p, n in zip(params + in_params, param_fqns + in_fqns)),
+        in_params=in_params, in_slabs=in_slabs)
+
+
+def _count_elements(unit_numel: Tensor, t: Tensor, m: meta.ParamSlice, off: int) -> None:
+    """Add the elements per unit of slice ``m`` of ``t`` (from the global shape)."""
+    per_row = t.numel() // max(int(t.shape[m.dim]), 1)
+    unit_numel.index_add_(0, m.units.to(torch.long).cpu() + off,
+                          torch.full((len(m.units),), float(per_row)))
