@@ -74,7 +74,9 @@ training (the tables measured before 2026-12-03's eighth session).
 
 ``--decompose`` locates a gap between GETA and L2+QAT at bit width b: after each L2+QAT row,
 "L2 + QASSO" (the baseline's step-0 pruning trained by QASSO at fixed b bits: the optimizer's
-share), "GETA fixed bits, progressive" (QASSO's own selection over its pruning periods, every
+share), "L2 own rows + QAT" (the baseline with its L2 norms over each unit's own rows only, the
+rows QASSO's default ``importance_scope="group"`` reads: the saliency footprint's share), "GETA
+fixed bits, progressive" (QASSO's own selection over its pruning periods, every
 quantizer held at b: the removal's share) and "GETA fixed bits, one-shot" (the same with a
 one-step pruning stage, then fine-tuning: the removal schedule's share).
 """
@@ -462,27 +464,29 @@ def run_l2_qasso(dense: nn.Module, task: Task, sparsity: float, bit: int, steps:
     return gm.eval(), secs
 
 
-def l2_prune(gm: Any, fraction: float) -> int:
+def l2_prune(gm: Any, fraction: float, role: str | None = None) -> int:
     """Zero, in every prunable group, the ``round(fraction * units)`` units of smallest L2 norm
-    (all their parameter slices, as Torch-Pruning's default importance); returns the number of
-    units zeroed.  A group keeps at least one unit (a pruner never removes a whole layer)."""
+    (all their parameter slices, as Torch-Pruning's default importance; ``role="out"``: only
+    the rows QASSO's ``importance_scope="group"`` reads); returns the number of units zeroed.
+    A group keeps at least one unit (a pruner never removes a whole layer)."""
     n = 0
     for g in gm.prunable_groups():
         k = min(int(round(fraction * g.num_units)), g.num_units - 1)
         if k <= 0:
             continue
-        norms = unit_sq_norms(gm.graph_module, g, role=None)
+        norms = unit_sq_norms(gm.graph_module, g, role=role)
         gm.zero_units(g.id, torch.argsort(norms)[:k])
         n += k
     return n
 
 
 def run_baseline(dense: nn.Module, task: Task, sparsity: float, bit: int, steps: int,
-                 lr: float, seed: int) -> tuple[Any, float]:
-    """L2 prune at step 0, then QAT at ``bit`` bits for ``steps`` steps (AdamW)."""
+                 lr: float, seed: int, role: str | None = None) -> tuple[Any, float]:
+    """L2 prune at step 0 (``role``: :func:`l2_prune`), then QAT at ``bit`` bits for ``steps``
+    steps (AdamW)."""
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
-    l2_prune(gm, sparsity)
+    l2_prune(gm, sparsity, role)
     hold_zeros = _hold_zeros(gm)
     quants = list(gm.quantizers.values())
     for q in quants:
@@ -829,6 +833,10 @@ def main() -> None:
                     emit(lambda seed: run_l2_qasso(dense, task, sp, b, args.steps, args.lr,
                                                    seed),
                          task, dense, "L2 + QASSO (decompose)", sp, f"{b} / A{b}", dense_q)
+                    emit(lambda seed: run_baseline(dense, task, sp, b, args.steps, args.lr,
+                                                   seed, role="out"),
+                         task, dense, "L2 own rows + QAT (decompose)", sp, f"{b} / A{b}",
+                         dense_q)
                     for one_shot in (False, True):
                         emit(lambda seed: run_geta_fixed(dense, task, sp, b, args.steps,
                                                          args.lr, seed, one_shot),

@@ -29,15 +29,16 @@ def _bench():
     return mod
 
 
-def test_l2_prune_zeroes_the_smallest_units_of_every_group():
+@pytest.mark.parametrize("role", [None, "out"])
+def test_l2_prune_zeroes_the_smallest_units_of_every_group(role):
     import geta_fx
     from geta_fx.ir.units import unit_sq_norms
     from geta_fx.testing.models import DigitsCNN
 
     bench = _bench()
     gm = geta_fx.transform(DigitsCNN(8, 16, 16, 32).eval(), (torch.randn(4, 1, 8, 8),))
-    norms = {g.id: unit_sq_norms(gm.graph_module, g, role=None) for g in gm.prunable_groups()}
-    n = bench.l2_prune(gm, 0.5)
+    norms = {g.id: unit_sq_norms(gm.graph_module, g, role=role) for g in gm.prunable_groups()}
+    n = bench.l2_prune(gm, 0.5, role)
     assert n == sum(round(0.5 * g.num_units) for g in gm.prunable_groups())
     for g in gm.prunable_groups():
         zero = gm.zero_mask(g.id)
@@ -59,6 +60,20 @@ def test_quick_run_prints_geta_and_baseline_rows(tmp_path):
         acc = float(cells[4].rstrip("%"))
         assert 10.0 < acc <= 100.0, line  # a compressed model that still classifies
         assert cells[6] == "50.0%", line  # both reach the requested group sparsity
+
+
+@pytest.mark.slow
+def test_ablation_pairs_each_variant_with_the_baseline(tmp_path):
+    pytest.importorskip("scipy")
+    out = run_benchmark("ablate_pretrained.py", "--seeds", "0,1", "--steps", "12",
+                        "--points", "0.5:4", "--variants", "base-out,even-magrem-2-early",
+                        cwd=tmp_path)
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+            if line.startswith("| digits |")]
+    assert [r[3] for r in rows] == ["base", "base-out", "even-magrem-2-early"], out
+    assert rows[0][6] == "" and rows[1][6].endswith(" pt"), out  # paired against "base"
+    assert rows[1][5] == "1.00" and float(rows[2][5]) <= 1.02, out  # at the baseline's BOPs
+    assert all(r[8] in ("better", "worse", "tie") for r in rows[1:]), out
 
 
 def test_mean_row_averages_the_seeds_and_shows_their_spread():
