@@ -261,7 +261,9 @@ class QASSO(torch.optim.Optimizer):
             importance does; ``avg_magnitude`` then divides by that footprint.  Measured
             (``benchmarks/bench_pretrained.py``, digits CNN from a converged model, ten seeds):
             the baseline's L2 pruning restricted to the ``"group"`` rows loses 0.4-0.8 point
-            at 50-70% sparsity and 3-4 bits against its own full footprint.
+            at 50-70% sparsity and 3-4 bits against its own full footprint; GETA with
+            ``"removed"`` gains there and loses at 70% / 8 bits (benchmarks/README.md, "What
+            the losses at the baseline's BOPs are made of").
         group_divisible: units kept per group must be a multiple of this.
         min_kept: fewest units every group keeps: an int (units) or a float in (0, 1) (share
             of the group's units).  ``max_sparsity``: largest share of any group's units that
