@@ -32,7 +32,6 @@ reads).
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -46,7 +45,6 @@ import bench_pretrained as bp  # noqa: E402
 from _common import commit  # noqa: E402
 
 from geta_fx.errors import InputError  # noqa: E402
-from geta_fx.optim import QASSO, schedule  # noqa: E402
 from geta_fx.report import report  # noqa: E402
 
 CRITERIA: dict[str, dict[str, Any]] = {
@@ -73,14 +71,8 @@ def run_variant(variant: str, dense: torch.nn.Module, task: bp.Task, sp: float, 
     except (KeyError, ValueError):
         raise SystemExit(f"unknown variant {variant!r} (module docstring)") from None
     shares = {k: 1 / steps if v == "one" else v for k, v in shares.items()}
-    torch.manual_seed(seed)
-    gm = bp._transformed(dense, task)
-    opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
-                target_sparsity=sp, bit_range=(floor_bits, 8), bit_reduction=0,
-                act_bit_range=(act, act), target_bops=bops, max_sparsity=min(1.0, sp + slack),
-                **saliency, **schedule(steps, preset=bp.PRESET, **shares))
-    bp._train_loop(gm, opt, task, steps, seed, bp._loss(task, bp.Distiller(dense)))
-    return gm.eval()
+    return bp.run_geta_matched(dense, task, sp, act, bops, steps, lr, seed, (floor_bits, 8),
+                               saliency, slack, shares)[0]
 
 
 def main() -> None:
@@ -105,8 +97,6 @@ def main() -> None:
     print(f"# ablate_pretrained  {time.strftime('%Y-%m-%d')}  commit {commit()}  torch "
           f"{torch.__version__}  task {args.task}  steps {args.steps}  seeds {args.seeds}  "
           f"BN recalibration all batches\n")
-    from scipy.stats import t as student_t
-
     print("| task | target | bits | variant | test acc (mean) | BOPs / baseline | - baseline "
           "(mean) | 95% CI | verdict |\n|---|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
@@ -133,12 +123,8 @@ def main() -> None:
             if v == "base" or len(seeds) < 2:
                 cells += ["", "", ""]
             else:
-                d = torch.tensor([a - b for a, b in zip(acc[v], acc["base"])],
-                                 dtype=torch.float64)
-                m = float(d.mean())
-                h = float(student_t.ppf(0.975, len(d) - 1) * d.std() / math.sqrt(len(d)))
-                cells += [f"{m:+.2f} pt", f"[{m - h:+.2f}, {m + h:+.2f}]",
-                          "better" if m - h > 0 else "worse" if m + h < 0 else "tie"]
+                m, h, verdict = bp.paired_interval([a - b for a, b in zip(acc[v], acc["base"])])
+                cells += [f"{m:+.2f} pt", f"[{m - h:+.2f}, {m + h:+.2f}]", verdict.split()[0]]
             print("| " + " | ".join(cells) + " |", flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s")
 

@@ -406,15 +406,19 @@ def run_geta(dense: nn.Module, task: Task, sparsity: float, bits: tuple[int, int
 def run_geta_matched(dense: nn.Module, task: Task, sparsity: float, act_bits: int,
                      bops: float, steps: int, lr: float, seed: int,
                      bits: tuple[int, int] = (2, 8),
-                     saliency: dict[str, Any] | None = None) -> tuple[Any, float]:
+                     saliency: dict[str, Any] | None = None, slack: float = 0.05,
+                     shares: dict[str, float] | None = None) -> tuple[Any, float]:
     """QASSO with a BOPs budget (issue #20): the baseline's BOPs, its activation bits, weight
-    bits allocated in ``bits`` by sensitivity; otherwise as :func:`run_geta`."""
+    bits allocated in ``bits`` by sensitivity; otherwise as :func:`run_geta`.  ``slack``:
+    ``max_sparsity = sparsity + slack``; ``shares``: stage shares passed to ``schedule``
+    (``ablate_pretrained.py`` varies both)."""
     torch.manual_seed(seed)
     gm = _transformed(dense, task)
     opt = QASSO(gm, variant="adamw", lr=lr, lr_quant=1e-3, weight_decay=task.weight_decay,
                 target_sparsity=sparsity, bit_range=bits, bit_reduction=0,
                 act_bit_range=(act_bits, act_bits), target_bops=bops, **(saliency or {}),
-                max_sparsity=min(1.0, sparsity + 0.05), **schedule(steps, preset=PRESET))
+                max_sparsity=min(1.0, sparsity + slack),
+                **schedule(steps, preset=PRESET, **(shares or {})))
     secs = _train_loop(gm, opt, task, steps, seed, _loss(task, Distiller(dense)))
     return gm.eval(), secs
 
@@ -665,6 +669,20 @@ PAIRED_HEAD = ["task", "target", "row", "bits", "baseline", "BOPs GETA / baselin
                "seeds", "GETA - baseline (mean)", "95% CI", "verdict"]
 
 
+def paired_interval(diff: list[float]) -> tuple[float, float, str]:
+    """Mean of paired differences, the half-width of its 95% interval (``t(0.975, n - 1) *
+    sd / sqrt(n)``) and the verdict: "better" / "worse" when the interval excludes 0, else
+    "tie (not resolved by n seeds)"."""
+    from scipy.stats import t as student_t
+
+    d = torch.tensor(diff, dtype=torch.float64)
+    n = d.numel()
+    mean, half = float(d.mean()), float(student_t.ppf(0.975, n - 1) * d.std() / math.sqrt(n))
+    verdict = ("better" if mean - half > 0 else "worse" if mean + half < 0
+               else f"tie (not resolved by {n} seeds)")
+    return mean, half, verdict
+
+
 def paired(rows: list[Row]) -> str:
     """Each GETA (or ``--decompose``) row minus the baseline, seed by seed, at each task and
     target: a markdown table.
@@ -676,8 +694,6 @@ def paired(rows: list[Row]) -> str:
     interval excludes 0, else "tie (not resolved by n seeds)".  A row run at a baseline's BOPs
     (``--matched``: bits ``"2-8 / A4"``) is paired with that baseline only.
     """
-    from scipy.stats import t as student_t
-
     lines = ["| " + " | ".join(PAIRED_HEAD) + " |", "|" + "---|" * len(PAIRED_HEAD)]
     for geta in (r for r in rows if r.method != "L2+QAT"):
         for base in rows:
@@ -689,14 +705,9 @@ def paired(rows: list[Row]) -> str:
             if at and act != base.bits:  # a GETA row at a baseline's BOPs: that baseline only
                 continue
             sign, scale = (1.0, 100.0) if geta.metric == "acc" else (-1.0, 1.0)
-            diff = torch.tensor([sign * scale * (g - b)
-                                 for g, b in zip(geta.per_seed, base.per_seed)],
-                                dtype=torch.float64)
-            n = diff.numel()
-            mean, half = float(diff.mean()), float(student_t.ppf(0.975, n - 1)
-                                                   * diff.std() / math.sqrt(n))
-            verdict = ("better" if mean - half > 0 else "worse" if mean + half < 0
-                       else f"tie (not resolved by {n} seeds)")
+            n = len(geta.per_seed)
+            mean, half, verdict = paired_interval(
+                [sign * scale * (g - b) for g, b in zip(geta.per_seed, base.per_seed)])
             unit = " pt" if geta.metric == "acc" else " (loss)"
             lines.append("| " + " | ".join([
                 geta.task, f"{geta.sparsity:.0%}", geta.method, geta.bits,

@@ -93,7 +93,7 @@ class Layout:
     overlap: list[bool]                   # per param: some element in several slabs
     sharded: bool                         # some param is a sharded DTensor (FSDP2)
     in_params: list[nn.Parameter] = field(default_factory=list)  # stat-only "in" tensors
-    in_slabs: list[list[Slab]] = field(default_factory=list)     # their slabs (param = None)
+    in_slabs: list[list[Slab]] = field(default_factory=list)     # their slabs (tensor -1, param None)
 
     @property
     def num_groups(self) -> int:

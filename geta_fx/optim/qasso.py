@@ -425,7 +425,6 @@ class QASSO(torch.optim.Optimizer):
                                            consumer_slices=self.importance_scope == "removed")
         widx = {id(p): i for i, p in enumerate(weights)}
         self._stats_widx = [widx[id(p)] for p in self.layout.params]
-        self._in_widx = [widx.get(id(p)) for p in self.layout.in_params]
         self._init_sharding(gm, weights)
         self.num_units = self.layout.num_units
         self.k_target = math.floor(self.target_sparsity * self.num_units)
@@ -465,10 +464,15 @@ class QASSO(torch.optim.Optimizer):
         if sharded:
             _check_fsdp_units(gm, self._qparams)
         count_replicated = not lay.sharded or dist.get_rank(self._shard_group) == 0
-        self._stats_slabs = [[s for s in lay.param_slabs(i) if count_replicated or
-                              not s.replicated] for i in range(len(lay.params))]
-        self._in_stats_slabs = [[s for s in slabs if count_replicated or not s.replicated]
-                                for slabs in lay.in_slabs]
+        # what the saliency statistics read: (tensor, index in ``weights`` or None, its slabs
+        # this rank counts) -- the units' own rows, then (importance_scope="removed") the
+        # consumers' input rows
+        widx = {id(p): i for i, p in enumerate(weights)}
+        sources = [(p, lay.param_slabs(i)) for i, p in enumerate(lay.params)]
+        sources += list(zip(lay.in_params, lay.in_slabs, strict=True))
+        self._stat_sources = [(p, widx.get(id(p)), [s for s in slabs if count_replicated or
+                                                   not s.replicated])
+                              for p, slabs in sources]
 
     def _init_state(self, weights: list[nn.Parameter]) -> None:
         """Optimizer state: tensors on the parameters' device; counters are ints."""
@@ -1075,19 +1079,11 @@ class QASSO(torch.optim.Optimizer):
         # float32 statistics, also for float16/bfloat16 weights, one tensor at a time
         stats = torch.zeros(lay.num_units, 3, dtype=torch.float32, device=self._device)
         has_grad = set(active)
-        for i, p in enumerate(lay.params):
-            w = self._stats_widx[i]
+        for p, w, slabs in self._stat_sources:
             x = _directions.value(p, self.state).detach()
             g = (_directions.directions(self.variant, [weights[w]], self.state,
                                         self.param_groups[0])[0]
                  if w in has_grad else torch.zeros_like(x))
-            _saliency.add_unit_stats(stats, self._stats_slabs[i], x, g)
-        for p, w, slabs in zip(lay.in_params, self._in_widx, self._in_stats_slabs,
-                               strict=True):  # importance_scope="removed"
-            x = _directions.value(p, self.state).detach()
-            g = (_directions.directions(self.variant, [weights[w]], self.state,
-                                        self.param_groups[0])[0]
-                 if w is not None and w in has_grad else torch.zeros_like(x))
             _saliency.add_unit_stats(stats, slabs, x, g)
         if lay.sharded:
             stats = self._reduce("sum", stats)
