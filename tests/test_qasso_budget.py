@@ -187,6 +187,76 @@ def test_allocate_known_answer() -> None:
     assert abs(got - 5.0) <= 0.05
 
 
+def test_budget_price_known_answer() -> None:
+    """The least price that makes the plan meet the limit; none when saliency meets it."""
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    saving = torch.tensor([0.0, 0.0, 1.0, 1.0])
+
+    def plan(adjusted: torch.Tensor) -> torch.Tensor:  # the one lowest unit
+        return torch.arange(4) == adjusted.argmin()
+
+    lam, cost = _budget.budget_price(scores, saving, 2.0, 1.5, plan)
+    assert lam == pytest.approx(0.2, abs=1e-6) and cost == 1.0  # just past unit 0's 0.1
+    adjusted = _budget.priced(scores, saving, lam)
+    assert int(adjusted.argmin()) == 2  # the cheaper of the two savers
+    assert torch.equal(adjusted[:2], scores[:2])
+    assert _budget.budget_price(scores, saving, 2.0, 2.0, plan) == (0.0, 2.0)  # saliency: ok
+    assert _budget.priced(scores, saving, 0.0) is scores
+    lam, cost = _budget.budget_price(scores, saving, 2.0, 0.5, plan)
+    assert cost == 1.0 and bool(saving[_budget.priced(scores, saving, lam).argmin()] == 1)
+
+
+def _attention_budget_run(budget_selection: bool, share: float
+                          ) -> tuple[QASSO, geta_fx.GetaModule, list[str]]:
+    """A GPT block at 32 tokens, whose FP32 attention matmuls (activation x activation, not
+    quantized) dominate its BOPs; the budget is ``share`` of those matmuls alone."""
+    torch.manual_seed(0)
+    model, x = GPTBlock(d=16, heads=4, vocab=20).eval(), torch.randint(0, 20, (4, 32))
+    gm = geta_fx.transform(model, (x[:2],), quantize="weight_act")
+    bc = bit_cost(gm)
+    attention = sum(m * w * a for m, w, a in bc.terms
+                    if isinstance(w, int) and isinstance(a, int)) / bc.fp32_bops
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = _train(gm, x, target_sparsity=0.3, bit_range=(2, 8), act_bit_range=(8, 8),
+                     target_bops=share * attention, budget_selection=budget_selection)
+    return opt, gm.eval(), [str(w.message) for w in rec]
+
+
+def test_bops_budget_prices_the_selection() -> None:
+    """Only removing a head meets this budget: GETA's saliency alone keeps every head (MLP
+    channels score lowest) and misses it with every weight at 2 bits; priced by what each
+    unit saves, the selection removes a head and the budget is met."""
+    opt, gm, said = _attention_budget_run(False, 0.9)
+    heads = next(g for g in gm.prunable_groups() if g.num_units == 4)
+    assert int(gm.zero_mask(heads.id).sum()) == 0
+    assert any("missed" in w for w in said), said
+    assert set(opt.bit_allocation().values()) == {2}
+
+    opt, gm, said = _attention_budget_run(True, 0.9)
+    assert not any("missed" in w for w in said), said
+    assert int(gm.zero_mask(heads.id).sum()) >= 1
+    target = opt.config["target_bops"]
+    assert abs(report(gm.compress()).relative_bops / target - 1) <= 0.01
+    assert opt.metrics()["sparsity"] == pytest.approx(0.3, abs=0.02)  # same unit count
+
+
+def test_budget_selection_keeps_saliency_when_the_budget_is_loose() -> None:
+    """A budget the provisional bits cannot spend: the price is 0, the units are GETA's."""
+    model, x = _task("resnet")
+    masks = []
+    for priced in (False, True):
+        gm = geta_fx.transform(model, (x[:2],), quantize="weight")
+        rep0 = report(gm)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the pruned model cannot spend it: "missed"
+            opt = _train(gm, x, target_sparsity=0.3, bit_range=(2, 8),
+                         target_bops=rep0.relative_bops / 16 * 8 * 0.9,
+                         budget_selection=priced)
+        masks.append(opt.pruned_units)
+    assert bool(masks[0].any()) and torch.equal(masks[0], masks[1])
+
+
 def test_unreachable_budgets_raise() -> None:
     model, x = _task("mlp")
     gm = geta_fx.transform(model, (x[:2],), quantize="weight")

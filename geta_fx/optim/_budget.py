@@ -36,6 +36,7 @@ Tolerance: 0.05 bits for ``target_avg_bits``; 1% of the target for ``target_bops
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -212,3 +213,43 @@ def reach(cost: Linear, lo: int, hi: int, active: Tensor) -> tuple[float, float]
     u = cost.unit[active]
     return ((cost.fixed + float(u.sum()) * lo) / cost.scale,
             (cost.fixed + float(u.sum()) * hi) / cost.scale)
+
+
+
+def priced(scores: Tensor, saving: Tensor, lam: float) -> Tensor:
+    """``scores - lam * saving / max(saving)``: saliency priced by what removal saves."""
+    top = float(saving.max()) if saving.numel() else 0.0
+    return scores if lam == 0 or top <= 0 else scores - lam * (saving / top)
+
+
+def budget_price(scores: Tensor, saving: Tensor, base: float, limit: float,
+                 plan: Callable[[Tensor], Tensor], iters: int = 40) -> tuple[float, float]:
+    """The least price that makes the planned removal meet the budget.
+
+    ``scores`` [U]: saliency, lower = more redundant; ``saving`` [U] >= 0: what removing each
+    unit saves of the budget (its group's marginal cost at the allocated bits); ``base``: the
+    committed structure's cost; ``plan(adjusted)``: the units the selection would remove by
+    the end of the pruning stage, ranked by ``adjusted`` scores (all its limits applied).
+
+    Returns the least ``lam >= 0`` for which the plan ranked by :func:`priced` scores costs
+    ``base - sum(saving[plan]) <= limit`` (a Lagrangian relaxation of "least saliency removed,
+    budget met": ``lam = 0`` is GETA's ranking), found by bisection, and that plan's cost.
+    When no ``lam`` meets the limit, the one that ranks by saving alone (the most removed;
+    the caller's budget check reports the miss).
+    """
+    def cost(lam: float) -> float:
+        return base - float(saving[plan(priced(scores, saving, lam))].sum())
+
+    top = float(saving.max()) if saving.numel() else 0.0
+    if top <= 0 or cost(0.0) <= limit:
+        return 0.0, cost(0.0)
+    unit = saving / top
+    spread = float(scores.max() - scores.min()) + 1e-12
+    hi = spread / max(float(unit[unit > 0].min()), 1e-12) * 2  # ranking by saving alone
+    if cost(hi) > limit:
+        return hi, cost(hi)
+    lo = 0.0
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (lo, mid) if cost(mid) <= limit else (mid, hi)
+    return hi, cost(hi)

@@ -297,6 +297,23 @@ class QASSO(torch.optim.Optimizer):
             mode): the allocation then *measures* each weight quantizer's loss change at every
             bit width in range (the others as they are) instead of the Fisher proxy --
             ``L x (b_u - b_l + 1)`` calls, twice a run.
+        budget_selection: with ``target_bops``, the units are chosen for the budget too.  Each
+            pruning period prices every unit by what its removal saves of the BOPs at the
+            allocated bits (its group's marginal cost, measured on ``compress(align=1)`` by
+            :func:`geta_fx.report.bit_cost`: a head also saves its attention matmuls) and ranks
+            ``saliency - lam * saving``.  ``lam*`` is the least price for which the units still
+            to remove bring the structure within the budget at the provisional bits
+            (:func:`geta_fx.optim._budget.budget_price`); a fraction of it (0, 1/4, ..., 1)
+            leaves more of the saving to the bits instead.  Each candidate structure gets its
+            bits allocated exactly, and the one with the least second-order loss estimate is
+            ranked by: ``1/2 sum F w^2`` over the rows it removes (removal as quantization to
+            zero) plus the allocation's ``1/2 sum F (Q_b(w) - w)^2``.  The price is 0 (GETA's
+            ranking) wherever saliency alone meets the budget.  Without it, a structure that
+            cannot meet the budget at sensible bits ends with every weight at ``b_l``: a char
+            GPT that keeps every head, whose FP32 attention matmuls alone exceed a 4-bit
+            baseline's BOPs (benchmarks/README.md, "Pricing the selection").  Costs about
+            ``G + 6`` ``compress()`` calls per pruning period (``G`` prunable groups).
+            ``False``: saliency alone (GETA_SPEC C.6).  Not used with ``target_avg_bits``.
         process_group: DDP group whose rank 0 broadcasts selections and frozen bit widths
             (default: the default group when ``torch.distributed`` is initialised).
     """
@@ -318,6 +335,7 @@ class QASSO(torch.optim.Optimizer):
                  skip: Sequence[str] = (), nonfinite_patience: int | None = 5,
                  target_avg_bits: float | None = None, target_bops: float | None = None,
                  budget_loss: Callable[[], Any] | None = None,
+                 budget_selection: bool = True,
                  process_group: Any = None) -> None:
         _check_arguments(gm, variant, target_sparsity, group_divisible, lr, lr_quant,
                          nonfinite_patience, act_bit_range)
@@ -357,7 +375,7 @@ class QASSO(torch.optim.Optimizer):
             "min_kept": _copy_limit(min_kept),
             "max_sparsity": _copy_limit(max_sparsity), "skip": tuple(skip),
             "nonfinite_patience": nonfinite_patience, "target_avg_bits": target_avg_bits,
-            "target_bops": target_bops}
+            "target_bops": target_bops, "budget_selection": bool(budget_selection)}
 
         quants, weights = self._split_parameters(gm)
         groups: list[dict[str, Any]] = [
@@ -376,6 +394,7 @@ class QASSO(torch.optim.Optimizer):
             raise InputError("QASSO: budget_loss is only used with target_avg_bits or "
                              "target_bops")
         self._budget_loss = budget_loss
+        self.budget_selection = bool(budget_selection)
         self._warn_low_floor()
         graph = getattr(gm, "graph_module", gm)
         #: BatchNorms with running statistics (module paths): see _hint_batch_norms
@@ -1091,11 +1110,137 @@ class QASSO(torch.optim.Optimizer):
                                              ~self._pruned)
         target = self.schedule.cumulative_target(pos[0], self.k_target)
         n_new = (target - self._pruned.sum()).clamp_min(0)
+        if (self.budget_selection and self._alloc is not None and self.budget is not None
+                and self.budget.kind == "bops"):
+            scores = self._priced(scores)
         selected = _saliency.select_units(scores, self._pruned, lay.unit_group, lay.group_start,
                                           lay.group_size, n_new, self.group_divisible,
                                           self._keep_min)
         self._redundant = self._broadcast(selected)
         self._plan = _joint.build_plan(self._redundant, lay)
+
+    #: fractions of the least budget-meeting price tried as candidates (:meth:`_priced`)
+    PRICE_FRACTIONS: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def _priced(self, scores: Tensor) -> Tensor:
+        """``budget_selection``: the saliency priced by each unit's BOPs saving (see
+        ``__init__``).  ``lam*``: the least price for which the units still to remove meet the
+        budget at the allocated bits.  Prices ``f * lam*`` for ``f`` in ``PRICE_FRACTIONS``
+        then leave more of the cost to the bits: each candidate structure is compressed, its
+        bits allocated exactly, and the one with the least second-order loss estimate wins --
+        ``1/2 sum F w^2`` over the rows it removes (removal as quantization to zero) plus the
+        allocation's ``1/2 sum F (Q_b(w) - w)^2`` (:mod:`geta_fx.optim._budget`)."""
+        lay, budget = self.layout, self.budget
+        assert budget is not None
+        saving, base, cost_of = self._unit_savings(scores)
+        remaining = (self.k_target - self._pruned.sum()).clamp_min(0)
+
+        def plan(adjusted: Tensor) -> Tensor:
+            return _saliency.select_units(adjusted, self._pruned, lay.unit_group,
+                                          lay.group_start, lay.group_size, remaining,
+                                          self.group_divisible, self._keep_min)
+
+        lam_star, projected = _budget.budget_price(scores, saving, base, budget.value, plan)
+        lam = lam_star
+        if lam_star > 0 and len(self.PRICE_FRACTIONS) > 1:
+            sens = self._fisher_sensitivities()
+            removal = self._removal_losses()
+            wmask = self._is_weight_q[:self._num_layers].cpu()
+            cols = torch.arange(self._num_layers)
+            best = None
+            for f in self.PRICE_FRACTIONS:
+                sel = plan(_budget.priced(scores, saving, f * lam_star))
+                lin = cost_of(sel)
+                bits, reached = _budget.allocate(sens, lin, self._bit_lo, self._bit_hi,
+                                                 budget.tol, wmask)
+                if reached > budget.value + budget.tol and f < 1:
+                    continue  # the bits cannot make up for this structure
+                est = (float(removal[sel.cpu()].sum())
+                       + float(sens[cols, bits - self._bit_lo][wmask].sum()))
+                if best is None or est < best[0]:
+                    best = (est, f)
+            lam = best[1] * lam_star if best is not None else lam_star
+        logger.info("QASSO step %d: selection for target_bops: the committed structure reads "
+                    "%s at the allocated bits; price %.3g of %.3g (the least that meets it "
+                    "there, planned %s)", self._k, budget.describe(base), lam, lam_star,
+                    budget.describe(projected))
+        return _budget.priced(scores, saving, lam)
+
+    def _fisher_sensitivities(self) -> Tensor:
+        """``s[l, j]`` of the Fisher proxy (:func:`_budget.sensitivities`) at the weights now."""
+        n_l = self._num_layers
+        vals, _ = self._scalars()
+        ws = [None if p is None else _directions.value(p, self.state) for p in self._qweights]
+        return _budget.sensitivities(ws, [self._fisher(p) for p in self._qweights],
+                                     _q_m(vals[n_l:2 * n_l]).cpu(), vals[2 * n_l:].cpu(),
+                                     self._signed[:n_l].cpu(), self._bit_lo, self._bit_hi)
+
+    @torch.no_grad()
+    def _removal_losses(self) -> Tensor:
+        """``1/2 sum F w^2`` over each unit's own rows (``[U]``, CPU float64): the Fisher
+        proxy's loss of removing it, the same estimate as quantizing those rows to zero."""
+        lay = self.layout
+        stats = torch.zeros(lay.num_units, 3, dtype=torch.float32, device=self._device)
+        for p, _, slabs in self._stat_sources[:len(lay.params)]:
+            f = self._fisher(p)
+            if f is None:
+                continue
+            x = _directions.value(p, self.state).detach().float() * f.float().sqrt()
+            _saliency.add_unit_stats(stats, slabs, x, torch.zeros_like(x))
+        return 0.5 * stats[:, 0].double().cpu()
+
+    @torch.no_grad()
+    def _unit_savings(self, scores: Tensor
+                      ) -> tuple[Tensor, float, Callable[[Tensor], _budget.Linear]]:
+        """What removing one more unit of each prunable group saves of the BOPs budget at the
+        allocated bits (``[U]``, the same for every unit of a group; 0 where the group keeps
+        no more than its limit), and the committed structure's cost: exact slim models
+        (``compress(removed_units=..., align=1)``) costed by the report; and the budget's
+        linear form of the structure with a set of units ``[U]`` removed as well."""
+        import numpy as np
+
+        from geta_fx.report import bit_cost
+
+        lay, mod = self.layout, self._module
+        by_id = {g.id: g for g in mod.groups}
+        pruned = self._pruned.cpu().numpy()
+        low = scores.detach().cpu()
+        keep = self._keep_min.cpu()
+        mask = np.zeros(mod.graph_module.meta[ir_meta.CHANNELS].num_units, dtype=bool)
+        spans = []
+        for j, gid in enumerate(lay.group_ids):
+            a, n, off = lay.group_offsets[j], int(lay.group_size[j]), by_id[gid].unit_offset
+            mask[off: off + n] = pruned[a: a + n]
+            spans.append((a, n, off))
+        alloc = self._alloc.double().cpu()  # type: ignore[union-attr]
+
+        def form(removed: Any) -> _budget.Linear:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # compress() of a train-mode BN model
+                bc = bit_cost(mod.compress(removed_units=removed, align=1))
+            return self._budget_form(bc, 1.0)
+
+        def cost(removed: Any) -> float:
+            lin = form(removed)
+            return (lin.fixed + float(lin.unit @ alloc)) / lin.scale
+
+        def with_units(sel: Tensor) -> _budget.Linear:
+            extra, trial = sel.cpu().numpy(), mask.copy()
+            for a, n, off in spans:
+                trial[off: off + n] |= extra[a: a + n]
+            return form(trial)
+
+        base = cost(mask)
+        saving = torch.zeros(lay.num_units, dtype=torch.float64)
+        for j, (a, n, off) in enumerate(spans):
+            alive = torch.from_numpy(~pruned[a: a + n])
+            if int(alive.sum()) <= int(keep[j]):
+                continue  # nothing left to select in this group
+            one = int(torch.where(alive, low[a: a + n], float("inf")).argmin())
+            trial = mask.copy()
+            trial[off + one] = True
+            saving[a: a + n] = max(base - cost(trial), 0.0)
+        return saving.to(scores), base, with_units
 
     def _stage_note(self, stage: Stage, k: int) -> str:
         sch = self.schedule
