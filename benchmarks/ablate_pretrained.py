@@ -21,6 +21,10 @@ activations at its bits, weight bits allocated in ``[FLOOR, 8]``):
             early  no warm-up, one projection step, one pruning step (the baseline's step-0
                    pruning, as near as QASSO's stages go)
 
+An optional fifth part ``-sal`` selects by saliency alone (``budget_selection=False``, the
+selection before commit 9bd7860); without it the selection is priced for the budget
+(QASSO's default).
+
 ``base`` is the baseline itself (L2 over all rows, QAT at the activation bits), ``base-out``
 the baseline with L2 norms over each unit's own rows only (what ``importance_scope="group"``
 reads).
@@ -64,8 +68,10 @@ def run_variant(variant: str, dense: torch.nn.Module, task: bp.Task, sp: float, 
         return bp.run_baseline(dense, task, sp, act, steps, lr, seed,
                                role="out" if variant == "base-out" else None)[0]
     try:
-        struct, crit, floor, stages = variant.split("-")
-        saliency, shares = CRITERIA[crit], dict(STAGES[stages])
+        struct, crit, floor, stages, *price = variant.split("-")
+        if price not in ([], ["sal"]):
+            raise ValueError(variant)
+        saliency, shares = dict(CRITERIA[crit], budget_selection=not price), dict(STAGES[stages])
         slack = {"def": 0.05, "even": 0.0}[struct]
         floor_bits = int(floor)
     except (KeyError, ValueError):

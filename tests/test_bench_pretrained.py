@@ -66,11 +66,13 @@ def test_quick_run_prints_geta_and_baseline_rows(tmp_path):
 def test_ablation_pairs_each_variant_with_the_baseline(tmp_path):
     pytest.importorskip("scipy")
     out = run_benchmark("ablate_pretrained.py", "--seeds", "0,1", "--steps", "12",
-                        "--points", "0.5:4", "--variants", "base-out,even-magrem-2-early",
+                        "--points", "0.5:4",
+                        "--variants", "base-out,even-magrem-2-early,def-def-2-pre-sal",
                         cwd=tmp_path)
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
             if line.startswith("| digits |")]
-    assert [r[3] for r in rows] == ["base", "base-out", "even-magrem-2-early"], out
+    assert [r[3] for r in rows] == ["base", "base-out", "even-magrem-2-early",
+                                    "def-def-2-pre-sal"], out
     assert rows[0][6] == "" and rows[1][6].endswith(" pt"), out  # paired against "base"
     assert rows[1][5] == "1.00" and float(rows[2][5]) <= 1.02, out  # at the baseline's BOPs
     assert all(r[8] in ("better", "worse", "tie") for r in rows[1:]), out
