@@ -233,8 +233,12 @@ def test_bops_budget_prices_the_selection() -> None:
     assert any("missed" in w for w in said), said
     assert set(opt.bit_allocation().values()) == {2}
 
+    assert "selection_price" not in opt.metrics()
+
     opt, gm, said = _attention_budget_run(True, 0.9)
     assert not any("missed" in w for w in said), said
+    m = opt.metrics()
+    assert 0 <= m["selection_price"] <= m["selection_price_max"]
     assert int(gm.zero_mask(heads.id).sum()) >= 1
     target = opt.config["target_bops"]
     assert abs(report(gm.compress()).relative_bops / target - 1) <= 0.01

@@ -30,6 +30,13 @@ When
     rows towards the layer's allocated grid, not to ``b_l``.  At the first cool-down step the
     pruned structure is final: the allocation is redone exactly on ``gm.compress()`` (default
     arguments) and frozen, and the achieved value is reported by ``QASSO.metrics()``.
+Selection (``target_bops``, ``QASSO(budget_selection=True)``)
+    The units are priced too: ``saliency - lam * saving`` (:func:`priced`), ``saving`` being
+    what removing a unit saves of the BOPs at the allocated bits, measured per group on the
+    slim model.  :func:`budget_price` finds ``lam*``, the least price at which the units still
+    to remove meet the budget at those bits; QASSO then tries fractions of it and keeps the
+    one whose exactly allocated structure has the least ``1/2 sum F w^2`` (removed rows) plus
+    ``sum_l s_l(b_l)``: removal and quantization in one second-order loss estimate.
 
 Tolerance: 0.05 bits for ``target_avg_bits``; 1% of the target for ``target_bops``.
 """

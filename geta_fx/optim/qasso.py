@@ -501,6 +501,7 @@ class QASSO(torch.optim.Optimizer):
         self._redundant = torch.zeros_like(self._pruned)
         self._plan: _joint.JointPlan | None = None
         self._frozen_bits: Tensor | None = None
+        self._price: tuple[float, float] | None = None  # budget_selection: (lam, lam*)
         self._zero_lists: list[tuple[Tensor, int, Tensor]] = []
         self._qstate: dict[str, Any] = {"step": 0}
         self._skipped = 0            # steps skipped for non-finite values, in all
@@ -1160,6 +1161,7 @@ class QASSO(torch.optim.Optimizer):
                 if best is None or est < best[0]:
                     best = (est, f)
             lam = best[1] * lam_star if best is not None else lam_star
+        self._price = (lam, lam_star)
         logger.info("QASSO step %d: selection for target_bops: the committed structure reads "
                     "%s at the allocated bits; price %.3g of %.3g (the least that meets it "
                     "there, planned %s)", self._k, budget.describe(base), lam, lam_star,
@@ -1322,7 +1324,10 @@ class QASSO(torch.optim.Optimizer):
         (continuous weight-quantizer bit widths), ``act_bits_min``/``act_bits_max`` (if any),
         ``lr``, ``lr_quant``; with a bit budget, ``budget`` (``"avg_bits"``/``"bops"``),
         ``budget_target`` and ``budget_reached`` (on the slim model, from the first cool-down
-        step; None before).
+        step; None before); with ``target_bops`` and ``budget_selection``, ``selection_price``
+        and ``selection_price_max``: the price the last pruning period's selection used and
+        the least price that would have met the budget at the allocated bits (None before
+        the first; not kept in checkpoints).
         """
         k, sch, lay = self._k, self.schedule, self.layout
         zero = torch.zeros(lay.num_units, device=self._device)
@@ -1355,6 +1360,9 @@ class QASSO(torch.optim.Optimizer):
             out["budget"] = self.budget.kind
             out["budget_target"] = self.budget.value
             out["budget_reached"] = self._budget_reached
+            if self.budget.kind == "bops" and self.budget_selection:
+                lam, top = self._price if self._price is not None else (None, None)
+                out["selection_price"], out["selection_price_max"] = lam, top
         if self._num_layers:
             out["lr_quant"] = float(self.param_groups[1]["lr_quant"])
             bits = self.bit_widths()
