@@ -641,13 +641,8 @@ class QASSO(torch.optim.Optimizer):
         lin = self._budget_form(bc, shrink)
         vals, _ = self._scalars()
         q_m, t = _q_m(vals[n_l:2 * n_l]).cpu(), vals[2 * n_l:].cpu()
-        if self._budget_loss is not None:
-            sens = self._measured_sensitivities(q_m, t)
-        else:
-            ws = [None if p is None else _directions.value(p, self.state)
-                  for p in self._qweights]
-            sens = _budget.sensitivities(ws, [self._fisher(p) for p in self._qweights], q_m, t,
-                                         self._signed[:n_l].cpu(), self._bit_lo, self._bit_hi)
+        sens = (self._measured_sensitivities(q_m, t) if self._budget_loss is not None
+                else self._fisher_sensitivities())
         wmask = self._is_weight_q[:n_l].cpu()
         bits, reached = _budget.allocate(sens, lin, self._bit_lo, self._bit_hi, budget.tol,
                                          wmask)
