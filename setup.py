@@ -5,7 +5,7 @@ editable installs compile them with :mod:`torch.utils.cpp_extension` into
 
 torch is a build requirement: install with ``--no-build-isolation`` so the build uses the
 torch already installed (the one the libraries must match) instead of fetching another.
-What is built (op sets, sources, flags, switches) is ``kernels/build_config.py``.
+What is built (op sets, sources, flags, switches) is ``geta_kernels/build_config.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.utils.cpp_extension import BuildExtension
 
 
 def _build_config():  # loaded by path: geta_fx is not importable before it is installed
-    path = Path(__file__).resolve().parent / "kernels" / "build_config.py"
+    path = Path(__file__).resolve().parent / "geta_kernels" / "build_config.py"
     spec = importlib.util.spec_from_file_location("_geta_fx_build_config", path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)

@@ -4,7 +4,7 @@ For every device (cpu, and cuda when available), shape (a 4096x4096 weight and a
 activation), dtype (float32, float16, bfloat16) and quantizer (linear: t = 1, nonlinear: t = 1.5),
 prints ms and GB/s for the forward and for forward+backward of
 
-    fused       torch.ops.geta.quantize (+ geta.quantize_backward), the kernels in kernels/
+    fused       torch.ops.geta.quantize (+ geta.quantize_backward), the kernels in geta_kernels/
     reference   geta_fx.ops.reference.quantize_reference (+ quantize_backward_reference)
     compiled    torch.compile of those reference functions (the peer)
     aten_fq     torch._fake_quantize_learnable_per_tensor_affine (+ its backward), the fused

@@ -25,7 +25,7 @@ nvidia-smi -L; python3 -c "import torch; print(torch.__version__, torch.version.
 python3 -m pip install -q --no-deps --no-build-isolation -e . > /tmp/pip.txt 2>&1 || tail /tmp/pip.txt
 # the standalone labs build in the background meanwhile (benchmarks/cuda_lab, ~1 min each)
 lab_build() {
-  local src=benchmarks/cuda_lab/gemv_lab.cu flags="-O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} -split-compile=0 -Ikernels/csrc/cuda"
+  local src=benchmarks/cuda_lab/gemv_lab.cu flags="-O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} -split-compile=0 -Igeta_kernels/csrc/cuda"
   nvcc $flags $src -lcublas -o /tmp/gemv_lab && return 0
   local nv; nv=$(python3 -c "import nvidia.cublas, os; print(os.path.dirname(nvidia.cublas.__file__))" 2>/dev/null)
   [ -n "$nv" ] && nvcc $flags -I"$nv/include" -L"$nv/lib" -Xlinker -rpath="$nv/lib" $src -lcublas -o /tmp/gemv_lab && return 0
@@ -34,7 +34,7 @@ lab_build() {
 export -f lab_build
 OUT=/tmp step gemv_lab_build 300 bash -c lab_build > /tmp/lab_builds.txt &
 OUT=/tmp step quant_lab_build 300 nvcc -O3 -std=c++17 -arch=sm_${TORCH_CUDA_ARCH_LIST//./} \
-  -split-compile=0 -Ikernels/csrc/cuda benchmarks/cuda_lab/quant_lab.cu -o /tmp/quant_lab \
+  -split-compile=0 -Igeta_kernels/csrc/cuda benchmarks/cuda_lab/quant_lab.cu -o /tmp/quant_lab \
   >> /tmp/lab_builds.txt &
 # both loaders build in parallel (quantizer kernels: ~25 s; low-bit CUDA: ~100 s)
 OUT_FINAL=$OUT; OUT=/tmp

@@ -1,6 +1,6 @@
 """Loader for the compiled low-bit kernels (``geta::lowbit_linear``, ``geta::unpack_weight``).
 
-``kernels/csrc/cpu/lowbit_cpu.cpp`` and ``kernels/csrc/cuda/lowbit_cuda.cu`` register CPU and
+``geta_kernels/csrc/cpu/lowbit_cpu.cpp`` and ``geta_kernels/csrc/cuda/lowbit_cuda.cu`` register CPU and
 CUDA implementations of the schemas defined in :mod:`geta_fx.ops.schema`
 (``TORCH_LIBRARY_IMPL(geta, CPU|CUDA)``, both ops in one block per device).  They are compiled
 ahead of time into the same per-device libraries as the quantizer kernels

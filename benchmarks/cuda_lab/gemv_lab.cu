@@ -1,4 +1,4 @@
-// Standalone sweep of the low-bit GEMV (kernels/csrc/cuda/lowbit_gemv.cuh) configurations: no
+// Standalone sweep of the low-bit GEMV (geta_kernels/csrc/cuda/lowbit_gemv.cuh) configurations: no
 // torch, one nvcc call, so a short GPU lease can compare many variants (issue #7's M <= 16
 // goals).  For each K x N shape, M and configuration (R rows per block, KW warps per row
 // splitting K, UNROLL groups in flight, HOIST activation loads; and a tensor-core candidate,
@@ -9,7 +9,7 @@
 //     each call on its own copy of the packed weight (copies totalling >= 384 MiB, so nothing is
 //     L2-resident), next to cuBLAS fp16 GEMM (cublasGemmEx, fp32 accumulate) timed the same way.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a -split-compile=0 -Ikernels/csrc/cuda \
+//   nvcc -O3 -std=c++17 -arch=sm_90a -split-compile=0 -Igeta_kernels/csrc/cuda \
 //        benchmarks/cuda_lab/gemv_lab.cu -lcublas -o /tmp/gemv_lab && /tmp/gemv_lab [--quick]
 //
 // Prints a markdown table.  The production launcher (launch_gemv_tile in lowbit_cuda.cu) uses

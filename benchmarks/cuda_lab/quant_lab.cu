@@ -1,5 +1,5 @@
 // Standalone sweep of the fused quantizer kernels' tuning knobs
-// (kernels/csrc/cuda/quantize_kernels.cuh: UNROLL, MATH, PACK) for issue #5's fp16/bf16 goals:
+// (geta_kernels/csrc/cuda/quantize_kernels.cuh: UNROLL, MATH, PACK) for issue #5's fp16/bf16 goals:
 // no torch, one nvcc call.  For a 4096x4096 weight and an 8x2048x4096 activation, fp16 and
 // bf16, linear (t = 1) and nonlinear (t = 1.5) quantizers (q_m = 3, d = q_m^t / 127, signed):
 //   * correctness: every variant's forward output is bitwise equal to the production variant's
@@ -8,7 +8,7 @@
 //   * ms and % of the copy floor (cudaMemcpyAsync device to device of the same bytes) for the
 //     forward and forward+backward, best of 5 batches of 20 calls between CUDA events.
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a -split-compile=0 -Ikernels/csrc/cuda \
+//   nvcc -O3 -std=c++17 -arch=sm_90a -split-compile=0 -Igeta_kernels/csrc/cuda \
 //        benchmarks/cuda_lab/quant_lab.cu -o /tmp/quant_lab && /tmp/quant_lab
 #include "quantize_kernels.cuh"
 

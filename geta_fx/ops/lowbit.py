@@ -3,7 +3,7 @@
 Pure-PyTorch reference implementations (registered ``CompositeExplicitAutograd``: the fallback on
 every device without a compiled kernel, and the test oracle), fake impls (so lowered graphs still
 ``torch.export``), the packing helpers used by ``passes/lower_quant.py``, and typed wrappers.
-Compiled kernels (``kernels/csrc/cpu/lowbit_cpu.cpp``, loaded by :mod:`geta_fx.lowbit_kernels`)
+Compiled kernels (``geta_kernels/csrc/cpu/lowbit_cpu.cpp``, loaded by :mod:`geta_fx.lowbit_kernels`)
 register ``TORCH_LIBRARY_IMPL(geta, CPU)`` for the same schemas (defined in
 :mod:`geta_fx.ops.schema`).
 

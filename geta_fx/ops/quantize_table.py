@@ -11,7 +11,7 @@ would run, so the fused kernel's own ``exp``/``log`` rounding is what is reprodu
 reads the count from a table instead of computing a power.
 
 Contract (reference: :func:`quantize_table_reference`; the CPU kernel
-``kernels/csrc/cpu/quantize_table_cpu.cpp`` and the CUDA one agree bit for bit)
+``geta_kernels/csrc/cpu/quantize_table_cpu.cpp`` and the CUDA one agree bit for bit)
     ``x``: float32/float16/bfloat16, any shape and strides; computed in float32, the result cast
     back to ``x.dtype``.  ``d``, ``q_m``, ``t``: the frozen quantizer's float32 one-element
     tensors (``t`` is not read by the table; it is there so the node still *is* the quantizer:
@@ -45,7 +45,7 @@ refuses (``ValueError``) a table that disagrees there.  ``verify="all"`` checks 
 ``geta::quantize.affine_table(x, d, q_m, t, signed, scale, bounds, base, alpha, beta,
 other=None, alpha2=None, beta2=None, pool=[])``: the same table quantizer applied to an eval
 batch_norm's output (and whatever sat between them), in one pass (reference:
-:func:`affine_table_reference`; CPU kernel ``kernels/csrc/cpu/affine_table_cpu.cpp``, CUDA one
+:func:`affine_table_reference`; CPU kernel ``geta_kernels/csrc/cpu/affine_table_cpu.cpp``, CUDA one
 compile-checked only)::
 
     v = fma(x, alpha[c], beta[c])                  # c = dim 1; one rounding (fma_reference)
@@ -85,7 +85,7 @@ WINDOW = 1024
 MAX_CELLS = 1 << 16
 _INF_BITS = 0x7F800000
 
-#: Kernel op set of this op (``kernels/build_config.py``); loaded with the device libraries.
+#: Kernel op set of this op (``geta_kernels/build_config.py``); loaded with the device libraries.
 TABLE_KERNELS = OpSet(owner="geta_fx.ops.quantize_table", name="quantize_table")
 #: Kernel op set of ``geta::quantize.affine_table``.
 AFFINE_KERNELS = OpSet(owner="geta_fx.ops.quantize_table", name="affine_table")

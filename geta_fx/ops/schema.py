@@ -1,7 +1,7 @@
 """The one place where ``geta`` op schemas are defined.
 
 Every implementation (pure-PyTorch reference, fake/meta, autograd, C++/CUDA
-kernels in ``kernels/``) registers *for* these schemas; none defines its own.
+kernels in ``geta_kernels/``) registers *for* these schemas; none defines its own.
 
 Ops
 ---

@@ -1,4 +1,4 @@
-"""Fused C++/CUDA kernels for geta::quantize / geta::quantize_backward (kernels/, issue #5).
+"""Fused C++/CUDA kernels for geta::quantize / geta::quantize_backward (geta_kernels/, issue #5).
 
     geta_fx.kernels.ensure_loaded()  --TORCH_LIBRARY_IMPL(geta, CPU|CUDA)-->  fused kernels
     oracle: geta_fx.ops.reference.quantize_reference / quantize_backward_reference

@@ -36,7 +36,7 @@ from typing import Any
 __all__ = ["CPU_TAGS", "CSRC", "OPSETS", "OpSetSources", "cpu_build_flags", "cpu_tag",
            "cuda_build_flags", "cuda_opsets", "extensions", "library_stem", "sources"]
 
-#: ``kernels/csrc`` (next to this file in the checkout and in the installed package).
+#: ``geta_kernels/csrc`` (next to this file in the checkout and in the installed package).
 CSRC = Path(__file__).resolve().parent / "csrc"
 
 
@@ -46,8 +46,8 @@ class OpSetSources:
 
     Attributes:
         ops: ``namespace::name`` of every op the set's sources register, per dispatch key.
-        cpu: CPU sources (relative to ``kernels/csrc``).
-        cuda: CUDA sources (relative to ``kernels/csrc``).
+        cpu: CPU sources (relative to ``geta_kernels/csrc``).
+        cuda: CUDA sources (relative to ``geta_kernels/csrc``).
         cuda_switch: build-time variable whose value ``0`` leaves the set out of ``_C_cuda``.
     """
 
@@ -133,7 +133,7 @@ def cuda_opsets() -> tuple[str, ...]:
 
 
 def sources(dev: str, opsets: tuple[str, ...] | None = None) -> list[str]:
-    """Sources (paths relative to ``kernels/csrc``) of ``dev``'s library, in op-set order."""
+    """Sources (paths relative to ``geta_kernels/csrc``) of ``dev``'s library, in op-set order."""
     names = tuple(OPSETS) if opsets is None else opsets
     return [src for name in names for src in getattr(OPSETS[name], dev)]
 
@@ -183,7 +183,7 @@ def _cpu_tags_wanted() -> tuple[str, ...]:
     return wanted or CPU_TAGS
 
 
-def extensions(package: str = "geta_fx.kernels", root: str = "kernels") -> list[Any]:
+def extensions(package: str = "geta_fx.kernels", root: str = "geta_kernels") -> list[Any]:
     """The setuptools extensions of every library this machine can build (for ``setup.py``).
 
     Args:

@@ -1,6 +1,6 @@
 // Shared host-side checks for the low-bit kernels (geta::lowbit_linear, geta::unpack_weight).
 //
-// Included by kernels/csrc/cpu/lowbit_cpu.cpp (g++) and kernels/csrc/cuda/lowbit_cuda.cu (nvcc).
+// Included by geta_kernels/csrc/cpu/lowbit_cpu.cpp (g++) and geta_kernels/csrc/cuda/lowbit_cuda.cu (nvcc).
 // Same conditions, same words as geta_fx.ops.lowbit (the reference, the contract); messages
 // pass only strings to TORCH_CHECK (see quantize_common.h).  Nothing here registers anything.
 #pragma once

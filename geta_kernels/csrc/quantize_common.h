@@ -1,6 +1,6 @@
 // Shared host-side helpers for the fused geta::quantize / geta::quantize_backward kernels.
 //
-// Included by kernels/csrc/cpu/quantize_cpu.cpp (g++) and kernels/csrc/cuda/quantize_cuda.cu
+// Included by geta_kernels/csrc/cpu/quantize_cpu.cpp (g++) and geta_kernels/csrc/cuda/quantize_cuda.cu
 // (nvcc).  The op schemas live in geta_fx/ops/schema.py; the semantics (the contract) in
 // geta_fx/ops/reference.py.  Nothing here registers anything.
 #pragma once

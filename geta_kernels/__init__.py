@@ -1,6 +1,6 @@
 """Loader for the compiled C++/CUDA implementations of the ``geta`` ops (shipped, never built here).
 
-``kernels/csrc`` holds sources that register *implementations* for the op schemas defined once in
+``geta_kernels/csrc`` holds sources that register *implementations* for the op schemas defined once in
 :mod:`geta_fx.ops.schema` (``TORCH_LIBRARY_IMPL(geta, CPU|CUDA, m)``; no ``TORCH_LIBRARY`` def
 anywhere in C++).  ``pip install``/``pip wheel`` compile them ahead of time (``setup.py``, from
 the table in :mod:`geta_fx.kernels.build_config`) into libraries in this package:
