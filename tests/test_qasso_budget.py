@@ -258,6 +258,7 @@ def test_budget_selection_keeps_saliency_when_the_budget_is_loose() -> None:
                          target_bops=rep0.relative_bops / 16 * 8 * 0.9,
                          budget_selection=priced)
         masks.append(opt.pruned_units)
+    assert opt.metrics()["selection_price_max"] == 0  # saliency alone met it: no price
     assert bool(masks[0].any()) and torch.equal(masks[0], masks[1])
 
 

@@ -305,8 +305,8 @@ class QASSO(torch.optim.Optimizer):
             to remove bring the structure within the budget at the provisional bits
             (:func:`geta_fx.optim._budget.budget_price`); a fraction of it (0, 1/4, ..., 1)
             leaves more of the saving to the bits instead.  Each candidate structure gets its
-            bits allocated exactly, and the one with the least second-order loss estimate is
-            ranked by: ``1/2 sum F w^2`` over the rows it removes (removal as quantization to
+            bits allocated exactly, and the candidate with the least second-order loss estimate
+            is used: ``1/2 sum F w^2`` over the rows it removes (removal as quantization to
             zero) plus the allocation's ``1/2 sum F (Q_b(w) - w)^2``.  The price is 0 (GETA's
             ranking) wherever saliency alone meets the budget.  Without it, a structure that
             cannot meet the budget at sensible bits ends with every weight at ``b_l``: a char
@@ -1191,9 +1191,9 @@ class QASSO(torch.optim.Optimizer):
                       ) -> tuple[Tensor, float, Callable[[Tensor], _budget.Linear]]:
         """What removing one more unit of each prunable group saves of the BOPs budget at the
         allocated bits (``[U]``, the same for every unit of a group; 0 where the group keeps
-        no more than its limit), and the committed structure's cost: exact slim models
-        (``compress(removed_units=..., align=1)``) costed by the report; and the budget's
-        linear form of the structure with a set of units ``[U]`` removed as well."""
+        no more than its limit), the committed structure's cost, and the budget's linear form
+        of the structure with a set of units ``[U]`` removed as well: exact slim models
+        (``compress(removed_units=..., align=1)``) costed by the report."""
         import numpy as np
 
         from geta_fx.report import bit_cost
@@ -1201,43 +1201,37 @@ class QASSO(torch.optim.Optimizer):
         lay, mod = self.layout, self._module
         by_id = {g.id: g for g in mod.groups}
         pruned = self._pruned.cpu().numpy()
-        low = scores.detach().cpu()
-        keep = self._keep_min.cpu()
-        mask = np.zeros(mod.graph_module.meta[ir_meta.CHANNELS].num_units, dtype=bool)
-        spans = []
-        for j, gid in enumerate(lay.group_ids):
-            a, n, off = lay.group_offsets[j], int(lay.group_size[j]), by_id[gid].unit_offset
-            mask[off: off + n] = pruned[a: a + n]
-            spans.append((a, n, off))
+        spans = [(a, int(n), by_id[gid].unit_offset) for gid, a, n
+                 in zip(lay.group_ids, lay.group_offsets, lay.group_size.tolist(), strict=True)]
+        total = mod.graph_module.meta[ir_meta.CHANNELS].num_units
         alloc = self._alloc.double().cpu()  # type: ignore[union-attr]
 
-        def form(removed: Any) -> _budget.Linear:
+        def form(extra: Any) -> _budget.Linear:
+            """The linear form with the committed units and ``extra`` (``[U]`` bool) removed."""
+            removed = np.zeros(total, dtype=bool)
+            for a, n, off in spans:
+                removed[off: off + n] = pruned[a: a + n] | extra[a: a + n]
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # compress() of a train-mode BN model
                 bc = bit_cost(mod.compress(removed_units=removed, align=1))
             return self._budget_form(bc, 1.0)
 
-        def cost(removed: Any) -> float:
-            lin = form(removed)
+        def cost(extra: Any) -> float:
+            lin = form(extra)
             return (lin.fixed + float(lin.unit @ alloc)) / lin.scale
 
-        def with_units(sel: Tensor) -> _budget.Linear:
-            extra, trial = sel.cpu().numpy(), mask.copy()
-            for a, n, off in spans:
-                trial[off: off + n] |= extra[a: a + n]
-            return form(trial)
-
-        base = cost(mask)
+        none = np.zeros(lay.num_units, dtype=bool)
+        base = cost(none)
+        low = torch.where(self._pruned, float("inf"), scores.detach()).cpu()
+        keep = self._keep_min.tolist()
         saving = torch.zeros(lay.num_units, dtype=torch.float64)
-        for j, (a, n, off) in enumerate(spans):
-            alive = torch.from_numpy(~pruned[a: a + n])
-            if int(alive.sum()) <= int(keep[j]):
+        for j, (a, n, _) in enumerate(spans):
+            if n - int(pruned[a: a + n].sum()) <= keep[j]:
                 continue  # nothing left to select in this group
-            one = int(torch.where(alive, low[a: a + n], float("inf")).argmin())
-            trial = mask.copy()
-            trial[off + one] = True
-            saving[a: a + n] = max(base - cost(trial), 0.0)
-        return saving.to(scores), base, with_units
+            one = none.copy()
+            one[a + int(low[a: a + n].argmin())] = True  # any unit: their costs are equal
+            saving[a: a + n] = max(base - cost(one), 0.0)
+        return saving.to(scores), base, lambda sel: form(sel.cpu().numpy())
 
     def _stage_note(self, stage: Stage, k: int) -> str:
         sch = self.schedule
